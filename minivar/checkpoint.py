@@ -1,0 +1,187 @@
+"""Find, read and strictly load llava-hf safetensors checkpoints.
+
+`resolve()` turns `--model` into a local directory (downloading a hub id into weights/<name> if needed).
+`load_model()` reads config.json and the (possibly sharded) safetensors, maps every key layout met in the wild
+onto minivar's names, checks that every parameter is present exactly once with the right shape, and assigns the
+tensors into a model built on the meta device — so a 7B never exists twice in memory. Pickle `.bin` files are
+never opened: unpickling can run arbitrary code.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .config import LlavaConfig
+from .errors import MinivarError
+from .llava import Llava
+
+DEFAULT_MODEL = "llava-hf/llava-1.5-7b-hf"
+WEIGHTS_DIR = Path(os.environ.get("MINIVAR_WEIGHTS", Path(__file__).resolve().parents[1] / "weights"))
+DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model"]
+
+# Key layouts → minivar's names. Applied in order; each is (pattern, replacement).
+KEY_RULES = [
+    (r"^model\.language_model\.", "language_model.model."),   # 5.x in-memory: model.language_model.layers...
+    (r"^model\.(vision_tower|multi_modal_projector)\.", r"\1."),  # 5.x in-memory
+    (r"^lm_head\.", "language_model.lm_head."),                 # 5.x in-memory
+    (r"^vision_tower\.vision_model\.", "vision_tower."),         # llava-hf hub layout (4.x)
+    (r"^language_model\.(model\.)+", "language_model.model."),  # duplicated .model.model in some 5.x saves
+]
+
+
+def normalise_key(key: str) -> str:
+    for pattern, repl in KEY_RULES:
+        key = re.sub(pattern, repl, key)
+    return key
+
+
+def is_unused_key(key: str, cfg: LlavaConfig) -> bool:
+    """Tensors a llava-hf checkpoint carries that LLaVA never reads."""
+    if key.startswith("vision_tower.post_layernorm.") or key.endswith("rotary_emb.inv_freq"):
+        return True
+    if key == "vision_tower.embeddings.position_ids":
+        return True
+    m = re.match(r"vision_tower\.encoder\.layers\.(\d+)\.", key)
+    return bool(m) and cfg.vision_layers_used <= int(m.group(1)) < cfg.vision.num_hidden_layers
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Where the files are
+
+def resolve(model: str, weights_dir: Path | None = None) -> Path:
+    """A local directory for `model`: the path itself, an earlier download in weights/, or a fresh hub download."""
+    weights_dir = Path(weights_dir or WEIGHTS_DIR)
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise MinivarError(f"--model '{model}' is a file; give the checkpoint directory (with config.json)")
+    looks_like_hub_id = re.fullmatch(r"[A-Za-z0-9][\w.\-]*/[\w.\-]+", model) is not None and not model.startswith(".")
+    if not looks_like_hub_id:
+        raise MinivarError(f"model directory '{model}' not found")
+    local = weights_dir / model.split("/")[-1]
+    if (local / "config.json").is_file() and not (local / ".incomplete").exists():
+        return local
+    return download(model, local)
+
+
+def download(repo_id: str, local: Path) -> Path:
+    """Download only what minivar reads (json, safetensors) with huggingface_hub's progress bars."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:  # pragma: no cover - it is in requirements.txt
+        raise MinivarError("huggingface_hub is not installed; pip install huggingface-hub, or pass --model DIR") from None
+    local.mkdir(parents=True, exist_ok=True)
+    marker = local / ".incomplete"   # an interrupted download is never mistaken for a complete checkpoint
+    marker.touch()
+    try:
+        snapshot_download(repo_id, local_dir=str(local), allow_patterns=DOWNLOAD_PATTERNS)
+    except Exception as e:  # network errors come in many classes; all mean the same to the user
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise MinivarError(f"could not download '{repo_id}' from the Hugging Face hub ({type(e).__name__}: {reason[:200]}); "
+                           f"if you are offline, download it elsewhere and pass --model /path/to/checkpoint-dir") from None
+    marker.unlink()
+    return local
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading
+
+def read_config(directory: Path) -> LlavaConfig:
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        raise MinivarError(f"'{path}' not found: a checkpoint directory needs config.json")
+    try:
+        d = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MinivarError(f"'{path}' is not valid JSON ({e})") from None
+    return LlavaConfig.from_hf(d, name_or_path=str(directory))
+
+
+def safetensors_files(directory: Path) -> dict[str, Path]:
+    """Map tensor name → shard file, from model.safetensors.index.json or the single model.safetensors."""
+    directory = Path(directory)
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise MinivarError(f"'{index}' is not a valid safetensors index ({e})") from None
+        files = {}
+        for name, shard in weight_map.items():
+            if not (directory / shard).is_file():
+                raise MinivarError(f"shard '{directory / shard}' listed in {index.name} is missing")
+            files[name] = directory / shard
+        return files
+    single = directory / "model.safetensors"
+    if single.is_file():
+        return {name: single for name in _keys_of(single)}
+    if any(directory.glob("*.bin")):
+        raise MinivarError(f"'{directory}' has only pickle .bin weights; minivar reads safetensors only "
+                           f"(unpickling can run arbitrary code): use the llava-hf safetensors checkpoint")
+    raise MinivarError(f"no model.safetensors or model.safetensors.index.json in '{directory}'")
+
+
+def _keys_of(path: Path) -> list[str]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys())
+    except Exception as e:
+        raise MinivarError(f"'{path}' is not a readable safetensors file (truncated or corrupt?): {e}") from None
+
+
+def read_state_dict(directory: Path, cfg: LlavaConfig, dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
+    """All tensors the model needs, renamed to minivar's names, cast to `dtype` on `device`, one shard at a time."""
+    files = safetensors_files(directory)
+    by_file: dict[Path, list[str]] = {}
+    for name, path in files.items():
+        by_file.setdefault(path, []).append(name)
+    state: dict[str, torch.Tensor] = {}
+    origin: dict[str, str] = {}
+    for path, names in by_file.items():
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                present = set(f.keys())
+                for name in names:
+                    if name not in present:
+                        raise MinivarError(f"tensor '{name}' is listed in the index but missing from '{path}'")
+                    key = normalise_key(name)
+                    if is_unused_key(key, cfg):
+                        continue
+                    if key in state:
+                        raise MinivarError(f"tensor '{key}' appears twice in the checkpoint ('{origin[key]}' and '{name}')")
+                    t = f.get_tensor(name)
+                    if not t.is_floating_point():
+                        raise MinivarError(f"tensor '{name}' in '{path}' has dtype {t.dtype}, expected floating point")
+                    state[key] = t.to(device=device, dtype=dtype)
+                    origin[key] = name
+        except MinivarError:
+            raise
+        except Exception as e:
+            raise MinivarError(f"could not read '{path}' (truncated or corrupt?): {e}") from None
+    return state
+
+
+def load_model(directory: Path, dtype: torch.dtype = torch.float32, device="cpu", cfg: LlavaConfig | None = None) -> Llava:
+    """Build the model without allocating (meta device) and assign the checkpoint's tensors into it, strictly."""
+    directory = Path(directory)
+    cfg = cfg or read_config(directory)
+    with torch.device("meta"):
+        model = Llava(cfg)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    state = read_state_dict(directory, cfg, dtype, device)
+    for key in state:
+        if key not in expected:
+            raise MinivarError(f"unexpected tensor '{key}' in '{directory}' (not part of a LLaVA model with this config)")
+    for key, shape in expected.items():
+        if key not in state:
+            raise MinivarError(f"tensor '{key}' is missing from the checkpoint in '{directory}'")
+        if state[key].shape != shape:
+            raise MinivarError(f"tensor '{key}' has shape {tuple(state[key].shape)}, config.json implies {tuple(shape)}")
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval().requires_grad_(False)

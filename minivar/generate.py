@@ -1,0 +1,105 @@
+"""Token generation on the KV cache: one prefill over the whole prompt, then one token per step.
+
+Greedy by default (the paper's evaluations use greedy, 128 new tokens); temperature / top-p sampling with a seeded
+generator when asked. Each sample of a batch stops at its own EOS; the loop ends when all have stopped.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .llama import KVCache
+
+
+@dataclass
+class Generation:
+    output_ids: list[list[int]]           # per sample, EOS excluded
+    prefill_s: float = 0.0                # vision tower + projector + decoder over the prompt + first token
+    decode_s: float = 0.0                 # all later steps
+    decode_tokens: int = 0                # tokens produced by those steps (per sample; the batch makes B× more)
+    finished: list[bool] = field(default_factory=list)   # True where the sample stopped at EOS
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.decode_tokens / self.decode_s if self.decode_s > 0 else 0.0
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Next ids [B] from logits [B, V]: argmax when temperature is 0, else nucleus sampling."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        # drop a token when the tokens ranked above it already hold top_p of the mass (the top token always stays)
+        drop = (sorted_p.cumsum(-1) - sorted_p) >= top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
+
+
+def _sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def generate(model, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None, *, max_new_tokens: int = 128,
+             eos_token_id: int | None = 2, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+             attention_mask: torch.Tensor | None = None, var=None, probe=None, on_token=None) -> Generation:
+    """Generate up to `max_new_tokens` for a batch of prompts `input_ids` [B, T] (left-padded where `attention_mask` is 0).
+
+    var / probe: per-call state objects (VAR, capture) passed down to every layer; see var.py and probe.py.
+    on_token(ids [B]) is called after each step, for streaming.
+    """
+    B, T = input_ids.shape
+    device = input_ids.device
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    outputs: list[list[int]] = [[] for _ in range(B)]
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    result = Generation(outputs)
+    if max_new_tokens <= 0:
+        result.finished = [False] * B
+        return result
+    cache = KVCache(model.config.text, B, T + max_new_tokens, model.language_model.lm_head.weight.dtype, device)
+    if attention_mask is None:
+        attention_mask = torch.ones(B, T, dtype=torch.bool, device=device)
+    mask = torch.ones(B, T + max_new_tokens, dtype=torch.bool, device=device)   # preallocated, sliced per step
+    mask[:, :T] = attention_mask.bool()
+
+    _sync(device)
+    t0 = time.perf_counter()
+    logits = model(input_ids, pixel_values, cache=cache, attention_mask=mask[:, :T], var=var, probe=probe, last_only=True)
+    if var is not None:
+        var.start_decoding()             # sinks found in the prefill are kept; generated tokens are never sinks
+    step = 0
+    t_decode = None
+    while True:
+        next_ids = sample_next(logits[:, -1], temperature, top_p, generator)        # [B]
+        if eos_token_id is not None:
+            just_finished = next_ids == eos_token_id
+        else:
+            just_finished = torch.zeros_like(finished)
+        ids_list, done_list, was_done = next_ids.tolist(), just_finished.tolist(), finished.tolist()
+        for b in range(B):
+            if not was_done[b] and not done_list[b]:
+                outputs[b].append(ids_list[b])
+        finished = finished | just_finished
+        if on_token is not None:
+            on_token([None if was_done[b] or done_list[b] else ids_list[b] for b in range(B)])
+        step += 1
+        if t_decode is None:
+            _sync(device)
+            result.prefill_s = time.perf_counter() - t0
+            t_decode = time.perf_counter()
+        if bool(finished.all()) or step >= max_new_tokens:
+            break
+        logits = model(next_ids[:, None], cache=cache, attention_mask=mask[:, : T + step], var=var, probe=probe,
+                       last_only=True)
+    _sync(device)
+    result.decode_s = time.perf_counter() - t_decode
+    result.decode_tokens = step - 1
+    result.finished = finished.tolist()
+    return result

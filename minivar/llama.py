@@ -1,0 +1,159 @@
+"""LLaMA-2 / Vicuna decoder: RMSNorm, rotary embeddings, causal attention (with the VAR step), SwiGLU, KV cache.
+
+Shapes: B batch, T new tokens this call, S all key positions so far (cache + new), H heads, hd head dim.
+Parameter names are the HF ones (`model.layers.N.self_attn.q_proj`, ...), so a checkpoint loads by name.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import TextConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 (the mean of squares overflows/underflows in fp16), cast back to the input dtype,
+        # *then* scale by the weight: the order HF uses, so fp16/bf16 results round the same way.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos/sin tables [B, T, hd] for integer positions [B, T]; angles in fp32, cast to the activation dtype."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float() / head_dim))
+    angles = positions.float()[..., None] * inv_freq                  # [B, T, hd/2]
+    emb = torch.cat([angles, angles], dim=-1)                          # half-split layout: [θ0..θn, θ0..θn]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # HF's weights are permuted for the "rotate half" convention (pairs (i, i + hd/2)), not Meta's interleaved pairs.
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]                   # cos/sin broadcast over heads
+
+
+class KVCache:
+    """Preallocated keys/values for every layer: [L, B, H_kv, max_len, hd]. Filled left to right."""
+
+    def __init__(self, cfg: TextConfig, batch: int, max_len: int, dtype: torch.dtype, device: torch.device | str):
+        shape = (cfg.num_hidden_layers, batch, cfg.n_kv_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.length = 0   # positions already stored (the same for every sample: padding is on the left)
+        self.max_len = max_len
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store this call's k/v [B, H_kv, T, hd] after the cached ones; return all keys/values so far [B, H_kv, S, hd]."""
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache full: {end} positions > {self.max_len}")
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: TextConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.n_kv_heads, cfg.head_dim
+        d, hd, bias = cfg.hidden_size, cfg.head_dim, cfg.attention_bias
+        self.q_proj = nn.Linear(d, self.n_heads * hd, bias=bias)
+        self.k_proj = nn.Linear(d, self.n_kv * hd, bias=bias)
+        self.v_proj = nn.Linear(d, self.n_kv * hd, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * hd, d, bias=bias)
+
+    def forward(self, x, cos, sin, mask, cache=None, var=None, probe=None):
+        """x [B, T, D]; mask [B, 1, T, S] bool (True = may attend); var: per-call VAR state or None; probe: capture/masking."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)   # [B, H, T, hd]
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)      # [B, H_kv, T, hd]
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)                                  # [B, H_kv, S, hd]
+        if self.n_kv != self.n_heads:                                                  # grouped-query attention
+            k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
+            v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
+
+        if probe is not None:
+            mask = probe.key_mask(self.layer_idx, mask)                                # optional column masking
+        needs_probs = (var is not None and var.active(self.layer_idx)) or (probe is not None and probe.wants(self.layer_idx))
+        if not needs_probs:
+            # Fast path: nobody looks at the probabilities, so let the fused kernel do it (same math as below).
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:
+            # Explicit path, written out so the VAR step is visible between softmax and the value product.
+            scores = (q @ k.transpose(-2, -1)) * self.head_dim ** -0.5                 # [B, H, T, S]
+            scores = scores.float().masked_fill(~mask, torch.finfo(torch.float32).min)
+            probs = torch.softmax(scores, dim=-1)                                      # fp32 softmax, as HF
+            before = probs
+            if var is not None:
+                probs = var.redistribute(self.layer_idx, probs)                        # VAR (see var.py)
+            if probe is not None:
+                probe.record_attention(self.layer_idx, before, probs)
+            out = probs.to(v.dtype) @ v                                                # [B, H, T, hd]
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        d, f, bias = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        self.gate_proj = nn.Linear(d, f, bias=bias)
+        self.up_proj = nn.Linear(d, f, bias=bias)
+        self.down_proj = nn.Linear(f, d, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))            # SwiGLU
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = LlamaAttention(cfg, layer_idx)
+        self.mlp = LlamaMLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, cache=None, var=None, probe=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, var, probe)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    """Embeddings → decoder layers → final norm. Returns the normed hidden states [B, T, D]."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, positions, mask, cache=None, var=None, probe=None):
+        """x: input embeddings [B, T, D]; positions [B, T]; mask [B, 1, T, S] bool."""
+        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        for i, layer in enumerate(self.layers):
+            if var is not None:
+                var.observe(i, x)             # VAR: sink tokens are read off each layer's residual input h^ℓ
+            if probe is not None:
+                probe.record_residual(i, x)
+            x = layer(x, cos, sin, mask, cache, var, probe)
+        return self.norm(x)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.model = LlamaModel(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)  # untied in LLaVA-1.5

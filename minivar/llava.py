@@ -1,0 +1,93 @@
+"""LLaVA-1.5: CLIP features → 2-layer GELU projector → spliced into the LLaMA input embeddings → logits.
+
+Module names equal the HF checkpoint names after the loader's normalisation (`vision_tower.*`,
+`multi_modal_projector.*`, `language_model.model.*`, `language_model.lm_head.*`).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .clip import CLIPVisionTower
+from .config import LlavaConfig
+from .errors import MinivarError
+from .llama import KVCache, LlamaForCausalLM
+
+
+class LlavaMultiModalProjector(nn.Module):
+    def __init__(self, cfg: LlavaConfig):
+        super().__init__()
+        n_in = cfg.vision.hidden_size * (len(cfg.vision_feature_layer) if isinstance(cfg.vision_feature_layer, tuple) else 1)
+        self.linear_1 = nn.Linear(n_in, cfg.text.hidden_size, bias=cfg.projector_bias)
+        self.linear_2 = nn.Linear(cfg.text.hidden_size, cfg.text.hidden_size, bias=cfg.projector_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.gelu(self.linear_1(x)))   # exact (erf) GELU, "gelu" in the config
+
+
+class Llava(nn.Module):
+    def __init__(self, cfg: LlavaConfig):
+        super().__init__()
+        self.config = cfg
+        self.vision_tower = CLIPVisionTower(cfg.vision, cfg.vision_layers_used)
+        self.multi_modal_projector = LlavaMultiModalProjector(cfg)
+        self.language_model = LlamaForCausalLM(cfg.text)
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixels [B, 3, S, S] → projected features [B, 576, D_text]."""
+        hidden_states = self.vision_tower(pixel_values)
+        layers = self.config.vision_feature_layer
+        layers = layers if isinstance(layers, tuple) else (layers,)
+        # hidden_states[-2] in HF terms: index from the end of the *full* CLIP stack, which has one more layer
+        # than we run, so translate to a non-negative index into what we kept.
+        total = self.config.vision.num_hidden_layers + 1
+        picked = [hidden_states[k % total] for k in layers]
+        if self.config.vision_feature_select_strategy == "default":
+            picked = [h[:, 1:] for h in picked]   # drop CLS: LLaVA feeds only the 576 patch tokens
+        feats = picked[0] if len(picked) == 1 else torch.cat(picked, dim=-1)
+        return self.multi_modal_projector(feats.to(self.multi_modal_projector.linear_1.weight.dtype))
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings [B, T, D] with the image-token positions replaced, in order, by the image features."""
+        cfg = self.config
+        is_image = input_ids == cfg.image_token_index
+        # image ids (32000) lie inside the 32064-row table, but a model with a smaller vocab must not index with them
+        x = self.language_model.model.embed_tokens(input_ids.masked_fill(is_image, 0))
+        n_slots = int(is_image.sum())
+        if pixel_values is None:
+            if n_slots:
+                raise MinivarError(f"the prompt has {n_slots} image tokens but no image was given")
+            return x
+        feats = self.image_features(pixel_values)                      # [B_img, N, D]
+        if n_slots != feats.shape[0] * feats.shape[1]:
+            raise MinivarError(f"the prompt has {n_slots} image tokens but the image gives {feats.shape[0] * feats.shape[1]} "
+                               f"features ({feats.shape[0]} image(s) × {feats.shape[1]})")
+        return x.masked_scatter(is_image[..., None], feats.to(x.dtype))
+
+    def forward(self, input_ids, pixel_values=None, *, cache: KVCache | None = None, attention_mask=None,
+                var=None, probe=None, last_only: bool = False) -> torch.Tensor:
+        """Logits [B, T, V] (or [B, 1, V] with last_only) for new tokens `input_ids` [B, T].
+
+        attention_mask [B, S] (1 = real token, 0 = left padding) covers cached + new positions; None = no padding.
+        pixel_values are only needed on the call that contains the image tokens (the prefill).
+        """
+        B, T = input_ids.shape
+        past = cache.length if cache is not None else 0
+        x = self.embed(input_ids, pixel_values)
+        if attention_mask is None:
+            attention_mask = torch.ones(B, past + T, dtype=torch.bool, device=input_ids.device)
+        attention_mask = attention_mask.bool()
+        # Positions count real tokens only, so a left-padded sample gets the same positions as when run alone.
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]          # [B, T]
+        causal = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)     # [T, S]
+        mask = causal[None, None] & attention_mask[:, None, None, :]                        # [B, 1, T, S]
+        # A left-pad row would see no key at all (softmax of nothing); let it see itself. Its output is never used.
+        diagonal = torch.arange(past + T, device=x.device)[None, :] == torch.arange(past, past + T, device=x.device)[:, None]
+        mask = mask | diagonal[None, None]
+        h = self.language_model.model(x, positions, mask, cache, var, probe)
+        if cache is not None:
+            cache.length += T
+        if last_only:
+            h = h[:, -1:]    # generation only needs the next-token logits: skip lm_head on the other rows
+        return self.language_model.lm_head(h).float()

@@ -1,0 +1,135 @@
+"""The Python API: load once, then generate or score many times.
+
+    import minivar
+    llava = minivar.load("llava-hf/llava-1.5-7b-hf")          # or a local directory, or "demo"
+    out = llava.generate("cat.jpg", "What is in the image?")   # .text, .output_ids, .prompt_ids, .timing
+    logits = llava.logits(input_ids, pixel_values)             # [B, T, V] fp32
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import checkpoint, processing
+from .errors import MinivarError
+from .generate import Generation, generate
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise MinivarError(f"--device '{device}' is not one of auto, cpu, cuda")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise MinivarError(f"--device {device} was asked for but this torch has no usable CUDA device")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        # fp16 is the checkpoint's own dtype and fast on GPUs; on CPUs bf16 is fast (AVX-512 BF16/AMX) and does not
+        # overflow, and a 7B in fp32 would need 28 GB.
+        return torch.float16 if device.type == "cuda" else torch.bfloat16
+    if dtype not in DTYPES:
+        raise MinivarError(f"--dtype '{dtype}' is not one of auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+@dataclass
+class Result:
+    """One answer: the ids, the text, and where the time went."""
+    text: str
+    output_ids: list[int]
+    prompt_ids: list[int]
+    timing: dict
+    finished: bool                       # stopped at EOS (False: hit max_new_tokens)
+    var: dict | None = None              # VAR report (sinks, image span, redistribution counts) when VAR ran
+    extra: dict = field(default_factory=dict)
+
+
+class Pipeline:
+    """A loaded LLaVA model with its tokenizer and preprocessing."""
+
+    def __init__(self, model, tokenizer: processing.Tokenizer, directory: Path, device: torch.device, dtype: torch.dtype,
+                 load_s: float):
+        self.model, self.tokenizer, self.directory = model, tokenizer, directory
+        self.config = model.config
+        self.device, self.dtype, self.load_s = device, dtype, load_s
+
+    # -- inputs --------------------------------------------------------------------------------------------------
+    def pixels(self, image, image_aspect_ratio: str = "pad") -> torch.Tensor:
+        """Image path or PIL image → pixel_values [1, 3, S, S] on the model's device, in the model's dtype."""
+        img = processing.load_image(image) if isinstance(image, (str, Path)) else processing.to_rgb(image)
+        px = processing.preprocess(img, self.config.vision.image_size, image_aspect_ratio)
+        return px[None].to(self.device, self.dtype)
+
+    def prompt_ids(self, prompt: str, conv_mode: str = "vicuna_v1") -> torch.Tensor:
+        """User text → the full templated prompt ids [1, T] with the image placeholder expanded."""
+        ids = self.tokenizer.encode_prompt(prompt, conv_mode, self.config.num_image_tokens)
+        limit = self.config.text.max_position_embeddings
+        if len(ids) >= limit:
+            raise MinivarError(f"the prompt is {len(ids)} tokens (incl. {self.config.num_image_tokens} image tokens), "
+                               f"over the model's context of {limit} (max_position_embeddings)")
+        return torch.tensor([ids], dtype=torch.long, device=self.device)
+
+    # -- outputs -------------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def logits(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None, *, var=None, probe=None) -> torch.Tensor:
+        """Logits [B, T, V] (fp32) for the whole sequence, no cache."""
+        px = pixel_values.to(self.device, self.dtype) if pixel_values is not None else None
+        return self.model(input_ids.to(self.device), px, var=var, probe=probe)
+
+    def generate(self, image, prompt: str, *, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
+                 seed: int | None = None, conv_mode: str = "vicuna_v1", image_aspect_ratio: str = "pad",
+                 on_text=None) -> Result:
+        """Answer `prompt` about `image` (a path or PIL image). on_text(str) receives the text as it is generated."""
+        if max_new_tokens < 0:
+            raise MinivarError(f"--max-new-tokens must be ≥ 0, got {max_new_tokens}")
+        if not 0.0 < top_p <= 1.0:
+            raise MinivarError(f"--top-p must be in (0, 1], got {top_p}")
+        if temperature < 0:
+            raise MinivarError(f"--temperature must be ≥ 0, got {temperature}")
+        input_ids = self.prompt_ids(prompt, conv_mode)
+        pixel_values = self.pixels(image, image_aspect_ratio)
+        # never run past the context the model was trained for
+        max_new_tokens = min(max_new_tokens, self.config.text.max_position_embeddings - input_ids.shape[1])
+        stream = self.tokenizer.stream_decoder() if on_text is not None else None
+
+        def on_token(ids):
+            if stream is not None and ids[0] is not None:
+                piece = stream.push(ids[0])
+                if piece:
+                    on_text(piece)
+
+        gen: Generation = generate(self.model, input_ids, pixel_values, max_new_tokens=max_new_tokens,
+                                   eos_token_id=self.tokenizer.eos_id, temperature=temperature, top_p=top_p, seed=seed,
+                                   on_token=on_token)
+        ids = gen.output_ids[0]
+        timing = {"load_s": self.load_s, "prefill_s": gen.prefill_s, "decode_s": gen.decode_s,
+                  "decode_tokens": gen.decode_tokens, "decode_tokens_per_s": gen.decode_tokens_per_s}
+        return Result(self.tokenizer.decode(ids), ids, input_ids[0].tolist(), timing, gen.finished[0])
+
+
+def load(model: str = checkpoint.DEFAULT_MODEL, *, device: str = "auto", dtype: str | torch.dtype = "auto",
+         weights_dir: str | Path | None = None) -> Pipeline:
+    """Resolve (and if needed download) a checkpoint, load it strictly, and return a ready Pipeline."""
+    dev = pick_device(device)
+    dt = pick_dtype(dtype, dev)
+    directory = checkpoint.resolve(model, Path(weights_dir) if weights_dir else None)
+    t0 = time.perf_counter()
+    cfg = checkpoint.read_config(directory)
+    tok_path = directory / "tokenizer.json"
+    if not tok_path.is_file():
+        raise MinivarError(f"'{tok_path}' not found: the checkpoint directory needs the tokenizer.json llava-hf ships")
+    tokenizer = processing.Tokenizer(tok_path, cfg.image_token_index)
+    net = checkpoint.load_model(directory, dt, dev, cfg)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    return Pipeline(net, tokenizer, directory, dev, dt, time.perf_counter() - t0)
