@@ -56,6 +56,9 @@ def is_unused_key(key: str, cfg: LlavaConfig) -> bool:
 def resolve(model: str, weights_dir: Path | None = None) -> Path:
     """A local directory for `model`: the path itself, an earlier download in weights/, or a fresh hub download."""
     weights_dir = Path(weights_dir or WEIGHTS_DIR)
+    if model == "demo":                      # the offline demo: a tiny random checkpoint, built on first use
+        from . import demo
+        return demo.ensure(weights_dir / "demo")
     path = Path(model).expanduser()
     if path.is_dir():
         return path

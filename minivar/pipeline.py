@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint, processing
+from . import var as var_mod
 from .errors import MinivarError
 from .generate import Generation, generate
 
@@ -62,6 +63,8 @@ class Pipeline:
         self.model, self.tokenizer, self.directory = model, tokenizer, directory
         self.config = model.config
         self.device, self.dtype, self.load_s = device, dtype, load_s
+        self._dims: dict = {}            # sink dims found for this model, by request kind ("default" / "auto")
+        self._dims_source = None
 
     # -- inputs --------------------------------------------------------------------------------------------------
     def pixels(self, image, image_aspect_ratio: str = "pad") -> torch.Tensor:
@@ -88,8 +91,11 @@ class Pipeline:
 
     def generate(self, image, prompt: str, *, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int | None = None, conv_mode: str = "vicuna_v1", image_aspect_ratio: str = "pad",
-                 on_text=None) -> Result:
-        """Answer `prompt` about `image` (a path or PIL image). on_text(str) receives the text as it is generated."""
+                 var: var_mod.VARConfig | None = None, on_text=None) -> Result:
+        """Answer `prompt` about `image` (a path or PIL image). on_text(str) receives the text as it is generated.
+
+        var: a VARConfig to apply Visual Attention Redistribution (None: plain LLaVA).
+        """
         if max_new_tokens < 0:
             raise MinivarError(f"--max-new-tokens must be ≥ 0, got {max_new_tokens}")
         if not 0.0 < top_p <= 1.0:
@@ -100,7 +106,8 @@ class Pipeline:
         pixel_values = self.pixels(image, image_aspect_ratio)
         # never run past the context the model was trained for
         max_new_tokens = min(max_new_tokens, self.config.text.max_position_embeddings - input_ids.shape[1])
-        stream = self.tokenizer.stream_decoder() if on_text is not None else None
+        var_state = self.var_state(var, input_ids) if var is not None else None
+        stream = self.tokenizer.decode_token_stream() if on_text is not None else None
 
         def on_token(ids):
             if stream is not None and ids[0] is not None:
@@ -110,11 +117,34 @@ class Pipeline:
 
         gen: Generation = generate(self.model, input_ids, pixel_values, max_new_tokens=max_new_tokens,
                                    eos_token_id=self.tokenizer.eos_id, temperature=temperature, top_p=top_p, seed=seed,
-                                   on_token=on_token)
+                                   var=var_state, on_token=on_token)
+        if stream is not None:
+            tail = stream.flush()        # bytes held back in case a multi-byte character was still incomplete
+            if tail:
+                on_text(tail)
         ids = gen.output_ids[0]
         timing = {"load_s": self.load_s, "prefill_s": gen.prefill_s, "decode_s": gen.decode_s,
                   "decode_tokens": gen.decode_tokens, "decode_tokens_per_s": gen.decode_tokens_per_s}
-        return Result(self.tokenizer.decode(ids), ids, input_ids[0].tolist(), timing, gen.finished[0])
+        report = var_state.report(0) | {"sink_dims_source": self._dims_source} if var_state is not None else None
+        return Result(self.tokenizer.decode(ids), ids, input_ids[0].tolist(), timing, gen.finished[0], report)
+
+    def sink_dims(self, var: var_mod.VARConfig, input_ids: torch.Tensor) -> tuple[int, ...]:
+        """The sink dims VAR uses: the user's, the known ones of LLaVA-1.5-7B/13B, or the finder's (run once, then kept)."""
+        requested = var.sink_dims
+        if requested not in (None, "auto"):
+            self._dims_source = "user"
+            return tuple(requested)
+        key = "auto" if requested == "auto" else "default"
+        if key not in self._dims:
+            self._dims[key] = var_mod.resolve_sink_dims(self.config, var, requested, self.model, input_ids)
+        dims, self._dims_source = self._dims[key]
+        return dims
+
+    def var_state(self, var: var_mod.VARConfig, input_ids: torch.Tensor) -> var_mod.VARState:
+        """Fresh per-call VAR state for these prompt ids (one per sample, never reused across calls)."""
+        var.validate(self.config.text.hidden_size, self.config.text.num_hidden_layers)
+        dims = self.sink_dims(var, input_ids)
+        return var_mod.VARState(var, dims, self.config.text.num_hidden_layers, input_ids == self.config.image_token_index)
 
 
 def load(model: str = checkpoint.DEFAULT_MODEL, *, device: str = "auto", dtype: str | torch.dtype = "auto",

@@ -1,0 +1,283 @@
+"""Visual Attention Redistribution (VAR), Kang et al., ICLR 2025: "See What You Are Told: Visual Attention Sink
+in Large Multimodal Models".
+
+Notation (design.md §3): layers ℓ = 0..L−1; image tokens occupy prompt positions I = [s, s+N); h^ℓ is the residual
+input of layer ℓ; α the post-softmax attention probabilities (fp32).
+
+  1. sink dims D        massive-activation dims of the base LLM (7B: 1415, 2533; 13B: 2100, 4743), or found
+  2. sink score         φ_j = max_{d∈D} |h_j[d]| / sqrt(mean_k h_j[k]² + 1e-6);  sinks S^ℓ = {j : φ_j ≥ τ}
+                        visual sinks V^ℓ = S^ℓ ∩ I.  Computed once per sample in the prefill, reused while decoding.
+  3. rows touched       layers 0..L−2 only; prefill rows after the image (i ≥ s+N) and every decoding row;
+                        a layer (of a sample) without visual sinks is left alone.
+  4. image-centric      A = Σ_{j∈I} α_ij,  r = Σ_{j∈I∖V} α_ij / A;  selected iff A ≥ 0.2 and r ≥ ρ.
+  5. redistribution     every sink j ∈ S^ℓ keeps (1−p)·α_ij; Ω = p·Σ_{j∈S^ℓ} α_ij goes to I∖V in proportion:
+                        α'_ij = α_ij + Ω·α_ij / Σ_{k∈I∖V} α_ik.  Rows still sum to 1.
+
+The math is in plain functions of tensors (`sink_scores`, `select_heads`, `redistribute`); `VARState` holds the
+per-call state (sink sets per layer, image span, prefill/decode phase, counters) and is created for each call and
+passed down to the attention — never stored on the model — so two images in a row get their own sinks.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from .errors import MinivarError
+
+PRESETS = {"general": 0.8, "hallucination": 0.5, "vision": 0.9}   # ρ per task family, from the paper
+
+# Massive-activation dims of the base LLMs (the paper's Table/appendix). Keyed by the decoder shape that identifies
+# them: (hidden, layers, heads, intermediate).
+KNOWN_SINK_DIMS = {
+    "llava-1.5-7b": ((4096, 32, 32, 11008), (1415, 2533)),
+    "llava-1.5-13b": ((5120, 40, 40, 13824), (2100, 4743)),
+}
+
+
+@dataclass(frozen=True)
+class VARConfig:
+    """VAR hyper-parameters, in the paper's conventions: p is the fraction of sink attention *moved*, ρ a *non-sink* floor."""
+    tau: float = 20.0                    # sink threshold on φ
+    rho: float = 0.8                     # image-centric head: non-sink share of image attention ≥ ρ
+    p: float = 0.6                       # fraction of the sinks' attention moved to visual non-sink tokens
+    min_image_attention: float = 0.2     # image-centric head: total image attention ≥ this
+    sink_dims: tuple[int, ...] | str | None = None   # dims; None: recognise the model, else find; "auto": find
+    layers: tuple[int, ...] | None = None      # None: every layer but the last (the paper's rule)
+
+    @staticmethod
+    def preset(name: str = "general", **overrides) -> "VARConfig":
+        if name not in PRESETS:
+            raise MinivarError(f"--var-preset '{name}' is not one of {', '.join(PRESETS)}")
+        return VARConfig(rho=PRESETS[name], **{k: v for k, v in overrides.items() if v is not None})
+
+    def validate(self, hidden_size: int, n_layers: int) -> "VARConfig":
+        if not 0.0 <= self.p <= 1.0:
+            raise MinivarError(f"--p must be in [0, 1], got {self.p}")
+        if not 0.0 <= self.rho <= 1.0:
+            raise MinivarError(f"--rho must be in [0, 1], got {self.rho}")
+        if not self.tau > 0:
+            raise MinivarError(f"--tau must be > 0, got {self.tau}")
+        if not 0.0 <= self.min_image_attention <= 1.0:
+            raise MinivarError(f"--min-image-attention must be in [0, 1], got {self.min_image_attention}")
+        for d in (self.sink_dims if isinstance(self.sink_dims, tuple) else ()):
+            if not 0 <= d < hidden_size:
+                raise MinivarError(f"--sink-dims: dim {d} is outside the hidden size {hidden_size}")
+        for layer in self.layers or ():
+            if not 0 <= layer < n_layers - 1:
+                raise MinivarError(f"VAR layer {layer} is outside 0..{n_layers - 2} (the last layer is never modified)")
+        return self
+
+
+def parse_sink_dims(text: str) -> tuple[int, ...] | str:
+    """'1415,2533' → (1415, 2533); 'auto' → 'auto'. Malformed lists are errors."""
+    text = text.strip()
+    if text == "auto":
+        return "auto"
+    if not re.fullmatch(r"\d+(\s*,\s*\d+)*", text):
+        raise MinivarError(f"--sink-dims '{text}' is not 'auto' or a comma-separated list of dims like 1415,2533")
+    dims = tuple(sorted({int(x) for x in text.split(",")}))
+    return dims
+
+
+def known_sink_dims(cfg) -> tuple[str, tuple[int, ...]] | None:
+    """Recognise LLaVA-1.5-7B/13B by name or by exact decoder shape; None for anything else."""
+    t = cfg.text
+    shape = (t.hidden_size, t.num_hidden_layers, t.num_attention_heads, t.intermediate_size)
+    name = cfg.name_or_path.lower()
+    for key, (known_shape, dims) in KNOWN_SINK_DIMS.items():
+        if shape == known_shape and (key in name or t.vocab_size in (32000, 32064)):
+            return key, dims
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The math, as plain tensor functions
+
+def sink_scores(h: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """φ [B, T] for residual states h [B, T, D]: the largest |h[d]| over sink dims, relative to the token's RMS."""
+    h = h.float()
+    rms = torch.sqrt(h.pow(2).mean(-1) + 1e-6)                      # [B, T]
+    return h[..., list(dims)].abs().amax(-1) / rms
+
+
+def select_heads(probs: torch.Tensor, image: torch.Tensor, visual_sink: torch.Tensor, rows: torch.Tensor,
+                 min_image_attention: float, rho: float) -> torch.Tensor:
+    """Image-centric (head, row) pairs [B, H, Q] of probs [B, H, Q, K].
+
+    image / visual_sink: [B, K] key masks (I and V); rows: [B, Q] query rows VAR may touch.
+    A = Σ_{j∈I} α_ij;  r = Σ_{j∈I∖V} α_ij / A;  selected iff A ≥ min_image_attention, r ≥ ρ (and I∖V has mass).
+    """
+    image_attn = (probs * image[:, None, None, :]).sum(-1)                          # A  [B, H, Q]
+    nonsink_attn = (probs * (image & ~visual_sink)[:, None, None, :]).sum(-1)       # Σ over I∖V
+    ratio = nonsink_attn / image_attn.clamp_min(1e-30)                              # r
+    selected = (image_attn >= min_image_attention) & (ratio >= rho) & (nonsink_attn > 0)
+    return selected & rows[:, None, :]
+
+
+def redistribute(probs: torch.Tensor, selected: torch.Tensor, sink: torch.Tensor, image: torch.Tensor,
+                 visual_sink: torch.Tensor, p: float) -> torch.Tensor:
+    """Move a fraction p of the sinks' attention to the visual non-sink tokens, on the selected rows only.
+
+    sink: [B, K] all sinks S^ℓ (text and visual). α'_ij = (1−p)α_ij on sinks;
+    α'_ij = α_ij + Ω·α_ij / Σ_{k∈I∖V} α_ik on I∖V with Ω = p·Σ_{j∈S} α_ij; every other entry unchanged.
+    """
+    sink_k = sink[:, None, None, :]
+    target = (image & ~visual_sink)[:, None, None, :]
+    omega = p * (probs * sink_k).sum(-1, keepdim=True)                              # Ω  [B, H, Q, 1]
+    to_target = probs * target
+    share = to_target / to_target.sum(-1, keepdim=True).clamp_min(1e-30)            # α_ij / Σ_{I∖V} α_ik
+    new = probs - p * probs * sink_k + omega * share
+    return torch.where(selected[..., None], new, probs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Per-call state
+
+class VARState:
+    """VAR state for one call (one batch of prompts): created per generate/forward call, passed down to every layer."""
+
+    def __init__(self, cfg: VARConfig, sink_dims: tuple[int, ...], n_layers: int, image_mask: torch.Tensor):
+        """image_mask [B, T_prompt] bool: where the image tokens sit in each (left-padded) prompt."""
+        self.cfg = cfg
+        self.sink_dims = tuple(sink_dims)
+        self.n_layers = n_layers
+        self.image = image_mask.bool()                                          # I  [B, T]
+        B, T = self.image.shape
+        positions = torch.arange(T, device=self.image.device)
+        # first position after each sample's image; prefill rows from here on are the ones VAR may touch
+        last_image = torch.where(self.image, positions, torch.full_like(positions, -1)).amax(-1)
+        self.image_end = torch.where(self.image.any(-1), last_image + 1, torch.full_like(last_image, T))   # [B]
+        self.prompt_len = T
+        layers = cfg.layers if cfg.layers is not None else range(n_layers - 1)     # never the last layer
+        self.layers = frozenset(layers)
+        self.decoding = False
+        self.phi: list[torch.Tensor | None] = [None] * n_layers               # φ [B, T] per layer
+        self.sinks: list[torch.Tensor | None] = [None] * n_layers             # S^ℓ [B, T]
+        self.visual_sinks: list[torch.Tensor | None] = [None] * n_layers      # V^ℓ [B, T]
+        self._has_visual_sink = [False] * n_layers
+        self.counts = {"prefill": torch.zeros(B, n_layers, dtype=torch.long, device=self.image.device),
+                       "decode": torch.zeros(B, n_layers, dtype=torch.long, device=self.image.device)}
+
+    # called by the decoder with each layer's residual input, before its input_layernorm
+    def observe(self, layer: int, h: torch.Tensor) -> None:
+        if self.decoding:
+            return                                 # generated tokens are never sinks: keep the prefill's sets
+        phi = sink_scores(h, self.sink_dims) if self.sink_dims else torch.zeros(h.shape[:2], device=h.device)
+        sinks = phi >= self.cfg.tau
+        self.phi[layer] = phi
+        self.sinks[layer] = sinks
+        self.visual_sinks[layer] = sinks & self.image
+        self._has_visual_sink[layer] = bool(self.visual_sinks[layer].any())
+
+    def active(self, layer: int) -> bool:
+        """Does VAR touch this layer at all (so the attention must compute explicit probabilities)?"""
+        return layer in self.layers and self._has_visual_sink[layer] and self.cfg.p > 0
+
+    def start_decoding(self) -> None:
+        self.decoding = True
+
+    def redistribute(self, layer: int, probs: torch.Tensor) -> torch.Tensor:
+        """probs [B, H, Q, K] → probs after VAR for this layer (unchanged where nothing is selected)."""
+        if not self.active(layer):
+            return probs
+        B, H, Q, K = probs.shape
+        pad = K - self.prompt_len                  # decoding: keys past the prompt are generated tokens, never sinks
+        sink, vis_sink, image = (torch.nn.functional.pad(m, (0, pad)) for m in
+                                 (self.sinks[layer], self.visual_sinks[layer], self.image))
+        if self.decoding:
+            rows = torch.ones(B, Q, dtype=torch.bool, device=probs.device)
+        else:                                      # prefill: query i is prompt position i; rows after the image only
+            rows = torch.arange(Q, device=probs.device)[None, :] >= self.image_end[:, None]
+        rows = rows & vis_sink.any(-1, keepdim=True)        # a sample without visual sinks here is left alone
+        selected = select_heads(probs, image, vis_sink, rows, self.cfg.min_image_attention, self.cfg.rho)
+        self.counts["decode" if self.decoding else "prefill"][:, layer] += selected.sum(dim=(1, 2))
+        return redistribute(probs, selected, sink, image, vis_sink, self.cfg.p)
+
+    def report(self, b: int = 0) -> dict:
+        """Sample b's sinks and counters, JSON-ready (layer indices as strings)."""
+        start = int(self.image[b].float().argmax()) if bool(self.image[b].any()) else int(self.image_end[b])
+        return {
+            "sink_dims": list(self.sink_dims),
+            "tau": self.cfg.tau, "rho": self.cfg.rho, "p": self.cfg.p,
+            "min_image_attention": self.cfg.min_image_attention,
+            "layers": sorted(self.layers),
+            "image_span": [start, int(self.image_end[b])],
+            "sinks": {str(l): torch.nonzero(s[b]).flatten().tolist() for l, s in enumerate(self.sinks) if s is not None},
+            "visual_sinks": {str(l): torch.nonzero(s[b]).flatten().tolist()
+                             for l, s in enumerate(self.visual_sinks) if s is not None},
+            "redistributed": {"prefill": self.counts["prefill"][b].tolist(), "decode": self.counts["decode"][b].tolist()},
+        }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Finding sink dims for models we do not know
+
+@torch.inference_mode()
+def find_sink_dims(model, input_ids: torch.Tensor, ratio: float = 100.0) -> tuple[tuple[int, ...], dict]:
+    """Massive-activation dims (Sun et al. 2024): dims where the first token's residual stream is ≥ `ratio` × its
+    median magnitude in at least half of the middle layers. Runs the decoder on the text tokens of `input_ids`."""
+    text_ids = input_ids[:1][input_ids[:1] != model.config.image_token_index][None]    # [1, T_text]
+    lm = model.language_model.model
+    n_layers = len(lm.layers)
+    lo = max(1, n_layers // 4) if n_layers > 1 else 0
+    hi = max(lo + 1, (3 * n_layers) // 4)
+    middle = range(lo, min(hi, n_layers))
+    recorder = _ResidualRecorder(set(middle))
+    model(text_ids, probe=recorder, last_only=True)
+    votes: dict[int, int] = {}
+    for layer in middle:
+        first = recorder.residuals[layer][0, 0].float().abs()                            # BOS  [D]
+        massive = torch.nonzero(first >= ratio * first.median().clamp_min(1e-12)).flatten().tolist()
+        for d in massive:
+            votes[d] = votes.get(d, 0) + 1
+    dims = tuple(sorted(d for d, v in votes.items() if v * 2 >= len(middle)))
+    return dims, {"middle_layers": [middle.start, middle.stop], "votes": votes}
+
+
+class _ResidualRecorder:
+    """A minimal probe that keeps the residual input of some layers (the finder's only need)."""
+
+    def __init__(self, layers: set[int]):
+        self.layers, self.residuals = layers, {}
+
+    def record_residual(self, layer, h):
+        if layer in self.layers:
+            self.residuals[layer] = h.detach()
+
+    def key_mask(self, layer, mask):
+        return mask
+
+    def wants(self, layer):
+        return False
+
+    def record_attention(self, layer, before, after):
+        pass
+
+
+def resolve_sink_dims(model_cfg, var_cfg: VARConfig, requested=None, model=None, input_ids=None, warn=None):
+    """Which sink dims to use, and where they came from: the user's list, the known table, or the finder."""
+    warn = warn or (lambda msg: print(msg, file=sys.stderr))
+    if requested not in (None, "auto"):
+        return tuple(requested), "user"
+    if requested is None:
+        known = known_sink_dims(model_cfg)
+        if known is not None:
+            return known[1], f"known:{known[0]}"
+    if model is None or input_ids is None:
+        raise MinivarError("sink dims are unknown for this model; pass --sink-dims d1,d2 or --sink-dims auto")
+    dims, _ = find_sink_dims(model, input_ids)
+    if requested is None:
+        warn(f"minivar: model not recognised as LLaVA-1.5-7B/13B; sink-dim finder found dims {list(dims)}")
+    else:
+        warn(f"minivar: sink-dim finder found dims {list(dims)}")
+    if not dims:
+        warn("minivar: no sink dims found: VAR will find no sinks and change nothing")
+    return dims, "finder"
+
+
+def with_dims(cfg: VARConfig, dims) -> VARConfig:
+    return dataclasses.replace(cfg, sink_dims=tuple(dims))
