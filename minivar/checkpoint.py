@@ -14,7 +14,6 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from .config import LlavaConfig
 from .errors import MinivarError
@@ -130,12 +129,54 @@ def safetensors_files(directory: Path) -> dict[str, Path]:
     raise MinivarError(f"no model.safetensors or model.safetensors.index.json in '{directory}'")
 
 
-def _keys_of(path: Path) -> list[str]:
+# safetensors layout: 8-byte little-endian header length N, N bytes of JSON {name: {dtype, shape, data_offsets}},
+# then the raw tensor bytes. Reading it directly (instead of through a memory map) means every byte is copied once,
+# straight into the tensor the model keeps: peak memory stays at one copy of the weights.
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
+
+
+def read_header(path: Path) -> tuple[dict, int]:
+    """The tensor table of a safetensors file and where its data starts; checks it fits in the file."""
     try:
-        with safe_open(str(path), framework="pt") as f:
-            return list(f.keys())
-    except Exception as e:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise ValueError("file is shorter than a safetensors header")
+            n = int.from_bytes(raw, "little")
+            if n > size - 8 or n > 100_000_000:
+                raise ValueError(f"header length {n} does not fit in a {size}-byte file")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError, UnicodeDecodeError) as e:
         raise MinivarError(f"'{path}' is not a readable safetensors file (truncated or corrupt?): {e}") from None
+    header.pop("__metadata__", None)
+    data_start = 8 + n
+    for name, info in header.items():
+        begin, end = info["data_offsets"]
+        if data_start + end > size:
+            raise MinivarError(f"'{path}' is truncated: tensor '{name}' ends at byte {data_start + end}, "
+                               f"the file has {size}")
+        if info["dtype"] not in SAFETENSORS_DTYPES:
+            raise MinivarError(f"tensor '{name}' in '{path}' has unsupported dtype {info['dtype']}")
+    return header, data_start
+
+
+def _keys_of(path: Path) -> list[str]:
+    return list(read_header(path)[0])
+
+
+def read_tensor(f, info: dict, data_start: int) -> torch.Tensor:
+    """Read one tensor's bytes from an open safetensors file into a fresh tensor."""
+    begin, end = info["data_offsets"]
+    t = torch.empty(info["shape"], dtype=SAFETENSORS_DTYPES[info["dtype"]])
+    if t.numel() * t.element_size() != end - begin:
+        raise ValueError(f"{end - begin} bytes stored for shape {info['shape']} {info['dtype']}")
+    f.seek(data_start + begin)
+    if end > begin and f.readinto(memoryview(t.view(-1).view(torch.uint8).numpy())) != end - begin:
+        raise ValueError("file ended early")
+    return t
 
 
 def read_state_dict(directory: Path, cfg: LlavaConfig, dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
@@ -147,26 +188,25 @@ def read_state_dict(directory: Path, cfg: LlavaConfig, dtype: torch.dtype, devic
     state: dict[str, torch.Tensor] = {}
     origin: dict[str, str] = {}
     for path, names in by_file.items():
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                present = set(f.keys())
-                for name in names:
-                    if name not in present:
-                        raise MinivarError(f"tensor '{name}' is listed in the index but missing from '{path}'")
-                    key = normalise_key(name)
-                    if is_unused_key(key, cfg):
-                        continue
-                    if key in state:
-                        raise MinivarError(f"tensor '{key}' appears twice in the checkpoint ('{origin[key]}' and '{name}')")
-                    t = f.get_tensor(name)
-                    if not t.is_floating_point():
-                        raise MinivarError(f"tensor '{name}' in '{path}' has dtype {t.dtype}, expected floating point")
-                    state[key] = t.to(device=device, dtype=dtype)
-                    origin[key] = name
-        except MinivarError:
-            raise
-        except Exception as e:
-            raise MinivarError(f"could not read '{path}' (truncated or corrupt?): {e}") from None
+        header, data_start = read_header(path)
+        with open(path, "rb", buffering=0) as f:
+            for name in names:
+                if name not in header:
+                    raise MinivarError(f"tensor '{name}' is listed in the index but missing from '{path}'")
+                key = normalise_key(name)
+                if is_unused_key(key, cfg):
+                    continue
+                if key in state:
+                    raise MinivarError(f"tensor '{key}' appears twice in the checkpoint ('{origin[key]}' and '{name}')")
+                if not SAFETENSORS_DTYPES[header[name]["dtype"]].is_floating_point:
+                    raise MinivarError(f"tensor '{name}' in '{path}' has dtype {header[name]['dtype']}, "
+                                       f"expected floating point")
+                try:
+                    t = read_tensor(f, header[name], data_start)
+                except (OSError, ValueError) as e:
+                    raise MinivarError(f"could not read tensor '{name}' from '{path}' (truncated or corrupt?): {e}") from None
+                state[key] = t.to(device=device, dtype=dtype)
+                origin[key] = name
     return state
 
 
