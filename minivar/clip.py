@@ -26,7 +26,8 @@ class CLIPEmbeddings(nn.Module):
         super().__init__()
         self.class_embedding = nn.Parameter(torch.empty(cfg.hidden_size))
         self.patch_embedding = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, cfg.patch_size, bias=False)
-        self.position_embedding = nn.Embedding(cfg.num_patches + 1, cfg.hidden_size)
+        n = cfg.num_patches + 1   # _weight: skip the random init, the checkpoint provides the weights
+        self.position_embedding = nn.Embedding(n, cfg.hidden_size, _weight=torch.empty(n, cfg.hidden_size))
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         w = self.patch_embedding.weight

@@ -1,0 +1,367 @@
+#!/usr/bin/env python
+"""minivar benchmark: load time, peak memory, vision / prefill / decode speed, VAR cost, batching, and the same
+figures for transformers' LlavaForConditionalGeneration (sdpa) on the same checkpoint, pixels and prompt ids.
+
+    python bench/bench.py                       # reference config (full CLIP-L/336 + 4 LLaMA-2-7B layers, bf16)
+    python bench/bench.py --make tiny --quick   # seconds, for a smoke test
+    python bench/bench.py --make 7b --device cuda --dtype float16    # a 7B-shaped random checkpoint on a GPU
+
+Each implementation runs in its own subprocess so its peak RSS is its own. Decode is memory-bound, so the
+benchmark also measures this machine's memory bandwidth and prints decode speed as a share of that roofline:
+tokens/s ≤ bandwidth / bytes of decoder + lm_head weights read per token.
+Output: a table on stderr-free stdout, then one JSON line (prefixed "BENCH_JSON ").
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from minivar.config import LlavaConfig, TextConfig, VisionConfig  # noqa: E402
+
+CLIP_L_336 = VisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                          image_size=336, patch_size=14)
+SHAPES = {
+    # the reference configuration of the performance targets
+    "reference": LlavaConfig(vision=CLIP_L_336, text=TextConfig(vocab_size=32064, hidden_size=4096,
+                             intermediate_size=11008, num_hidden_layers=4, num_attention_heads=32,
+                             max_position_embeddings=4096, rms_norm_eps=1e-5), pad_token_id=32001),
+    "7b": LlavaConfig(vision=CLIP_L_336, text=TextConfig(vocab_size=32064, max_position_embeddings=4096,
+                      rms_norm_eps=1e-5), pad_token_id=32001),
+    "tiny": LlavaConfig(vision=VisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                        num_attention_heads=4, image_size=336, patch_size=14),
+                        text=TextConfig(vocab_size=32064, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                        num_attention_heads=4, max_position_embeddings=4096, rms_norm_eps=1e-5),
+                        pad_token_id=32001),
+}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoint and inputs
+
+def make_checkpoint(kind: str, dtype: str, directory: Path) -> Path:
+    """A random LLaVA checkpoint of the given shape in the llava-hf hub layout, written once and reused."""
+    from safetensors.torch import save_file
+    from minivar.llava import Llava
+    if (directory / "config.json").is_file():
+        return directory
+    cfg = SHAPES[kind]
+    directory.mkdir(parents=True, exist_ok=True)
+    with torch.device("meta"):
+        model = Llava(cfg)
+    g = torch.Generator().manual_seed(0)
+    shard, shard_bytes, index, n = {}, 0, {}, 0
+
+    def flush():
+        nonlocal shard, shard_bytes, n
+        if shard:
+            n += 1
+            name = f"model-{n:05d}.safetensors"
+            save_file(shard, str(directory / name), metadata={"format": "pt"})
+            index.update({k: name for k in shard})
+            shard, shard_bytes = {}, 0
+
+    for key, p in model.state_dict().items():
+        if key.endswith("norm.weight") or "layernorm" in key or "layer_norm" in key or "pre_layrnorm" in key:
+            t = torch.ones(p.shape) if key.endswith("weight") else torch.zeros(p.shape)
+        else:
+            t = torch.randn(p.shape, generator=g) * 0.02
+        hub = key.replace("vision_tower.", "vision_tower.vision_model.", 1)
+        shard[hub] = t.to(DTYPES[dtype])
+        shard_bytes += t.numel() * t.element_size() // 2
+        if shard_bytes > 4e9:
+            flush()
+    flush()
+    total = sum((directory / f).stat().st_size for f in set(index.values()))
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                        "weight_map": index}))
+    hf = cfg.to_hf() | {"dtype": dtype}
+    (directory / "config.json").write_text(json.dumps(hf, indent=1))
+    return directory
+
+
+def inputs(cfg: LlavaConfig, batch: int = 1):
+    """A 623-token prompt like LLaVA-1.5's (BOS, system + question text, 576 image tokens) and seeded pixels."""
+    g = torch.Generator().manual_seed(0)
+    n_img = cfg.num_image_tokens
+    text_before, text_after = 35, 12
+    ids = torch.cat([torch.tensor([1]), torch.randint(100, 30000, (text_before,), generator=g),
+                     torch.full((n_img,), cfg.image_token_index), torch.randint(100, 30000, (text_after,), generator=g)])
+    px = torch.randn(1, 3, cfg.vision.image_size, cfg.vision.image_size, generator=g)
+    return ids[None].repeat(batch, 1), px.repeat(batch, 1, 1, 1)
+
+
+def decode_bytes_per_token(cfg: LlavaConfig, dtype: torch.dtype) -> int:
+    """Weights read for one decode step: every decoder layer, the final norm, lm_head (the embedding is one row)."""
+    t = cfg.text
+    per_layer = (2 * t.hidden_size * t.num_attention_heads * t.head_dim + 2 * t.hidden_size * t.n_kv_heads * t.head_dim
+                 + 3 * t.hidden_size * t.intermediate_size + 2 * t.hidden_size)
+    params = t.num_hidden_layers * per_layer + t.hidden_size + t.vocab_size * t.hidden_size
+    return params * torch.finfo(dtype).bits // 8
+
+
+def measure_bandwidth(device: str, gib: float = 1.0) -> float:
+    """Streaming read bandwidth in bytes/s: the best of a few full reads of a large buffer."""
+    n = int(gib * 2**30 / 4)
+    x = torch.ones(n, dtype=torch.float32, device=device)
+    best = float("inf")
+    for _ in range(5):
+        sync(device)
+        t0 = time.perf_counter()
+        x.sum()
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return n * 4 / best
+
+
+def sync(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def peak_memory(device) -> dict:
+    out = {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    if str(device).startswith("cuda"):
+        out["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    return out
+
+
+def best_of(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Workers (each in its own process)
+
+def worker_minivar(args) -> dict:
+    from minivar.checkpoint import load_model
+    from minivar.generate import generate
+    from minivar.pipeline import pick_device
+    from minivar.var import VARConfig, VARState
+    dev, dt = pick_device(args.device), DTYPES[args.dtype]
+    t0 = time.perf_counter()
+    model = load_model(Path(args.checkpoint), dt, dev)          # what minivar.load does, minus the tokenizer
+    sync(dev)
+    load_s = time.perf_counter() - t0
+    cfg = model.config
+    rss_after_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    ids, px = inputs(cfg)
+    ids, px = ids.to(dev), px.to(dev, dt)
+    n = args.new_tokens
+    var_cfg = VARConfig(tau=args.var_tau, sink_dims=(1415 % cfg.text.hidden_size, 2533 % cfg.text.hidden_size))
+
+    def var_state(batch_ids):
+        return VARState(var_cfg, var_cfg.sink_dims, cfg.text.num_hidden_layers, batch_ids == cfg.image_token_index)
+
+    def run(max_new, var=False, batch_ids=ids, batch_px=px):
+        out = generate(model, batch_ids, batch_px, max_new_tokens=max_new, eos_token_id=None,
+                       var=var_state(batch_ids) if var else None)
+        sync(dev)
+        return out
+
+    with torch.inference_mode():
+        run(2)                                                   # warm-up
+        vision_s = best_of(lambda: (model.image_features(px), sync(dev)), args.repeats)
+        res = {"load_s": load_s, "rss_after_load_gb": rss_after_load, "vision_s": vision_s}
+        for label, var in (("", False), ("var_", True)):
+            prefill = min(run(1, var).prefill_s for _ in range(args.repeats))
+            gens = [run(n + 1, var) for _ in range(max(1, args.repeats - 1))]
+            best = max(gens, key=lambda g: g.decode_tokens_per_s)
+            res[label + "prefill_s"] = prefill
+            res[label + "decode_tok_s"] = best.decode_tokens_per_s
+            if var:
+                state = var_state(ids)
+                generate(model, ids, px, max_new_tokens=4, eos_token_id=None, var=state)
+                res["var_pairs_prefill"] = int(state.counts["prefill"].sum())
+                res["var_pairs_decode_per_token"] = int(state.counts["decode"].sum()) / 3
+                res["var_sinks_per_layer"] = [len(v) for v in state.report()["sinks"].values()]
+            else:
+                tokens = best.output_ids[0]
+        res["tokens"] = tokens
+        batches = {}
+        for bs in args.batch_sizes:
+            b_ids, b_px = inputs(cfg, bs)
+            g = run(n + 1, False, b_ids.to(dev), b_px.to(dev, dt))
+            batches[str(bs)] = {"decode_tok_s": bs * g.decode_tokens_per_s, "prefill_s": g.prefill_s}
+        res["batch"] = batches
+    res.update(peak_memory(dev))
+    return res
+
+
+def worker_transformers(args) -> dict:
+    from transformers import LlavaForConditionalGeneration
+    import transformers
+    dt = DTYPES[args.dtype]
+    t0 = time.perf_counter()
+    model = LlavaForConditionalGeneration.from_pretrained(args.checkpoint, dtype=dt, attn_implementation="sdpa")
+    model = model.to(args.device).eval()
+    sync(args.device)
+    load_s = time.perf_counter() - t0
+    cfg = _minivar_config(args.checkpoint)
+    ids, px = inputs(cfg)
+    ids, px = ids.to(args.device), px.to(args.device, dt)
+    mask = torch.ones_like(ids)
+    n = args.new_tokens
+
+    def gen(k):
+        model.generate(input_ids=ids, pixel_values=px, attention_mask=mask, do_sample=False, max_new_tokens=k,
+                       min_new_tokens=k)
+        sync(args.device)
+
+    with torch.inference_mode():
+        gen(2)
+        vision_s = best_of(lambda: (model.model.get_image_features(pixel_values=px), sync(args.device)), args.repeats)
+        prefill = best_of(lambda: gen(1), args.repeats)
+        total = best_of(lambda: gen(n + 1), max(1, args.repeats - 1))
+        out = model.generate(input_ids=ids, pixel_values=px, attention_mask=mask, do_sample=False,
+                             max_new_tokens=n + 1, min_new_tokens=n + 1)
+    res = {"version": transformers.__version__, "load_s": load_s, "vision_s": vision_s, "prefill_s": prefill,
+           "decode_tok_s": n / (total - prefill), "tokens": out[0, ids.shape[1]:].tolist()}
+    res.update(peak_memory(args.device))
+    return res
+
+
+def _minivar_config(directory) -> LlavaConfig:
+    from minivar.checkpoint import read_config
+    return read_config(Path(directory))
+
+
+def run_worker(name: str, args) -> dict | None:
+    cmd = [sys.executable, __file__, "--worker", name, "--checkpoint", str(args.checkpoint), "--dtype", args.dtype,
+           "--device", args.device, "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats),
+           "--var-tau", str(args.var_tau), "--batch-sizes", ",".join(map(str, args.batch_sizes))]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith("WORKER_JSON "):
+            return json.loads(line[len("WORKER_JSON "):])
+    print(f"bench: {name} worker failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", type=Path, help="an existing checkpoint directory (default: make one)")
+    p.add_argument("--make", choices=sorted(SHAPES), default="reference", help="shape of the checkpoint to make")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--batch-sizes", default="1,2,4")
+    p.add_argument("--var-tau", type=float, default=2.0,
+                   help="τ for the VAR run: random weights have no massive activations, so a low τ makes sinks")
+    p.add_argument("--no-transformers", action="store_true")
+    p.add_argument("--quick", action="store_true", help="1 repeat, 8 tokens, batch 1,2")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.batch_sizes = [int(b) for b in str(args.batch_sizes).split(",") if b]
+    if args.quick:
+        args.repeats, args.new_tokens, args.batch_sizes = 1, 8, [1, 2]
+    if args.worker:
+        fn = {"minivar": worker_minivar, "transformers": worker_transformers}[args.worker]
+        print("WORKER_JSON " + json.dumps(fn(args)))
+        return 0
+
+    if args.checkpoint is None:
+        args.checkpoint = make_checkpoint(args.make, args.dtype, REPO / "weights" / f"bench-{args.make}-{args.dtype}")
+    ckpt_bytes = sum(f.stat().st_size for f in Path(args.checkpoint).glob("*.safetensors"))
+    cfg = _minivar_config(args.checkpoint)
+    for f in Path(args.checkpoint).glob("*.safetensors"):        # warm the page cache: load time is from warm disk
+        with open(f, "rb") as fh:
+            while fh.read(1 << 26):
+                pass
+    mv = run_worker("minivar", args)
+    hf = None
+    if not args.no_transformers:
+        try:
+            import transformers  # noqa: F401
+            hf = run_worker("transformers", args)
+        except ImportError:
+            print("bench: transformers is not installed; skipping the comparison", file=sys.stderr)
+    if mv is None:
+        return 1
+    # measured after the workers: a child process starts with its parent's peak RSS on Linux
+    bw = measure_bandwidth(args.device)
+    roofline = bw / decode_bytes_per_token(cfg, DTYPES[args.dtype])
+
+    report = {
+        "date": date.today().isoformat(), "machine": f"{platform.machine()} {os.cpu_count()} cores",
+        "cpu": _cpu_name(), "torch": torch.__version__, "device": args.device, "dtype": args.dtype,
+        "checkpoint": str(args.checkpoint), "checkpoint_gb": ckpt_bytes / 1e9, "new_tokens": args.new_tokens,
+        "bandwidth_gb_s": bw / 1e9, "roofline_tok_s": roofline, "minivar": mv, "transformers": hf,
+    }
+    report["decode_roofline_pct"] = 100 * mv["decode_tok_s"] / roofline
+    report["var_decode_cost_pct"] = 100 * (1 - mv["var_decode_tok_s"] / mv["decode_tok_s"])
+    report["var_prefill_cost_pct"] = 100 * (mv["var_prefill_s"] / mv["prefill_s"] - 1)
+    report["rss_budget_gb"] = (1.1 * ckpt_bytes + 0.3e9) / 2**30
+    if hf:
+        report["decode_speedup_vs_transformers"] = mv["decode_tok_s"] / hf["decode_tok_s"]
+        report["prefill_ratio_vs_transformers"] = mv["prefill_s"] / hf["prefill_s"]
+        report["same_tokens_as_transformers"] = mv["tokens"] == hf["tokens"]
+    print_table(report)
+    print("BENCH_JSON " + json.dumps(report))
+    return 0
+
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def print_table(r: dict) -> None:
+    mv, hf = r["minivar"], r["transformers"]
+    rows = [("load (s)", "load_s", "{:.2f}"), ("peak RSS (GB)", "peak_rss_gb", "{:.2f}"),
+            ("vision tower (s)", "vision_s", "{:.3f}"), ("prefill (s)", "prefill_s", "{:.3f}"),
+            ("decode (tok/s)", "decode_tok_s", "{:.2f}")]
+    if "peak_gpu_gb" in mv:
+        rows.insert(2, ("peak GPU memory (GB)", "peak_gpu_gb", "{:.2f}"))
+    print(f"\nminivar benchmark — {r['date']}, {r['cpu']} ({r['machine']}), torch {r['torch']}, {r['device']}, {r['dtype']}")
+    print(f"checkpoint {r['checkpoint']} ({r['checkpoint_gb']:.2f} GB); memory bandwidth {r['bandwidth_gb_s']:.1f} GB/s "
+          f"→ decode roofline {r['roofline_tok_s']:.2f} tok/s\n")
+    head = f"{'':24}{'minivar':>12}" + (f"{'transformers':>14}{'ratio':>8}" if hf else "")
+    print(head)
+    for label, key, fmt in rows:
+        line = f"{label:24}{fmt.format(mv[key]):>12}"
+        if hf and key in hf:
+            line += f"{fmt.format(hf[key]):>14}{mv[key] / hf[key]:>8.2f}"
+        print(line)
+    print(f"\ndecode: {r['decode_roofline_pct']:.0f}% of the bandwidth roofline")
+    if hf:
+        print(f"decode speed-up vs transformers: {r['decode_speedup_vs_transformers']:.2f}x; "
+              f"prefill time ratio: {r['prefill_ratio_vs_transformers']:.2f}; "
+              f"same greedy tokens: {r['same_tokens_as_transformers']}")
+    print(f"VAR on: prefill {mv['var_prefill_s']:.3f} s (+{r['var_prefill_cost_pct']:.1f}%), decode "
+          f"{mv['var_decode_tok_s']:.2f} tok/s (-{r['var_decode_cost_pct']:.1f}%); "
+          f"sinks per layer {mv['var_sinks_per_layer']}, (head,row) pairs redistributed: prefill {mv['var_pairs_prefill']}, "
+          f"decode {mv['var_pairs_decode_per_token']:.0f}/token")
+    print(f"peak RSS {mv['peak_rss_gb']:.2f} GB (budget 1.1 x checkpoint + 0.3 GB = {r['rss_budget_gb']:.2f} GB)")
+    print("batch size → decode tok/s (all sequences): " +
+          ", ".join(f"{bs}: {v['decode_tok_s']:.2f}" for bs, v in mv["batch"].items()))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
