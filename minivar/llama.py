@@ -87,21 +87,29 @@ class LlamaAttention(nn.Module):
 
         if probe is not None:
             mask = probe.key_mask(self.layer_idx, mask)                                # optional column masking
-        needs_probs = (var is not None and var.active(self.layer_idx)) or (probe is not None and probe.wants(self.layer_idx))
-        if not needs_probs:
+        var_here = var is not None and var.active(self.layer_idx)
+        probe_here = probe is not None and probe.wants(self.layer_idx)
+        if not (var_here or probe_here):
             # Fast path: nobody looks at the probabilities, so let the fused kernel do it (same math as below).
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         else:
+            # Only the query rows VAR may touch need explicit probabilities (in the prefill: the rows after the
+            # image); the rows before them go through the fused kernel. A probe sees every row.
+            first = 0 if probe_here else var.first_row()
+            head = F.scaled_dot_product_attention(q[:, :, :first], k, v, attn_mask=mask[:, :, :first]) if first else None
+            q, mask = q[:, :, first:], mask[:, :, first:]
             # Explicit path, written out so the VAR step is visible between softmax and the value product.
-            scores = (q @ k.transpose(-2, -1)) * self.head_dim ** -0.5                 # [B, H, T, S]
+            scores = (q @ k.transpose(-2, -1)) * self.head_dim ** -0.5                 # [B, H, T', S]
             scores = scores.float().masked_fill(~mask, torch.finfo(torch.float32).min)
             probs = torch.softmax(scores, dim=-1)                                      # fp32 softmax, as HF
             before = probs
-            if var is not None:
-                probs = var.redistribute(self.layer_idx, probs)                        # VAR (see var.py)
-            if probe is not None:
+            if var_here:
+                probs = var.redistribute(self.layer_idx, probs, first)                 # VAR (see var.py)
+            if probe_here:
                 probe.record_attention(self.layer_idx, before, probs)
-            out = probs.to(v.dtype) @ v                                                # [B, H, T, hd]
+            out = probs.to(v.dtype) @ v                                                # [B, H, T', hd]
+            if head is not None:
+                out = torch.cat([head, out], dim=2)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 

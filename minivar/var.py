@@ -177,11 +177,15 @@ class VARState:
         """Does VAR touch this layer at all (so the attention must compute explicit probabilities)?"""
         return layer in self.layers and self._has_visual_sink[layer] and self.cfg.p > 0
 
+    def first_row(self) -> int:
+        """The first query row of the current call VAR may touch: in the prefill, the first row after the image."""
+        return 0 if self.decoding else int(self.image_end.min())
+
     def start_decoding(self) -> None:
         self.decoding = True
 
-    def redistribute(self, layer: int, probs: torch.Tensor) -> torch.Tensor:
-        """probs [B, H, Q, K] → probs after VAR for this layer (unchanged where nothing is selected)."""
+    def redistribute(self, layer: int, probs: torch.Tensor, first_row: int = 0) -> torch.Tensor:
+        """probs [B, H, Q, K] of query rows first_row.. → probs after VAR for this layer (unchanged where not selected)."""
         if not self.active(layer):
             return probs
         B, H, Q, K = probs.shape
@@ -190,8 +194,9 @@ class VARState:
                                  (self.sinks[layer], self.visual_sinks[layer], self.image))
         if self.decoding:
             rows = torch.ones(B, Q, dtype=torch.bool, device=probs.device)
-        else:                                      # prefill: query i is prompt position i; rows after the image only
-            rows = torch.arange(Q, device=probs.device)[None, :] >= self.image_end[:, None]
+        else:                                      # prefill: query row i is prompt position first_row + i
+            positions = torch.arange(first_row, first_row + Q, device=probs.device)
+            rows = positions[None, :] >= self.image_end[:, None]
         rows = rows & vis_sink.any(-1, keepdim=True)        # a sample without visual sinks here is left alone
         selected = select_heads(probs, image, vis_sink, rows, self.cfg.min_image_attention, self.cfg.rho)
         self.counts["decode" if self.decoding else "prefill"][:, layer] += selected.sum(dim=(1, 2))
