@@ -140,13 +140,17 @@ def redistribute(probs: torch.Tensor, selected: torch.Tensor, sink: torch.Tensor
 class VARState:
     """VAR state for one call (one batch of prompts): created per generate/forward call, passed down to every layer."""
 
-    def __init__(self, cfg: VARConfig, sink_dims: tuple[int, ...], n_layers: int, image_mask: torch.Tensor):
-        """image_mask [B, T_prompt] bool: where the image tokens sit in each (left-padded) prompt."""
+    def __init__(self, cfg: VARConfig, sink_dims: tuple[int, ...], n_layers: int, image_mask: torch.Tensor,
+                 attention_mask: torch.Tensor | None = None):
+        """image_mask [B, T_prompt] bool: where the image tokens sit in each (left-padded) prompt;
+        attention_mask [B, T_prompt]: 0 on left padding (never a sink), None when nothing is padded."""
         self.cfg = cfg
         self.sink_dims = tuple(sink_dims)
         self.n_layers = n_layers
         self.image = image_mask.bool()                                          # I  [B, T]
         B, T = self.image.shape
+        self.real = attention_mask.bool() if attention_mask is not None else torch.ones_like(self.image)
+        self.pad = (~self.real).sum(-1)                                         # left padding per sample
         positions = torch.arange(T, device=self.image.device)
         # first position after each sample's image; prefill rows from here on are the ones VAR may touch
         last_image = torch.where(self.image, positions, torch.full_like(positions, -1)).amax(-1)
@@ -167,7 +171,7 @@ class VARState:
         if self.decoding:
             return                                 # generated tokens are never sinks: keep the prefill's sets
         phi = sink_scores(h, self.sink_dims) if self.sink_dims else torch.zeros(h.shape[:2], device=h.device)
-        sinks = phi >= self.cfg.tau
+        sinks = (phi >= self.cfg.tau) & self.real
         self.phi[layer] = phi
         self.sinks[layer] = sinks
         self.visual_sinks[layer] = sinks & self.image
@@ -203,17 +207,22 @@ class VARState:
         return redistribute(probs, selected, sink, image, vis_sink, self.cfg.p)
 
     def report(self, b: int = 0) -> dict:
-        """Sample b's sinks and counters, JSON-ready (layer indices as strings)."""
+        """Sample b's sinks and counters, JSON-ready (layer indices as strings), in positions of its own (unpadded)
+        prompt."""
+        pad = int(self.pad[b])
         start = int(self.image[b].float().argmax()) if bool(self.image[b].any()) else int(self.image_end[b])
+
+        def positions(mask):
+            return (torch.nonzero(mask[b]).flatten() - pad).tolist()
+
         return {
             "sink_dims": list(self.sink_dims),
             "tau": self.cfg.tau, "rho": self.cfg.rho, "p": self.cfg.p,
             "min_image_attention": self.cfg.min_image_attention,
             "layers": sorted(self.layers),
-            "image_span": [start, int(self.image_end[b])],
-            "sinks": {str(l): torch.nonzero(s[b]).flatten().tolist() for l, s in enumerate(self.sinks) if s is not None},
-            "visual_sinks": {str(l): torch.nonzero(s[b]).flatten().tolist()
-                             for l, s in enumerate(self.visual_sinks) if s is not None},
+            "image_span": [start - pad, int(self.image_end[b]) - pad],
+            "sinks": {str(l): positions(s) for l, s in enumerate(self.sinks) if s is not None},
+            "visual_sinks": {str(l): positions(s) for l, s in enumerate(self.visual_sinks) if s is not None},
             "redistributed": {"prefill": self.counts["prefill"][b].tolist(), "decode": self.counts["decode"][b].tolist()},
         }
 
