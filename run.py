@@ -9,6 +9,7 @@ Errors in what you pass (files, flags, checkpoints) print one line on stderr and
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
@@ -45,6 +46,16 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--p", type=float, default=None, help="fraction of sink attention moved (default 0.6)")
     v.add_argument("--min-image-attention", type=float, default=None, help="image-attention floor (default 0.2)")
     v.add_argument("--sink-dims", default=None, help="comma-separated dims, or 'auto' to run the sink-dim finder")
+    i = p.add_argument_group("looking inside (pictures, sink removal; see docs/pictures.md)")
+    i.add_argument("--save-attention", metavar="DIR", default=None,
+                   help="write PNG pictures of sinks and attention, and their numbers (attention.json), into DIR")
+    i.add_argument("--attention-layers", metavar="A-B", default=None,
+                   help="layer range of the attention picture (default 10-12 of 32 layers, scaled to the model)")
+    m = i.add_mutually_exclusive_group()
+    m.add_argument("--mask-visual-sinks", action="store_true",
+                   help="remove each layer's visual sink tokens from attention (their key columns masked)")
+    m.add_argument("--mask-random-image-tokens", metavar="N", type=int, default=None,
+                   help="remove N random image tokens from attention in every layer (seeded by --seed, default 0)")
     return p
 
 
@@ -60,8 +71,11 @@ def var_config(args):
             raise MinivarError(f"{given[0]} only applies with --var")
         return None
     sink_dims = parse_sink_dims(args.sink_dims) if args.sink_dims is not None else None
-    return VARConfig.preset(args.var_preset or "general", tau=args.tau, rho=args.rho, p=args.p,
-                            min_image_attention=args.min_image_attention, sink_dims=sink_dims)
+    cfg = VARConfig.preset(args.var_preset or "general", tau=args.tau, rho=args.rho, p=args.p,   # --rho beats the preset
+                           min_image_attention=args.min_image_attention, sink_dims=sink_dims)
+    # The ranges that need no model are checked now, before the slow load (sink dims need the hidden size: later).
+    dataclasses.replace(cfg, sink_dims=None).validate(hidden_size=0, n_layers=0)
+    return cfg
 
 
 def main(argv=None) -> int:
@@ -87,27 +101,41 @@ def run(args) -> int:
         raise MinivarError(f"--max-new-tokens must be ≥ 0, got {args.max_new_tokens}")
     if not args.prompt.strip():
         raise MinivarError("--prompt is empty")
+    if not 0.0 < args.top_p <= 1.0:
+        raise MinivarError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if not args.temperature >= 0:   # also catches nan
+        raise MinivarError(f"--temperature must be ≥ 0, got {args.temperature}")
     var = var_config(args)
     image = processing.load_image(args.image)
+    from minivar.probe import RunInspection
+    inspection = RunInspection.from_args(args)       # --save-attention / --mask-*: None when not asked for
 
-    print(f"minivar: loading {args.model} ...", file=sys.stderr)
     llava = minivar.load(args.model, device=args.device, dtype=args.dtype)
-    print(f"minivar: loaded in {llava.load_s:.2f}s on {llava.device} ({str(llava.dtype).replace('torch.', '')})",
-          file=sys.stderr)
+    # What depends on the model (its context length, hidden size) is checked too before any status line is printed:
+    # bad input of any kind gives exactly one line on stderr, the error.
+    llava.prompt_ids(args.prompt, args.conv_mode)
+    if var is not None:
+        var.validate(llava.config.text.hidden_size, llava.config.text.num_hidden_layers)
+    probe = inspection.probe(llava, var) if inspection is not None else None
+    print(f"minivar: loaded {args.model} in {llava.load_s:.2f}s on {llava.device} "
+          f"({str(llava.dtype).replace('torch.', '')})", file=sys.stderr)
 
     stream = None if args.json else (lambda piece: print(piece, end="", flush=True))
     out = llava.generate(image, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                          top_p=args.top_p, seed=args.seed, conv_mode=args.conv_mode,
-                         image_aspect_ratio=args.image_aspect_ratio, var=var, on_text=stream)
+                         image_aspect_ratio=args.image_aspect_ratio, var=var, probe=probe, on_text=stream)
     t = out.timing
     print(f"minivar: prefill {t['prefill_s']:.2f}s, decode {t['decode_tokens_per_s']:.2f} tok/s, "
           f"{len(out.output_ids)} tokens", file=sys.stderr)
+    inspected = inspection.finish(llava, out, image, args.image_aspect_ratio, var, args.prompt,
+                                  log=lambda msg: print(msg, file=sys.stderr)) if inspection is not None else {}
     if args.json:
         record = {"model": str(llava.directory), "device": str(llava.device), "dtype": str(llava.dtype).replace("torch.", ""),
                   "prompt_ids": out.prompt_ids, "output_ids": out.output_ids, "text": out.text,
                   "finished": out.finished, "timing": t}
         if out.var is not None:
             record["var"] = out.var
+        record.update(inspected)                      # "masked", "pictures"
         print(json.dumps(record))
     else:
         print()

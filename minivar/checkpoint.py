@@ -21,7 +21,7 @@ from .llava import Llava
 
 DEFAULT_MODEL = "llava-hf/llava-1.5-7b-hf"
 WEIGHTS_DIR = Path(os.environ.get("MINIVAR_WEIGHTS", Path(__file__).resolve().parents[1] / "weights"))
-DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model"]
+DOWNLOAD_PATTERNS = ["*.json", "*.safetensors"]   # config, tokenizer.json, weights: all minivar reads
 
 # Key layouts → minivar's names. Applied in order; each is (pattern, replacement).
 KEY_RULES = [
@@ -151,10 +151,18 @@ def read_header(path: Path) -> tuple[dict, int]:
             header = json.loads(f.read(n))
     except (OSError, ValueError, UnicodeDecodeError) as e:
         raise MinivarError(f"'{path}' is not a readable safetensors file (truncated or corrupt?): {e}") from None
+    if not isinstance(header, dict):
+        raise MinivarError(f"'{path}' is not a readable safetensors file (corrupt header)")
     header.pop("__metadata__", None)
     data_start = 8 + n
     for name, info in header.items():
-        begin, end = info["data_offsets"]
+        try:
+            begin, end = info["data_offsets"]
+            ok = isinstance(info["dtype"], str) and all(isinstance(x, int) and x >= 0 for x in (begin, end, *info["shape"]))
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok or begin > end:
+            raise MinivarError(f"'{path}' is not a readable safetensors file (corrupt entry for '{name}')")
         if data_start + end > size:
             raise MinivarError(f"'{path}' is truncated: tensor '{name}' ends at byte {data_start + end}, "
                                f"the file has {size}")
@@ -218,13 +226,17 @@ def load_model(directory: Path, dtype: torch.dtype = torch.float32, device="cpu"
         model = Llava(cfg)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     state = read_state_dict(directory, cfg, dtype, device)
+    if cfg.text.tie_word_embeddings and "language_model.lm_head.weight" not in state:
+        # a tied checkpoint stores the shared matrix once, as the embedding (not the case for LLaVA-1.5)
+        state["language_model.lm_head.weight"] = state.get("language_model.model.embed_tokens.weight")
     for key in state:
         if key not in expected:
             raise MinivarError(f"unexpected tensor '{key}' in '{directory}' (not part of a LLaVA model with this config)")
     for key, shape in expected.items():
-        if key not in state:
+        if state.get(key) is None:
             raise MinivarError(f"tensor '{key}' is missing from the checkpoint in '{directory}'")
         if state[key].shape != shape:
-            raise MinivarError(f"tensor '{key}' has shape {tuple(state[key].shape)}, config.json implies {tuple(shape)}")
+            raise MinivarError(f"tensor '{key}' in '{directory}' has shape {tuple(state[key].shape)}, "
+                               f"config.json implies {tuple(shape)}")
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)

@@ -64,6 +64,11 @@ class TextConfig:
         return self.num_key_value_heads or self.num_attention_heads
 
 
+# transformers' LlavaConfig builds this vision config when config.json has none
+LLAVA_VISION_DEFAULTS = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
+                         "num_attention_heads": 16, "image_size": 336, "patch_size": 14}
+
+
 @dataclass(frozen=True)
 class LlavaConfig:
     """The whole model: vision tower, projector settings, decoder, and the image-token conventions."""
@@ -98,8 +103,16 @@ class LlavaConfig:
         model_type = d.get("model_type", "llava")
         if model_type != "llava":
             raise MinivarError(f"config.json of '{name_or_path}' has model_type '{model_type}', minivar reads 'llava'")
-        vision = _fill(VisionConfig, d.get("vision_config") or {}, {})
+        # Like transformers' LlavaConfig: no vision_config at all means LLaVA's CLIP ViT-L/14-336, while a vision_config
+        # that is given fills what it leaves out from CLIPVisionConfig's own (ViT-B/32) defaults.
+        vision_d = d.get("vision_config")
+        for key in ("vision_config", "text_config"):
+            if d.get(key) is not None and not isinstance(d[key], dict):
+                raise MinivarError(f"config.json of '{name_or_path}': {key} is not a JSON object")
+        vision = _fill(VisionConfig, LLAVA_VISION_DEFAULTS if vision_d is None else vision_d, {})
         text_d = dict(d.get("text_config") or {})
+        if "tie_word_embeddings" in d and "tie_word_embeddings" not in text_d:   # some configs keep it at the top
+            text_d["tie_word_embeddings"] = d["tie_word_embeddings"]
         # 5.x keeps rope settings in rope_parameters; 4.x keeps rope_theta at the top of the text config.
         rope = text_d.get("rope_parameters") or text_d.get("rope_scaling") or {}
         if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):

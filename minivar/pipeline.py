@@ -91,10 +91,11 @@ class Pipeline:
 
     def generate(self, image, prompt: str, *, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int | None = None, conv_mode: str = "vicuna_v1", image_aspect_ratio: str = "pad",
-                 var: var_mod.VARConfig | None = None, on_text=None) -> Result:
+                 var: var_mod.VARConfig | None = None, probe=None, on_text=None) -> Result:
         """Answer `prompt` about `image` (a path or PIL image). on_text(str) receives the text as it is generated.
 
         var: a VARConfig to apply Visual Attention Redistribution (None: plain LLaVA).
+        probe: a per-call probe (e.g. probe.Capture) passed down to every layer; bound here to this prompt.
         """
         if max_new_tokens < 0:
             raise MinivarError(f"--max-new-tokens must be ≥ 0, got {max_new_tokens}")
@@ -107,6 +108,7 @@ class Pipeline:
         # never run past the context the model was trained for
         max_new_tokens = min(max_new_tokens, self.config.text.max_position_embeddings - input_ids.shape[1])
         var_state = self.var_state(var, input_ids) if var is not None else None
+        self.bind_probe(probe, input_ids, var)
         stream = self.tokenizer.decode_token_stream() if on_text is not None else None
 
         def on_token(ids):
@@ -117,7 +119,7 @@ class Pipeline:
 
         gen: Generation = generate(self.model, input_ids, pixel_values, max_new_tokens=max_new_tokens,
                                    eos_token_id=self.tokenizer.eos_id, temperature=temperature, top_p=top_p, seed=seed,
-                                   var=var_state, on_token=on_token)
+                                   var=var_state, probe=probe, on_token=on_token)
         if stream is not None:
             tail = stream.flush()        # bytes held back in case a multi-byte character was still incomplete
             if tail:
@@ -127,6 +129,35 @@ class Pipeline:
                   "decode_tokens": gen.decode_tokens, "decode_tokens_per_s": gen.decode_tokens_per_s}
         report = var_state.report(0) | {"sink_dims_source": self._dims_source} if var_state is not None else None
         return Result(self.tokenizer.decode(ids), ids, input_ids[0].tolist(), timing, gen.finished[0], report)
+
+    def capture(self, image, prompt: str, *, layers=(), heads=None, attention=("before", "after"),
+                residuals: bool = False, head_stats: bool = False, rows: str = "all", decode: bool = False,
+                mask: str | None = None, mask_random: int = 0, mask_seed: int = 0, max_new_tokens: int = 1,
+                var: var_mod.VARConfig | None = None, **generate_kwargs):
+        """Run `prompt` on `image` and return a probe.Capture holding only what was asked for (see probe.py):
+        attention probabilities before/after VAR of `layers` × `heads` for `rows`, residual inputs, the sink sets
+        of every layer (always); `.result` is the generation Result. Nothing is attached to the model.
+
+            cap = llava.capture("cat.jpg", "What is this?", layers=[10, 11], heads=[0, 5], var=VARConfig())
+            cap.attention_probs[10]["after"]     # fp32 [1, 2, T, T]
+        """
+        from .probe import Capture
+        probe = Capture(layers, heads, attention=attention, residuals=residuals, head_stats=head_stats, rows=rows,
+                        decode=decode, mask=mask, mask_random=mask_random, mask_seed=mask_seed)
+        probe.result = self.generate(image, prompt, max_new_tokens=max_new_tokens, var=var, probe=probe,
+                                     **generate_kwargs)
+        return probe
+
+    def bind_probe(self, probe, input_ids: torch.Tensor, var: var_mod.VARConfig | None = None) -> None:
+        """Tell a probe with a bind() method where the image tokens are, and the sink dims / τ VAR uses (resolved
+        as for VAR, with VAR's defaults when var is None)."""
+        if probe is None or not hasattr(probe, "bind"):
+            return
+        cfg = var if var is not None else var_mod.VARConfig()
+        dims = self.sink_dims(cfg, input_ids) if probe.needs_sink_dims else None
+        t = self.config.text
+        probe.bind(input_ids == self.config.image_token_index, n_layers=t.num_hidden_layers,
+                   n_heads=t.num_attention_heads, sink_dims=dims, tau=cfg.tau)
 
     def sink_dims(self, var: var_mod.VARConfig, input_ids: torch.Tensor) -> tuple[int, ...]:
         """The sink dims VAR uses: the user's, the known ones of LLaVA-1.5-7B/13B, or the finder's (run once, then kept)."""

@@ -52,7 +52,8 @@ class VARConfig:
     def preset(name: str = "general", **overrides) -> "VARConfig":
         if name not in PRESETS:
             raise MinivarError(f"--var-preset '{name}' is not one of {', '.join(PRESETS)}")
-        return VARConfig(rho=PRESETS[name], **{k: v for k, v in overrides.items() if v is not None})
+        given = {k: v for k, v in overrides.items() if v is not None}
+        return VARConfig(**({"rho": PRESETS[name]} | given))          # an explicit rho beats the preset
 
     def validate(self, hidden_size: int, n_layers: int) -> "VARConfig":
         if not 0.0 <= self.p <= 1.0:

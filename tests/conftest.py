@@ -1,0 +1,98 @@
+"""Shared fixtures: a tiny random checkpoint in the llava-hf hub layout, and the real LLaMA tokenizer's path.
+
+Session-scoped objects are shared by every test: treat them as read-only (copy a checkpoint dir before changing it).
+"""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+if str(REPO) not in sys.path:          # so `import minivar` / `import run` work however pytest is started
+    sys.path.insert(0, str(REPO))
+
+from minivar.config import LlavaConfig, TextConfig, VisionConfig  # noqa: E402
+
+
+def tiny_llava_config(**text_overrides) -> LlavaConfig:
+    """CLIP 32-dim / 3 layers at 56 px (16 image tokens), LLaMA 64-dim / 2 layers; byte-level vocab of the demo."""
+    vision = VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                          image_size=56, patch_size=14)
+    text = TextConfig(**({"vocab_size": 261, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                          "num_attention_heads": 4, "max_position_embeddings": 512, "rms_norm_eps": 1e-5}
+                         | text_overrides))
+    return LlavaConfig(vision=vision, text=text, image_token_index=259, pad_token_id=260, torch_dtype="float32")
+
+
+def to_hub_key(key: str) -> str:
+    """minivar name → llava-hf hub name (only the vision tower differs: `vision_tower.vision_model.*`)."""
+    return "vision_tower.vision_model." + key[len("vision_tower."):] if key.startswith("vision_tower.") else key
+
+
+def unused_tensors(cfg: LlavaConfig, seed: int = 1) -> dict:
+    """What a real llava-hf checkpoint carries that LLaVA never reads, in minivar names: CLIP's post_layernorm and
+    the CLIP layers after the feature layer (the last one for layer −2)."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    d = cfg.vision.hidden_size
+    extra = {"vision_tower.post_layernorm.weight": torch.ones(d), "vision_tower.post_layernorm.bias": torch.zeros(d)}
+    shapes = {"self_attn.q_proj": (d, d), "self_attn.k_proj": (d, d), "self_attn.v_proj": (d, d),
+              "self_attn.out_proj": (d, d), "mlp.fc1": (cfg.vision.intermediate_size, d),
+              "mlp.fc2": (d, cfg.vision.intermediate_size), "layer_norm1": (d,), "layer_norm2": (d,)}
+    for layer in range(cfg.vision_layers_used, cfg.vision.num_hidden_layers):
+        for name, shape in shapes.items():
+            p = f"vision_tower.encoder.layers.{layer}.{name}"
+            if len(shape) == 2:
+                extra[p + ".weight"] = torch.randn(shape, generator=g) * 0.02
+                extra[p + ".bias"] = torch.zeros(shape[0])
+            else:
+                extra[p + ".weight"], extra[p + ".bias"] = torch.ones(shape), torch.zeros(shape)
+    return extra
+
+
+@pytest.fixture(scope="session")
+def tiny_config() -> LlavaConfig:
+    return tiny_llava_config()
+
+
+@pytest.fixture(scope="session")
+def tiny_state(tiny_config) -> dict:
+    """Random fp32 weights for exactly the parameters of a minivar Llava(tiny_config), in minivar's names."""
+    from minivar.demo import random_state_dict
+    return random_state_dict(tiny_config, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, tiny_config, tiny_state) -> Path:
+    """A complete, runnable checkpoint dir like llava-hf's: config.json, model.safetensors (fp32, hub key names,
+    unused tensors included), tokenizer.json (the demo's byte-level tokenizer, <image> = 259). Do not modify."""
+    from safetensors.torch import save_file
+
+    from minivar.demo import make_tokenizer
+    directory = tmp_path_factory.mktemp("tiny_checkpoint")
+    state = {to_hub_key(k): v.contiguous() for k, v in (tiny_state | unused_tensors(tiny_config)).items()}
+    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    (directory / "config.json").write_text(json.dumps(tiny_config.to_hf(), indent=2))
+    make_tokenizer().save(str(directory / "tokenizer.json"))
+    return directory
+
+
+@pytest.fixture(scope="session")
+def demo_weights(tmp_path_factory) -> Path:
+    """A weights dir holding the `--model demo` checkpoint (built once per session); use as MINIVAR_WEIGHTS."""
+    from minivar import demo
+    weights = tmp_path_factory.mktemp("weights")
+    demo.ensure(weights / "demo")
+    return weights
+
+
+@pytest.fixture(scope="session")
+def llama_tokenizer_path() -> Path:
+    """shared/testdata/llama-tokenizer/tokenizer.json (the real LLaVA-1.5 tokenizer); skips where it is absent."""
+    path = SHARED / "testdata" / "llama-tokenizer" / "tokenizer.json"
+    if not path.is_file():
+        pytest.skip(f"{path} not found (needs the shared test data next to the repo)")
+    return path
+

@@ -1,0 +1,301 @@
+"""run.py end to end on the offline demo and tiny checkpoints.
+
+Contract: success prints the answer (or exactly one JSON object with --json) on stdout and exits 0; bad input of any
+kind exits 2 with exactly one line on stderr naming the thing at fault, nothing on stdout, and no traceback.
+Most cases call run.main() in-process (fast); a few go through a real interpreter, all started at once.
+"""
+import io
+import json
+import os
+import subprocess
+import sys
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import run
+from minivar import checkpoint
+from minivar.demo import DEMO_SINK_PATCHES
+
+REPO = Path(__file__).resolve().parents[1]
+IMAGE = REPO / "assets" / "example.jpg"
+PROMPT = "What is in the image?"
+IMAGE_ID, EOS = 259, 2        # the demo's <image> and </s>
+
+
+def call(argv) -> tuple[int, str, str]:
+    """run.main in-process: (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        try:
+            rc = run.main([str(a) for a in argv])
+        except SystemExit as e:          # argparse errors exit from inside parse_args
+            rc = e.code
+    return rc, out.getvalue(), err.getvalue()
+
+
+def assert_one_line_error(rc, out, err, *names):
+    assert rc == 2, (rc, err)
+    assert out == "", out
+    assert "Traceback" not in err
+    lines = err.splitlines()
+    assert len(lines) == 1 and err.endswith("\n"), err
+    assert "error" in lines[0]
+    for name in names:
+        assert str(name) in lines[0], (name, lines[0])
+    return lines[0]
+
+
+def image_run(prompt_ids):
+    """Start and length of the (single) run of image ids."""
+    start = prompt_ids.index(IMAGE_ID)
+    n = sum(1 for i in prompt_ids if i == IMAGE_ID)
+    assert prompt_ids[start:start + n] == [IMAGE_ID] * n
+    return start, n
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints for the error cases
+
+def copy_dir(src: Path, dst: Path, skip=()) -> Path:
+    dst.mkdir(parents=True)
+    for f in src.iterdir():
+        if f.name not in skip:
+            (dst / f.name).symlink_to(f)          # read-only use: links are enough
+    return dst
+
+
+def with_state(src: Path, dst: Path, change) -> Path:
+    copy_dir(src, dst, skip=("model.safetensors",))
+    state = load_file(str(src / "model.safetensors"))
+    change(state)
+    save_file(state, str(dst / "model.safetensors"))
+    return dst
+
+
+def with_config(src: Path, dst: Path, **changes) -> Path:
+    copy_dir(src, dst, skip=("config.json",))
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["text_config"].update(changes)
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def with_missing_shard(src: Path, dst: Path) -> Path:
+    copy_dir(src, dst, skip=("model.safetensors",))
+    (dst / "model-00001-of-00002.safetensors").symlink_to(src / "model.safetensors")
+    with safe_open(str(src / "model.safetensors"), "pt") as f:
+        weight_map = {k: "model-00001-of-00002.safetensors" for k in f.keys()}
+    weight_map["language_model.lm_head.weight"] = "model-00002-of-00002.safetensors"
+    (dst / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return dst
+
+
+WRONG = "language_model.model.layers.1.self_attn.o_proj.weight"
+MISSING = "multi_modal_projector.linear_1.bias"
+
+
+def wrong_shape(state):
+    state[WRONG] = torch.zeros(64, 60)
+
+
+def missing_tensor(state):
+    del state[MISSING]
+
+
+@pytest.fixture(scope="module")
+def demo_env(demo_weights):
+    """`--model demo` resolves inside the session's demo weights dir (never the repo's weights/)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(checkpoint, "WEIGHTS_DIR", demo_weights)
+        yield demo_weights
+
+
+# the default dtype (bf16 on CPU); the shorter llava_hf template (598 prompt ids instead of 753) to save time
+BASE = ["--image", IMAGE, "--prompt", PROMPT, "--model", "demo", "--max-new-tokens", "3", "--conv-mode", "llava_hf"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Through the real interpreter (started concurrently: the import of torch dominates)
+
+@pytest.fixture(scope="module")
+def procs(demo_weights, tiny_checkpoint, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cli_subprocess")
+    short_context = with_config(demo_weights / "demo", tmp / "short-context", max_position_embeddings=600)
+    cases = {
+        "text": BASE,
+        "json": BASE + ["--json"],
+        "wrong_shape": ["--image", IMAGE, "--prompt", PROMPT, "--model", with_state(tiny_checkpoint, tmp / "wrong", wrong_shape)],
+        "too_long": ["--image", IMAGE, "--prompt", PROMPT, "--model", short_context],
+        "bad_dtype": BASE + ["--dtype", "float8"],
+    }
+    env = dict(os.environ, MINIVAR_WEIGHTS=str(demo_weights), PYTHONIOENCODING="utf-8")
+    started = {name: subprocess.Popen([sys.executable, str(REPO / "run.py"), *map(str, argv)], cwd=REPO, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, encoding="utf-8")
+               for name, argv in cases.items()}
+    results = {}
+    for name, p in started.items():
+        out, err = p.communicate(timeout=300)
+        results[name] = (p.returncode, out, err)
+    return results
+
+
+def test_text_mode_prints_the_answer(procs):
+    rc, out, err = procs["text"]
+    assert rc == 0, err
+    assert "Traceback" not in err and "error" not in err
+    assert all(line.startswith("minivar: ") for line in err.splitlines()), err
+    # the streamed text is exactly the decoded answer of the same (deterministic) run
+    _, json_out, _ = procs["json"]
+    assert out == json.loads(json_out)["text"] + "\n"
+    assert out.strip()
+
+
+def test_json_mode_prints_exactly_one_json_object(procs):
+    rc, out, err = procs["json"]
+    assert rc == 0, err
+    assert out.endswith("\n") and out.count("\n") == 1, out[:500]
+    record = json.loads(out)
+    start, n = image_run(record["prompt_ids"])
+    assert n == 576 and record["prompt_ids"][0] == 1          # BOS, then the template with 576 image ids
+    assert EOS not in record["output_ids"] and 1 <= len(record["output_ids"]) <= 3
+    assert isinstance(record["text"], str)
+    t = record["timing"]
+    for key in ("load_s", "prefill_s", "decode_tokens_per_s"):
+        assert isinstance(t[key], float) and t[key] >= 0, key
+    assert "var" not in record and record["dtype"] == "bfloat16"
+    assert all(line.startswith("minivar: ") for line in err.splitlines()), err
+
+
+@pytest.mark.parametrize("case, names", [("wrong_shape", [WRONG, "(64, 60)"]),
+                                         ("too_long", ["600", "max_position_embeddings"]),
+                                         ("bad_dtype", ["--dtype", "float8"])])
+def test_errors_through_the_interpreter(procs, case, names):
+    assert_one_line_error(*procs[case], *names)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# VAR report
+
+@pytest.fixture(scope="module")
+def var_record(demo_env):
+    rc, out, err = call(BASE + ["--var", "--json"])
+    assert rc == 0, err
+    assert out.count("\n") == 1
+    return json.loads(out)
+
+
+def test_var_json_reports_sinks_and_counts(var_record):
+    var = var_record["var"]
+    n_layers = 4
+    start, n = image_run(var_record["prompt_ids"])
+    assert var["image_span"] == [start, start + 576]
+    planted = {start + p for p in DEMO_SINK_PATCHES}
+    assert set(var["sinks"]) == {str(i) for i in range(n_layers)}
+    for layer, positions in var["sinks"].items():
+        assert positions == sorted(positions)
+        assert planted <= set(positions), (layer, positions)
+        assert 0 in positions                                          # BOS: the text sink
+        assert var["visual_sinks"][layer] == [p for p in positions if start <= p < start + 576]
+    red = var["redistributed"]
+    assert len(red["prefill"]) == len(red["decode"]) == n_layers
+    assert red["prefill"][-1] == 0 and red["decode"][-1] == 0           # the last layer is never modified
+    assert sum(red["prefill"]) > 0                                    # the demo gives VAR work to do
+    # decode steps run = tokens after the first, plus the step that produced EOS when it stopped there
+    decode_steps = len(var_record["output_ids"]) - (0 if var_record["finished"] else 1)
+    assert (sum(red["decode"]) > 0) == (decode_steps > 0)
+    assert var["sink_dims"] == [37, 301]
+    assert EOS not in var_record["output_ids"]
+
+
+def test_var_on_a_local_checkpoint_with_user_sink_dims(tiny_checkpoint):
+    rc, out, err = call(["--image", IMAGE, "--prompt", "Hi", "--model", tiny_checkpoint, "--max-new-tokens", "2",
+                         "--json", "--var", "--sink-dims", "7,3", "--var-preset", "hallucination", "--p", "0.5"])
+    assert rc == 0, err
+    record = json.loads(out)
+    assert record["var"]["sink_dims"] == [3, 7] and record["var"]["sink_dims_source"] == "user"
+    assert record["var"]["rho"] == 0.5 and record["var"]["p"] == 0.5
+    assert image_run(record["prompt_ids"])[1] == 16
+    assert record["model"] == str(tiny_checkpoint)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad input, in-process: exit 2, one line on stderr naming the culprit, nothing on stdout
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bad_inputs")
+    (tmp / "notes.txt").write_text("this is not an image\n")
+    data = IMAGE.read_bytes()
+    (tmp / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    (tmp / "a_directory.jpg").mkdir()
+    return tmp
+
+
+def args(image=IMAGE, prompt=PROMPT, model="demo", *extra):
+    return ["--image", image, "--prompt", prompt, "--model", model, "--max-new-tokens", "2", *extra]
+
+
+@pytest.mark.parametrize("name, argv, culprit", [
+    ("missing image", lambda b: args(b / "nope.jpg"), ["nope.jpg", "not found"]),
+    ("directory as image", lambda b: args(b / "a_directory.jpg"), ["a_directory.jpg", "directory"]),
+    ("non-image file", lambda b: args(b / "notes.txt"), ["notes.txt"]),
+    ("truncated JPEG", lambda b: args(b / "truncated.jpg"), ["truncated.jpg", "truncated"]),
+    ("empty prompt", lambda b: args(IMAGE, ""), ["--prompt", "empty"]),
+    ("whitespace prompt", lambda b: args(IMAGE, " \n\t "), ["--prompt", "empty"]),
+    ("negative max-new-tokens", lambda b: args() + ["--max-new-tokens", "-1"], ["--max-new-tokens", "-1"]),
+    ("unknown model path", lambda b: args(IMAGE, PROMPT, b / "no-such-model"), ["no-such-model", "not found"]),
+    ("unknown flag", lambda b: args() + ["--bogus-flag"], ["--bogus-flag"]),
+    ("missing --image", lambda b: ["--prompt", PROMPT], ["--image"]),
+    ("var flag without --var", lambda b: args() + ["--var-preset", "vision"], ["--var-preset", "--var"]),
+    ("tau without --var", lambda b: args() + ["--tau", "5"], ["--tau", "--var"]),
+    ("unknown preset", lambda b: args() + ["--var", "--var-preset", "best"], ["--var-preset", "best"]),
+    ("p above 1", lambda b: args() + ["--var", "--p", "1.5"], ["--p", "1.5"]),
+    ("negative rho", lambda b: args() + ["--var", "--rho", "-0.1"], ["--rho", "-0.1"]),
+    ("zero tau", lambda b: args() + ["--var", "--tau", "0"], ["--tau", "0"]),
+    ("nan p", lambda b: args() + ["--var", "--p", "nan"], ["--p", "nan"]),
+    ("malformed sink dims", lambda b: args() + ["--var", "--sink-dims", "1,x"], ["--sink-dims", "1,x"]),
+    ("sink dim outside hidden", lambda b: args() + ["--var", "--sink-dims", "99999"], ["--sink-dims", "99999", "768"]),
+    ("unknown dtype", lambda b: args() + ["--dtype", "float8"], ["--dtype", "float8"]),
+    ("unknown device", lambda b: args() + ["--device", "tpu"], ["--device", "tpu"]),
+    ("top-p above 1", lambda b: args() + ["--top-p", "1.5"], ["--top-p", "1.5"]),
+    ("negative temperature", lambda b: args() + ["--temperature", "-1"], ["--temperature", "-1"]),
+    ("non-integer max-new-tokens", lambda b: args() + ["--max-new-tokens", "many"], ["--max-new-tokens", "many"]),
+])
+def test_bad_input_gives_one_error_line(demo_env, bad_files, capfd, name, argv, culprit):
+    assert_one_line_error(*call(argv(bad_files)), *culprit)
+    leaked = capfd.readouterr()
+    assert leaked.out == "" and leaked.err == "", leaked         # nothing written around Python's sys.std*
+
+
+@pytest.mark.parametrize("name, make, culprit", [
+    ("no config.json", lambda src, dst: copy_dir(src, dst, skip=("config.json",)), ["config.json"]),
+    ("missing shard", with_missing_shard, ["model-00002-of-00002.safetensors"]),
+    ("wrong-shaped tensor", lambda src, dst: with_state(src, dst, wrong_shape), [WRONG, "(64, 60)"]),
+    ("missing tensor", lambda src, dst: with_state(src, dst, missing_tensor), [MISSING]),
+    ("no tokenizer.json", lambda src, dst: copy_dir(src, dst, skip=("tokenizer.json",)), ["tokenizer.json"]),
+    ("short context", lambda src, dst: with_config(src, dst, max_position_embeddings=100), ["100", "prompt"]),
+    ("sink dim outside hidden", None, ["--sink-dims", "64"]),
+])
+def test_bad_checkpoint_gives_one_error_line(tiny_checkpoint, tmp_path, capfd, name, make, culprit):
+    model = make(tiny_checkpoint, tmp_path / "model") if make else tiny_checkpoint
+    extra = ["--var", "--sink-dims", "64"] if make is None else []
+    line = assert_one_line_error(*call(args(IMAGE, PROMPT, model, *extra)), *culprit)
+    if make is not None and name != "short context":
+        assert str(tmp_path / "model") in line                       # which checkpoint is broken
+    leaked = capfd.readouterr()
+    assert leaked.out == "" and leaked.err == "", leaked
+
+
+def test_hub_id_offline_points_to_model_flag(demo_env, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    def offline(*a, **k):
+        raise ConnectionError("Failed to resolve 'huggingface.co'")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    monkeypatch.setattr(checkpoint, "WEIGHTS_DIR", tmp_path / "weights")
+    assert_one_line_error(*call(args(IMAGE, PROMPT, "llava-hf/llava-1.5-7b-hf")), "llava-hf/llava-1.5-7b-hf", "--model")
