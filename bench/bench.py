@@ -260,7 +260,9 @@ def run_worker(name: str, args) -> dict | None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--checkpoint", type=Path, help="an existing checkpoint directory (default: make one)")
+    p.add_argument("--checkpoint", type=Path,
+                   help="checkpoint directory; made there (shape --make) if it has no config.json "
+                        "(default: weights/bench-<make>-<dtype>)")
     p.add_argument("--make", choices=sorted(SHAPES), default="reference", help="shape of the checkpoint to make")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     p.add_argument("--device", default="cpu")
@@ -281,8 +283,8 @@ def main(argv=None) -> int:
         print("WORKER_JSON " + json.dumps(fn(args)))
         return 0
 
-    if args.checkpoint is None:
-        args.checkpoint = make_checkpoint(args.make, args.dtype, REPO / "weights" / f"bench-{args.make}-{args.dtype}")
+    args.checkpoint = make_checkpoint(args.make, args.dtype,
+                                      args.checkpoint or REPO / "weights" / f"bench-{args.make}-{args.dtype}")
     ckpt_bytes = sum(f.stat().st_size for f in Path(args.checkpoint).glob("*.safetensors"))
     cfg = _minivar_config(args.checkpoint)
     for f in Path(args.checkpoint).glob("*.safetensors"):        # warm the page cache: load time is from warm disk

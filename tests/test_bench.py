@@ -1,0 +1,25 @@
+"""The benchmark runs end to end on a tiny checkpoint (no timing assertions: numbers are for bench/bench.py to print)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_benchmark_runs_end_to_end(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "bench.py"), "--make", "tiny", "--quick",
+                           "--checkpoint", str(tmp_path / "ckpt")], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("BENCH_JSON ")]
+    assert len(lines) == 1
+    report = json.loads(lines[0][len("BENCH_JSON "):])
+    mv = report["minivar"]
+    for key in ("load_s", "peak_rss_gb", "vision_s", "prefill_s", "decode_tok_s", "var_prefill_s", "var_decode_tok_s"):
+        assert mv[key] > 0, key
+    assert mv["var_pairs_prefill"] > 0            # the VAR run really redistributed attention
+    assert set(mv["batch"]) == {"1", "2"}
+    assert report["roofline_tok_s"] > 0 and report["bandwidth_gb_s"] > 0
+    assert "decode (tok/s)" in proc.stdout         # the readable table
+    if report["transformers"] is not None:         # the comparison ran on the same ids and pixels
+        assert report["same_tokens_as_transformers"] is True
