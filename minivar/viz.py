@@ -423,9 +423,15 @@ def draw_all(numbers: dict, view: Image.Image) -> dict[str, Image.Image]:
 # Files
 
 def check_directory(path) -> Path:
+    """The pictures' directory: an existing directory, or one that can be created (checked before the model runs)."""
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise MinivarError(f"--save-attention '{p}' exists and is not a directory")
+    parent = p.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise MinivarError(f"--save-attention '{p}': '{parent}' is not a directory")
     return p
 
 

@@ -223,6 +223,12 @@ def test_save_attention_path_that_is_a_file_is_one_line_error(demo_env, tmp_path
     assert target.read_bytes() == b"x"
 
 
+def test_save_attention_under_a_file_is_one_line_error(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(MinivarError, match="is not a directory"):
+        viz.check_directory(tmp_path / "file" / "sub" / "pics")
+
+
 def test_save_attention_needs_a_generated_token(demo_env, tmp_path):
     rc, out, err = run_cli(["--image", IMAGE, "--prompt", PROMPT, "--model", "demo", "--max-new-tokens", "0",
                             "--save-attention", tmp_path / "p"])
