@@ -97,19 +97,40 @@ class Pipeline:
         var: a VARConfig to apply Visual Attention Redistribution (None: plain LLaVA).
         probe: a per-call probe (e.g. probe.Capture) passed down to every layer; bound here to this prompt.
         """
+        return self.generate_batch([image], [prompt], max_new_tokens=max_new_tokens, temperature=temperature,
+                                   top_p=top_p, seed=seed, conv_mode=conv_mode, image_aspect_ratio=image_aspect_ratio,
+                                   var=var, probe=probe, on_text=on_text)[0]
+
+    def generate_batch(self, images, prompts, *, max_new_tokens: int = 128, temperature: float = 0.0,
+                       top_p: float = 1.0, seed: int | None = None, conv_mode: str = "vicuna_v1",
+                       image_aspect_ratio: str = "pad", var: var_mod.VARConfig | None = None, probe=None,
+                       on_text=None) -> list[Result]:
+        """Several (image, prompt) pairs in one batch: prompts left-padded to a common length, each sample with its
+        own VAR state (sinks, image span, counters). Greedy results equal running them one by one."""
+        if len(images) != len(prompts) or not prompts:
+            raise MinivarError(f"generate_batch needs as many images as prompts (got {len(images)} and {len(prompts)})")
         if max_new_tokens < 0:
             raise MinivarError(f"--max-new-tokens must be ≥ 0, got {max_new_tokens}")
         if not 0.0 < top_p <= 1.0:
             raise MinivarError(f"--top-p must be in (0, 1], got {top_p}")
-        if temperature < 0:
+        if not temperature >= 0:
             raise MinivarError(f"--temperature must be ≥ 0, got {temperature}")
-        input_ids = self.prompt_ids(prompt, conv_mode)
-        pixel_values = self.pixels(image, image_aspect_ratio)
+        if probe is not None and len(prompts) > 1:
+            raise MinivarError("a probe captures one sample: run it with a single prompt")
+        rows = [self.prompt_ids(p, conv_mode)[0] for p in prompts]
+        T = max(len(r) for r in rows)
+        pad_id = self.config.pad_token_id if self.config.pad_token_id is not None else 0
+        input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long, device=self.device)
+        attention_mask = torch.zeros(len(rows), T, dtype=torch.bool, device=self.device)
+        for b, r in enumerate(rows):                 # left padding keeps every prompt's last token at position T-1
+            input_ids[b, T - len(r):] = r
+            attention_mask[b, T - len(r):] = True
+        pixel_values = torch.cat([self.pixels(img, image_aspect_ratio) for img in images])
         # never run past the context the model was trained for
-        max_new_tokens = min(max_new_tokens, self.config.text.max_position_embeddings - input_ids.shape[1])
-        var_state = self.var_state(var, input_ids) if var is not None else None
+        max_new_tokens = min(max_new_tokens, self.config.text.max_position_embeddings - T)
+        var_state = self.var_state(var, input_ids, attention_mask) if var is not None else None
         self.bind_probe(probe, input_ids, var)
-        stream = self.tokenizer.decode_token_stream() if on_text is not None else None
+        stream = self.tokenizer.decode_token_stream() if on_text is not None and len(rows) == 1 else None
 
         def on_token(ids):
             if stream is not None and ids[0] is not None:
@@ -119,16 +140,20 @@ class Pipeline:
 
         gen: Generation = generate(self.model, input_ids, pixel_values, max_new_tokens=max_new_tokens,
                                    eos_token_id=self.tokenizer.eos_id, temperature=temperature, top_p=top_p, seed=seed,
+                                   attention_mask=None if bool(attention_mask.all()) else attention_mask,
                                    var=var_state, probe=probe, on_token=on_token)
         if stream is not None:
             tail = stream.flush()        # bytes held back in case a multi-byte character was still incomplete
             if tail:
                 on_text(tail)
-        ids = gen.output_ids[0]
         timing = {"load_s": self.load_s, "prefill_s": gen.prefill_s, "decode_s": gen.decode_s,
                   "decode_tokens": gen.decode_tokens, "decode_tokens_per_s": gen.decode_tokens_per_s}
-        report = var_state.report(0) | {"sink_dims_source": self._dims_source} if var_state is not None else None
-        return Result(self.tokenizer.decode(ids), ids, input_ids[0].tolist(), timing, gen.finished[0], report)
+        results = []
+        for b, ids in enumerate(gen.output_ids):
+            report = var_state.report(b) | {"sink_dims_source": self._dims_source} if var_state is not None else None
+            results.append(Result(self.tokenizer.decode(ids), ids, rows[b].tolist(), dict(timing), gen.finished[b],
+                                  report))
+        return results
 
     def capture(self, image, prompt: str, *, layers=(), heads=None, attention=("before", "after"),
                 residuals: bool = False, head_stats: bool = False, rows: str = "all", decode: bool = False,
@@ -171,11 +196,14 @@ class Pipeline:
         dims, self._dims_source = self._dims[key]
         return dims
 
-    def var_state(self, var: var_mod.VARConfig, input_ids: torch.Tensor) -> var_mod.VARState:
-        """Fresh per-call VAR state for these prompt ids (one per sample, never reused across calls)."""
+    def var_state(self, var: var_mod.VARConfig, input_ids: torch.Tensor,
+                  attention_mask: torch.Tensor | None = None) -> var_mod.VARState:
+        """Fresh per-call VAR state for these (left-padded) prompt ids, never reused across calls."""
         var.validate(self.config.text.hidden_size, self.config.text.num_hidden_layers)
-        dims = self.sink_dims(var, input_ids)
-        return var_mod.VARState(var, dims, self.config.text.num_hidden_layers, input_ids == self.config.image_token_index)
+        first = input_ids[:1] if attention_mask is None else input_ids[:1, attention_mask[0]]   # sample 0, unpadded
+        dims = self.sink_dims(var, first)
+        return var_mod.VARState(var, dims, self.config.text.num_hidden_layers,
+                                input_ids == self.config.image_token_index, attention_mask)
 
 
 def load(model: str = checkpoint.DEFAULT_MODEL, *, device: str = "auto", dtype: str | torch.dtype = "auto",

@@ -173,3 +173,49 @@ def test_live_parity_with_transformers(tmp_path, dtype, shard):
                              max_new_tokens=16, min_new_tokens=16)[0, ids.shape[1]:].tolist()
     ours = generate(mine, ids, px, max_new_tokens=16, eos_token_id=None).output_ids[0]
     assert ours == hf_tokens
+
+
+def test_pipeline_batch_equals_one_by_one_with_and_without_var(tmp_path):
+    import minivar
+    from minivar.var import VARConfig
+    llava = minivar.load("demo", dtype="float32", weights_dir=tmp_path)
+    from PIL import Image
+    image_a = "assets/example.jpg"
+    image_b = Image.open("assets/example.jpg").transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    prompts = ["What is in the image?", "Describe the picture in a few words, please."]   # different lengths
+    for var in (None, VARConfig(sink_dims=(37, 301))):
+        batch = llava.generate_batch([image_a, image_b], prompts, max_new_tokens=6, var=var)
+        single = [llava.generate(img, p, max_new_tokens=6, var=var) for img, p in zip([image_a, image_b], prompts)]
+        for b, s in zip(batch, single):
+            assert b.output_ids == s.output_ids
+            assert b.prompt_ids == s.prompt_ids
+            if var is not None:
+                assert b.var["sinks"] == s.var["sinks"]
+                assert b.var["image_span"] == s.var["image_span"]
+                assert b.var["redistributed"] == s.var["redistributed"]
+
+
+def test_fast_attention_path_equals_explicit_path():
+    """The fused SDPA path (used when nothing needs probabilities) gives the explicit path's numbers."""
+    class ExplicitEverywhere:          # a probe that asks for every layer's probabilities and keeps nothing
+        def key_mask(self, layer, mask):
+            return mask
+
+        def wants(self, layer):
+            return True
+
+        def record_attention(self, layer, before, after):
+            pass
+
+        def record_residual(self, layer, h):
+            pass
+
+    model = tiny_model()
+    ids, px = prompt()
+    with torch.inference_mode():
+        fast = model(ids, px)
+        explicit = model(ids, px, probe=ExplicitEverywhere())
+    assert (fast - explicit).abs().max().item() <= 1e-5
+    a = generate(model, ids, px, max_new_tokens=10, eos_token_id=None).output_ids
+    b = generate(model, ids, px, max_new_tokens=10, eos_token_id=None, probe=ExplicitEverywhere()).output_ids
+    assert a == b

@@ -36,6 +36,16 @@ SEVEN_B = (1415, 2533)
 THIRTEEN_B = (2100, 4743)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The models here are tiny: one thread is as fast, and much faster than two on a machine whose cores are busy
+    (intra-op threads then wait on each other at every small op)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # =================================================================================================================
 # Loop-level reference of design.md §3 (deliberately naive: Python floats and loops, nothing vectorised)
 
@@ -643,7 +653,8 @@ def tiny():
     return cfg, state, build_model(cfg, state)
 
 
-def tiny_var(cfg=None, image_mask=None, **kw):
+def tiny_var(image_mask, **kw):
+    """Fresh VAR state for the tiny model (τ = 5 unless given)."""
     kw.setdefault("tau", TINY_TAU)
     return VARState(VARConfig(**kw), TINY_DIMS, 3, image_mask)
 
