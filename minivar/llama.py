@@ -89,13 +89,14 @@ class LlamaAttention(nn.Module):
             mask = probe.key_mask(self.layer_idx, mask)                                # optional column masking
         var_here = var is not None and var.active(self.layer_idx)
         probe_here = probe is not None and probe.wants(self.layer_idx)
-        if not (var_here or probe_here):
+        if not (var_here or probe_here) and T > 1:
             # Fast path: nobody looks at the probabilities, so let the fused kernel do it (same math as below).
+            # For a single query row (a decode step) the written-out path below is the faster one on CPUs.
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         else:
             # Only the query rows VAR may touch need explicit probabilities (in the prefill: the rows after the
             # image); the rows before them go through the fused kernel. A probe sees every row.
-            first = 0 if probe_here else var.first_row()
+            first = var.first_row() if var_here and not probe_here else 0
             head = F.scaled_dot_product_attention(q[:, :, :first], k, v, attn_mask=mask[:, :, :first]) if first else None
             q, mask = q[:, :, first:], mask[:, :, first:]
             # Explicit path, written out so the VAR step is visible between softmax and the value product.
