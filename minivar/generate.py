@@ -88,7 +88,10 @@ def generate(model, input_ids: torch.Tensor, pixel_values: torch.Tensor | None =
 
     _sync(device)
     t0 = time.perf_counter()
-    logits = model(input_ids, pixel_values, cache=cache, attention_mask=mask[:, :T], var=var, probe=probe, last_only=True)
+    h = model(input_ids, pixel_values, cache=cache, attention_mask=mask[:, :T], var=var, probe=probe, last_only=True,
+              return_hidden=True)
+    with decode_kernels(device):        # one row through lm_head: a GEMV like the decode steps
+        logits = model.language_model.lm_head(h).float()
     if var is not None:
         var.start_decoding()             # sinks found in the prefill are kept; generated tokens are never sinks
     step = 0

@@ -66,8 +66,9 @@ class Llava(nn.Module):
         return x.masked_scatter(is_image[..., None], feats.to(x.dtype))
 
     def forward(self, input_ids, pixel_values=None, *, cache: KVCache | None = None, attention_mask=None,
-                var=None, probe=None, last_only: bool = False) -> torch.Tensor:
-        """Logits [B, T, V] (or [B, 1, V] with last_only) for new tokens `input_ids` [B, T].
+                var=None, probe=None, last_only: bool = False, return_hidden: bool = False) -> torch.Tensor:
+        """Logits [B, T, V] (or [B, 1, V] with last_only; the hidden states with return_hidden) for new tokens
+        `input_ids` [B, T].
 
         attention_mask [B, S] (1 = real token, 0 = left padding) covers cached + new positions; None = no padding.
         pixel_values are only needed on the call that contains the image tokens (the prefill).
@@ -93,4 +94,6 @@ class Llava(nn.Module):
             cache.length += T
         if last_only:
             h = h[:, -1:]    # generation only needs the next-token logits: skip lm_head on the other rows
+        if return_hidden:
+            return h         # the final-normed hidden states; lm_head(h) gives the logits
         return self.language_model.lm_head(h).float()
