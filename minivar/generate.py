@@ -81,14 +81,17 @@ def generate(model, input_ids: torch.Tensor, pixel_values: torch.Tensor | None =
         result.finished = [False] * B
         return result
     cache = KVCache(model.config.text, B, T + max_new_tokens, model.language_model.lm_head.weight.dtype, device)
-    if attention_mask is None:
-        attention_mask = torch.ones(B, T, dtype=torch.bool, device=device)
+    padded = attention_mask is not None and not bool(attention_mask.all())
     mask = torch.ones(B, T + max_new_tokens, dtype=torch.bool, device=device)   # preallocated, sliced per step
-    mask[:, :T] = attention_mask.bool()
+    if padded:
+        mask[:, :T] = attention_mask.bool()
+
+    def step_mask(length):               # None tells the model "no padding": plain causal attention
+        return mask[:, :length] if padded else None
 
     _sync(device)
     t0 = time.perf_counter()
-    h = model(input_ids, pixel_values, cache=cache, attention_mask=mask[:, :T], var=var, probe=probe, last_only=True,
+    h = model(input_ids, pixel_values, cache=cache, attention_mask=step_mask(T), var=var, probe=probe, last_only=True,
               return_hidden=True)
     with decode_kernels(device):        # one row through lm_head: a GEMV like the decode steps
         logits = model.language_model.lm_head(h).float()
@@ -117,7 +120,7 @@ def generate(model, input_ids: torch.Tensor, pixel_values: torch.Tensor | None =
                 t_decode = time.perf_counter()
             if bool(finished.all()) or step >= max_new_tokens:
                 break
-            logits = model(next_ids[:, None], cache=cache, attention_mask=mask[:, : T + step], var=var, probe=probe,
+            logits = model(next_ids[:, None], cache=cache, attention_mask=step_mask(T + step), var=var, probe=probe,
                            last_only=True)
     _sync(device)
     result.decode_s = time.perf_counter() - t_decode

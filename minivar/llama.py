@@ -73,7 +73,8 @@ class LlamaAttention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * hd, d, bias=bias)
 
     def forward(self, x, cos, sin, mask, cache=None, var=None, probe=None):
-        """x [B, T, D]; mask [B, 1, T, S] bool (True = may attend); var: per-call VAR state or None; probe: capture/masking."""
+        """x [B, T, D]; mask [B, 1, T, S] bool (True = may attend) or None for plain causal attention without
+        padding; var: per-call VAR state or None; probe: capture/masking."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)   # [B, H, T, hd]
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)      # [B, H_kv, T, hd]
@@ -89,19 +90,26 @@ class LlamaAttention(nn.Module):
             mask = probe.key_mask(self.layer_idx, mask)                                # optional column masking
         var_here = var is not None and var.active(self.layer_idx)
         probe_here = probe is not None and probe.wants(self.layer_idx)
+        S = k.shape[2]
+        if mask is None and 1 < T < S:   # causal after cached keys: query row i (position S−T+i) sees keys ≤ S−T+i
+            mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)[None, None]
         if not (var_here or probe_here) and T > 1:
             # Fast path: nobody looks at the probabilities, so let the fused kernel do it (same math as below).
             # For a single query row (a decode step) the written-out path below is the faster one on CPUs.
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         else:
+            if mask is None and T > 1:   # plain causal over the prompt itself (one row alone sees every key)
+                mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()[None, None]
             # Only the query rows VAR may touch need explicit probabilities (in the prefill: the rows after the
             # image); the rows before them go through the fused kernel. A probe sees every row.
             first = var.first_row() if var_here and not probe_here else 0
             head = F.scaled_dot_product_attention(q[:, :, :first], k, v, attn_mask=mask[:, :, :first]) if first else None
-            q, mask = q[:, :, first:], mask[:, :, first:]
+            q, mask = q[:, :, first:], (mask[:, :, first:] if mask is not None else None)
             # Explicit path, written out so the VAR step is visible between softmax and the value product.
             scores = (q @ k.transpose(-2, -1)) * self.head_dim ** -0.5                 # [B, H, T', S]
-            scores = scores.float().masked_fill(~mask, torch.finfo(torch.float32).min)
+            scores = scores.float()
+            if mask is not None:
+                scores = scores.masked_fill(~mask, torch.finfo(torch.float32).min)
             probs = torch.softmax(scores, dim=-1)                                      # fp32 softmax, as HF
             before = probs
             if var_here:

@@ -76,14 +76,17 @@ class Llava(nn.Module):
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
         x = self.embed(input_ids, pixel_values)
-        if attention_mask is None:
-            attention_mask = torch.ones(B, past + T, dtype=torch.bool, device=input_ids.device)
-        attention_mask = attention_mask.bool()
-        # Positions count real tokens only, so a left-padded sample gets the same positions as when run alone.
-        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]          # [B, T]
-        if T == 1:
-            mask = attention_mask[:, None, None, :]                                        # one new token sees all
+        if attention_mask is None and probe is None:
+            # No padding: positions are 0, 1, 2, ... and the mask is plain causal, which the attention applies
+            # itself (mask=None), so the fused kernel can use its faster causal mode.
+            positions = torch.arange(past, past + T, device=x.device).expand(B, T)
+            mask = None
         else:
+            if attention_mask is None:
+                attention_mask = torch.ones(B, past + T, dtype=torch.bool, device=x.device)
+            attention_mask = attention_mask.bool()
+            # Positions count real tokens only, so a left-padded sample gets the same positions as when run alone.
+            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]       # [B, T]
             causal = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)  # [T, S]
             mask = causal[None, None] & attention_mask[:, None, None, :]                    # [B, 1, T, S]
             # A left-pad row would see no key at all (softmax of nothing); let it see itself. Its output is unused.
