@@ -42,11 +42,12 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
 
 
 @contextlib.contextmanager
-def decode_kernels(device: torch.device):
-    """Decode steps multiply each weight matrix by one vector (GEMV) and are bound by memory bandwidth. On CPUs,
-    ATen's own bf16/fp16 GEMV streams the weights about 1.5x faster than oneDNN's (bench/bench.py shows it), while
-    oneDNN is far faster for the prefill's matrix products; so oneDNN is switched off for the decode steps only."""
-    if device.type != "cpu":
+def decode_kernels(device: torch.device, batch: int = 1):
+    """Decode steps of a single prompt multiply each weight matrix by one vector (GEMV) and are bound by memory
+    bandwidth. On CPUs, ATen's own bf16/fp16 GEMV streams the weights 1.5-2x faster than oneDNN's (bench/bench.py
+    shows it), while oneDNN is far faster for matrix products — the prefill, and decode steps of a batch; so oneDNN is
+    switched off for single-prompt decode steps only."""
+    if device.type != "cpu" or batch > 1:
         yield
         return
     before = torch.backends.mkldnn.enabled
@@ -93,13 +94,13 @@ def generate(model, input_ids: torch.Tensor, pixel_values: torch.Tensor | None =
     t0 = time.perf_counter()
     h = model(input_ids, pixel_values, cache=cache, attention_mask=step_mask(T), var=var, probe=probe, last_only=True,
               return_hidden=True)
-    with decode_kernels(device):        # one row through lm_head: a GEMV like the decode steps
+    with decode_kernels(device, B):     # one row through lm_head: a GEMV like the decode steps
         logits = model.language_model.lm_head(h).float()
     if var is not None:
         var.start_decoding()             # sinks found in the prefill are kept; generated tokens are never sinks
     step = 0
     t_decode = None
-    with decode_kernels(device):
+    with decode_kernels(device, B):
         while True:
             next_ids = sample_next(logits[:, -1], temperature, top_p, generator)        # [B]
             if eos_token_id is not None:
