@@ -58,6 +58,8 @@ class KVCache:
             raise ValueError(f"KV cache full: {end} positions > {self.max_len}")
         self.k[layer, :, :, start:end] = k
         self.v[layer, :, :, start:end] = v
+        if start == 0:
+            return k, v          # the prefill: the fresh tensors are the same numbers, and contiguous
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
