@@ -46,8 +46,9 @@ class KVCache:
 
     def __init__(self, cfg: TextConfig, batch: int, max_len: int, dtype: torch.dtype, device: torch.device | str):
         shape = (cfg.num_hidden_layers, batch, cfg.n_kv_heads, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # uninitialised: only the filled prefix [:length] is ever read
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
         self.length = 0   # positions already stored (the same for every sample: padding is on the left)
         self.max_len = max_len
 
@@ -74,14 +75,20 @@ class LlamaAttention(nn.Module):
         self.v_proj = nn.Linear(d, self.n_kv * hd, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * hd, d, bias=bias)
 
-    def forward(self, x, cos, sin, mask, cache=None, var=None, probe=None):
+    def forward(self, x, cos, sin, mask, cache=None, var=None, probe=None, last_only=False):
         """x [B, T, D]; mask [B, 1, T, S] bool (True = may attend) or None for plain causal attention without
-        padding; var: per-call VAR state or None; probe: capture/masking."""
+        padding; var: per-call VAR state or None; probe: capture/masking; last_only: only the last row's output is
+        wanted (keys and values still come from every row)."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)   # [B, H, T, hd]
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)      # [B, H_kv, T, hd]
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k = apply_rope(k, cos, sin)
+        if last_only and T > 1:
+            x, cos, sin = x[:, -1:], cos[:, -1:], sin[:, -1:]
+            mask = mask[:, :, -1:] if mask is not None else None                       # one row sees every key
+            T = 1
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)   # [B, H, T, hd]
+        q = apply_rope(q, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)                                  # [B, H_kv, S, hd]
         if self.n_kv != self.n_heads:                                                  # grouped-query attention
@@ -144,8 +151,9 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, cache=None, var=None, probe=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, var, probe)
+    def forward(self, x, cos, sin, mask, cache=None, var=None, probe=None, last_only=False):
+        a = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, var, probe, last_only)
+        x = (x[:, -1:] if last_only else x) + a
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -160,16 +168,20 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, positions, mask, cache=None, var=None, probe=None):
-        """x: input embeddings [B, T, D]; positions [B, T]; mask [B, 1, T, S] bool."""
+    def forward(self, x, positions, mask, cache=None, var=None, probe=None, last_only=False):
+        """x: input embeddings [B, T, D]; positions [B, T]; mask [B, 1, T, S] bool or None (causal, no padding).
+        last_only: return only the last position ([B, 1, D]) — then the last layer computes only that row after
+        its keys and values (a prefill for generation needs nothing else)."""
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             if var is not None:
                 var.observe(i, x)             # VAR: sink tokens are read off each layer's residual input h^ℓ
             if probe is not None:
                 probe.record_residual(i, x)
-            x = layer(x, cos, sin, mask, cache, var, probe)
-        return self.norm(x)
+            trim = last_only and i == last and not (probe is not None and probe.wants(i))
+            x = layer(x, cos, sin, mask, cache, var, probe, trim)
+        return self.norm(x[:, -1:] if last_only else x)
 
 
 class LlamaForCausalLM(nn.Module):

@@ -92,11 +92,10 @@ class Llava(nn.Module):
             # A left-pad row would see no key at all (softmax of nothing); let it see itself. Its output is unused.
             diagonal = torch.arange(past + T, device=x.device)[None, :] == torch.arange(past, past + T, device=x.device)[:, None]
             mask = mask | diagonal[None, None]
-        h = self.language_model.model(x, positions, mask, cache, var, probe)
+        # generation only needs the next-token logits: last_only skips the other rows where it can (see LlamaModel)
+        h = self.language_model.model(x, positions, mask, cache, var, probe, last_only)
         if cache is not None:
             cache.length += T
-        if last_only:
-            h = h[:, -1:]    # generation only needs the next-token logits: skip lm_head on the other rows
         if return_hidden:
             return h         # the final-normed hidden states; lm_head(h) gives the logits
         return self.language_model.lm_head(h).float()
