@@ -113,18 +113,18 @@ def decode_bytes_per_token(cfg: LlavaConfig, dtype: torch.dtype) -> int:
     return params * torch.finfo(dtype).bits // 8
 
 
-def measure_bandwidth(device: str, gib: float = 1.0) -> float:
-    """Streaming read bandwidth in bytes/s: the best of a few full reads of a large buffer."""
+def measure_bandwidth(device: str, gib: float = 1.0, repeats: int = 7) -> float:
+    """Streaming read bandwidth in bytes/s: the median of several full reads (sums) of a 1 GiB buffer."""
     n = int(gib * 2**30 / 4)
     x = torch.ones(n, dtype=torch.float32, device=device)
-    best = float("inf")
-    for _ in range(5):
+    times = []
+    for _ in range(repeats):
         sync(device)
         t0 = time.perf_counter()
         x.sum()
         sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return n * 4 / best
+        times.append(time.perf_counter() - t0)
+    return n * 4 / sorted(times)[len(times) // 2]
 
 
 def sync(device):
