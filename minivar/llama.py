@@ -107,12 +107,15 @@ class LlamaAttention(nn.Module):
             # For a single query row (a decode step) the written-out path below is the faster one on CPUs.
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         else:
-            if mask is None and T > 1:   # plain causal over the prompt itself (one row alone sees every key)
-                mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()[None, None]
             # Only the query rows VAR may touch need explicit probabilities (in the prefill: the rows after the
             # image); the rows before them go through the fused kernel. A probe sees every row.
             first = var.first_row() if var_here and not probe_here else 0
-            head = F.scaled_dot_product_attention(q[:, :, :first], k, v, attn_mask=mask[:, :, :first]) if first else None
+            head = None
+            if first:   # (is_causal aligns the causal mask top-left: right for rows 0..first-1 of a prompt)
+                head = F.scaled_dot_product_attention(q[:, :, :first], k, v, is_causal=mask is None,
+                                                      attn_mask=mask[:, :, :first] if mask is not None else None)
+            if mask is None and T > 1:   # plain causal over the prompt itself (one row alone sees every key)
+                mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()[None, None]
             q, mask = q[:, :, first:], (mask[:, :, first:] if mask is not None else None)
             # Explicit path, written out so the VAR step is visible between softmax and the value product.
             scores = (q @ k.transpose(-2, -1)) * self.head_dim ** -0.5                 # [B, H, T', S]
