@@ -76,19 +76,39 @@ def download(repo_id: str, local: Path) -> Path:
     """Download only what minivar reads (json, safetensors) with huggingface_hub's progress bars."""
     try:
         from huggingface_hub import snapshot_download
+        from huggingface_hub.utils import logging as hub_logging
     except ImportError:  # pragma: no cover - it is in requirements.txt
         raise MinivarError("huggingface_hub is not installed; pip install huggingface-hub, or pass --model DIR") from None
+    fresh = not local.exists()
     local.mkdir(parents=True, exist_ok=True)
     marker = local / ".incomplete"   # an interrupted download is never mistaken for a complete checkpoint
     marker.touch()
+    offline_hint = "if you are offline, download it elsewhere and pass --model /path/to/checkpoint-dir"
+    verbosity = hub_logging.get_verbosity()
+    hub_logging.set_verbosity_error()   # its warnings would be a second message; ours below says what failed
     try:
         snapshot_download(repo_id, local_dir=str(local), allow_patterns=DOWNLOAD_PATTERNS)
     except Exception as e:  # network errors come in many classes; all mean the same to the user
+        _forget(local, fresh)
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise MinivarError(f"could not download '{repo_id}' from the Hugging Face hub ({type(e).__name__}: {reason[:200]}); "
-                           f"if you are offline, download it elsewhere and pass --model /path/to/checkpoint-dir") from None
+        raise MinivarError(f"could not download '{repo_id}' from the Hugging Face hub ({type(e).__name__}: "
+                           f"{reason[:200]}); {offline_hint}") from None
+    finally:
+        hub_logging.set_verbosity(verbosity)
+    # Offline, huggingface_hub may hand back the (empty) local directory instead of raising: check what arrived.
+    if not (local / "config.json").is_file() or not any(local.glob("*.safetensors")):
+        _forget(local, fresh)
+        raise MinivarError(f"could not download '{repo_id}' from the Hugging Face hub (no config.json or safetensors "
+                           f"arrived); {offline_hint}")
     marker.unlink()
     return local
+
+
+def _forget(local: Path, fresh: bool) -> None:
+    """After a failed download, remove the directory if this attempt created it and nothing else is in it."""
+    if fresh and all(p.name == ".incomplete" for p in local.iterdir()):
+        (local / ".incomplete").unlink(missing_ok=True)
+        local.rmdir()
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -408,3 +408,12 @@ def test_demo_resolves_inside_the_default_weights_dir(monkeypatch, demo_weights)
     d = resolve("demo")
     assert d == demo_weights / "demo" and (d / "config.json").is_file() and (d / "tokenizer.json").is_file()
     assert read_config(d).num_image_tokens == 576
+
+
+def test_offline_hub_that_returns_the_empty_local_dir_is_an_error(tmp_path, monkeypatch):
+    """Offline, huggingface_hub can hand back the local directory instead of raising: minivar must notice."""
+    import huggingface_hub
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, local_dir, **k: local_dir)
+    with pytest.raises(MinivarError, match="could not download 'llava-hf/llava-1.5-7b-hf'.*--model"):
+        resolve("llava-hf/llava-1.5-7b-hf", tmp_path)
+    assert not (tmp_path / "llava-1.5-7b-hf").exists()     # nothing half-made is left behind
