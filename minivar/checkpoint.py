@@ -219,6 +219,9 @@ def read_state_dict(directory: Path, cfg: LlavaConfig, dtype: torch.dtype, devic
     origin: dict[str, str] = {}
     for path, names in by_file.items():
         header, data_start = read_header(path)
+        for name in header.keys() - set(names):      # a shard holding tensors its index does not list
+            if not is_unused_key(normalise_key(name), cfg):
+                raise MinivarError(f"tensor '{name}' is in '{path}' but not listed in model.safetensors.index.json")
         with open(path, "rb", buffering=0) as f:
             for name in names:
                 if name not in header:

@@ -1,6 +1,6 @@
 """CLIP ViT vision tower, as LLaVA uses it.
 
-pixels [B, 3, 336, 336] → 14×14 patches → 577 tokens (CLS + 24·24) → pre-LN transformer layers.
+pixels [B, 3, 336, 336] → 14-px patches (a 24×24 grid) → 577 tokens (CLS + 24·24) → pre-LN transformer layers.
 LLaVA reads the hidden states of the second-to-last layer (vision_feature_layer = −2), so the last layer is never
 run here, and `post_layernorm` (CLIP's pooled-output norm) is never applied. Parameter names are the HF ones,
 including CLIP's `pre_layrnorm` typo, so checkpoints load by name.
@@ -56,6 +56,8 @@ class CLIPAttention(nn.Module):
 
 
 class CLIPMLP(nn.Module):
+    """fc2(quick_gelu(fc1(x)))."""
+
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
@@ -81,6 +83,8 @@ class CLIPEncoderLayer(nn.Module):
 
 
 class CLIPEncoder(nn.Module):
+    """The list of layers, under HF's name `encoder.layers`."""
+
     def __init__(self, cfg: VisionConfig, n_layers: int):
         super().__init__()
         self.layers = nn.ModuleList(CLIPEncoderLayer(cfg) for _ in range(n_layers))

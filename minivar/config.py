@@ -115,8 +115,11 @@ class LlavaConfig:
             text_d["tie_word_embeddings"] = d["tie_word_embeddings"]
         # 5.x keeps rope settings in rope_parameters; 4.x keeps rope_theta at the top of the text config.
         rope = text_d.get("rope_parameters") or text_d.get("rope_scaling") or {}
-        if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
-            raise MinivarError(f"config.json of '{name_or_path}': rope type '{rope.get('rope_type')}' is not supported")
+        if not isinstance(rope, dict):
+            raise MinivarError(f"config.json of '{name_or_path}': rope_parameters / rope_scaling is not a JSON object")
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", None):
+            raise MinivarError(f"config.json of '{name_or_path}': rope type '{rope_type}' is not supported")
         if "rope_theta" in rope and "rope_theta" not in text_d:
             text_d["rope_theta"] = rope["rope_theta"]
         text = _fill(TextConfig, text_d, {"head_dim": "head_dim_"})

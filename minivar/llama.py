@@ -13,6 +13,8 @@ from .config import TextConfig
 
 
 class RMSNorm(nn.Module):
+    """x / RMS(x) · weight, without LayerNorm's mean subtraction and bias."""
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(dim))
@@ -65,6 +67,12 @@ class KVCache:
 
 
 class LlamaAttention(nn.Module):
+    """Causal multi-head self-attention with rotary positions; VAR acts between its softmax and value product.
+
+    Which path runs: the fused SDPA kernel when nobody needs the probabilities and there are several query rows
+    (the prefill); the written-out path when VAR or a probe needs probabilities, and for a single query row
+    (a decode step), where it is also the faster one."""
+
     def __init__(self, cfg: TextConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
@@ -104,14 +112,14 @@ class LlamaAttention(nn.Module):
             mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)[None, None]
         if not (var_here or probe_here) and T > 1:
             # Fast path: nobody looks at the probabilities, so let the fused kernel do it (same math as below).
-            # For a single query row (a decode step) the written-out path below is the faster one on CPUs.
+            # (A single query row — a decode step — takes the written-out path below: faster for one row.)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         else:
             # Only the query rows VAR may touch need explicit probabilities (in the prefill: the rows after the
             # image); the rows before them go through the fused kernel. A probe sees every row.
             first = var.first_row() if var_here and not probe_here else 0
             head = None
-            if first:   # (is_causal aligns the causal mask top-left: right for rows 0..first-1 of a prompt)
+            if first:   # mask None here means S == T (no cache), so is_causal's top-left alignment is right
                 head = F.scaled_dot_product_attention(q[:, :, :first], k, v, is_causal=mask is None,
                                                       attn_mask=mask[:, :, :first] if mask is not None else None)
             if mask is None and T > 1:   # plain causal over the prompt itself (one row alone sees every key)
@@ -135,6 +143,8 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) · up(x))."""
+
     def __init__(self, cfg: TextConfig):
         super().__init__()
         d, f, bias = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
@@ -147,6 +157,8 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
     def __init__(self, cfg: TextConfig, layer_idx: int):
         super().__init__()
         self.self_attn = LlamaAttention(cfg, layer_idx)
@@ -184,10 +196,14 @@ class LlamaModel(nn.Module):
                 probe.record_residual(i, x)
             trim = last_only and i == last and not (probe is not None and probe.wants(i))
             x = layer(x, cos, sin, mask, cache, var, probe, trim)
+        if cache is not None:
+            cache.length += positions.shape[1]    # every layer has stored this call's keys and values
         return self.norm(x[:, -1:] if last_only else x)
 
 
 class LlamaForCausalLM(nn.Module):
+    """Holds the decoder and its lm_head under HF's names; Llava.forward drives them."""
+
     def __init__(self, cfg: TextConfig):
         super().__init__()
         self.model = LlamaModel(cfg)

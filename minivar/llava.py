@@ -16,6 +16,8 @@ from .llama import KVCache, LlamaForCausalLM
 
 
 class LlavaMultiModalProjector(nn.Module):
+    """Maps CLIP features into the decoder's embedding space: linear → GELU → linear."""
+
     def __init__(self, cfg: LlavaConfig):
         super().__init__()
         n_in = cfg.vision.hidden_size * (len(cfg.vision_feature_layer) if isinstance(cfg.vision_feature_layer, tuple) else 1)
@@ -27,6 +29,8 @@ class LlavaMultiModalProjector(nn.Module):
 
 
 class Llava(nn.Module):
+    """The whole model: vision tower, projector, decoder with its lm_head."""
+
     def __init__(self, cfg: LlavaConfig):
         super().__init__()
         self.config = cfg
@@ -35,7 +39,7 @@ class Llava(nn.Module):
         self.language_model = LlamaForCausalLM(cfg.text)
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """pixels [B, 3, S, S] → projected features [B, 576, D_text]."""
+        """pixels [B, 3, S, S] → projected features [B, N, D_text] (N = 576 patches for CLIP-L/14 at 336 px)."""
         hidden_states = self.vision_tower(pixel_values)
         layers = self.config.vision_feature_layer
         layers = layers if isinstance(layers, tuple) else (layers,)
@@ -51,14 +55,13 @@ class Llava(nn.Module):
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
         """Token embeddings [B, T, D] with the image-token positions replaced, in order, by the image features."""
         cfg = self.config
+        if pixel_values is None:
+            # no image in this call (a decode step): every id is an ordinary row, even 32000 if the model emits it
+            return self.language_model.model.embed_tokens(input_ids)
         is_image = input_ids == cfg.image_token_index
         # image ids (32000) lie inside the 32064-row table, but a model with a smaller vocab must not index with them
         x = self.language_model.model.embed_tokens(input_ids.masked_fill(is_image, 0))
         n_slots = int(is_image.sum())
-        if pixel_values is None:
-            if n_slots:
-                raise MinivarError(f"the prompt has {n_slots} image tokens but no image was given")
-            return x
         feats = self.image_features(pixel_values)                      # [B_img, N, D]
         if n_slots != feats.shape[0] * feats.shape[1]:
             raise MinivarError(f"the prompt has {n_slots} image tokens but the image gives {feats.shape[0] * feats.shape[1]} "
@@ -94,8 +97,6 @@ class Llava(nn.Module):
             mask = mask | diagonal[None, None]
         # generation only needs the next-token logits: last_only skips the other rows where it can (see LlamaModel)
         h = self.language_model.model(x, positions, mask, cache, var, probe, last_only)
-        if cache is not None:
-            cache.length += T
         if return_hidden:
             return h         # the final-normed hidden states; lm_head(h) gives the logits
         return self.language_model.lm_head(h).float()

@@ -84,10 +84,15 @@ class Pipeline:
 
     # -- outputs -------------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def logits(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None, *, var=None, probe=None) -> torch.Tensor:
-        """Logits [B, T, V] (fp32) for the whole sequence, no cache."""
+    def logits(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None, *, attention_mask=None,
+               var: var_mod.VARConfig | None = None, probe=None) -> torch.Tensor:
+        """Logits [B, T, V] (fp32) for whole sequences, no cache; attention_mask [B, T] is 0 on left padding;
+        var: a VARConfig (a fresh VAR state is made for these ids)."""
+        input_ids = input_ids.to(self.device)
         px = pixel_values.to(self.device, self.dtype) if pixel_values is not None else None
-        return self.model(input_ids.to(self.device), px, var=var, probe=probe)
+        mask = attention_mask.to(self.device) if attention_mask is not None else None
+        state = self.var_state(var, input_ids, mask) if var is not None else None
+        return self.model(input_ids, px, attention_mask=mask, var=state, probe=probe)
 
     def generate(self, image, prompt: str, *, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int | None = None, conv_mode: str = "vicuna_v1", image_aspect_ratio: str = "pad",

@@ -58,7 +58,7 @@ class Capture:
         if mask not in (None, "visual_sinks"):
             raise MinivarError(f"mask '{mask}' is not None or 'visual_sinks'")
         if mask_random < 0:
-            raise MinivarError(f"--mask-random-image-tokens must be ≥ 1, got {mask_random}")
+            raise MinivarError(f"--mask-random-image-tokens must be ≥ 0 (0 = off), got {mask_random}")
         if mask is not None and mask_random:
             raise MinivarError("mask the visual sinks or random image tokens, not both")
         self.attention, self.residuals_wanted, self.head_stats_wanted = attention, residuals, head_stats

@@ -292,7 +292,3 @@ def resolve_sink_dims(model_cfg, var_cfg: VARConfig, requested=None, model=None,
     if not dims:
         warn("minivar: no sink dims found: VAR will find no sinks and change nothing")
     return dims, "finder"
-
-
-def with_dims(cfg: VARConfig, dims) -> VARConfig:
-    return dataclasses.replace(cfg, sink_dims=tuple(dims))

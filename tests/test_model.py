@@ -219,3 +219,30 @@ def test_fast_attention_path_equals_explicit_path():
     a = generate(model, ids, px, max_new_tokens=10, eos_token_id=None).output_ids
     b = generate(model, ids, px, max_new_tokens=10, eos_token_id=None, probe=ExplicitEverywhere()).output_ids
     assert a == b
+
+
+def test_a_generated_image_token_id_is_an_ordinary_token():
+    """Decode steps carry no image: if the model emits the image id, it is embedded like any other token."""
+    from minivar.llama import KVCache
+    model = tiny_model()
+    ids, px = prompt()
+    cache = KVCache(CFG.text, 1, ids.shape[1] + 2, torch.float32, "cpu")
+    with torch.inference_mode():
+        model(ids, px, cache=cache)
+        logits = model(torch.tensor([[CFG.image_token_index]]), cache=cache)
+    assert torch.isfinite(logits).all()
+
+
+def test_pipeline_logits_take_a_var_config_and_padding(tmp_path):
+    import minivar
+    from minivar.var import VARConfig
+    llava = minivar.load("demo", dtype="float32", weights_dir=tmp_path)
+    ids, px = llava.prompt_ids("What is in the image?"), llava.pixels("assets/example.jpg")
+    plain = llava.logits(ids, px)
+    with_var = llava.logits(ids, px, var=VARConfig(sink_dims=(37, 301)))
+    assert not torch.equal(plain, with_var)                       # VAR changed the rows after the image
+    image_end = int((ids[0] == llava.config.image_token_index).nonzero().max()) + 1
+    assert torch.equal(plain[:, :image_end], with_var[:, :image_end])   # ... and nothing before them
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), ids], 1)
+    mask = torch.cat([torch.zeros(1, 3, dtype=torch.bool), torch.ones_like(ids, dtype=torch.bool)], 1)
+    torch.testing.assert_close(llava.logits(padded, px, attention_mask=mask)[:, 3:], plain, atol=1e-4, rtol=0)
