@@ -91,55 +91,69 @@ class LlamaAttention(nn.Module):
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)      # [B, H_kv, T, hd]
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         k = apply_rope(k, cos, sin)
-        if last_only and T > 1:
+        if last_only and T > 1:                       # queries: only the last row
             x, cos, sin = x[:, -1:], cos[:, -1:], sin[:, -1:]
-            mask = mask[:, :, -1:] if mask is not None else None                       # one row sees every key
-            T = 1
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)   # [B, H, T, hd]
+            mask = mask[:, :, -1:] if mask is not None else None
+        Tq = x.shape[1]
+        q = self.q_proj(x).view(B, Tq, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, Tq, hd]
         q = apply_rope(q, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)                                  # [B, H_kv, S, hd]
         if self.n_kv != self.n_heads:                                                  # grouped-query attention
             k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
             v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
-
         if probe is not None:
             mask = probe.key_mask(self.layer_idx, mask)                                # optional column masking
+
         var_here = var is not None and var.active(self.layer_idx)
         probe_here = probe is not None and probe.wants(self.layer_idx)
-        S = k.shape[2]
-        if mask is None and 1 < T < S:   # causal after cached keys: query row i (position S−T+i) sees keys ≤ S−T+i
-            mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)[None, None]
-        if not (var_here or probe_here) and T > 1:
-            # Fast path: nobody looks at the probabilities, so let the fused kernel do it (same math as below).
-            # (A single query row — a decode step — takes the written-out path below: faster for one row.)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        if var_here or probe_here or Tq == 1:
+            out = self.attend_explicit(q, k, v, mask, var if var_here else None, probe if probe_here else None)
         else:
-            # Only the query rows VAR may touch need explicit probabilities (in the prefill: the rows after the
-            # image); the rows before them go through the fused kernel. A probe sees every row.
-            first = var.first_row() if var_here and not probe_here else 0
-            head = None
-            if first:   # mask None here means S == T (no cache), so is_causal's top-left alignment is right
-                head = F.scaled_dot_product_attention(q[:, :, :first], k, v, is_causal=mask is None,
-                                                      attn_mask=mask[:, :, :first] if mask is not None else None)
-            if mask is None and T > 1:   # plain causal over the prompt itself (one row alone sees every key)
-                mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()[None, None]
-            q, mask = q[:, :, first:], (mask[:, :, first:] if mask is not None else None)
-            # Explicit path, written out so the VAR step is visible between softmax and the value product.
-            scores = (q @ k.transpose(-2, -1)) * self.head_dim ** -0.5                 # [B, H, T', S]
-            scores = scores.float()
-            if mask is not None:
-                scores = scores.masked_fill(~mask, torch.finfo(torch.float32).min)
-            probs = torch.softmax(scores, dim=-1)                                      # fp32 softmax, as HF
-            before = probs
-            if var_here:
-                probs = var.redistribute(self.layer_idx, probs, first)                 # VAR (see var.py)
-            if probe_here:
-                probe.record_attention(self.layer_idx, before, probs)
-            out = probs.to(v.dtype) @ v                                                # [B, H, T', hd]
-            if head is not None:
-                out = torch.cat([head, out], dim=2)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+            out = attend_fused(q, k, v, mask)
+        return self.o_proj(out.transpose(1, 2).reshape(B, Tq, -1))
+
+    def attend_explicit(self, q, k, v, mask, var=None, probe=None):
+        """Attention written out — scores, mask, fp32 softmax, [VAR], @ v — for the query rows that need it."""
+        T, S = q.shape[2], k.shape[2]
+        # Only the query rows VAR may touch need explicit probabilities (in the prefill: the rows after the image);
+        # the rows before them go through the fused kernel. A probe sees every row.
+        first = var.first_row() if var is not None and probe is None else 0
+        head = None
+        if first and mask is None and T == S:    # the prompt's first rows: the fused kernel's causal mode is right
+            head = F.scaled_dot_product_attention(q[:, :, :first], k, v, is_causal=True)
+        if mask is None and T > 1:               # plain causal (a single last row sees every key: no mask)
+            mask = causal_mask(T, S, q.device)
+        if first and head is None:
+            head = F.scaled_dot_product_attention(q[:, :, :first], k, v, attn_mask=mask[:, :, :first])
+        q, mask = q[:, :, first:], (mask[:, :, first:] if mask is not None else None)
+        scores = (q @ k.transpose(-2, -1)) * self.head_dim ** -0.5                     # [B, H, T', S]
+        scores = scores.float()
+        if mask is not None:
+            scores = scores.masked_fill(~mask, torch.finfo(torch.float32).min)
+        probs = torch.softmax(scores, dim=-1)                                          # fp32 softmax, as HF
+        before = probs
+        if var is not None:
+            probs = var.redistribute(self.layer_idx, probs, first)                     # VAR (see var.py)
+        if probe is not None:
+            probe.record_attention(self.layer_idx, before, probs)
+        out = probs.to(v.dtype) @ v                                                    # [B, H, T', hd]
+        return out if head is None else torch.cat([head, out], dim=2)
+
+
+def causal_mask(T: int, S: int, device) -> torch.Tensor:
+    """[1, 1, T, S] bool: the T query rows are the last T of S positions; row i sees keys 0 … S−T+i."""
+    return torch.ones(T, S, dtype=torch.bool, device=device).tril(S - T)[None, None]
+
+
+def attend_fused(q, k, v, mask):
+    """The fused kernel (SDPA): same math as attend_explicit, no probabilities kept. mask None = plain causal."""
+    T, S = q.shape[2], k.shape[2]
+    if mask is None and T == S:          # its own causal mode, the fastest (it aligns the mask top-left: T == S)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    if mask is None:
+        mask = causal_mask(T, S, q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 class LlamaMLP(nn.Module):

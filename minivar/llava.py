@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from .clip import CLIPVisionTower
 from .config import LlavaConfig
 from .errors import MinivarError
-from .llama import KVCache, LlamaForCausalLM
+from .llama import KVCache, LlamaForCausalLM, causal_mask
 
 
 class LlavaMultiModalProjector(nn.Module):
@@ -90,8 +90,7 @@ class Llava(nn.Module):
             attention_mask = attention_mask.bool()
             # Positions count real tokens only, so a left-padded sample gets the same positions as when run alone.
             positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]       # [B, T]
-            causal = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)  # [T, S]
-            mask = causal[None, None] & attention_mask[:, None, None, :]                    # [B, 1, T, S]
+            mask = causal_mask(T, past + T, x.device) & attention_mask[:, None, None, :]    # [B, 1, T, S]
             # A left-pad row would see no key at all (softmax of nothing); let it see itself. Its output is unused.
             diagonal = torch.arange(past + T, device=x.device)[None, :] == torch.arange(past, past + T, device=x.device)[:, None]
             mask = mask | diagonal[None, None]
