@@ -4,7 +4,9 @@ from .errors import MinivarError
 __all__ = ["MinivarError", "load"]
 
 
-def load(*args, **kwargs):
-    """See minivar.pipeline.load: resolve a checkpoint (local dir, hub id or "demo") and return a ready Pipeline."""
+def load(model: str = "llava-hf/llava-1.5-7b-hf", *, device: str = "auto", dtype="auto", weights_dir=None):
+    """Resolve a checkpoint (a local directory, a hub id, or "demo"), load it strictly and return a ready
+    minivar.pipeline.Pipeline. device: auto | cpu | cuda; dtype: auto (fp16 on CUDA, bf16 on CPU) | float32 |
+    float16 | bfloat16. (torch is imported here, on first use, so `import minivar` stays light.)"""
     from .pipeline import load as _load
-    return _load(*args, **kwargs)
+    return _load(model, device=device, dtype=dtype, weights_dir=weights_dir)

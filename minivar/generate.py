@@ -70,7 +70,8 @@ def generate(model, input_ids: torch.Tensor, pixel_values: torch.Tensor | None =
     """Generate up to `max_new_tokens` for a batch of prompts `input_ids` [B, T] (left-padded where `attention_mask` is 0).
 
     var / probe: per-call state objects (VAR, capture) passed down to every layer; see var.py and probe.py.
-    on_token(ids [B]) is called after each step, for streaming.
+    on_token(ids) is called after each step with a list of B ids (None for a sample that has finished), for
+    streaming.
     """
     B, T = input_ids.shape
     device = input_ids.device
