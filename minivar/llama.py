@@ -66,6 +66,25 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
+class Probe:
+    """What the decoder calls on a `probe` object (passed per call, never stored on the model). These defaults do
+    nothing; subclasses override what they need (probe.Capture records and masks, var.find_sink_dims records)."""
+
+    def record_residual(self, layer: int, h: torch.Tensor) -> None:
+        """Called with each layer's residual input h [B, T, D], before the layer runs."""
+
+    def key_mask(self, layer: int, mask: torch.Tensor) -> torch.Tensor:
+        """May remove key columns from the attention mask [B, 1, T, S] (True = may attend)."""
+        return mask
+
+    def wants(self, layer: int) -> bool:
+        """True makes this layer compute explicit probabilities (every row) and call record_attention."""
+        return False
+
+    def record_attention(self, layer: int, before: torch.Tensor, after: torch.Tensor) -> None:
+        """fp32 probabilities [B, H, T, S] before and after VAR."""
+
+
 class LlamaAttention(nn.Module):
     """Causal multi-head self-attention with rotary positions; VAR acts between its softmax and value product.
 

@@ -31,13 +31,14 @@ import torch
 import torch.nn.functional as F
 
 from .errors import MinivarError
+from .llama import Probe
 from .var import VARConfig, sink_scores
 
 ROWS = ("all", "after_image", "answer")
 KINDS = ("before", "after")
 
 
-class Capture:
+class Capture(Probe):
     """A probe for one call: records the asked-for tensors on `store` (default CPU) and optionally masks key columns."""
 
     def __init__(self, layers=(), heads=None, *, attention=KINDS, residuals: bool = False, head_stats: bool = False,

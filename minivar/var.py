@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import MinivarError
+from .llama import Probe
 
 PRESETS = {"general": 0.8, "hallucination": 0.5, "vision": 0.9}   # ρ per task family, from the paper
 
@@ -253,7 +254,7 @@ def find_sink_dims(model, input_ids: torch.Tensor, ratio: float = 100.0) -> tupl
     return dims, {"middle_layers": [middle.start, middle.stop], "votes": votes}
 
 
-class _ResidualRecorder:
+class _ResidualRecorder(Probe):
     """A minimal probe that keeps the residual input of some layers (the finder's only need)."""
 
     def __init__(self, layers: set[int]):
@@ -262,15 +263,6 @@ class _ResidualRecorder:
     def record_residual(self, layer, h):
         if layer in self.layers:
             self.residuals[layer] = h.detach()
-
-    def key_mask(self, layer, mask):
-        return mask
-
-    def wants(self, layer):
-        return False
-
-    def record_attention(self, layer, before, after):
-        pass
 
 
 def resolve_sink_dims(model_cfg, var_cfg: VARConfig, requested=None, model=None, input_ids=None, warn=None):

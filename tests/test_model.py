@@ -197,18 +197,11 @@ def test_pipeline_batch_equals_one_by_one_with_and_without_var(tmp_path):
 
 def test_fast_attention_path_equals_explicit_path():
     """The fused SDPA path (used when nothing needs probabilities) gives the explicit path's numbers."""
-    class ExplicitEverywhere:          # a probe that asks for every layer's probabilities and keeps nothing
-        def key_mask(self, layer, mask):
-            return mask
+    from minivar.llama import Probe
 
+    class ExplicitEverywhere(Probe):   # a probe that asks for every layer's probabilities and keeps nothing
         def wants(self, layer):
             return True
-
-        def record_attention(self, layer, before, after):
-            pass
-
-        def record_residual(self, layer, h):
-            pass
 
     model = tiny_model()
     ids, px = prompt()
