@@ -44,26 +44,29 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class KVCache:
-    """Preallocated keys/values for every layer: [L, B, H_kv, max_len, hd]. Filled left to right."""
+    """Preallocated keys/values for every layer, filled left to right. Keys are stored [L, B, H_kv, max_len, hd];
+    values transposed, [L, B, H_kv, hd, max_len]: a decode step's probs @ v then reads each value row as one
+    contiguous run, which CPU kernels stream several times faster than the [max_len, hd] layout."""
 
     def __init__(self, cfg: TextConfig, batch: int, max_len: int, dtype: torch.dtype, device: torch.device | str):
-        shape = (cfg.num_hidden_layers, batch, cfg.n_kv_heads, max_len, cfg.head_dim)
+        L, H, hd = cfg.num_hidden_layers, cfg.n_kv_heads, cfg.head_dim
         # uninitialised: only the filled prefix [:length] is ever read
-        self.k = torch.empty(shape, dtype=dtype, device=device)
-        self.v = torch.empty(shape, dtype=dtype, device=device)
+        self.k = torch.empty((L, batch, H, max_len, hd), dtype=dtype, device=device)
+        self.v_t = torch.empty((L, batch, H, hd, max_len), dtype=dtype, device=device)
         self.length = 0   # positions already stored (the same for every sample: padding is on the left)
         self.max_len = max_len
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Store this call's k/v [B, H_kv, T, hd] after the cached ones; return all keys/values so far [B, H_kv, S, hd]."""
+        """Store this call's k/v [B, H_kv, T, hd] after the cached ones; return all keys/values so far [B, H_kv, S, hd]
+        (values as a transposed view of the cache)."""
         start, end = self.length, self.length + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache full: {end} positions > {self.max_len}")
         self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
+        self.v_t[layer, ..., start:end] = v.transpose(-2, -1)
         if start == 0:
             return k, v          # the prefill: the fresh tensors are the same numbers, and contiguous
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        return self.k[layer, :, :, :end], self.v_t[layer, ..., :end].transpose(-2, -1)
 
 
 class Probe:
