@@ -8,7 +8,8 @@ figures for transformers' LlavaForConditionalGeneration (sdpa) on the same check
 
 Each implementation runs in its own subprocess so its peak RSS is its own. Decode is memory-bound, so the
 benchmark also measures this machine's memory bandwidth and prints decode speed as a share of that roofline:
-tokens/s ≤ bandwidth / bytes of decoder + lm_head weights read per token.
+tokens/s ≤ bandwidth / bytes of decoder + lm_head weights read per token. The bandwidth is measured right before and
+after each decode run, by reading those very weights, because a VM's bandwidth can drift within minutes.
 Output: a table on stderr-free stdout, then one JSON line (prefixed "BENCH_JSON ").
 """
 from __future__ import annotations
@@ -113,18 +114,43 @@ def decode_bytes_per_token(cfg: LlavaConfig, dtype: torch.dtype) -> int:
     return params * torch.finfo(dtype).bits // 8
 
 
-def measure_bandwidth(device: str, gib: float = 1.0, repeats: int = 7) -> float:
-    """Streaming read bandwidth in bytes/s: the median of several full reads (sums) of a 1 GiB buffer."""
-    n = int(gib * 2**30 / 4)
-    x = torch.ones(n, dtype=torch.float32, device=device)
-    times = []
-    for _ in range(repeats):
+def decode_weights(model) -> list[torch.Tensor]:
+    """The tensors one decode step reads in full: every decoder layer, the final norm, lm_head."""
+    lm = model.language_model
+    return list(lm.model.layers.parameters()) + list(lm.model.norm.parameters()) + list(lm.lm_head.parameters())
+
+
+_SAME_SIZE_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def read_bandwidth(tensors: list[torch.Tensor], device) -> float:
+    """Streaming read bandwidth in bytes/s: the time to read these tensors once (a max over each one's bits seen as
+    integers: no arithmetic worth the name, no special float values). Given the decode weights, it reads exactly the
+    bytes a decode step reads, from the same memory."""
+    n = sum(t.numel() * t.element_size() for t in tensors)
+    sync(device)
+    t0 = time.perf_counter()
+    for t in tensors:
+        t.view(_SAME_SIZE_INT[t.element_size()]).amax()
+    sync(device)
+    return n / (time.perf_counter() - t0)
+
+
+def gemv_rate(model, device) -> float:
+    """Bytes/s of the bare matrix-vector products a decode step makes (one vector through every weight matrix,
+    with the kernels decode uses): the speed limit of decode on this machine's kernels, attention and the rest left
+    out."""
+    from minivar.generate import decode_kernels
+    mats = [t for t in decode_weights(model) if t.dim() == 2]
+    xs = {k: torch.randn(1, k, dtype=mats[0].dtype, device=device) for k in {m.shape[1] for m in mats}}
+    n = sum(m.numel() * m.element_size() for m in mats)
+    with decode_kernels(torch.device(device)):
         sync(device)
         t0 = time.perf_counter()
-        x.sum()
+        for m in mats:
+            torch.nn.functional.linear(xs[m.shape[1]], m)
         sync(device)
-        times.append(time.perf_counter() - t0)
-    return n * 4 / sorted(times)[len(times) // 2]
+        return n / (time.perf_counter() - t0)
 
 
 def sync(device):
@@ -182,15 +208,28 @@ def worker_minivar(args) -> dict:
         vision_s = best_of(lambda: (model.image_features(px), sync(dev)), args.repeats)
         res = {"load_s": load_s, "rss_after_load_gb": rss_after_load, "vision_s": vision_s}
         # VAR off and on alternate, so both see the same machine conditions; best of the repeats for each
-        prefill, decode = {False: [], True: []}, {False: [], True: []}
+        # Decode is held to the memory bandwidth of the moment: this VM's bandwidth drifts (30 to 60 GB/s within
+        # minutes), so each VAR-off decode run is bracketed by two reads of the very weights it reads, and its
+        # roofline uses the faster of the two.
+        weights = decode_weights(model)
+        prefill, decode, bandwidth, gemv = {False: [], True: []}, {False: [], True: []}, [], []
         for _ in range(args.repeats):
             for var in (False, True):
                 prefill[var].append(run(1, var).prefill_s)
+                if not var:
+                    before = read_bandwidth(weights, dev)
                 decode[var].append(run(n + 1, var))
+                if not var:
+                    bandwidth.append(max(before, read_bandwidth(weights, dev)))
+                    gemv.append(gemv_rate(model, dev))
         for label, var in (("", False), ("var_", True)):
             res[label + "prefill_s"] = min(prefill[var])
             res[label + "decode_tok_s"] = max(g.decode_tokens_per_s for g in decode[var])
         res["tokens"] = decode[False][0].output_ids[0]
+        res["decode_bytes_per_token"] = sum(t.numel() * t.element_size() for t in weights)
+        res["runs"] = [{"decode_tok_s": g.decode_tokens_per_s, "bandwidth_gb_s": b / 1e9, "gemv_gb_s": k / 1e9,
+                        "roofline_pct": 100 * g.decode_tokens_per_s * res["decode_bytes_per_token"] / b}
+                       for g, b, k in zip(decode[False], bandwidth, gemv)]
         state = var_state(ids)
         generate(model, ids, px, max_new_tokens=4, eos_token_id=None, var=state)
         res["var_pairs_prefill"] = int(state.counts["prefill"].sum())
@@ -280,8 +319,7 @@ def main(argv=None) -> int:
     if args.quick:
         args.repeats, args.new_tokens, args.batch_sizes = 1, 8, [1, 2]
     if args.worker:
-        fn = {"minivar": worker_minivar, "transformers": worker_transformers,
-              "bandwidth": lambda a: {"bandwidth": measure_bandwidth(a.device)}}[args.worker]
+        fn = {"minivar": worker_minivar, "transformers": worker_transformers}[args.worker]
         print("WORKER_JSON " + json.dumps(fn(args)))
         return 0
 
@@ -293,11 +331,7 @@ def main(argv=None) -> int:
         with open(f, "rb") as fh:
             while fh.read(1 << 26):
                 pass
-    # This VM's bandwidth drifts over minutes: measure it (in a separate process, so no worker's peak RSS sees the
-    # buffer) right before and right after minivar's run, and hold decode to the higher of the two.
-    bandwidths = [run_worker("bandwidth", args)["bandwidth"]]
     mv = run_worker("minivar", args)
-    bandwidths.append(run_worker("bandwidth", args)["bandwidth"])
     hf = None
     if not args.no_transformers:
         try:
@@ -307,16 +341,19 @@ def main(argv=None) -> int:
             print("bench: transformers is not installed; skipping the comparison", file=sys.stderr)
     if mv is None:
         return 1
-    bw = max(bandwidths)
-    roofline = bw / decode_bytes_per_token(cfg, DTYPES[args.dtype])
+    runs = mv["runs"]
+    median = sorted(runs, key=lambda r: r["roofline_pct"])[len(runs) // 2]     # the run with the median share
+    roofline = median["bandwidth_gb_s"] * 1e9 / mv["decode_bytes_per_token"]
 
     report = {
         "date": date.today().isoformat(), "machine": f"{platform.machine()} {os.cpu_count()} cores",
         "cpu": _cpu_name(), "torch": torch.__version__, "device": args.device, "dtype": args.dtype,
         "checkpoint": str(args.checkpoint), "checkpoint_gb": ckpt_bytes / 1e9, "new_tokens": args.new_tokens,
-        "bandwidth_gb_s": bw / 1e9, "bandwidths_gb_s": [b / 1e9 for b in bandwidths], "roofline_tok_s": roofline, "minivar": mv, "transformers": hf,
+        "decode_gb_per_token": mv["decode_bytes_per_token"] / 1e9, "bandwidth_gb_s": median["bandwidth_gb_s"],
+        "roofline_tok_s": roofline, "decode_roofline_pct": median["roofline_pct"],
+        "decode_gemv_pct": 100 * median["decode_tok_s"] * mv["decode_bytes_per_token"] / (median["gemv_gb_s"] * 1e9),
+        "minivar": mv, "transformers": hf,
     }
-    report["decode_roofline_pct"] = 100 * mv["decode_tok_s"] / roofline
     report["var_decode_cost_pct"] = 100 * (1 - mv["var_decode_tok_s"] / mv["decode_tok_s"])
     report["var_prefill_cost_pct"] = 100 * (mv["var_prefill_s"] / mv["prefill_s"] - 1)
     report["rss_budget_gb"] = (1.1 * ckpt_bytes + 0.3e9) / 2**30
@@ -347,9 +384,8 @@ def print_table(r: dict) -> None:
     if "peak_gpu_gb" in mv:
         rows.insert(2, ("peak GPU memory (GB)", "peak_gpu_gb", "{:.2f}"))
     print(f"\nminivar benchmark — {r['date']}, {r['cpu']} ({r['machine']}), torch {r['torch']}, {r['device']}, {r['dtype']}")
-    print(f"checkpoint {r['checkpoint']} ({r['checkpoint_gb']:.2f} GB); memory bandwidth {r['bandwidth_gb_s']:.1f} GB/s "
-          f"(before / after minivar's run: {' / '.join(f'{b:.1f}' for b in r['bandwidths_gb_s'])}) "
-          f"→ decode roofline {r['roofline_tok_s']:.2f} tok/s\n")
+    print(f"checkpoint {r['checkpoint']} ({r['checkpoint_gb']:.2f} GB); a decode step reads "
+          f"{r['decode_gb_per_token']:.2f} GB of weights\n")
     head = f"{'':24}{'minivar':>12}" + (f"{'transformers':>14}{'ratio':>8}" if hf else "")
     print(head)
     for label, key, fmt in rows:
@@ -357,7 +393,12 @@ def print_table(r: dict) -> None:
         if hf and key in hf:
             line += f"{fmt.format(hf[key]):>14}{mv[key] / hf[key]:>8.2f}"
         print(line)
-    print(f"\ndecode: {r['decode_roofline_pct']:.0f}% of the bandwidth roofline")
+    print("\ndecode runs (VAR off), each between two reads of the decode weights:")
+    for run in mv["runs"]:
+        print(f"  {run['decode_tok_s']:6.2f} tok/s   bandwidth {run['bandwidth_gb_s']:5.1f} GB/s → "
+              f"{run['roofline_pct']:3.0f}% of the roofline   (bare GEMVs of the same weights: {run['gemv_gb_s']:.1f} GB/s)")
+    print(f"decode: {r['decode_roofline_pct']:.0f}% of the bandwidth roofline (median run: {r['bandwidth_gb_s']:.1f} GB/s "
+          f"→ {r['roofline_tok_s']:.2f} tok/s); {r['decode_gemv_pct']:.0f}% of what the bare GEMVs reach")
     if hf:
         print(f"decode speed-up vs transformers: {r['decode_speedup_vs_transformers']:.2f}x; "
               f"prefill time ratio: {r['prefill_ratio_vs_transformers']:.2f}; "

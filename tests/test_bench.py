@@ -21,6 +21,20 @@ def test_benchmark_runs_end_to_end(tmp_path):
     assert mv["var_pairs_prefill"] > 0            # the VAR run really redistributed attention
     assert set(mv["batch"]) == {"1", "2"}
     assert report["roofline_tok_s"] > 0 and report["bandwidth_gb_s"] > 0
+    assert len(mv["runs"]) == 1 and mv["runs"][0]["bandwidth_gb_s"] > 0 and mv["runs"][0]["gemv_gb_s"] > 0
     assert "decode (tok/s)" in proc.stdout         # the readable table
     if report["transformers"] is not None:         # the comparison ran on the same ids and pixels (fp32: exact)
         assert report["same_tokens_as_transformers"] is True
+
+
+def test_bandwidth_reads_exactly_the_weights_a_decode_step_reads():
+    sys.path.insert(0, str(REPO / "bench"))
+    import torch
+    import bench
+    from minivar.llava import Llava
+    cfg = bench.SHAPES["tiny"]
+    model = Llava(cfg).to(torch.bfloat16)
+    weights = bench.decode_weights(model)
+    assert sum(t.numel() * t.element_size() for t in weights) == bench.decode_bytes_per_token(cfg, torch.bfloat16)
+    assert not any(t is model.language_model.model.embed_tokens.weight for t in weights)   # one row per step
+    assert bench.read_bandwidth(weights, "cpu") > 0 and bench.gemv_rate(model, "cpu") > 0
