@@ -403,8 +403,8 @@ def print_table(r: dict) -> None:
         print(f"decode speed-up vs transformers: {r['decode_speedup_vs_transformers']:.2f}x; "
               f"prefill time ratio: {r['prefill_ratio_vs_transformers']:.2f}; "
               f"same greedy tokens: {r['same_tokens_as_transformers']}")
-    print(f"VAR on: prefill {mv['var_prefill_s']:.3f} s (+{r['var_prefill_cost_pct']:.1f}%), decode "
-          f"{mv['var_decode_tok_s']:.2f} tok/s (-{r['var_decode_cost_pct']:.1f}%); "
+    print(f"VAR on: prefill {mv['var_prefill_s']:.3f} s (time {r['var_prefill_cost_pct']:+.1f}%), decode "
+          f"{mv['var_decode_tok_s']:.2f} tok/s (speed {-r['var_decode_cost_pct']:+.1f}%); "
           f"sinks per layer {mv['var_sinks_per_layer']}, (head,row) pairs redistributed: prefill {mv['var_pairs_prefill']}, "
           f"decode {mv['var_pairs_decode_per_token']:.0f}/token")
     print(f"peak RSS {mv['peak_rss_gb']:.2f} GiB (budget 1.1 x checkpoint + 0.3 GB = {r['rss_budget_gb']:.2f} GiB); "
