@@ -113,12 +113,21 @@ def run(args) -> int:
     llava = minivar.load(args.model, device=args.device, dtype=args.dtype)
     # What depends on the model (its context length, hidden size) is checked too before any status line is printed:
     # bad input of any kind gives exactly one line on stderr, the error.
-    llava.prompt_ids(args.prompt, args.conv_mode)
+    ids = llava.prompt_ids(args.prompt, args.conv_mode)
     if var is not None:
         var.validate(llava.config.text.hidden_size, llava.config.text.num_hidden_layers)
     probe = inspection.probe(llava, var) if inspection is not None else None
+    # The sink dims (the finder may run now; they are kept for the generation) and the probe's checks against this
+    # prompt come before the status line too; the finder's report is printed after it.
+    notes = []
+    if var is not None or (probe is not None and probe.needs_sink_dims):
+        from minivar.var import VARConfig
+        llava.sink_dims(var if var is not None else VARConfig(), ids, warn=notes.append)
+    llava.bind_probe(probe, ids, var)
     print(f"minivar: loaded {args.model} in {llava.load_s:.2f}s on {llava.device} "
           f"({str(llava.dtype).replace('torch.', '')})", file=sys.stderr)
+    for note in notes:
+        print(note, file=sys.stderr)
 
     stream = None if args.json else (lambda piece: print(piece, end="", flush=True))
     out = llava.generate(image, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,

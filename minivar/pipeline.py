@@ -189,15 +189,16 @@ class Pipeline:
         probe.bind(input_ids == self.config.image_token_index, n_layers=t.num_hidden_layers,
                    n_heads=t.num_attention_heads, sink_dims=dims, tau=cfg.tau)
 
-    def sink_dims(self, var: var_mod.VARConfig, input_ids: torch.Tensor) -> tuple[int, ...]:
-        """The sink dims VAR uses: the user's, the known ones of LLaVA-1.5-7B/13B, or the finder's (run once, then kept)."""
+    def sink_dims(self, var: var_mod.VARConfig, input_ids: torch.Tensor, warn=None) -> tuple[int, ...]:
+        """The sink dims VAR uses: the user's, the known ones of LLaVA-1.5-7B/13B, or the finder's (run once, then kept).
+        warn(message) receives what the finder reports (default: printed on stderr)."""
         requested = var.sink_dims
         if requested not in (None, "auto"):
             self._dims_source = "user"
             return tuple(requested)
         key = "auto" if requested == "auto" else "default"
         if key not in self._dims:
-            self._dims[key] = var_mod.resolve_sink_dims(self.config, var, requested, self.model, input_ids)
+            self._dims[key] = var_mod.resolve_sink_dims(self.config, var, requested, self.model, input_ids, warn)
         dims, self._dims_source = self._dims[key]
         return dims
 

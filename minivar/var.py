@@ -58,16 +58,16 @@ class VARConfig:
 
     def validate(self, hidden_size: int, n_layers: int) -> "VARConfig":
         if not 0.0 <= self.p <= 1.0:
-            raise MinivarError(f"--p must be in [0, 1], got {self.p}")
+            raise MinivarError(f"VAR p (--p) must be in [0, 1], got {self.p}")
         if not 0.0 <= self.rho <= 1.0:
-            raise MinivarError(f"--rho must be in [0, 1], got {self.rho}")
+            raise MinivarError(f"VAR rho (--rho) must be in [0, 1], got {self.rho}")
         if not self.tau > 0:
-            raise MinivarError(f"--tau must be > 0, got {self.tau}")
+            raise MinivarError(f"VAR tau (--tau) must be > 0, got {self.tau}")
         if not 0.0 <= self.min_image_attention <= 1.0:
-            raise MinivarError(f"--min-image-attention must be in [0, 1], got {self.min_image_attention}")
+            raise MinivarError(f"VAR min_image_attention (--min-image-attention) must be in [0, 1], got {self.min_image_attention}")
         for d in (self.sink_dims if isinstance(self.sink_dims, tuple) else ()):
             if not 0 <= d < hidden_size:
-                raise MinivarError(f"--sink-dims: dim {d} is outside the hidden size {hidden_size}")
+                raise MinivarError(f"VAR sink_dims (--sink-dims): dim {d} is outside the hidden size {hidden_size}")
         for layer in self.layers or ():
             if not 0 <= layer < n_layers - 1:
                 raise MinivarError(f"VAR layer {layer} is outside 0..{n_layers - 2} (the last layer is never modified)")
@@ -282,5 +282,5 @@ def resolve_sink_dims(model_cfg, var_cfg: VARConfig, requested=None, model=None,
     else:
         warn(f"minivar: sink-dim finder found dims {list(dims)}")
     if not dims:
-        warn("minivar: no sink dims found: VAR will find no sinks and change nothing")
+        warn("minivar: no sink dims found, so no token counts as a visual sink (VAR changes nothing)")
     return dims, "finder"

@@ -265,6 +265,9 @@ def args(image=IMAGE, prompt=PROMPT, model="demo", *extra):
     ("top-p above 1", lambda b: args() + ["--top-p", "1.5"], ["--top-p", "1.5"]),
     ("negative temperature", lambda b: args() + ["--temperature", "-1"], ["--temperature", "-1"]),
     ("non-integer max-new-tokens", lambda b: args() + ["--max-new-tokens", "many"], ["--max-new-tokens", "many"]),
+    # checked against the prompt's image tokens: still before any status line
+    ("more random tokens than image tokens", lambda b: args() + ["--mask-random-image-tokens", "100000"],
+     ["--mask-random-image-tokens", "100000", "576"]),
 ])
 def test_bad_input_gives_one_error_line(demo_env, bad_files, capfd, name, argv, culprit):
     assert_one_line_error(*call(argv(bad_files)), *culprit)
@@ -280,10 +283,11 @@ def test_bad_input_gives_one_error_line(demo_env, bad_files, capfd, name, argv, 
     ("no tokenizer.json", lambda src, dst: copy_dir(src, dst, skip=("tokenizer.json",)), ["tokenizer.json"]),
     ("short context", lambda src, dst: with_config(src, dst, max_position_embeddings=100), ["100", "prompt"]),
     ("sink dim outside hidden", None, ["--sink-dims", "64"]),
+    ("no sink dims to mask", None, ["masking visual sinks", "sink dims"]),
 ])
 def test_bad_checkpoint_gives_one_error_line(tiny_checkpoint, tmp_path, capfd, name, make, culprit):
     model = make(tiny_checkpoint, tmp_path / "model") if make else tiny_checkpoint
-    extra = ["--var", "--sink-dims", "64"] if make is None else []
+    extra = {"sink dim outside hidden": ["--var", "--sink-dims", "64"], "no sink dims to mask": ["--mask-visual-sinks"]}.get(name, [])
     line = assert_one_line_error(*call(args(IMAGE, PROMPT, model, *extra)), *culprit)
     if make is not None and name != "short context":
         assert str(tmp_path / "model") in line                       # which checkpoint is broken
