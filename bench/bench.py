@@ -326,7 +326,6 @@ def main(argv=None) -> int:
     args.checkpoint = make_checkpoint(args.make, args.dtype,
                                       args.checkpoint or REPO / "weights" / f"bench-{args.make}-{args.dtype}")
     ckpt_bytes = sum(f.stat().st_size for f in Path(args.checkpoint).glob("*.safetensors"))
-    cfg = _minivar_config(args.checkpoint)
     for f in Path(args.checkpoint).glob("*.safetensors"):        # warm the page cache: load time is from warm disk
         with open(f, "rb") as fh:
             while fh.read(1 << 26):

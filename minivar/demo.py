@@ -62,7 +62,7 @@ def plant_sinks(state: dict[str, torch.Tensor], cfg: LlavaConfig, *, text_dim: i
     """Give a random model text and visual sinks, in place (see the module docstring). `focus` spans the per-head
     strength of attention to sinks, so some heads are sink-heavy and others are not."""
     g = torch.Generator().manual_seed(seed)
-    t, v = cfg.text, cfg.vision
+    t = cfg.text
     emb = state["language_model.model.embed_tokens.weight"]
     emb[:, common_dim] += common                                     # every text token carries the common dim
     # ... which must not decide the next token by itself (it would, being the largest dim of every hidden state)

@@ -19,7 +19,6 @@ passed down to the attention — never stored on the model — so two images in 
 """
 from __future__ import annotations
 
-import dataclasses
 import re
 import sys
 from dataclasses import dataclass

@@ -40,7 +40,7 @@ def test_cached_decoding_equals_recomputation():
     ids, px = prompt()
     cached = generate(model, ids, px, max_new_tokens=12, eos_token_id=None).output_ids[0]
     seq = ids
-    recomputed, last_logits = [], None
+    recomputed = []
     with torch.inference_mode():
         for _ in range(12):
             logits = model(seq, px)                      # no cache: the whole sequence every step
@@ -143,7 +143,7 @@ def test_top_p_keeps_only_the_nucleus():
 
 @pytest.mark.parametrize("dtype,shard", [(torch.float32, None), (torch.float16, "200KB")])
 def test_live_parity_with_transformers(tmp_path, dtype, shard):
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig as HFLlavaConfig, LlavaForConditionalGeneration
     hf_cfg = HFLlavaConfig(
         vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,

@@ -237,7 +237,6 @@ def test_select_heads_and_redistribute_match_loop_reference(shape, seed, rho, p,
 def test_random_cases_exercise_both_branches():
     """The parametrised cases above are only meaningful if some rows are selected and some are not."""
     B, H, Q, K = 2, 3, 5, 12
-    g = torch.Generator().manual_seed(101)
     image = torch.zeros(B, K, dtype=torch.bool); image[:, 2:8] = True
     visual = torch.zeros(B, K, dtype=torch.bool); visual[:, 3] = True
     sink = visual.clone(); sink[:, 0] = True
