@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 
 
@@ -89,6 +90,11 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("minivar: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # Whoever read stdout has gone (`run.py ... | head`): stop quietly, like other command-line tools. Point
+        # stdout at /dev/null so Python's own flush at exit does not fail a second time.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 def run(args) -> int:

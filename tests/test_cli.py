@@ -144,6 +144,20 @@ def procs(demo_weights, tiny_checkpoint, tmp_path_factory):
     return results
 
 
+def test_a_closed_stdout_stops_quietly(demo_weights):
+    """`run.py ... | head`: when the reader of stdout goes away, no traceback; exit 141, as other tools do."""
+    r, w = os.pipe()
+    os.close(r)                                                   # nobody will ever read what run.py writes
+    env = dict(os.environ, MINIVAR_WEIGHTS=str(demo_weights), PYTHONIOENCODING="utf-8")
+    try:
+        p = subprocess.run([sys.executable, str(REPO / "run.py"), *map(str, BASE)], cwd=REPO, env=env, stdout=w,
+                           stderr=subprocess.PIPE, text=True, timeout=300)
+    finally:
+        os.close(w)
+    assert p.returncode == 141, p.stderr
+    assert "Traceback" not in p.stderr and "Error" not in p.stderr, p.stderr
+
+
 def test_text_mode_prints_the_answer(procs):
     rc, out, err = procs["text"]
     assert rc == 0, err
