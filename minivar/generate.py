@@ -5,13 +5,12 @@ generator when asked. Each sample of a batch stops at its own EOS; the loop ends
 """
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass, field
 
 import torch
 
-from .llama import KVCache
+from .llama import KVCache, without_onednn
 
 
 @dataclass
@@ -41,21 +40,12 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
     return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
 
 
-@contextlib.contextmanager
 def decode_kernels(device: torch.device, batch: int = 1):
     """Decode steps of a single prompt multiply each weight matrix by one vector (GEMV) and are bound by memory
-    bandwidth. On CPUs, ATen's own bf16/fp16 GEMV streams the weights 1.5-2x faster than oneDNN's (bench/bench.py
-    shows it), while oneDNN is far faster for matrix products — the prefill, and decode steps of a batch; so oneDNN is
-    switched off for single-prompt decode steps only."""
-    if device.type != "cpu" or batch > 1:
-        yield
-        return
-    before = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = False
-    try:
-        yield
-    finally:
-        torch.backends.mkldnn.enabled = before
+    bandwidth. On CPUs, ATen's own bf16/fp16 GEMV streams the weights 1.5-2x faster than oneDNN's, while oneDNN is
+    far faster for matrix products — the prefill, and decode steps of a batch; so oneDNN is switched off for
+    single-prompt decode steps only (the attention of every decode step sees to its own products)."""
+    return without_onednn(device.type == "cpu" and batch == 1)
 
 
 def _sync(device: torch.device):
