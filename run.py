@@ -123,8 +123,9 @@ def run(args) -> int:
     if var is not None:
         var.validate(llava.config.text.hidden_size, llava.config.text.num_hidden_layers)
     probe = inspection.probe(llava, var) if inspection is not None else None
-    # The sink dims (the finder may run now; they are kept for the generation) and the probe's checks against this
-    # prompt come before the status line too; the finder's report is printed after it.
+    # The sink dims (the finder may run now; the pipeline keeps them for the generation) and the probe's checks
+    # against this prompt come before the status line too; the finder's report is printed after it. (The generation
+    # binds the probe again, to the same prompt: the same state.)
     notes = []
     if var is not None or (probe is not None and probe.needs_sink_dims):
         from minivar.var import VARConfig

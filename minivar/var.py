@@ -281,5 +281,5 @@ def resolve_sink_dims(model_cfg, var_cfg: VARConfig, requested=None, model=None,
     else:
         warn(f"minivar: sink-dim finder found dims {list(dims)}")
     if not dims:
-        warn("minivar: no sink dims found, so no token counts as a visual sink (VAR changes nothing)")
+        warn("minivar: no sink dims found, so no token counts as a visual sink")
     return dims, "finder"

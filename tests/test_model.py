@@ -66,6 +66,24 @@ def test_cached_logits_equal_uncached_logits():
     assert (stepwise - full).abs().max().item() <= 1e-5
 
 
+def test_grouped_query_attention_with_the_cache_equals_recomputation():
+    """Fewer key/value heads than query heads: the cached keys and (transposed) values are shared by head groups."""
+    import dataclasses
+    from minivar.llama import KVCache
+    cfg = dataclasses.replace(CFG, text=dataclasses.replace(CFG.text, num_key_value_heads=2))
+    model = tiny_model(cfg)
+    ids, px = prompt(cfg)
+    ids, px = ids.repeat(2, 1), px.repeat(2, 1, 1, 1)
+    with torch.inference_mode():
+        full = model(ids, px)
+        cache = KVCache(cfg.text, 2, ids.shape[1], torch.float32, "cpu")
+        split = ids.shape[1] - 4
+        parts = [model(ids[:, :split], px, cache=cache)]
+        parts += [model(ids[:, i:i + 1], cache=cache) for i in range(split, ids.shape[1])]   # decode-like steps
+    assert model.language_model.model.layers[0].self_attn.k_proj.weight.shape[0] == 2 * cfg.text.head_dim
+    assert (torch.cat(parts, dim=1) - full).abs().max().item() <= 1e-5
+
+
 def test_vision_tower_never_runs_its_last_layer(tmp_path):
     model = tiny_model()
     # LLaVA reads hidden_states[-2]: of 3 CLIP layers only 2 exist in the model at all
