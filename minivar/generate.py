@@ -67,7 +67,7 @@ def generate(model, input_ids: torch.Tensor, pixel_values: torch.Tensor | None =
     device = input_ids.device
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     outputs: list[list[int]] = [[] for _ in range(B)]
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    finished = [False] * B                 # per sample: stopped at EOS
     result = Generation(outputs)
     if max_new_tokens <= 0:
         result.finished = [False] * B
@@ -94,28 +94,26 @@ def generate(model, input_ids: torch.Tensor, pixel_values: torch.Tensor | None =
     with decode_kernels(device, B):
         while True:
             next_ids = sample_next(logits[:, -1], temperature, top_p, generator)        # [B]
-            if eos_token_id is not None:
-                just_finished = next_ids == eos_token_id
-            else:
-                just_finished = torch.zeros_like(finished)
-            ids_list, done_list, was_done = next_ids.tolist(), just_finished.tolist(), finished.tolist()
-            for b in range(B):
-                if not was_done[b] and not done_list[b]:
-                    outputs[b].append(ids_list[b])
-            finished = finished | just_finished
+            # None for a sample that had finished or finishes now (EOS is never part of the output)
+            emitted = [None if finished[b] or t == eos_token_id else t for b, t in enumerate(next_ids.tolist())]
+            for b, t in enumerate(emitted):
+                if t is None:
+                    finished[b] = True
+                else:
+                    outputs[b].append(t)
             if on_token is not None:
-                on_token([None if was_done[b] or done_list[b] else ids_list[b] for b in range(B)])
+                on_token(emitted)
             step += 1
             if t_decode is None:
                 _sync(device)
                 result.prefill_s = time.perf_counter() - t0
                 t_decode = time.perf_counter()
-            if bool(finished.all()) or step >= max_new_tokens:
+            if all(finished) or step >= max_new_tokens:
                 break
             logits = model(next_ids[:, None], cache=cache, attention_mask=step_mask(T + step), var=var, probe=probe,
                            last_only=True)
     _sync(device)
     result.decode_s = time.perf_counter() - t_decode
     result.decode_tokens = step - 1
-    result.finished = finished.tolist()
+    result.finished = finished
     return result

@@ -47,7 +47,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 @contextlib.contextmanager
 def without_onednn(active: bool = True):
-    """Switch oneDNN off for the CPU products inside (when active). For a matrix times a single vector (a decode
+    """Switch oneDNN (a CPU backend; GPUs ignore the switch) off for the products inside, when active. For a matrix
+    times a single vector (a decode
     step: each weight matrix times one row; each head's keys and values times one query row) ATen's own kernels
     are 1.5-4x faster than oneDNN's here, which shines on matrix-matrix products (prefill, batched projections)."""
     before = torch.backends.mkldnn.enabled
@@ -167,7 +168,7 @@ class LlamaAttention(nn.Module):
             head = F.scaled_dot_product_attention(q[:, :, :first], k, v, attn_mask=mask[:, :, :first])
         q, mask = q[:, :, first:], (mask[:, :, first:] if mask is not None else None)
         one_row = q.shape[2] == 1                # a decode step: matrix-vector products, at any batch size
-        with without_onednn(one_row and q.device.type == "cpu"):
+        with without_onednn(one_row):
             scores = (q @ k.transpose(-2, -1)) * self.head_dim ** -0.5                 # [B, H, T', S]
         scores = scores.float()
         if mask is not None:
@@ -178,7 +179,7 @@ class LlamaAttention(nn.Module):
             probs = var.redistribute(self.layer_idx, probs, first)                     # VAR (see var.py)
         if probe is not None:
             probe.record_attention(self.layer_idx, before, probs)
-        with without_onednn(one_row and q.device.type == "cpu"):
+        with without_onednn(one_row):
             out = probs.to(v.dtype) @ v                                                # [B, H, T', hd]
         return out if head is None else torch.cat([head, out], dim=2)
 
