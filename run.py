@@ -9,7 +9,6 @@ Errors in what you pass (files, flags, checkpoints) print one line on stderr and
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -75,8 +74,7 @@ def var_config(args):
     cfg = VARConfig.preset(args.var_preset or "general", tau=args.tau, rho=args.rho, p=args.p,   # --rho beats the preset
                            min_image_attention=args.min_image_attention, sink_dims=sink_dims)
     # The ranges that need no model are checked now, before the slow load (sink dims need the hidden size: later).
-    dataclasses.replace(cfg, sink_dims=None).validate(hidden_size=0, n_layers=0)
-    return cfg
+    return cfg.validate()
 
 
 def main(argv=None) -> int:
@@ -101,16 +99,12 @@ def run(args) -> int:
     import minivar
     from minivar import processing
     from minivar.errors import MinivarError
+    from minivar.pipeline import check_generation_args
 
     # Check everything the user passed before the (slow) model load.
-    if args.max_new_tokens < 0:
-        raise MinivarError(f"--max-new-tokens must be ≥ 0, got {args.max_new_tokens}")
+    check_generation_args(args.max_new_tokens, args.temperature, args.top_p)
     if not args.prompt.strip():
         raise MinivarError("--prompt is empty")
-    if not 0.0 < args.top_p <= 1.0:
-        raise MinivarError(f"--top-p must be in (0, 1], got {args.top_p}")
-    if not args.temperature >= 0:   # also catches nan
-        raise MinivarError(f"--temperature must be ≥ 0, got {args.temperature}")
     var = var_config(args)
     image = processing.load_image(args.image)
     from minivar.probe import RunInspection
@@ -119,18 +113,15 @@ def run(args) -> int:
     llava = minivar.load(args.model, device=args.device, dtype=args.dtype)
     # What depends on the model (its context length, hidden size) is checked too before any status line is printed:
     # bad input of any kind gives exactly one line on stderr, the error.
+    # So are VAR's sink dims (the finder may run now; the pipeline keeps them for the generation) and the probe's
+    # checks against this prompt; the finder's report is printed after the status line. (The generation makes its
+    # own VAR state and binds the probe again, to the same prompt: the same state.)
     ids = llava.prompt_ids(args.prompt, args.conv_mode)
-    if var is not None:
-        var.validate(llava.config.text.hidden_size, llava.config.text.num_hidden_layers)
-    probe = inspection.probe(llava, var) if inspection is not None else None
-    # The sink dims (the finder may run now; the pipeline keeps them for the generation) and the probe's checks
-    # against this prompt come before the status line too; the finder's report is printed after it. (The generation
-    # binds the probe again, to the same prompt: the same state.)
     notes = []
-    if var is not None or (probe is not None and probe.needs_sink_dims):
-        from minivar.var import VARConfig
-        llava.sink_dims(var if var is not None else VARConfig(), ids, warn=notes.append)
-    llava.bind_probe(probe, ids, var)
+    if var is not None:
+        llava.var_state(var, ids, warn=notes.append)
+    probe = inspection.probe(llava, var) if inspection is not None else None
+    llava.bind_probe(probe, ids, var, warn=notes.append)
     print(f"minivar: loaded {args.model} in {llava.load_s:.2f}s on {llava.device} "
           f"({str(llava.dtype).replace('torch.', '')})", file=sys.stderr)
     for note in notes:

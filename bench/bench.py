@@ -31,6 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from minivar.config import LlavaConfig, TextConfig, VisionConfig  # noqa: E402
+from minivar.pipeline import DTYPES  # noqa: E402
 
 CLIP_L_336 = VisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                           image_size=336, patch_size=14)
@@ -47,7 +48,6 @@ SHAPES = {
                                         num_attention_heads=4, max_position_embeddings=4096, rms_norm_eps=1e-5),
                         pad_token_id=32001),
 }
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -174,7 +174,4 @@ def _fill(cls, d: dict, renames: dict):
         name = renames.get(key, key)
         if name in known and value is not None:
             kwargs[name] = value
-    try:
-        return cls(**kwargs)
-    except TypeError as e:  # pragma: no cover - dataclass with all defaults; kept for a clear message
-        raise MinivarError(f"config.json: {e}") from None
+    return cls(**kwargs)          # every field has a default: the keys not given keep it

@@ -55,6 +55,16 @@ class Result:
     extra: dict = field(default_factory=dict)
 
 
+def check_generation_args(max_new_tokens: int, temperature: float, top_p: float) -> None:
+    """The generation settings' ranges (run.py checks them before loading the model too)."""
+    if max_new_tokens < 0:
+        raise MinivarError(f"--max-new-tokens must be ≥ 0, got {max_new_tokens}")
+    if not 0.0 < top_p <= 1.0:
+        raise MinivarError(f"--top-p must be in (0, 1], got {top_p}")
+    if not temperature >= 0:   # also catches nan
+        raise MinivarError(f"--temperature must be ≥ 0, got {temperature}")
+
+
 class Pipeline:
     """A loaded LLaVA model with its tokenizer and preprocessing."""
 
@@ -69,7 +79,7 @@ class Pipeline:
     # -- inputs --------------------------------------------------------------------------------------------------
     def pixels(self, image, image_aspect_ratio: str = "pad") -> torch.Tensor:
         """Image path or PIL image → pixel_values [1, 3, S, S] on the model's device, in the model's dtype."""
-        img = processing.load_image(image) if isinstance(image, (str, Path)) else processing.to_rgb(image)
+        img = processing.load_image(image) if isinstance(image, (str, Path)) else image   # preprocess makes it RGB
         px = processing.preprocess(img, self.config.vision.image_size, image_aspect_ratio)
         return px[None].to(self.device, self.dtype)
 
@@ -114,12 +124,7 @@ class Pipeline:
         own VAR state (sinks, image span, counters). Greedy results equal running them one by one."""
         if len(images) != len(prompts) or not prompts:
             raise MinivarError(f"generate_batch needs as many images as prompts (got {len(images)} and {len(prompts)})")
-        if max_new_tokens < 0:
-            raise MinivarError(f"--max-new-tokens must be ≥ 0, got {max_new_tokens}")
-        if not 0.0 < top_p <= 1.0:
-            raise MinivarError(f"--top-p must be in (0, 1], got {top_p}")
-        if not temperature >= 0:
-            raise MinivarError(f"--temperature must be ≥ 0, got {temperature}")
+        check_generation_args(max_new_tokens, temperature, top_p)
         if probe is not None and len(prompts) > 1:
             raise MinivarError("a probe captures one sample: run it with a single prompt")
         rows = [self.prompt_ids(p, conv_mode)[0] for p in prompts]
@@ -178,13 +183,13 @@ class Pipeline:
                                      **generate_kwargs)
         return probe
 
-    def bind_probe(self, probe, input_ids: torch.Tensor, var: var_mod.VARConfig | None = None) -> None:
+    def bind_probe(self, probe, input_ids: torch.Tensor, var: var_mod.VARConfig | None = None, warn=None) -> None:
         """Tell a probe with a bind() method where the image tokens are, and the sink dims / τ VAR uses (resolved
         as for VAR, with VAR's defaults when var is None)."""
         if probe is None or not hasattr(probe, "bind"):
             return
         cfg = var if var is not None else var_mod.VARConfig()
-        dims = self.sink_dims(cfg, input_ids) if probe.needs_sink_dims else None
+        dims = self.sink_dims(cfg, input_ids, warn) if probe.needs_sink_dims else None
         t = self.config.text
         probe.bind(input_ids == self.config.image_token_index, n_layers=t.num_hidden_layers,
                    n_heads=t.num_attention_heads, sink_dims=dims, tau=cfg.tau)
@@ -203,11 +208,12 @@ class Pipeline:
         return dims
 
     def var_state(self, var: var_mod.VARConfig, input_ids: torch.Tensor,
-                  attention_mask: torch.Tensor | None = None) -> var_mod.VARState:
-        """Fresh per-call VAR state for these (left-padded) prompt ids, never reused across calls."""
+                  attention_mask: torch.Tensor | None = None, warn=None) -> var_mod.VARState:
+        """Fresh per-call VAR state for these (left-padded) prompt ids, never reused across calls. warn: as for
+        sink_dims."""
         var.validate(self.config.text.hidden_size, self.config.text.num_hidden_layers)
         first = input_ids[:1] if attention_mask is None else input_ids[:1, attention_mask[0]]   # sample 0, unpadded
-        dims = self.sink_dims(var, first)
+        dims = self.sink_dims(var, first, warn)
         return var_mod.VARState(var, dims, self.config.text.num_hidden_layers,
                                 input_ids == self.config.image_token_index, attention_mask)
 

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from .errors import MinivarError
 from .llama import Probe
-from .var import VARConfig, sink_scores
+from .var import VARConfig, image_centric, sink_scores
 
 ROWS = ("all", "after_image", "answer")
 KINDS = ("before", "after")
@@ -219,9 +219,13 @@ class Capture(Probe):
             vis = self._vis_dev.get(layer)
             vis = F.pad(vis, (0, S - vis.shape[1])) if vis is not None else torch.zeros_like(image)
             cols = torch.stack([image, image & ~vis], -1).float()[:, None]     # [B, 1, S, 2]: I and I∖V
+            d = self._stats.setdefault(layer, {})
             for kind, t in (("before", before), ("after", after)):
+                if kind == "after" and after is before:              # VAR did not act here: the same numbers
+                    d.setdefault("image_after", []).append(d["image_before"][-1])
+                    d.setdefault("nonsink_after", []).append(d["nonsink_before"][-1])
+                    continue
                 sums = rows_of(t) @ cols                                          # [B, H, R, 2]
-                d = self._stats.setdefault(layer, {})
                 d.setdefault(f"image_{kind}", []).append(sums[..., 0].to(self.store, copy=True))
                 d.setdefault(f"nonsink_{kind}", []).append(sums[..., 1].to(self.store, copy=True))
 
@@ -378,7 +382,7 @@ def picture_numbers(capture: Capture, *, n_layers: int, n_heads: int, layer_rang
     if n_img == 0 or grid * grid != n_img:
         raise MinivarError(f"the image has {n_img} tokens, not a square patch grid: cannot draw it")
     rule = var if var is not None else VARConfig()
-    var_layers = set(rule.layers if rule.layers is not None else range(n_layers - 1))
+    var_layers = rule.layer_set(n_layers)
     vis = capture.visual_sinks
     probs = capture.attention_probs
     kinds = ["before", "after"] if var is not None else ["before"]
@@ -393,7 +397,7 @@ def picture_numbers(capture: Capture, *, n_layers: int, n_heads: int, layer_rang
         a, ns = st["image_before"][b], st["nonsink_before"][b]                  # [H, R]
         r = ns / a.clamp_min(1e-30)
         has_vis = layer in vis and bool(vis[layer][b].any())
-        sel = (a >= rule.min_image_attention) & (r >= rule.rho) & (ns > 0) & (layer in var_layers and has_vis)
+        sel = image_centric(a, ns, rule.min_image_attention, rule.rho) & (layer in var_layers and has_vis)
         image_attn.append([_r(x) for x in a.mean(-1).tolist()])
         ratio.append([_r(x) for x in r.mean(-1).tolist()])
         selected.append([_r(x) for x in sel.float().mean(-1).tolist()])
@@ -431,7 +435,9 @@ class RunInspection:
         self.directory = viz.check_directory(save_attention) if save_attention is not None else None
         if attention_layers is not None and self.directory is None:
             raise MinivarError("--attention-layers only applies with --save-attention")
-        self.attention_layers = parse_layer_range(attention_layers) if attention_layers is not None else None
+        if attention_layers is not None:
+            parse_layer_range(attention_layers)                  # its form, now; against the model's depth: probe()
+        self.attention_layers = attention_layers
         if mask_visual_sinks and mask_random is not None:
             raise MinivarError("--mask-visual-sinks and --mask-random-image-tokens cannot be used together")
         if mask_random is not None and mask_random < 1:
@@ -462,8 +468,7 @@ class RunInspection:
                                    mask_random=self.mask_random, mask_seed=self.seed)
             return self.capture
         if self.attention_layers is not None:
-            self.layer_range = parse_layer_range(f"{self.attention_layers[0]}-{self.attention_layers[1]}",
-                                                 t.num_hidden_layers)
+            self.layer_range = parse_layer_range(self.attention_layers, t.num_hidden_layers)
         else:
             self.layer_range = default_layer_range(t.num_hidden_layers)
         self.capture = Capture(range(self.layer_range[0], self.layer_range[1] + 1),

@@ -55,7 +55,12 @@ class VARConfig:
         given = {k: v for k, v in overrides.items() if v is not None}
         return VARConfig(**({"rho": PRESETS[name]} | given))          # an explicit rho beats the preset
 
-    def validate(self, hidden_size: int, n_layers: int) -> "VARConfig":
+    def layer_set(self, n_layers: int) -> frozenset[int]:
+        """The layers VAR may modify: the configured ones, else every layer but the last (the paper's rule)."""
+        return frozenset(self.layers if self.layers is not None else range(n_layers - 1))
+
+    def validate(self, hidden_size: int | None = None, n_layers: int | None = None) -> "VARConfig":
+        """Range checks; sink dims and layers are checked against the model when its sizes are given."""
         if not 0.0 <= self.p <= 1.0:
             raise MinivarError(f"VAR p (--p) must be in [0, 1], got {self.p}")
         if not 0.0 <= self.rho <= 1.0:
@@ -64,10 +69,10 @@ class VARConfig:
             raise MinivarError(f"VAR tau (--tau) must be > 0, got {self.tau}")
         if not 0.0 <= self.min_image_attention <= 1.0:
             raise MinivarError(f"VAR min_image_attention (--min-image-attention) must be in [0, 1], got {self.min_image_attention}")
-        for d in (self.sink_dims if isinstance(self.sink_dims, tuple) else ()):
+        for d in (self.sink_dims if isinstance(self.sink_dims, tuple) and hidden_size is not None else ()):
             if not 0 <= d < hidden_size:
                 raise MinivarError(f"VAR sink_dims (--sink-dims): dim {d} is outside the hidden size {hidden_size}")
-        for layer in self.layers or ():
+        for layer in (self.layers or ()) if n_layers is not None else ():
             if not 0 <= layer < n_layers - 1:
                 raise MinivarError(f"VAR layer {layer} is outside 0..{n_layers - 2} (the last layer is never modified)")
         return self
@@ -114,9 +119,14 @@ def select_heads(probs: torch.Tensor, image: torch.Tensor, visual_sink: torch.Te
     """
     image_attn = (probs * image[:, None, None, :]).sum(-1)                          # A  [B, H, Q]
     nonsink_attn = (probs * (image & ~visual_sink)[:, None, None, :]).sum(-1)       # Σ over I∖V
+    return image_centric(image_attn, nonsink_attn, min_image_attention, rho) & rows[:, None, :]
+
+
+def image_centric(image_attn: torch.Tensor, nonsink_attn: torch.Tensor, min_image_attention: float,
+                  rho: float) -> torch.Tensor:
+    """The head-selection rule on A = Σ_{j∈I} α_ij and Σ_{j∈I∖V} α_ij: A ≥ min_image_attention and r ≥ ρ."""
     ratio = nonsink_attn / image_attn.clamp_min(1e-30)                              # r
-    selected = (image_attn >= min_image_attention) & (ratio >= rho) & (nonsink_attn > 0)
-    return selected & rows[:, None, :]
+    return (image_attn >= min_image_attention) & (ratio >= rho) & (nonsink_attn > 0)
 
 
 def redistribute(probs: torch.Tensor, selected: torch.Tensor, sink: torch.Tensor, image: torch.Tensor,
@@ -157,8 +167,7 @@ class VARState:
         last_image = torch.where(self.image, positions, torch.full_like(positions, -1)).amax(-1)
         self.image_end = torch.where(self.image.any(-1), last_image + 1, torch.full_like(last_image, T))   # [B]
         self.prompt_len = T
-        layers = cfg.layers if cfg.layers is not None else range(n_layers - 1)     # never the last layer
-        self.layers = frozenset(layers)
+        self.layers = cfg.layer_set(n_layers)                                  # never the last layer
         self.decoding = False
         self.phi: list[torch.Tensor | None] = [None] * n_layers               # φ [B, T] per layer
         self.sinks: list[torch.Tensor | None] = [None] * n_layers             # S^ℓ [B, T]

@@ -317,3 +317,15 @@ def test_hub_id_offline_points_to_model_flag(demo_env, tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     monkeypatch.setattr(checkpoint, "WEIGHTS_DIR", tmp_path / "weights")
     assert_one_line_error(*call(args(IMAGE, PROMPT, "llava-hf/llava-1.5-7b-hf")), "llava-hf/llava-1.5-7b-hf", "--model")
+
+
+def test_the_cli_lists_what_the_package_accepts():
+    """run.py spells out its choices and default model (so --help needs no torch import): they must not drift."""
+    from minivar import processing, var
+    from minivar.pipeline import DTYPES
+    actions = {a.dest: a for a in run.build_parser()._actions}
+    assert tuple(actions["conv_mode"].choices) == processing.CONV_MODES
+    assert tuple(actions["image_aspect_ratio"].choices) == processing.IMAGE_MODES
+    assert set(actions["dtype"].choices) == {"auto", *DTYPES}
+    assert set(actions["var_preset"].choices) == set(var.PRESETS)
+    assert actions["model"].default == checkpoint.DEFAULT_MODEL
