@@ -30,6 +30,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from minivar.checkpoint import read_config  # noqa: E402
 from minivar.config import LlavaConfig, TextConfig, VisionConfig  # noqa: E402
 from minivar.pipeline import DTYPES  # noqa: E402
 
@@ -82,7 +83,7 @@ def make_checkpoint(kind: str, dtype: str, directory: Path) -> Path:
             t = torch.randn(p.shape, generator=g) * 0.02
         hub = key.replace("vision_tower.", "vision_tower.vision_model.", 1)
         shard[hub] = t.to(DTYPES[dtype])
-        shard_bytes += t.numel() * t.element_size() // 2
+        shard_bytes += shard[hub].nbytes
         if shard_bytes > 4e9:
             flush()
     flush()
@@ -263,7 +264,7 @@ def worker_transformers(args) -> dict:
     model = model.to(args.device).eval()
     sync(args.device)
     load_s = time.perf_counter() - t0
-    cfg = _minivar_config(args.checkpoint)
+    cfg = read_config(args.checkpoint)
     ids, px = inputs(cfg)
     ids, px = ids.to(args.device), px.to(args.device, dt)
     mask = torch.ones_like(ids)
@@ -285,11 +286,6 @@ def worker_transformers(args) -> dict:
            "decode_tok_s": n / (total - prefill), "tokens": out[0, ids.shape[1]:].tolist()}
     res.update(peak_memory(args.device))
     return res
-
-
-def _minivar_config(directory) -> LlavaConfig:
-    from minivar.checkpoint import read_config
-    return read_config(Path(directory))
 
 
 def run_worker(name: str, args) -> dict | None:

@@ -283,6 +283,8 @@ def save_dup(model, out):
 
 
 def main():
+    if not TOKENIZER.is_file():        # checked before anything is deleted or written
+        raise SystemExit(f"make_golden: {TOKENIZER} not found (the e2e case needs ../shared's LLaMA tokenizer)")
     write_case("hub_sharded_fp16", "hub: vision_tower.vision_model.*, multi_modal_projector.*, language_model.model.*, "
                "language_model.lm_head.weight; 3 shards + index", "float16", 12, save_hub_sharded,
                "Sparse transformers-4.x style config.json as on llava-hf (defaults omitted). Expected values use the "

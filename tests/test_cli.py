@@ -289,19 +289,18 @@ def test_bad_input_gives_one_error_line(demo_env, bad_files, capfd, name, argv, 
     assert leaked.out == "" and leaked.err == "", leaked         # nothing written around Python's sys.std*
 
 
-@pytest.mark.parametrize("name, make, culprit", [
-    ("no config.json", lambda src, dst: copy_dir(src, dst, skip=("config.json",)), ["config.json"]),
-    ("missing shard", with_missing_shard, ["model-00002-of-00002.safetensors"]),
-    ("wrong-shaped tensor", lambda src, dst: with_state(src, dst, wrong_shape), [WRONG, "(64, 60)"]),
-    ("missing tensor", lambda src, dst: with_state(src, dst, missing_tensor), [MISSING]),
-    ("no tokenizer.json", lambda src, dst: copy_dir(src, dst, skip=("tokenizer.json",)), ["tokenizer.json"]),
-    ("short context", lambda src, dst: with_config(src, dst, max_position_embeddings=100), ["100", "prompt"]),
-    ("sink dim outside hidden", None, ["--sink-dims", "64"]),
-    ("no sink dims to mask", None, ["masking visual sinks", "sink dims"]),
+@pytest.mark.parametrize("name, make, extra, culprit", [
+    ("no config.json", lambda src, dst: copy_dir(src, dst, skip=("config.json",)), [], ["config.json"]),
+    ("missing shard", with_missing_shard, [], ["model-00002-of-00002.safetensors"]),
+    ("wrong-shaped tensor", lambda src, dst: with_state(src, dst, wrong_shape), [], [WRONG, "(64, 60)"]),
+    ("missing tensor", lambda src, dst: with_state(src, dst, missing_tensor), [], [MISSING]),
+    ("no tokenizer.json", lambda src, dst: copy_dir(src, dst, skip=("tokenizer.json",)), [], ["tokenizer.json"]),
+    ("short context", lambda src, dst: with_config(src, dst, max_position_embeddings=100), [], ["100", "prompt"]),
+    ("sink dim outside hidden", None, ["--var", "--sink-dims", "64"], ["--sink-dims", "64"]),
+    ("no sink dims to mask", None, ["--mask-visual-sinks"], ["masking visual sinks", "sink dims"]),
 ])
-def test_bad_checkpoint_gives_one_error_line(tiny_checkpoint, tmp_path, capfd, name, make, culprit):
+def test_bad_checkpoint_gives_one_error_line(tiny_checkpoint, tmp_path, capfd, name, make, extra, culprit):
     model = make(tiny_checkpoint, tmp_path / "model") if make else tiny_checkpoint
-    extra = {"sink dim outside hidden": ["--var", "--sink-dims", "64"], "no sink dims to mask": ["--mask-visual-sinks"]}.get(name, [])
     line = assert_one_line_error(*call(args(IMAGE, PROMPT, model, *extra)), *culprit)
     if make is not None and name != "short context":
         assert str(tmp_path / "model") in line                       # which checkpoint is broken

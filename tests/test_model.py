@@ -1,6 +1,7 @@
 """Model behaviour that parity files cannot show: the KV cache, the unused CLIP layer, left-padding, and a live
 comparison with transformers when it is installed."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from minivar.demo import random_state_dict
 from minivar.generate import generate
 from minivar.llava import Llava
 
+REPO = Path(__file__).resolve().parents[1]
 CFG = LlavaConfig(
     vision=VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
                         image_size=56, patch_size=14),
@@ -198,8 +200,8 @@ def test_pipeline_batch_equals_one_by_one_with_and_without_var(tmp_path):
     from minivar.var import VARConfig
     llava = minivar.load("demo", dtype="float32", weights_dir=tmp_path)
     from PIL import Image
-    image_a = "assets/example.jpg"
-    image_b = Image.open("assets/example.jpg").transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    image_a = str(REPO / "assets" / "example.jpg")
+    image_b = Image.open(str(REPO / "assets" / "example.jpg")).transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     prompts = ["What is in the image?", "Describe the picture in a few words, please."]   # different lengths
     for var in (None, VARConfig(sink_dims=(37, 301))):
         batch = llava.generate_batch([image_a, image_b], prompts, max_new_tokens=6, var=var)
@@ -248,7 +250,7 @@ def test_pipeline_logits_take_a_var_config_and_padding(tmp_path):
     import minivar
     from minivar.var import VARConfig
     llava = minivar.load("demo", dtype="float32", weights_dir=tmp_path)
-    ids, px = llava.prompt_ids("What is in the image?"), llava.pixels("assets/example.jpg")
+    ids, px = llava.prompt_ids("What is in the image?"), llava.pixels(str(REPO / "assets" / "example.jpg"))
     plain = llava.logits(ids, px)
     with_var = llava.logits(ids, px, var=VARConfig(sink_dims=(37, 301)))
     assert not torch.equal(plain, with_var)                       # VAR changed the rows after the image

@@ -186,7 +186,7 @@ def test_var_rows_sum_to_one_and_change_only_where_selected(llava, span, var_cap
         assert not (moved & ~(sinks | (image[0] & ~vis[0]))).any()
 
 
-def test_head_stats_match_the_attention(llava, span, var_capture):
+def test_head_stats_match_the_attention(llava, span):
     start, end, T = span
     cap = capture(llava, layers=[0], rows="all", decode=True, head_stats=True,
                         max_new_tokens=N_NEW, var=VAR)

@@ -740,6 +740,7 @@ def test_var_off_is_bit_identical_and_uses_fast_path(tiny, monkeypatch):
         # VAR on: explicit probabilities in layers 0 and 1 only (not the last)
         model(ids, px, var=tiny_var(image_mask=ids == IMG))
         assert counter.n == 2
+        assert calls                                     # ... and the patched redistribute does see VAR's work
 
 
 def _recompute_state(prompt_len, image_mask, **kw):
