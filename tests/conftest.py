@@ -96,3 +96,26 @@ def llama_tokenizer_path() -> Path:
         pytest.skip(f"{path} not found (needs the shared test data next to the repo)")
     return path
 
+
+def run_cli(argv) -> tuple[int, str, str]:
+    """run.main in-process: (exit code, stdout, stderr)."""
+    import contextlib
+    import io
+
+    import run
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = run.main([str(a) for a in argv])
+        except SystemExit as e:          # argparse's own errors exit from inside parse_args
+            rc = e.code
+    return rc, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def demo_env(demo_weights):
+    """`--model demo` resolves inside the session's demo weights dir (never the repo's weights/)."""
+    from minivar import checkpoint
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(checkpoint, "WEIGHTS_DIR", demo_weights)
+        yield demo_weights

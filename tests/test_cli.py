@@ -4,12 +4,10 @@ Contract: success prints the answer (or exactly one JSON object with --json) on 
 kind exits 2 with exactly one line on stderr naming the thing at fault, nothing on stdout, and no traceback.
 Most cases call run.main() in-process (fast); a few go through a real interpreter, all started at once.
 """
-import io
 import json
 import os
 import subprocess
 import sys
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
@@ -18,6 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import run
+from conftest import run_cli
 from minivar import checkpoint
 from minivar.demo import DEMO_SINK_PATCHES
 
@@ -27,15 +26,7 @@ PROMPT = "What is in the image?"
 IMAGE_ID, EOS = 259, 2        # the demo's <image> and </s>
 
 
-def call(argv) -> tuple[int, str, str]:
-    """run.main in-process: (exit code, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        try:
-            rc = run.main([str(a) for a in argv])
-        except SystemExit as e:          # argparse errors exit from inside parse_args
-            rc = e.code
-    return rc, out.getvalue(), err.getvalue()
+call = run_cli
 
 
 def assert_one_line_error(rc, out, err, *names):
@@ -105,14 +96,6 @@ def wrong_shape(state):
 
 def missing_tensor(state):
     del state[MISSING]
-
-
-@pytest.fixture(scope="module")
-def demo_env(demo_weights):
-    """`--model demo` resolves inside the session's demo weights dir (never the repo's weights/)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(checkpoint, "WEIGHTS_DIR", demo_weights)
-        yield demo_weights
 
 
 # the default dtype (bf16 on CPU); the shorter llava_hf template (598 prompt ids instead of 753) to save time

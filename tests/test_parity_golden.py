@@ -14,7 +14,6 @@ from minivar.generate import generate
 
 GOLDEN = Path(__file__).parent / "golden"
 REPO = Path(__file__).resolve().parents[1]
-SHARED_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "llama-tokenizer" / "tokenizer.json"
 LAYOUT_CASES = ["hub_sharded_fp16", "v5_hybrid_single", "v5_inmemory_bf16", "dup_model_model"]
 
 
@@ -68,11 +67,9 @@ SUBCASES = ["pad_vicuna_v1", "pad_llava_hf", "crop_vicuna_v1", "crop_llava_hf"]
 
 
 @pytest.mark.parametrize("sub", SUBCASES)
-def test_prompt_ids_equal_reference(e2e, sub):
-    if not SHARED_TOKENIZER.is_file():
-        pytest.skip("../shared/testdata/llama-tokenizer is not beside this checkout")
+def test_prompt_ids_equal_reference(e2e, sub, llama_tokenizer_path):
     _, exp, info = e2e
-    tok = processing.Tokenizer(SHARED_TOKENIZER, 32000)
+    tok = processing.Tokenizer(llama_tokenizer_path, 32000)
     ids = tok.encode_prompt(info["prompt"], info["subcases"][sub]["template"], 576)
     assert ids == exp[f"{sub}.input_ids"][0].tolist()
 

@@ -4,8 +4,6 @@ The model is the demo's (hidden 768 > τ², 4 layers, 8 heads, sinks planted by 
 demo.DEMO_SINK_DIMS) with a 112 px image (an 8×8 grid of 64 image tokens) so every run is a ~100-token prompt.
 Its visual sinks are the image tokens of SINK_PATCHES in every layer. CPU, fp32, seconds.
 """
-import contextlib
-import io
 import json
 from pathlib import Path
 
@@ -13,6 +11,7 @@ import pytest
 import torch
 
 import minivar
+from conftest import run_cli
 from minivar import demo
 from minivar.errors import MinivarError
 from minivar.probe import Capture, default_layer_range, parse_layer_range, sink_layer_ranges
@@ -289,15 +288,6 @@ def test_layer_ranges():
 # ---------------------------------------------------------------------------------------------------------------
 # The CLI: --mask-visual-sinks / --mask-random-image-tokens in --json
 
-def run_cli(argv):
-    import run
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            rc = run.main([str(a) for a in argv])
-        except SystemExit as e:        # argparse's own errors (e.g. mutually exclusive flags) exit from the parser
-            rc = e.code
-    return rc, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")

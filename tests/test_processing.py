@@ -31,8 +31,6 @@ from minivar.processing import (
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE_JPG = REPO / "assets" / "example.jpg"
 GOLDEN = Path(__file__).resolve().parent / "golden" / "preprocess_ref.json"
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-TOKENIZER_JSON = SHARED / "testdata" / "llama-tokenizer" / "tokenizer.json"
 
 IMAGE_ID = 32000
 PROMPT = "What is the content of this image?"
@@ -72,20 +70,16 @@ NORMAL_PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def raw_tok():
+def raw_tok(llama_tokenizer_path):
     """The `tokenizers` library on the real LLaMA tokenizer, used as is: the reference."""
-    if not TOKENIZER_JSON.is_file():
-        pytest.skip(f"{TOKENIZER_JSON} not present")
     from tokenizers import Tokenizer as HFTokenizer
 
-    return HFTokenizer.from_file(str(TOKENIZER_JSON))
+    return HFTokenizer.from_file(str(llama_tokenizer_path))
 
 
 @pytest.fixture(scope="module")
-def tok():
-    if not TOKENIZER_JSON.is_file():
-        pytest.skip(f"{TOKENIZER_JSON} not present")
-    return Tokenizer(TOKENIZER_JSON, image_token_id=IMAGE_ID)
+def tok(llama_tokenizer_path):
+    return Tokenizer(llama_tokenizer_path, image_token_id=IMAGE_ID)
 
 
 def expand_image(ids, n):
@@ -179,11 +173,9 @@ def test_tokenizer_file_errors(tmp_path):
     assert str(broken) in str(e.value) and "\n" not in str(e.value)
 
 
-def test_tokenizer_image_id_mismatch():
-    if not TOKENIZER_JSON.is_file():
-        pytest.skip(f"{TOKENIZER_JSON} not present")
+def test_tokenizer_image_id_mismatch(llama_tokenizer_path):
     with pytest.raises(MinivarError, match="32000"):
-        Tokenizer(TOKENIZER_JSON, image_token_id=32001)
+        Tokenizer(llama_tokenizer_path, image_token_id=32001)
 
 
 ROUND_TRIP_TEXTS = [

@@ -5,8 +5,6 @@ half-written files, one-line errors.
 One CLI run on the offline demo model (24×24 patch grid, sinks planted at demo.DEMO_SINK_PATCHES) plus pictures
 drawn from hand-made numbers. CPU, seconds.
 """
-import contextlib
-import io
 import json
 from pathlib import Path
 
@@ -14,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from minivar import checkpoint, demo, viz
+from conftest import run_cli
+from minivar import demo, viz
 from minivar.errors import MinivarError
 from minivar.probe import sink_layer_ranges
 
@@ -23,24 +22,6 @@ IMAGE = REPO / "assets" / "example.jpg"
 PROMPT = "What is in the image?"
 DEMO_NAMES = {"visual_sinks_on_image.png", "answer_attention_layers1-2.png", "heads_image_attention.png",
               "sink_scores_phi.png", "attention.json"}
-
-
-def run_cli(argv):
-    import run
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            rc = run.main([str(a) for a in argv])
-        except SystemExit as e:
-            rc = e.code
-    return rc, out.getvalue(), err.getvalue()
-
-
-@pytest.fixture(scope="module")
-def demo_env(demo_weights):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(checkpoint, "WEIGHTS_DIR", demo_weights)
-        yield demo_weights
 
 
 @pytest.fixture(scope="module")
