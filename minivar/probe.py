@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from .errors import MinivarError
 from .llama import Probe
-from .var import VARConfig, image_centric, sink_scores
+from .var import VARConfig, image_centric, image_span, sink_scores
 
 ROWS = ("all", "after_image", "answer")
 KINDS = ("before", "after")
@@ -102,11 +102,7 @@ class Capture(Probe):
         self._reset()
         self.image = image_mask.bool()
         B, T = self.image.shape
-        pos = torch.arange(T, device=self.image.device)
-        first = torch.where(self.image, pos, torch.full_like(pos, T)).amin(-1)
-        last = torch.where(self.image, pos, torch.full_like(pos, -1)).amax(-1)
-        self.image_start = first                                          # [B]; T where there is no image
-        self.image_end = torch.where(self.image.any(-1), last + 1, torch.full_like(last, T))
+        self.image_start, self.image_end = image_span(self.image)        # [B] each; T where there is no image
         if n_layers is not None and self.layers is not None:
             bad = sorted(x for x in self.layers if not 0 <= x < n_layers)
             if bad:

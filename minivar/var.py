@@ -110,6 +110,15 @@ def sink_scores(h: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
     return h[..., list(dims)].abs().amax(-1) / rms
 
 
+def image_span(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[start, end) of each sample's image tokens ([B] each) from image masks [B, T]; (T, T) for a sample without."""
+    T = image.shape[-1]
+    positions = torch.arange(T, device=image.device)
+    start = torch.where(image, positions, T).amin(-1)
+    end = torch.where(image.any(-1), torch.where(image, positions + 1, 0).amax(-1), T)
+    return start, end
+
+
 def select_heads(probs: torch.Tensor, image: torch.Tensor, visual_sink: torch.Tensor, rows: torch.Tensor,
                  min_image_attention: float, rho: float) -> torch.Tensor:
     """Image-centric (head, row) pairs [B, H, Q] of probs [B, H, Q, K].
@@ -162,10 +171,8 @@ class VARState:
         B, T = self.image.shape
         self.real = attention_mask.bool() if attention_mask is not None else torch.ones_like(self.image)
         self.pad = (~self.real).sum(-1)                                         # left padding per sample
-        positions = torch.arange(T, device=self.image.device)
-        # first position after each sample's image; prefill rows from here on are the ones VAR may touch
-        last_image = torch.where(self.image, positions, torch.full_like(positions, -1)).amax(-1)
-        self.image_end = torch.where(self.image.any(-1), last_image + 1, torch.full_like(last_image, T))   # [B]
+        # image_end: the first position after each sample's image; prefill rows from there on are VAR's to touch
+        self.image_start, self.image_end = image_span(self.image)                # [B] each
         self.prompt_len = T
         self.layers = cfg.layer_set(n_layers)                                  # never the last layer
         self.decoding = False
@@ -220,7 +227,7 @@ class VARState:
         """Sample b's sinks and counters, JSON-ready (layer indices as strings), in positions of its own (unpadded)
         prompt."""
         pad = int(self.pad[b])
-        start = int(self.image[b].float().argmax()) if bool(self.image[b].any()) else int(self.image_end[b])
+        start = int(self.image_start[b])
 
         def positions(mask):
             return (torch.nonzero(mask[b]).flatten() - pad).tolist()
