@@ -369,7 +369,8 @@ def draw_heads(numbers: dict) -> Image.Image:
         bar = colorbar(plot.height, colour, 0.0, vmax, scale)
         panels.append(stack([framed, bar], horizontal=True, gap=6)[0])
     body, _ = stack(panels, horizontal=True, gap=24)
-    who = "selected by VAR" if numbers.get("var") else "VAR would select"
+    var = numbers.get("var")
+    who = "selected by VAR" if var and var.get("p", 0) > 0 else "VAR would select"     # p = 0: VAR moves nothing
     return figure("Image attention per head and layer (answer tokens, before VAR)",
                   ["A = attention on image tokens; r = share of A on non-sink image tokens; per answer-token row, "
                    "then averaged over the answer",
