@@ -226,10 +226,7 @@ def load(model: str = checkpoint.DEFAULT_MODEL, *, device: str = "auto", dtype: 
     directory = checkpoint.resolve(model, Path(weights_dir) if weights_dir else None)
     t0 = time.perf_counter()
     cfg = checkpoint.read_config(directory)
-    tok_path = directory / "tokenizer.json"
-    if not tok_path.is_file():
-        raise MinivarError(f"'{tok_path}' not found: the checkpoint directory needs the tokenizer.json llava-hf ships")
-    tokenizer = processing.Tokenizer(tok_path, cfg.image_token_index)
+    tokenizer = processing.Tokenizer(directory, cfg.image_token_index)      # its tokenizer.json
     net = checkpoint.load_model(directory, dt, dev, cfg)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)

@@ -232,11 +232,13 @@ class Tokenizer:
         from tokenizers import Tokenizer as _HFTokenizer  # imported here so image-only users need no tokenizers
 
         path = Path(path_to_tokenizer_json)
-        if path.is_dir():  # a checkpoint folder: take its tokenizer.json
+        in_checkpoint = path.is_dir()
+        if in_checkpoint:  # a checkpoint folder: take its tokenizer.json
             path = path / "tokenizer.json"
         self.path = path
         if not path.is_file():
-            raise MinivarError(f"tokenizer file '{path}' not found")
+            raise MinivarError(f"'{path}' not found: the checkpoint directory needs the tokenizer.json llava-hf ships"
+                               if in_checkpoint else f"tokenizer file '{path}' not found")
         try:
             tok = _HFTokenizer.from_file(str(path))
         except Exception as e:  # the Rust side raises a plain Exception for malformed JSON or an unknown model type
