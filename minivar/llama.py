@@ -91,11 +91,15 @@ class Probe:
     """What the decoder calls on a `probe` object (passed per call, never stored on the model). These defaults do
     nothing; subclasses override what they need (probe.Capture records and masks, var.find_sink_dims records)."""
 
+    # True when key_mask may remove key columns. Only then does the model build an explicit causal mask for a call
+    # without padding; otherwise the fused kernel keeps its faster causal mode even while a probe records.
+    masks_keys = False
+
     def record_residual(self, layer: int, h: torch.Tensor) -> None:
         """Called with each layer's residual input h [B, T, D], before the layer runs."""
 
     def key_mask(self, layer: int, mask: torch.Tensor) -> torch.Tensor:
-        """May remove key columns from the attention mask [B, 1, T, S] (True = may attend)."""
+        """May remove key columns from the attention mask [B, 1, T, S] (True = may attend); called where masks_keys."""
         return mask
 
     def wants(self, layer: int) -> bool:
@@ -142,7 +146,7 @@ class LlamaAttention(nn.Module):
         if self.n_kv != self.n_heads:                                                  # grouped-query attention
             k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
             v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
-        if probe is not None:
+        if probe is not None and probe.masks_keys:
             mask = probe.key_mask(self.layer_idx, mask)                                # optional column masking
 
         var_here = var is not None and var.active(self.layer_idx)

@@ -79,9 +79,9 @@ class Llava(nn.Module):
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
         x = self.embed(input_ids, pixel_values)
-        if attention_mask is None and probe is None:
-            # No padding: positions are 0, 1, 2, ... and the mask is plain causal, which the attention applies
-            # itself (mask=None), so the fused kernel can use its faster causal mode.
+        if attention_mask is None and not (probe is not None and probe.masks_keys):
+            # No padding (and no probe removing keys): positions are 0, 1, 2, ... and the mask is plain causal, which
+            # the attention applies itself (mask=None), so the fused kernel can use its faster causal mode.
             positions = torch.arange(past, past + T, device=x.device).expand(B, T)
             mask = None
         else:

@@ -6,6 +6,7 @@ The interface the decoder calls, in this order for each layer of each forward ca
 
     probe.record_residual(layer, h)                h [B, T, D]: the layer's residual input (after var.observe)
     probe.key_mask(layer, mask) -> mask            mask [B, 1, T, S] bool, True = may attend; return a new tensor
+                                                   (called only where probe.masks_keys is True)
     probe.wants(layer) -> bool                     True: compute explicit probabilities in this layer (slow path)
     probe.record_attention(layer, before, after)   fp32 probs [B, H, T, S] before / after VAR (the same tensor
                                                    where VAR did not act); called only where wants() was True
@@ -173,6 +174,10 @@ class Capture(Probe):
             self._phi[layer], self._sinks[layer], self._vis[layer] = (t.to(self.store, copy=True) for t in (phi, sinks, vis))
         if self.residuals_wanted and self._active and self._wants_layer(layer):
             self._res.setdefault(layer, []).append(h.detach().to(self.store, copy=True))
+
+    @property
+    def masks_keys(self) -> bool:
+        return self.mask is not None or self.mask_random > 0
 
     def key_mask(self, layer: int, mask: torch.Tensor) -> torch.Tensor:
         cols = self.masked_columns(layer, device=True)

@@ -155,6 +155,31 @@ def test_an_unbound_capture_works_on_the_model_directly(llava, span):
     assert set(torch.nonzero(probe.sinks[0][0]).flatten().tolist()) >= {0}       # BOS is a text sink
 
 
+def test_only_a_masking_probe_leaves_the_fused_causal_mode(llava, monkeypatch):
+    """A probe that only records keeps the fused kernel's causal mode (mask=None) in the layers it does not read;
+    one that masks keys makes every layer take an explicit mask."""
+    import minivar.llama as llama
+    seen = []
+    fused = llama.attend_fused
+    monkeypatch.setattr(llama, "attend_fused", lambda q, k, v, mask: (seen.append(mask is None), fused(q, k, v, mask))[1])
+    ids, px = llava.prompt_ids(PROMPT, CONV), llava.pixels(IMAGE)
+    with torch.inference_mode():
+        plain = llava.model(ids, px)
+        assert seen == [True] * 4
+        seen.clear()
+        recorder = Capture(layers=[2], residuals=True)
+        assert not recorder.masks_keys
+        # layer 2 computes its probabilities (explicit softmax: rounding-level differences); the others stay fused
+        torch.testing.assert_close(llava.model(ids, px, probe=recorder), plain, rtol=0, atol=1e-5)
+        assert seen == [True] * 3
+        seen.clear()
+        masker = Capture(attention=(), mask_random=3)
+        assert masker.masks_keys
+        llava.bind_probe(masker, ids, None)
+        llava.model(ids, px, probe=masker)
+        assert seen == [False] * 4
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # VAR seen through the capture
 
