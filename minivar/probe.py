@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from .errors import MinivarError
 from .llama import Probe
-from .var import VARConfig, image_centric, image_span, sink_scores
+from .var import VARConfig, image_centric, image_span, sink_sets
 
 ROWS = ("all", "after_image", "answer")
 KINDS = ("before", "after")
@@ -167,9 +167,8 @@ class Capture(Probe):
             self._begin_step(h)
         if self._step == 0 and self._dims and (self.sinks_wanted or self.head_stats_wanted or self.mask == "visual_sinks"):
             # as VAR: φ from this layer's residual input, once per sample in the prefill, over all prompt positions
-            phi = sink_scores(h, self._dims)                                          # [B, T] fp32
-            sinks = phi >= self._tau
-            vis = sinks & self.image if self.image is not None else torch.zeros_like(sinks)
+            image = self.image if self.image is not None else torch.zeros(h.shape[:2], dtype=torch.bool, device=h.device)
+            phi, sinks, vis = sink_sets(h, self._dims, self._tau, image)
             self._vis_dev[layer] = vis
             self._phi[layer], self._sinks[layer], self._vis[layer] = (t.to(self.store, copy=True) for t in (phi, sinks, vis))
         if self.residuals_wanted and self._active and self._wants_layer(layer):

@@ -13,7 +13,7 @@ input of layer ℓ; α the post-softmax attention probabilities (fp32).
   5. redistribution     every sink j ∈ S^ℓ keeps (1−p)·α_ij; Ω = p·Σ_{j∈S^ℓ} α_ij goes to I∖V in proportion:
                         α'_ij = α_ij + Ω·α_ij / Σ_{k∈I∖V} α_ik.  Rows still sum to 1.
 
-The math is in plain functions of tensors (`sink_scores`, `select_heads`, `redistribute`); `VARState` holds the
+The math is in plain functions of tensors (`sink_scores`, `sink_sets`, `select_heads`, `redistribute`); `VARState` holds the
 per-call state (sink sets per layer, image span, prefill/decode phase, counters) and is created for each call and
 passed down to the attention — never stored on the model — so two images in a row get their own sinks.
 """
@@ -110,6 +110,16 @@ def sink_scores(h: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
     return h[..., list(dims)].abs().amax(-1) / rms
 
 
+def sink_sets(h: torch.Tensor, dims: tuple[int, ...], tau: float, image: torch.Tensor, real: torch.Tensor | None = None):
+    """One layer's φ [B, T] and sink sets from its residual input h [B, T, D]: S = {φ ≥ τ} (only among `real` [B, T]
+    tokens where given: padding is never a sink) and the visual sinks V = S ∩ I, with I = `image` [B, T]."""
+    phi = sink_scores(h, dims) if dims else torch.zeros(h.shape[:2], device=h.device)
+    sinks = phi >= tau
+    if real is not None:
+        sinks = sinks & real
+    return phi, sinks, sinks & image
+
+
 def image_span(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[start, end) of each sample's image tokens ([B] each) from image masks [B, T]; (T, T) for a sample without."""
     T = image.shape[-1]
@@ -187,11 +197,8 @@ class VARState:
     def observe(self, layer: int, h: torch.Tensor) -> None:
         if self.decoding:
             return                                 # generated tokens are never sinks: keep the prefill's sets
-        phi = sink_scores(h, self.sink_dims) if self.sink_dims else torch.zeros(h.shape[:2], device=h.device)
-        sinks = (phi >= self.cfg.tau) & self.real
-        self.phi[layer] = phi
-        self.sinks[layer] = sinks
-        self.visual_sinks[layer] = sinks & self.image
+        self.phi[layer], self.sinks[layer], self.visual_sinks[layer] = sink_sets(h, self.sink_dims, self.cfg.tau,
+                                                                                 self.image, self.real)
         self._has_visual_sink[layer] = bool(self.visual_sinks[layer].any())
 
     def active(self, layer: int) -> bool:

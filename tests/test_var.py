@@ -32,7 +32,7 @@ from minivar.generate import generate
 from minivar.llama import KVCache
 from minivar.llava import Llava
 from minivar.var import (PRESETS, VARConfig, VARState, find_sink_dims, known_sink_dims, parse_sink_dims,
-                         redistribute, resolve_sink_dims, select_heads, sink_scores)
+                         redistribute, resolve_sink_dims, select_heads, sink_scores, sink_sets)
 
 SEVEN_B = (1415, 2533)
 THIRTEEN_B = (2100, 4743)
@@ -201,6 +201,23 @@ def test_sink_scores_match_loop_reference():
     h = torch.zeros(1, 1, 64)
     h[0, 0, 9] = 1e4
     assert sink_scores(h, (9,)).item() == pytest.approx(8.0, rel=1e-4)
+
+
+def test_sink_sets_threshold_padding_and_image():
+    h = torch.randn(2, 6, 64, generator=torch.Generator().manual_seed(1))
+    h[0, 0, 5] = h[0, 3, 5] = h[1, 1, 5] = h[1, 2, 5] = h[1, 4, 5] = 1e4     # φ ≈ √64 = 8 at these tokens
+    image = torch.zeros(2, 6, dtype=torch.bool)
+    image[:, 2:5] = True
+    real = torch.ones(2, 6, dtype=torch.bool)
+    real[1, :2] = False                                            # sample 1 is left-padded by two
+    phi, sinks, visual = sink_sets(h, (5,), 5.0, image, real)
+    torch.testing.assert_close(phi, sink_scores(h, (5,)))
+    assert [torch.nonzero(s).flatten().tolist() for s in sinks] == [[0, 3], [2, 4]]   # padding is never a sink
+    assert [torch.nonzero(s).flatten().tolist() for s in visual] == [[3], [2, 4]]     # V = S ∩ I
+    phi, sinks, _ = sink_sets(h, (5,), 8.5, image)                 # above √64: nothing can be a sink
+    assert not sinks.any()
+    phi, sinks, visual = sink_sets(h, (), 5.0, image)              # no sink dims: φ = 0, no sinks
+    assert not phi.any() and not sinks.any() and not visual.any()
 
 
 @pytest.mark.parametrize("shape,seed", [((1, 1, 4, 9), 0), ((2, 3, 5, 12), 1), ((3, 4, 2, 20), 2), ((2, 2, 6, 6), 3)])
