@@ -449,20 +449,23 @@ class RunInspection:
 
     @classmethod
     def from_args(cls, args) -> "RunInspection | None":
-        if args.save_attention is None and not args.mask_visual_sinks and args.mask_random_image_tokens is None:
-            if args.attention_layers is not None:
-                raise MinivarError("--attention-layers only applies with --save-attention")
+        flags = (args.save_attention, args.attention_layers, args.mask_random_image_tokens)
+        if all(f is None for f in flags) and not args.mask_visual_sinks:
             return None
-        if args.save_attention is not None and args.max_new_tokens == 0:
+        inspection = cls(args.save_attention, args.attention_layers, args.mask_visual_sinks,
+                         args.mask_random_image_tokens, args.seed)
+        if inspection.directory is not None:
+            inspection.check_pictures_possible(args.max_new_tokens)
+        return inspection
+
+    @staticmethod
+    def check_pictures_possible(n_generated: int) -> None:
+        """The pictures show the rows that produce answer tokens: there must be at least one."""
+        if n_generated < 1:
             raise MinivarError("--save-attention needs at least one generated token (--max-new-tokens ≥ 1)")
-        return cls(args.save_attention, args.attention_layers, args.mask_visual_sinks, args.mask_random_image_tokens,
-                   args.seed)
 
     def probe(self, llava, var: VARConfig | None) -> Capture:
         t = llava.config.text
-        if self.mask_random > llava.config.num_image_tokens:      # checked before any status line is printed
-            raise MinivarError(f"--mask-random-image-tokens {self.mask_random} is more than the "
-                               f"{llava.config.num_image_tokens} image tokens")
         if self.directory is None:               # masking only: keep nothing, stay on the fast path
             self.capture = Capture((), attention=(), sinks=self.mask is not None, mask=self.mask,
                                    mask_random=self.mask_random, mask_seed=self.seed)
@@ -492,8 +495,7 @@ class RunInspection:
                     log(f"minivar: masked {report['n']} random image tokens (seed {report['seed']})")
         if self.directory is not None:
             from . import viz
-            if not result.output_ids and not self.capture.rows:
-                raise MinivarError("--save-attention needs at least one generated token (--max-new-tokens ≥ 1)")
+            self.check_pictures_possible(len(self.capture.rows))
             t = llava.config.text
             numbers = picture_numbers(self.capture, n_layers=t.num_hidden_layers, n_heads=t.num_attention_heads,
                                       layer_range=self.layer_range, var=var, image_size=llava.config.vision.image_size)
