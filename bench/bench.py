@@ -57,6 +57,8 @@ SHAPES = {
 def make_checkpoint(kind: str, dtype: str, directory: Path) -> Path:
     """A random LLaVA checkpoint of the given shape in the llava-hf hub layout, written once and reused."""
     from safetensors.torch import save_file
+
+    from minivar.demo import random_tensor
     from minivar.llava import Llava
     if (directory / "config.json").is_file():
         return directory
@@ -77,10 +79,7 @@ def make_checkpoint(kind: str, dtype: str, directory: Path) -> Path:
             shard, shard_bytes = {}, 0
 
     for key, p in model.state_dict().items():
-        if key.endswith("norm.weight") or "layernorm" in key or "layer_norm" in key or "pre_layrnorm" in key:
-            t = torch.ones(p.shape) if key.endswith("weight") else torch.zeros(p.shape)
-        else:
-            t = torch.randn(p.shape, generator=g) * 0.02
+        t = random_tensor(key, p.shape, g)          # the demo's rule, one tensor at a time (a 7B does not fit twice)
         hub = key.replace("vision_tower.", "vision_tower.vision_model.", 1)
         shard[hub] = t.to(DTYPES[dtype])
         shard_bytes += shard[hub].nbytes

@@ -40,20 +40,20 @@ def random_state_dict(cfg: LlavaConfig, seed: int = 0, std: float = 0.02) -> dic
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in Llava(cfg).state_dict().items()}
     g = torch.Generator().manual_seed(seed)
-    state = {}
-    for name, shape in sorted(shapes.items()):
-        if name.endswith("norm.weight") or "layernorm" in name or "layer_norm" in name or "pre_layrnorm" in name:
-            t = torch.ones(shape) if name.endswith("weight") else torch.zeros(shape)
-        elif name.endswith(".bias"):
-            t = torch.zeros(shape)
-        elif name.endswith("embed_tokens.weight"):
-            # token embeddings well above what the random layers add, so each token's identity survives to the
-            # output and the demo's noise at least varies with the input
-            t = torch.randn(shape, generator=g) * 0.3
-        else:
-            t = torch.randn(shape, generator=g) * std
-        state[name] = t
-    return state
+    return {name: random_tensor(name, shape, g, std) for name, shape in sorted(shapes.items())}
+
+
+def random_tensor(name: str, shape, generator: torch.Generator, std: float = 0.02) -> torch.Tensor:
+    """One parameter's random value (fp32): norms at weight 1 / bias 0, other biases 0, weights N(0, std²)."""
+    if name.endswith("norm.weight") or "layernorm" in name or "layer_norm" in name or "pre_layrnorm" in name:
+        return torch.ones(shape) if name.endswith("weight") else torch.zeros(shape)
+    if name.endswith(".bias"):
+        return torch.zeros(shape)
+    if name.endswith("embed_tokens.weight"):
+        # token embeddings well above what the random layers add, so each token's identity survives to the
+        # output and the demo's noise at least varies with the input
+        return torch.randn(shape, generator=generator) * 0.3
+    return torch.randn(shape, generator=generator) * std
 
 
 def plant_sinks(state: dict[str, torch.Tensor], cfg: LlavaConfig, *, text_dim: int, visual_dim: int, common_dim: int,

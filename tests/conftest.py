@@ -52,6 +52,32 @@ def unused_tensors(cfg: LlavaConfig, seed: int = 1) -> dict:
     return extra
 
 
+def write_checkpoint(directory: Path, tensors: dict, cfg: LlavaConfig, *, shards: int = 1, dtype=None, config=None,
+                     tokenizer: bool = False) -> Path:
+    """Write a checkpoint dir: config.json (cfg's, or the `config` dict as given), `tensors` (named as they should
+    appear in the files; floats cast to `dtype` if given) as model.safetensors or `shards` shards + index, and with
+    tokenizer=True the demo's byte-level tokenizer.json (<image> = 259)."""
+    from safetensors.torch import save_file
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(config if config is not None else cfg.to_hf(), indent=2))
+    cast = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous() for k, v in tensors.items()}
+    if tokenizer:
+        from minivar.demo import make_tokenizer
+        make_tokenizer().save(str(directory / "tokenizer.json"))
+    if shards == 1:
+        save_file(cast, str(directory / "model.safetensors"), metadata={"format": "pt"})
+        return directory
+    names = sorted(cast)
+    weight_map = {}
+    for i in range(shards):
+        part = names[i::shards]
+        fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        save_file({k: cast[k] for k in part}, str(directory / fname), metadata={"format": "pt"})
+        weight_map.update({k: fname for k in part})
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return directory
+
+
 @pytest.fixture(scope="session")
 def tiny_config() -> LlavaConfig:
     return tiny_llava_config()
@@ -68,15 +94,8 @@ def tiny_state(tiny_config) -> dict:
 def tiny_checkpoint(tmp_path_factory, tiny_config, tiny_state) -> Path:
     """A complete, runnable checkpoint dir like llava-hf's: config.json, model.safetensors (fp32, hub key names,
     unused tensors included), tokenizer.json (the demo's byte-level tokenizer, <image> = 259). Do not modify."""
-    from safetensors.torch import save_file
-
-    from minivar.demo import make_tokenizer
-    directory = tmp_path_factory.mktemp("tiny_checkpoint")
-    state = {to_hub_key(k): v.contiguous() for k, v in (tiny_state | unused_tensors(tiny_config)).items()}
-    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
-    (directory / "config.json").write_text(json.dumps(tiny_config.to_hf(), indent=2))
-    make_tokenizer().save(str(directory / "tokenizer.json"))
-    return directory
+    state = {to_hub_key(k): v for k, v in (tiny_state | unused_tensors(tiny_config)).items()}
+    return write_checkpoint(tmp_path_factory.mktemp("tiny_checkpoint"), state, tiny_config, tokenizer=True)
 
 
 @pytest.fixture(scope="session")

@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
-from conftest import tiny_llava_config, unused_tensors
+from conftest import tiny_llava_config, unused_tensors, write_checkpoint
 from minivar import checkpoint
 from minivar.checkpoint import load_model, normalise_key, read_config, resolve
 from minivar.errors import MinivarError
@@ -57,25 +56,6 @@ def rotary_buffers(cfg):
              1.0 / 10000 ** (torch.arange(0, hd, 2).float() / hd) for i in range(cfg.text.num_hidden_layers)}
     extra["vision_tower.embeddings.position_ids"] = torch.arange(cfg.vision.num_patches + 1)[None]
     return extra
-
-
-def write_checkpoint(directory: Path, tensors: dict, cfg, *, shards: int = 1, dtype=None, config=None) -> Path:
-    """Write `tensors` (names as they should appear in the files) as model.safetensors, or `shards` shards + index."""
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "config.json").write_text(json.dumps(config if config is not None else cfg.to_hf()))
-    cast = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous() for k, v in tensors.items()}
-    if shards == 1:
-        save_file(cast, str(directory / "model.safetensors"), metadata={"format": "pt"})
-        return directory
-    names = sorted(cast)
-    weight_map = {}
-    for i in range(shards):
-        part = names[i::shards]
-        fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
-        save_file({k: cast[k] for k in part}, str(directory / fname), metadata={"format": "pt"})
-        weight_map.update({k: fname for k in part})
-    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    return directory
 
 
 @pytest.fixture(scope="module")

@@ -1,12 +1,11 @@
 """Model behaviour that parity files cannot show: the KV cache, the unused CLIP layer, left-padding, and a live
 comparison with transformers when it is installed."""
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
+from conftest import write_checkpoint
 from minivar.checkpoint import load_model
 from minivar.config import LlavaConfig, TextConfig, VisionConfig
 from minivar.demo import random_state_dict
@@ -106,8 +105,7 @@ def test_vision_tower_never_runs_its_last_layer(tmp_path):
             state[name.replace("layers.0.", f"layers.{last}.")] = torch.full_like(state[name], float("nan"))
     state["vision_tower.post_layernorm.weight"] = torch.full((CFG.vision.hidden_size,), float("nan"))
     state["vision_tower.post_layernorm.bias"] = torch.full((CFG.vision.hidden_size,), float("nan"))
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "model.safetensors"))
-    (tmp_path / "config.json").write_text(json.dumps(CFG.to_hf()))
+    write_checkpoint(tmp_path, state, CFG)
     reloaded = load_model(tmp_path, torch.float32)
     with torch.inference_mode():
         a, b = model(ids, px), reloaded(ids, px)

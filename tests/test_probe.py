@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import minivar
-from conftest import run_cli
+from conftest import run_cli, write_checkpoint
 from minivar import demo
 from minivar.errors import MinivarError
 from minivar.probe import Capture, default_layer_range, parse_layer_range, sink_layer_ranges
@@ -30,19 +30,13 @@ N_IMAGE = 64
 def small_demo_checkpoint(directory: Path) -> Path:
     """The demo model at 112 px (64 image tokens), sinks planted at SINK_PATCHES; config, fp32 weights, tokenizer."""
     import dataclasses
-
-    from safetensors.torch import save_file
     cfg = demo.demo_config()
     cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, image_size=112))
     assert cfg.num_image_tokens == N_IMAGE
     state = demo.random_state_dict(cfg, seed=0)
     demo.plant_sinks(state, cfg, text_dim=demo.DEMO_SINK_DIMS[0], visual_dim=demo.DEMO_SINK_DIMS[1],
                      common_dim=demo.DEMO_COMMON_DIM, patches=SINK_PATCHES)
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(directory / "model.safetensors"))
-    (directory / "config.json").write_text(json.dumps(cfg.to_hf()))
-    demo.make_tokenizer().save(str(directory / "tokenizer.json"))
-    return directory
+    return write_checkpoint(directory, state, cfg, tokenizer=True)
 
 
 @pytest.fixture(scope="module")

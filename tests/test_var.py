@@ -25,6 +25,7 @@ import minivar.var
 from PIL import Image
 
 import minivar
+from conftest import unused_tensors, write_checkpoint
 from minivar import demo
 from minivar.config import LlavaConfig, TextConfig, VisionConfig
 from minivar.errors import MinivarError
@@ -829,31 +830,13 @@ def test_left_padded_batch_equals_single_samples(tiny):
 
 # ---- through the pipeline (checkpoint directory with tokenizer) ----------------------------------------------------
 
-def write_checkpoint(directory: Path, cfg: LlavaConfig, state: dict) -> Path:
-    """minivar's own names are transformers 5.x save_pretrained names (vision_tower.*, multi_modal_projector.*,
-    language_model.model.*, language_model.lm_head.weight). Like a real checkpoint it also carries what LLaVA never
-    runs (CLIP's last layer and post_layernorm; zeros here), so transformers loads it with nothing missing."""
-    from safetensors.torch import save_file
-    directory.mkdir(parents=True, exist_ok=True)
-    full = dict(state)
-    for layer in range(cfg.vision_layers_used, cfg.vision.num_hidden_layers):
-        for k, v in state.items():
-            if k.startswith("vision_tower.encoder.layers.0."):
-                name = k.replace(".layers.0.", f".layers.{layer}.")
-                full[name] = torch.ones_like(v) if ("layer_norm" in k and k.endswith("weight")) else torch.zeros_like(v)
-    d = cfg.vision.hidden_size
-    full["vision_tower.post_layernorm.weight"], full["vision_tower.post_layernorm.bias"] = torch.ones(d), torch.zeros(d)
-    save_file({k: v.contiguous() for k, v in full.items()}, str(directory / "model.safetensors"),
-              metadata={"format": "pt"})
-    (directory / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2))
-    demo.make_tokenizer().save(str(directory / "tokenizer.json"))
-    return directory
-
-
 @pytest.fixture(scope="module")
 def tiny_dir(tiny, tmp_path_factory):
     cfg, state, _ = tiny
-    return write_checkpoint(tmp_path_factory.mktemp("tiny_var") / "ckpt", cfg, state)
+    # minivar's own names are transformers 5.x save_pretrained names; like a real checkpoint it also carries what
+    # LLaVA never runs (CLIP's last layer, post_layernorm), so transformers loads it with nothing missing
+    return write_checkpoint(tmp_path_factory.mktemp("tiny_var") / "ckpt", state | unused_tensors(cfg), cfg,
+                            tokenizer=True)
 
 
 def test_two_images_in_a_row_get_their_own_sinks(tiny_dir, capsys):
