@@ -589,7 +589,7 @@ def test_known_sink_dims():
     assert known_sink_dims(_llava_cfg(5120, 40, 40, 13824, name="my-llava-1.5-7b-finetune")) == ("llava-1.5-13b", THIRTEEN_B)
     assert known_sink_dims(_llava_cfg(64, 3, 4, 128, vocab=32064, name="llava-hf/llava-1.5-7b-hf")) is None
     assert known_sink_dims(demo.demo_config()) is None
-    assert known_sink_dims(tiny_config()) is None
+    assert known_sink_dims(sink_test_config()) is None
 
 
 # =================================================================================================================
@@ -603,7 +603,7 @@ IMG = 259
 PAD = 260
 
 
-def tiny_config(name="tiny-var") -> LlavaConfig:
+def sink_test_config(name="tiny-var") -> LlavaConfig:
     vision = VisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
                           image_size=14 * GRID, patch_size=14)
     text = TextConfig(vocab_size=261, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
@@ -611,7 +611,7 @@ def tiny_config(name="tiny-var") -> LlavaConfig:
     return LlavaConfig(vision=vision, text=text, image_token_index=IMG, pad_token_id=PAD, name_or_path=name)
 
 
-def tiny_state(cfg, seed=0, dims=TINY_DIMS, common=TINY_COMMON):
+def sink_test_state(cfg, seed=0, dims=TINY_DIMS, common=TINY_COMMON):
     """Random weights + planted sinks. Visual sinks come from the pixels: CLIP dim 0 of a patch is the sum of its
     channel-0 pixels, so a bright patch (normalised ≈ 1.9) marks it (≈ 30) and the planted projector turns that into
     a massive value in the visual sink dim; a background at ≈ 0 marks nothing."""
@@ -667,8 +667,8 @@ PATCHES_2 = (2, 40)
 
 @pytest.fixture(scope="module")
 def tiny():
-    cfg = tiny_config()
-    state = tiny_state(cfg)
+    cfg = sink_test_config()
+    state = sink_test_state(cfg)
     return cfg, state, build_model(cfg, state)
 
 
@@ -913,9 +913,9 @@ def test_finder_recovers_planted_dims_demo(demo_pipe):
 
 @pytest.mark.parametrize("dims,seed", [(TINY_DIMS, 0), ((23, 99), 3), ((0, 127), 5)])
 def test_finder_recovers_planted_dims_tiny(dims, seed):
-    cfg = tiny_config()
+    cfg = sink_test_config()
     common = 3 if 3 not in dims else 4
-    model = build_model(cfg, tiny_state(cfg, seed=seed, dims=dims, common=common))
+    model = build_model(cfg, sink_test_state(cfg, seed=seed, dims=dims, common=common))
     found, _ = find_sink_dims(model, ids_of(PROMPT_A))
     assert found == tuple(sorted(dims))
 
@@ -943,7 +943,7 @@ def test_resolve_sink_dims(tiny):
 
 
 def test_resolve_warns_when_nothing_found():
-    cfg = tiny_config()
+    cfg = sink_test_config()
     state = demo.random_state_dict(cfg, 0)                                     # no planted sinks
     model = build_model(cfg, state)
     warnings = []
