@@ -52,6 +52,17 @@ def unused_tensors(cfg: LlavaConfig, seed: int = 1) -> dict:
     return extra
 
 
+def build_model(cfg: LlavaConfig, state: dict):
+    """A minivar Llava holding exactly `state` (minivar names), in eval mode; no checkpoint file involved."""
+    import torch
+
+    from minivar.llava import Llava
+    with torch.device("meta"):
+        model = Llava(cfg)
+    model.load_state_dict(state, assign=True)
+    return model.eval()
+
+
 def write_checkpoint(directory: Path, tensors: dict, cfg: LlavaConfig, *, shards: int = 1, dtype=None, config=None,
                      tokenizer: bool = False) -> Path:
     """Write a checkpoint dir: config.json (cfg's, or the `config` dict as given), `tensors` (named as they should

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import write_checkpoint
+from conftest import build_model, write_checkpoint
 from minivar.checkpoint import load_model
 from minivar.config import LlavaConfig, TextConfig, VisionConfig
 from minivar.demo import random_state_dict
@@ -22,10 +22,7 @@ CFG = LlavaConfig(
 
 
 def tiny_model(cfg=CFG, seed=0, std=0.2) -> Llava:
-    with torch.device("meta"):
-        m = Llava(cfg)
-    m.load_state_dict(random_state_dict(cfg, seed, std=std), assign=True)
-    return m.eval()
+    return build_model(cfg, random_state_dict(cfg, seed, std=std))
 
 
 def prompt(cfg=CFG, seed=0):

@@ -25,13 +25,12 @@ import minivar.var
 from PIL import Image
 
 import minivar
-from conftest import unused_tensors, write_checkpoint
+from conftest import build_model, unused_tensors, write_checkpoint
 from minivar import demo
 from minivar.config import LlavaConfig, TextConfig, VisionConfig
 from minivar.errors import MinivarError
 from minivar.generate import generate
 from minivar.llama import KVCache
-from minivar.llava import Llava
 from minivar.var import (PRESETS, VARConfig, VARState, find_sink_dims, known_sink_dims, parse_sink_dims,
                          redistribute, resolve_sink_dims, select_heads, sink_scores, sink_sets)
 
@@ -627,13 +626,6 @@ def sink_test_state(cfg, seed=0, dims=TINY_DIMS, common=TINY_COMMON):
     w[0].zero_()
     w[0, 0] = 0.08
     return state
-
-
-def build_model(cfg, state) -> Llava:
-    with torch.device("meta"):
-        m = Llava(cfg)
-    m.load_state_dict(state, assign=True)
-    return m.eval()
 
 
 def tiny_pixels(patches, seed=0) -> torch.Tensor:
