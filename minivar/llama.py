@@ -103,8 +103,13 @@ class Probe:
         return mask
 
     def wants(self, layer: int) -> bool:
-        """True makes this layer compute explicit probabilities (every row) and call record_attention."""
+        """True makes this layer compute explicit probabilities and call record_attention."""
         return False
+
+    def first_row(self) -> int:
+        """The first query row of this call whose probabilities record_attention needs (the rows from there on, at
+        least, are passed to it); the rows before it may go through the fused kernel."""
+        return 0
 
     def record_attention(self, layer: int, before: torch.Tensor, after: torch.Tensor) -> None:
         """fp32 probabilities [B, H, T, S] before and after VAR."""
@@ -160,9 +165,10 @@ class LlamaAttention(nn.Module):
     def attend_explicit(self, q, k, v, mask, var=None, probe=None):
         """Attention written out — scores, mask, fp32 softmax, [VAR], @ v — for the query rows that need it."""
         T, S = q.shape[2], k.shape[2]
-        # Only the query rows VAR may touch need explicit probabilities (in the prefill: the rows after the image);
-        # the rows before them go through the fused kernel. A probe sees every row.
-        first = var.first_row() if var is not None and probe is None else 0
+        # Only the query rows VAR may touch or the probe reads need explicit probabilities (in the prefill: the rows
+        # after the image for VAR); the rows before them go through the fused kernel.
+        firsts = [x.first_row() for x in (var, probe) if x is not None]
+        first = min(firsts) if firsts else 0
         head = None
         if first and mask is None and T == S:    # the prompt's first rows: the fused kernel's causal mode is right
             head = F.scaled_dot_product_attention(q[:, :, :first], k, v, is_causal=True)

@@ -79,7 +79,7 @@ class Capture(Probe):
     def _reset(self):
         self._step = -1
         self._active = False
-        self._row_idx = None               # this step's kept query rows (index into T), None = all
+        self._first_row = 0                # this step's kept query rows: first_row.. (always the last ones of the call)
         self._rows: list[int] = []         # absolute positions of the kept rows, all steps
         self._attn: dict[int, dict[str, list]] = {}
         self._res: dict[int, list] = {}
@@ -152,12 +152,12 @@ class Capture(Probe):
                 if self.image is None:
                     raise MinivarError("rows='after_image' needs bind() with the image mask")
                 rows = list(range(int(self.image_end.min()), T))   # the earliest image end over the batch
-            self._row_idx = None if len(rows) == T else torch.tensor(rows, device=h.device)
+            self._first_row = rows[0] if rows else T
         else:
             self._active = self.decode
             start = self.prompt_len + self._step - 1                 # cache length before this step
             rows = list(range(start, start + T))
-            self._row_idx = None
+            self._first_row = 0
         if self._active:
             self._rows.extend(rows)
 
@@ -190,13 +190,17 @@ class Capture(Probe):
     def wants(self, layer: int) -> bool:
         return self._active and ((bool(self.attention) and self._wants_layer(layer)) or self.head_stats_wanted)
 
+    def first_row(self) -> int:
+        return self._first_row
+
     def record_attention(self, layer: int, before: torch.Tensor, after: torch.Tensor) -> None:
         if not self._active:
             return
-        idx = self._row_idx
+        # the call's query rows from first_row() on, or more of them where VAR needed earlier rows: keep the last
+        n_rows = self.prompt_len - self._first_row if self._step == 0 else before.shape[2]
 
         def rows_of(t):
-            return t if idx is None else t.index_select(2, idx)
+            return t[:, :, t.shape[2] - n_rows:]
 
         if self.attention and self._wants_layer(layer):
             if self._heads_idx is None and self.heads is not None:

@@ -216,6 +216,38 @@ def test_head_stats_match_the_attention(llava, span):
     assert sorted(cap.head_stats) == [0, 1, 2, 3]                # head stats cover every layer
 
 
+@pytest.mark.parametrize("var", [None, VAR], ids=["var-off", "var-on"])
+def test_answer_rows_are_the_full_captures_rows(llava, span, monkeypatch, var):
+    """rows="answer" computes explicit probabilities for the last prompt row only (VAR's rows where VAR acts), and
+    keeps the same numbers as the matching rows of a capture of every row."""
+    import minivar.llama as llama
+    _, end, T = span
+    full = capture(llava, layers=[0, 3], rows="all", decode=True, head_stats=True, max_new_tokens=N_NEW, var=var)
+    explicit_rows = []
+    attend = llama.LlamaAttention.attend_explicit
+
+    def spy(self, q, k, v, mask, var=None, probe=None):
+        out = attend(self, q, k, v, mask, var, probe)
+        if q.shape[2] > 1:                                     # the prefill
+            explicit_rows.append((self.layer_idx, min(x.first_row() for x in (var, probe) if x is not None)))
+        return out
+
+    monkeypatch.setattr(llama.LlamaAttention, "attend_explicit", spy)
+    ans = capture(llava, layers=[0, 3], rows="answer", decode=True, head_stats=True, max_new_tokens=N_NEW, var=var)
+    # every layer reads its head stats; VAR acts in layers 0..2 from the first row after the image
+    assert explicit_rows == [(0, end if var else T - 1), (1, end if var else T - 1), (2, end if var else T - 1),
+                             (3, T - 1)]
+    assert ans.rows == [T - 1] + [T + k for k in range(N_NEW - 1)]
+    idx = [full.rows.index(r) for r in ans.rows]
+    for layer in (0, 3):
+        for kind in ("before", "after"):
+            torch.testing.assert_close(ans.attention_probs[layer][kind], full.attention_probs[layer][kind][:, :, idx],
+                                       rtol=1e-5, atol=1e-6)
+    for layer in range(4):
+        for name, t in ans.head_stats[layer].items():
+            torch.testing.assert_close(t, full.head_stats[layer][name][..., idx], rtol=1e-5, atol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Sink removal
 
