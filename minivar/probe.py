@@ -8,6 +8,7 @@ The interface the decoder calls, in this order for each layer of each forward ca
     probe.key_mask(layer, mask) -> mask            mask [B, 1, T, S] bool, True = may attend; return a new tensor
                                                    (called only where probe.masks_keys is True)
     probe.wants(layer) -> bool                     True: compute explicit probabilities in this layer (slow path)
+    probe.first_row() -> int                       ... for the call's query rows from this one on (earlier: fused)
     probe.record_attention(layer, before, after)   fp32 probs [B, H, T, S] before / after VAR (the same tensor
                                                    where VAR did not act); called only where wants() was True
 
