@@ -112,7 +112,7 @@ class Probe:
         return 0
 
     def record_attention(self, layer: int, before: torch.Tensor, after: torch.Tensor) -> None:
-        """fp32 probabilities [B, H, T, S] before and after VAR."""
+        """fp32 probabilities [B, H, T', S] before and after VAR, of the call's last T' ≥ T − first_row() query rows."""
 
 
 class LlamaAttention(nn.Module):

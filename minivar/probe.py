@@ -9,8 +9,9 @@ The interface the decoder calls, in this order for each layer of each forward ca
                                                    (called only where probe.masks_keys is True)
     probe.wants(layer) -> bool                     True: compute explicit probabilities in this layer (slow path)
     probe.first_row() -> int                       ... for the call's query rows from this one on (earlier: fused)
-    probe.record_attention(layer, before, after)   fp32 probs [B, H, T, S] before / after VAR (the same tensor
-                                                   where VAR did not act); called only where wants() was True
+    probe.record_attention(layer, before, after)   fp32 probs [B, H, T', S] of the call's last T' ≥ T − first_row()
+                                                   query rows, before / after VAR (the same tensor where VAR did
+                                                   not act); called only where wants() was True
 
 `Capture` is minivar's probe. It keeps only what was asked for (a 7B prompt's full attention is GBs):
   - attention probabilities (before and/or after VAR) of chosen layers and heads, for chosen query rows:
