@@ -158,8 +158,23 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def peak_rss_gb() -> float:
+    """This process's peak resident memory, GiB. On Linux VmHWM, the high-water mark of the process's own memory
+    map: getrusage's ru_maxrss survives exec, so a worker started by a parent that once held a big checkpoint
+    would report the parent's peak."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**20                      # kB
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**30 if sys.platform == "darwin" else peak / 2**20         # bytes on macOS, kB elsewhere
+
+
 def peak_memory(device) -> dict:
-    out = {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    out = {"peak_rss_gb": peak_rss_gb()}
     if str(device).startswith("cuda"):
         out["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 2**30
     return out
@@ -193,7 +208,7 @@ def worker_minivar(args) -> dict:
     sync(dev)
     load_s = time.perf_counter() - t0
     cfg = model.config
-    rss_after_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    rss_after_load = peak_rss_gb()
     ids, px = inputs(cfg)
     ids, px = ids.to(dev), px.to(dev, dt)
     n = args.new_tokens

@@ -40,3 +40,15 @@ def test_bandwidth_reads_exactly_the_weights_a_decode_step_reads():
     assert sum(t.numel() * t.element_size() for t in weights) == bench.decode_bytes_per_token(cfg, torch.bfloat16)
     assert not any(t is model.language_model.model.embed_tokens.weight for t in weights)   # one row per step
     assert bench.read_bandwidth(weights, "cpu") > 0 and bench.gemv_rate(model, "cpu") > 0
+
+
+def test_peak_rss_is_the_worker_own_not_its_parents():
+    """A worker started by a process that once held 1.5 GB reports its own peak (getrusage's would be the parent's)."""
+    grandchild = f"import sys; sys.path.insert(0, {str(REPO / 'bench')!r}); import bench; print(bench.peak_rss_gb())"
+    child = ("import subprocess, sys\n"
+             "big = b'x' * (1536 * 2**20)\n"                          # 1.5 GB, every page written
+             "del big\n"
+             f"print(subprocess.run([sys.executable, '-c', {grandchild!r}], capture_output=True, text=True,"
+             " check=True).stdout)")
+    out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120, check=True).stdout
+    assert 0 < float(out) < 1.2
