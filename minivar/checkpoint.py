@@ -22,6 +22,7 @@ from .llava import Llava
 DEFAULT_MODEL = "llava-hf/llava-1.5-7b-hf"
 WEIGHTS_DIR = Path(os.environ.get("MINIVAR_WEIGHTS", Path(__file__).resolve().parents[1] / "weights"))
 DOWNLOAD_PATTERNS = ["*.json", "*.safetensors"]   # config, tokenizer.json, weights: all minivar reads
+SOURCE_FILE = ".hub-id"                             # in a downloaded folder: the hub id it came from
 
 # Key layouts → minivar's names. Applied in order; each is (pattern, replacement).
 KEY_RULES = [
@@ -67,6 +68,10 @@ def resolve(model: str, weights_dir: Path | None = None) -> Path:
     if not looks_like_hub_id:
         raise MinivarError(f"model directory '{model}' not found")
     local = weights_dir / model.split("/")[-1]
+    source = local / SOURCE_FILE          # which hub id the folder holds: two ids may share a repo name
+    if source.is_file() and source.read_text().strip() != model:
+        raise MinivarError(f"'{local}' holds '{source.read_text().strip()}', not '{model}': move or rename that folder, "
+                           f"or download '{model}' elsewhere and pass --model DIR")
     if (local / "config.json").is_file() and not (local / ".incomplete").exists():
         return local
     return download(model, local)
@@ -83,6 +88,7 @@ def download(repo_id: str, local: Path) -> Path:
     local.mkdir(parents=True, exist_ok=True)
     marker = local / ".incomplete"   # an interrupted download is never mistaken for a complete checkpoint
     marker.touch()
+    (local / SOURCE_FILE).write_text(repo_id + "\n")
     offline_hint = "if you are offline, download it elsewhere and pass --model /path/to/checkpoint-dir"
     verbosity = hub_logging.get_verbosity()
     hub_logging.set_verbosity_error()   # its warnings would be a second message; ours below says what failed
@@ -106,8 +112,9 @@ def download(repo_id: str, local: Path) -> Path:
 
 def _forget(local: Path, fresh: bool) -> None:
     """After a failed download, remove the directory if this attempt created it and nothing else is in it."""
-    if fresh and all(p.name == ".incomplete" for p in local.iterdir()):
-        (local / ".incomplete").unlink(missing_ok=True)
+    if fresh and all(p.name in (".incomplete", SOURCE_FILE) for p in local.iterdir()):
+        for name in (".incomplete", SOURCE_FILE):
+            (local / name).unlink(missing_ok=True)
         local.rmdir()
 
 

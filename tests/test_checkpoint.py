@@ -353,6 +353,29 @@ def test_hub_download_fetches_only_safetensors_and_json(tmp_path, monkeypatch, t
     assert resolve("llava-hf/llava-1.5-7b-hf", weights) == path
 
 
+def test_a_second_hub_id_with_the_same_repo_name_is_refused(tmp_path, monkeypatch, tiny_checkpoint):
+    import huggingface_hub
+    calls = []
+
+    def fake_download(repo_id, local_dir, **kwargs):
+        calls.append(repo_id)
+        for f in tiny_checkpoint.iterdir():
+            shutil.copy(f, Path(local_dir) / f.name)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    weights = tmp_path / "weights"
+    path = resolve("llava-hf/llava-1.5-7b-hf", weights)
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in path.iterdir())
+    with pytest.raises(MinivarError, match=r"llava-1.5-7b-hf' holds 'llava-hf/llava-1.5-7b-hf', not "
+                                           r"'someone/llava-1.5-7b-hf'.*--model DIR"):
+        resolve("someone/llava-1.5-7b-hf", weights)
+    assert calls == ["llava-hf/llava-1.5-7b-hf"]                       # nothing downloaded over the first
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in path.iterdir()) == before
+    assert resolve("llava-hf/llava-1.5-7b-hf", weights) == path and len(calls) == 1
+    # a folder put there by hand (no recorded id) is still taken as it is
+    (path / checkpoint.SOURCE_FILE).unlink()
+    assert resolve("someone/llava-1.5-7b-hf", weights) == path and len(calls) == 1
+
+
 def test_interrupted_download_is_not_taken_as_complete(tmp_path, monkeypatch, tiny_checkpoint):
     import huggingface_hub
     calls = []
