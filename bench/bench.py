@@ -54,14 +54,21 @@ SHAPES = {
 # ---------------------------------------------------------------------------------------------------------------
 # Checkpoint and inputs
 
+INIT_VERSION = 2          # bump when the random weights' rule changes: checkpoints made before are made again
+
+
 def make_checkpoint(kind: str, dtype: str, directory: Path) -> Path:
     """A random LLaVA checkpoint of the given shape in the llava-hf hub layout, written once and reused."""
     from safetensors.torch import save_file
 
     from minivar.demo import random_tensor
     from minivar.llava import Llava
-    if (directory / "config.json").is_file():
-        return directory
+    marker = directory / ".bench-checkpoint"        # what made it: a checkpoint made by an older rule is made again
+    made_by = f"minivar bench, shape {kind}, init {INIT_VERSION}\n"
+    if (directory / "config.json").is_file() and (not marker.is_file() or marker.read_text() == made_by):
+        return directory                          # made earlier by this rule, or a checkpoint of the user's own
+    for old in directory.glob("*.safetensors"):
+        old.unlink()
     cfg = SHAPES[kind]
     directory.mkdir(parents=True, exist_ok=True)
     with torch.device("meta"):
@@ -91,6 +98,7 @@ def make_checkpoint(kind: str, dtype: str, directory: Path) -> Path:
                                                                         "weight_map": index}))
     hf = cfg.to_hf() | {"dtype": dtype}
     (directory / "config.json").write_text(json.dumps(hf, indent=1))
+    marker.write_text(made_by)
     return directory
 
 
@@ -326,6 +334,20 @@ def run_worker(name: str, args) -> dict | None:
 
 # ---------------------------------------------------------------------------------------------------------------
 
+def positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number ≥ 1")
+    return n
+
+
+def positive_ints(text: str) -> list[int]:
+    return [positive_int(part) for part in text.split(",")]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", type=Path,
@@ -334,16 +356,15 @@ def main(argv=None) -> int:
     p.add_argument("--make", choices=sorted(SHAPES), default="reference", help="shape of the checkpoint to make")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=4)
-    p.add_argument("--batch-sizes", default="1,2,4")
+    p.add_argument("--new-tokens", type=positive_int, default=32)
+    p.add_argument("--repeats", type=positive_int, default=4)
+    p.add_argument("--batch-sizes", type=positive_ints, default=[1, 2, 4], help="comma-separated, e.g. 1,2,4")
     p.add_argument("--var-tau", type=float, default=2.0,
                    help="τ for the VAR run: random weights have no massive activations, so a low τ makes sinks")
     p.add_argument("--no-transformers", action="store_true")
     p.add_argument("--quick", action="store_true", help="1 repeat, 8 tokens, batch 1,2")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    args.batch_sizes = [int(b) for b in str(args.batch_sizes).split(",") if b]
     if args.quick:
         args.repeats, args.new_tokens, args.batch_sizes = 1, 8, [1, 2]
     if args.worker:

@@ -69,9 +69,9 @@ def resolve(model: str, weights_dir: Path | None = None) -> Path:
         raise MinivarError(f"model directory '{model}' not found")
     local = weights_dir / model.split("/")[-1]
     source = local / SOURCE_FILE          # which hub id the folder holds: two ids may share a repo name
-    if source.is_file() and source.read_text().strip() != model:
+    if source.is_file() and source.read_text().strip().casefold() != model.casefold():   # the hub ignores case
         raise MinivarError(f"'{local}' holds '{source.read_text().strip()}', not '{model}': move or rename that folder, "
-                           f"or download '{model}' elsewhere and pass --model DIR")
+                           f"set MINIVAR_WEIGHTS to another folder, or download '{model}' elsewhere and pass --model DIR")
     if (local / "config.json").is_file() and not (local / ".incomplete").exists():
         return local
     return download(model, local)

@@ -261,7 +261,9 @@ class LlamaModel(nn.Module):
                 var.observe(i, x)             # VAR: sink tokens are read off each layer's residual input h^ℓ
             if probe is not None:
                 probe.record_residual(i, x)
-            trim = last_only and i == last and not (probe is not None and probe.wants(i))
+            # (not where VAR or the probe reads this layer's rows: they count rows from the call's first one)
+            reads_rows = (var is not None and var.active(i)) or (probe is not None and probe.wants(i))
+            trim = last_only and i == last and not reads_rows
             x = layer(x, cos, sin, mask, cache, var, probe, trim)
         if cache is not None:
             cache.length += positions.shape[1]    # every layer has stored this call's keys and values

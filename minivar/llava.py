@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from .clip import CLIPVisionTower
 from .config import LlavaConfig
 from .errors import MinivarError
-from .llama import KVCache, LlamaForCausalLM, causal_mask
+from .llama import KVCache, LlamaForCausalLM, Probe, causal_mask
 
 
 class LlavaMultiModalProjector(nn.Module):
@@ -76,6 +76,9 @@ class Llava(nn.Module):
         attention_mask [B, S] (1 = real token, 0 = left padding) covers cached + new positions; None = no padding.
         pixel_values are only needed on the call that contains the image tokens (the prefill).
         """
+        if probe is not None and not isinstance(probe, Probe):
+            raise MinivarError(f"probe must subclass minivar.llama.Probe (got {type(probe).__name__}): its defaults "
+                               f"fill in the parts of the interface a probe does not override")
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
         x = self.embed(input_ids, pixel_values)

@@ -2,13 +2,17 @@
 
 A *probe* is an object passed explicitly down Llava.forward → LlamaModel.forward → every LlamaAttention, for one
 call. It is never stored on the model (no hooks, no attributes), so nothing stays attached afterwards.
-The interface the decoder calls, in this order for each layer of each forward call:
+A probe subclasses `minivar.llama.Probe`, whose defaults do nothing, and overrides what it needs. The interface the
+decoder calls, in this order for each layer of each forward call:
 
     probe.record_residual(layer, h)                h [B, T, D]: the layer's residual input (after var.observe)
+    probe.masks_keys -> bool                       True if key_mask may remove columns (then every call builds an
+                                                   explicit mask; False keeps the fused kernel's causal mode)
     probe.key_mask(layer, mask) -> mask            mask [B, 1, T, S] bool, True = may attend; return a new tensor
-                                                   (called only where probe.masks_keys is True)
+                                                   (called only where masks_keys is True)
     probe.wants(layer) -> bool                     True: compute explicit probabilities in this layer (slow path)
-    probe.first_row() -> int                       ... for the call's query rows from this one on (earlier: fused)
+    probe.first_row() -> int                       the first query row of this call whose probabilities are
+                                                   needed; earlier rows go through the fused kernel
     probe.record_attention(layer, before, after)   fp32 probs [B, H, T', S] of the call's last T' ≥ T − first_row()
                                                    query rows, before / after VAR (the same tensor where VAR did
                                                    not act); called only where wants() was True
@@ -169,6 +173,7 @@ class Capture(Probe):
             self._begin_step(h)
         if self._step == 0 and self._dims and (self.sinks_wanted or self.head_stats_wanted or self.mask == "visual_sinks"):
             # as VAR: φ from this layer's residual input, once per sample in the prefill, over all prompt positions
+            # a capture serves one prompt (Pipeline refuses a probe on a batch), so there is no padding to exclude
             image = self.image if self.image is not None else torch.zeros(h.shape[:2], dtype=torch.bool, device=h.device)
             phi, sinks, vis = sink_sets(h, self._dims, self._tau, image)
             self._vis_dev[layer] = vis
@@ -461,13 +466,13 @@ class RunInspection:
         inspection = cls(args.save_attention, args.attention_layers, args.mask_visual_sinks,
                          args.mask_random_image_tokens, args.seed)
         if inspection.directory is not None:
-            inspection.check_pictures_possible(args.max_new_tokens)
+            inspection.check_pictures_possible(args.max_new_tokens)      # one answer row per generated token
         return inspection
 
     @staticmethod
-    def check_pictures_possible(n_generated: int) -> None:
-        """The pictures show the rows that produce answer tokens: there must be at least one."""
-        if n_generated < 1:
+    def check_pictures_possible(n_answer_rows: int) -> None:
+        """The pictures show the rows that produce answer tokens (one per generated token): there must be one."""
+        if n_answer_rows < 1:
             raise MinivarError("--save-attention needs at least one generated token (--max-new-tokens ≥ 1)")
 
     def probe(self, llava, var: VARConfig | None) -> Capture:
@@ -501,7 +506,7 @@ class RunInspection:
                     log(f"minivar: masked {report['n']} random image tokens (seed {report['seed']})")
         if self.directory is not None:
             from . import viz
-            self.check_pictures_possible(len(self.capture.rows))
+            self.check_pictures_possible(len(self.capture.rows))      # none when the generation made no call
             t = llava.config.text
             numbers = picture_numbers(self.capture, n_layers=t.num_hidden_layers, n_heads=t.num_attention_heads,
                                       layer_range=self.layer_range, var=var, image_size=llava.config.vision.image_size)

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -42,6 +44,7 @@ def test_bandwidth_reads_exactly_the_weights_a_decode_step_reads():
     assert bench.read_bandwidth(weights, "cpu") > 0 and bench.gemv_rate(model, "cpu") > 0
 
 
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="VmHWM is Linux's; elsewhere ru_maxrss is all")
 def test_peak_rss_is_the_worker_own_not_its_parents():
     """A worker started by a process that once held 1.5 GB reports its own peak (getrusage's would be the parent's)."""
     grandchild = f"import sys; sys.path.insert(0, {str(REPO / 'bench')!r}); import bench; print(bench.peak_rss_gb())"
@@ -52,3 +55,20 @@ def test_peak_rss_is_the_worker_own_not_its_parents():
              " check=True).stdout)")
     out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120, check=True).stdout
     assert 0 < float(out) < 1.2
+
+
+def test_bench_checkpoints_made_by_an_older_rule_are_made_again(tmp_path):
+    sys.path.insert(0, str(REPO / "bench"))
+    import bench
+    d = bench.make_checkpoint("tiny", "float32", tmp_path / "made")
+    weights = next(d.glob("*.safetensors"))
+    stamp = weights.stat().st_mtime_ns
+    assert bench.make_checkpoint("tiny", "float32", d) == d and weights.stat().st_mtime_ns == stamp   # reused
+    (d / ".bench-checkpoint").write_text("minivar bench, shape tiny, init 1\n")
+    bench.make_checkpoint("tiny", "float32", d)
+    assert weights.stat().st_mtime_ns != stamp and "init 1" not in (d / ".bench-checkpoint").read_text()
+    # a checkpoint of the user's own (no marker) is taken as it is, never rewritten
+    (d / ".bench-checkpoint").unlink()
+    stamp = weights.stat().st_mtime_ns
+    bench.make_checkpoint("reference", "float32", d)
+    assert weights.stat().st_mtime_ns == stamp

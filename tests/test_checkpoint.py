@@ -371,6 +371,7 @@ def test_a_second_hub_id_with_the_same_repo_name_is_refused(tmp_path, monkeypatc
     assert calls == ["llava-hf/llava-1.5-7b-hf"]                       # nothing downloaded over the first
     assert sorted((p.name, p.stat().st_mtime_ns) for p in path.iterdir()) == before
     assert resolve("llava-hf/llava-1.5-7b-hf", weights) == path and len(calls) == 1
+    assert resolve("LLaVA-HF/llava-1.5-7b-hf", weights) == path and len(calls) == 1     # hub ids ignore case
     # a folder put there by hand (no recorded id) is still taken as it is
     (path / checkpoint.SOURCE_FILE).unlink()
     assert resolve("someone/llava-1.5-7b-hf", weights) == path and len(calls) == 1

@@ -149,6 +149,17 @@ def test_an_unbound_capture_works_on_the_model_directly(llava, span):
     assert set(torch.nonzero(probe.sinks[0][0]).flatten().tolist()) >= {0}       # BOS is a text sink
 
 
+def test_a_probe_must_subclass_probe(llava):
+    class Duck:                                   # the old four methods, without the Probe base class
+        def record_residual(self, layer, h): ...
+        def key_mask(self, layer, mask): return mask
+        def wants(self, layer): return False
+        def record_attention(self, layer, before, after): ...
+    ids, px = llava.prompt_ids(PROMPT, CONV), llava.pixels(IMAGE)
+    with pytest.raises(MinivarError, match="probe must subclass minivar.llama.Probe .got Duck"):
+        llava.model(ids, px, probe=Duck())
+
+
 def test_only_a_masking_probe_leaves_the_fused_causal_mode(llava, monkeypatch):
     """A probe that only records keeps the fused kernel's causal mode (mask=None) in the layers it does not read;
     one that masks keys makes every layer take an explicit mask."""
@@ -220,23 +231,21 @@ def test_head_stats_match_the_attention(llava, span):
 def test_answer_rows_are_the_full_captures_rows(llava, span, monkeypatch, var):
     """rows="answer" computes explicit probabilities for the last prompt row only (VAR's rows where VAR acts), and
     keeps the same numbers as the matching rows of a capture of every row."""
-    import minivar.llama as llama
     _, end, T = span
     full = capture(llava, layers=[0, 3], rows="all", decode=True, head_stats=True, max_new_tokens=N_NEW, var=var)
-    explicit_rows = []
-    attend = llama.LlamaAttention.attend_explicit
+    explicit_rows = []                        # (layer, rows of explicit probabilities) in the prefill
+    record = Capture.record_attention
 
-    def spy(self, q, k, v, mask, var=None, probe=None):
-        out = attend(self, q, k, v, mask, var, probe)
-        if q.shape[2] > 1:                                     # the prefill
-            explicit_rows.append((self.layer_idx, min(x.first_row() for x in (var, probe) if x is not None)))
-        return out
+    def spy(self, layer, before, after):
+        if self._step == 0:
+            explicit_rows.append((layer, before.shape[2]))
+        return record(self, layer, before, after)
 
-    monkeypatch.setattr(llama.LlamaAttention, "attend_explicit", spy)
+    monkeypatch.setattr(Capture, "record_attention", spy)
     ans = capture(llava, layers=[0, 3], rows="answer", decode=True, head_stats=True, max_new_tokens=N_NEW, var=var)
-    # every layer reads its head stats; VAR acts in layers 0..2 from the first row after the image
-    assert explicit_rows == [(0, end if var else T - 1), (1, end if var else T - 1), (2, end if var else T - 1),
-                             (3, T - 1)]
+    # every layer reads its head stats; VAR acts in layers 0..2, from the first row after the image
+    var_rows = T - end if var else 1
+    assert explicit_rows == [(0, var_rows), (1, var_rows), (2, var_rows), (3, 1)]
     assert ans.rows == [T - 1] + [T + k for k in range(N_NEW - 1)]
     idx = [full.rows.index(r) for r in ans.rows]
     for layer in (0, 3):

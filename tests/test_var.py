@@ -688,6 +688,20 @@ def test_tiny_sinks_are_the_planted_positions(tiny):
             assert rep["sinks"][str(layer)] == [0] + [4 + p for p in patches]
 
 
+def test_var_in_the_last_layer_with_last_only(tiny):
+    """VAR configured into the last layer (an ablation the paper's rule never makes): a generation prefill
+    (last_only) must give the last row of the full forward, VAR applied the same."""
+    _, _, model = tiny
+    ids = ids_of(PROMPT_A)
+    px = tiny_pixels(PATCHES_1)
+    with torch.inference_mode():
+        full = model(ids, px, var=tiny_var(ids == IMG, layers=(2,)))
+        last = model(ids, px, var=tiny_var(ids == IMG, layers=(2,)), last_only=True)
+        plain = model(ids, px, last_only=True)
+    torch.testing.assert_close(last, full[:, -1:], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(last, plain)                      # VAR did act in layer 2
+
+
 def test_tiny_var_changes_greedy_and_only_where_it_should(tiny, monkeypatch):
     cfg, _, model = tiny
     ids = ids_of(PROMPT_A)
