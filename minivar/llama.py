@@ -48,9 +48,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 @contextlib.contextmanager
 def without_onednn(active: bool = True):
     """Switch oneDNN (a CPU backend; GPUs ignore the switch) off for the products inside, when active. For a matrix
-    times a single vector (a decode
-    step: each weight matrix times one row; each head's keys and values times one query row) ATen's own kernels
-    are 1.5-4x faster than oneDNN's here, which shines on matrix-matrix products (prefill, batched projections)."""
+    times a single vector (a decode step: each weight matrix times one row; each head's keys and values times one
+    query row) ATen's own kernels are 1.5-4x faster than oneDNN's here; oneDNN shines on matrix-matrix products
+    (the prefill, batched projections)."""
     before = torch.backends.mkldnn.enabled
     if active:
         torch.backends.mkldnn.enabled = False

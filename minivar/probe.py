@@ -98,9 +98,14 @@ class Capture(Probe):
         self.prompt_len = None
 
     @property
+    def _uses_sinks(self) -> bool:
+        """Does this capture compute φ and the sink sets (kept, read by the head stats, or masked)?"""
+        return self.sinks_wanted or self.head_stats_wanted or self.mask == "visual_sinks"
+
+    @property
     def needs_sink_dims(self) -> bool:
         """Does bind() need sink dims (to compute φ and the sink sets)?"""
-        return self.sink_dims is None and (self.sinks_wanted or self.head_stats_wanted or self.mask == "visual_sinks")
+        return self.sink_dims is None and self._uses_sinks
 
     def bind(self, image_mask: torch.Tensor, *, n_layers: int | None = None, n_heads: int | None = None,
              sink_dims=None, tau: float | None = None) -> "Capture":
@@ -171,7 +176,7 @@ class Capture(Probe):
     def record_residual(self, layer: int, h: torch.Tensor) -> None:
         if layer == 0:
             self._begin_step(h)
-        if self._step == 0 and self._dims and (self.sinks_wanted or self.head_stats_wanted or self.mask == "visual_sinks"):
+        if self._step == 0 and self._dims and self._uses_sinks:
             # as VAR: φ from this layer's residual input, once per sample in the prefill, over all prompt positions
             # a capture serves one prompt (Pipeline refuses a probe on a batch), so there is no padding to exclude
             image = self.image if self.image is not None else torch.zeros(h.shape[:2], dtype=torch.bool, device=h.device)
@@ -449,8 +454,6 @@ class RunInspection:
         if attention_layers is not None:
             parse_layer_range(attention_layers)                  # its form, now; against the model's depth: probe()
         self.attention_layers = attention_layers
-        if mask_visual_sinks and mask_random is not None:
-            raise MinivarError("--mask-visual-sinks and --mask-random-image-tokens cannot be used together")
         if mask_random is not None and mask_random < 1:
             raise MinivarError(f"--mask-random-image-tokens must be ≥ 1, got {mask_random}")
         self.mask = "visual_sinks" if mask_visual_sinks else None

@@ -183,6 +183,7 @@ class VARState:
         self.pad = (~self.real).sum(-1)                                         # left padding per sample
         # image_end: the first position after each sample's image; prefill rows from there on are VAR's to touch
         self.image_start, self.image_end = image_span(self.image)                # [B] each
+        self._first_prefill_row = int(self.image_end.min())       # read once here, not in every layer (a device sync)
         self.prompt_len = T
         self.layers = cfg.layer_set(n_layers)                                  # never the last layer
         self.decoding = False
@@ -207,7 +208,7 @@ class VARState:
 
     def first_row(self) -> int:
         """The first query row of the current call VAR may touch: in the prefill, the first row after the image."""
-        return 0 if self.decoding else int(self.image_end.min())
+        return 0 if self.decoding else self._first_prefill_row
 
     def start_decoding(self) -> None:
         self.decoding = True
