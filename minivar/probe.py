@@ -372,18 +372,6 @@ def sink_layer_ranges(n_layers: int, parts: int = 4) -> list[tuple[int, int]]:
     return [(bounds[i], bounds[i + 1] - 1) for i in range(parts)]
 
 
-def model_view(image, image_size: int = 336, mode: str = "pad"):
-    """The image as the model sees it (after pad / crop and resizing), as an RGB PIL image of image_size²."""
-    from PIL import Image
-
-    from . import processing
-    px = processing.preprocess(image, image_size, mode)                          # float32 [3, S, S]
-    mean = torch.tensor(processing.IMAGE_MEAN).view(3, 1, 1)
-    std = torch.tensor(processing.IMAGE_STD).view(3, 1, 1)
-    rgb = ((px * std + mean) * 255).round().clamp(0, 255).to(torch.uint8)      # exact inverse of the rescale
-    return Image.fromarray(rgb.permute(1, 2, 0).contiguous().numpy(), "RGB")
-
-
 def _r(x: float) -> float:
     return float(f"{x:.5g}")
 
@@ -515,7 +503,8 @@ class RunInspection:
                                       layer_range=self.layer_range, var=var, image_size=llava.config.vision.image_size)
             numbers.update(model=str(llava.directory), prompt=prompt, answer=result.text,
                            image_aspect_ratio=image_aspect_ratio)
-            view = model_view(image, llava.config.vision.image_size, image_aspect_ratio)
+            from .processing import model_image
+            view = model_image(image, llava.config.vision.image_size, image_aspect_ratio)   # what the model saw
             paths = viz.save(self.directory, numbers, view)
             out["pictures"] = [str(p) for p in paths]
             if log:

@@ -180,6 +180,11 @@ def _to_normalised_tensor(img: Image.Image) -> torch.Tensor:
 
 def preprocess(img: Image.Image, image_size: int = 336, mode: str = "pad") -> torch.Tensor:
     """A PIL image (any mode) → float32 [3, image_size, image_size] pixel values for the CLIP tower."""
+    return _to_normalised_tensor(model_image(img, image_size, mode))
+
+
+def model_image(img: Image.Image, image_size: int = 336, mode: str = "pad") -> Image.Image:
+    """The image as the model sees it: RGB, padded to a square (pad) or not (crop), resized, center-cropped."""
     if mode not in IMAGE_MODES:
         raise MinivarError(f"unknown image mode '{mode}' (choose from {', '.join(IMAGE_MODES)})")
     if not isinstance(img, Image.Image):
@@ -190,8 +195,7 @@ def preprocess(img: Image.Image, image_size: int = 336, mode: str = "pad") -> to
     if mode == "pad":
         img = expand_to_square(img)
     img = _resize_shortest_edge(img, image_size)
-    img = _center_crop(img, image_size)
-    return _to_normalised_tensor(img)
+    return _center_crop(img, image_size)
 
 
 # ---------------------------------------------------------------------------------------------------------------
