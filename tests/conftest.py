@@ -16,6 +16,17 @@ if str(REPO) not in sys.path:          # so `import minivar` / `import run` work
 from minivar.config import LlavaConfig, TextConfig, VisionConfig  # noqa: E402
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """The test models are tiny: one thread is as fast, and much faster than two on a machine whose cores are busy
+    (intra-op threads then wait on each other at every small op)."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def tiny_llava_config(**text_overrides) -> LlavaConfig:
     """CLIP 32-dim / 3 layers at 56 px (16 image tokens), LLaMA 64-dim / 2 layers; byte-level vocab of the demo."""
     vision = VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
@@ -140,6 +151,19 @@ def run_cli(argv) -> tuple[int, str, str]:
         except SystemExit as e:          # argparse's own errors exit from inside parse_args
             rc = e.code
     return rc, out.getvalue(), err.getvalue()
+
+
+def assert_one_line_error(rc, out, err, *names):
+    """What every bad input must give: exit code 2, nothing on stdout, one error line on stderr naming `names`."""
+    assert rc == 2, (rc, err)
+    assert out == "", out
+    assert "Traceback" not in err
+    lines = err.splitlines()
+    assert len(lines) == 1 and err.endswith("\n"), err
+    assert "error" in lines[0]
+    for name in names:
+        assert str(name) in lines[0], (name, lines[0])
+    return lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_llava_config, unused_tensors, write_checkpoint
+from conftest import tiny_llava_config, to_hub_key, unused_tensors, write_checkpoint
 from minivar import checkpoint
 from minivar.checkpoint import load_model, normalise_key, read_config, resolve
 from minivar.errors import MinivarError
@@ -21,8 +21,7 @@ GOLDEN = Path(__file__).resolve().parent / "golden"
 # ---------------------------------------------------------------------------------------------------------------
 # Key layouts, as functions of minivar's name
 
-def hub(key):          # llava-hf hub (transformers 4.x)
-    return "vision_tower.vision_model." + key[len("vision_tower."):] if key.startswith("vision_tower.") else key
+hub = to_hub_key      # llava-hf hub (transformers 4.x)
 
 
 def v5_hybrid(key):    # what 5.x save_pretrained writes: vision_tower.* without vision_model.

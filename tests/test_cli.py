@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import run
-from conftest import run_cli
+from conftest import assert_one_line_error, run_cli
 from minivar import checkpoint
 from minivar.demo import DEMO_SINK_PATCHES
 
@@ -24,21 +24,6 @@ REPO = Path(__file__).resolve().parents[1]
 IMAGE = REPO / "assets" / "example.jpg"
 PROMPT = "What is in the image?"
 IMAGE_ID, EOS = 259, 2        # the demo's <image> and </s>
-
-
-call = run_cli
-
-
-def assert_one_line_error(rc, out, err, *names):
-    assert rc == 2, (rc, err)
-    assert out == "", out
-    assert "Traceback" not in err
-    lines = err.splitlines()
-    assert len(lines) == 1 and err.endswith("\n"), err
-    assert "error" in lines[0]
-    for name in names:
-        assert str(name) in lines[0], (name, lines[0])
-    return lines[0]
 
 
 def image_run(prompt_ids):
@@ -180,7 +165,7 @@ def test_errors_through_the_interpreter(procs, case, names):
 
 @pytest.fixture(scope="module")
 def var_record(demo_env):
-    rc, out, err = call(BASE + ["--var", "--json"])
+    rc, out, err = run_cli(BASE + ["--var", "--json"])
     assert rc == 0, err
     assert out.count("\n") == 1
     return json.loads(out)
@@ -210,7 +195,7 @@ def test_var_json_reports_sinks_and_counts(var_record):
 
 
 def test_var_on_a_local_checkpoint_with_user_sink_dims(tiny_checkpoint):
-    rc, out, err = call(["--image", IMAGE, "--prompt", "Hi", "--model", tiny_checkpoint, "--max-new-tokens", "2",
+    rc, out, err = run_cli(["--image", IMAGE, "--prompt", "Hi", "--model", tiny_checkpoint, "--max-new-tokens", "2",
                          "--json", "--var", "--sink-dims", "7,3", "--var-preset", "hallucination", "--p", "0.5"])
     assert rc == 0, err
     record = json.loads(out)
@@ -267,7 +252,7 @@ def args(image=IMAGE, prompt=PROMPT, model="demo", *extra):
      ["--mask-random-image-tokens", "100000", "576"]),
 ])
 def test_bad_input_gives_one_error_line(demo_env, bad_files, capfd, name, argv, culprit):
-    assert_one_line_error(*call(argv(bad_files)), *culprit)
+    assert_one_line_error(*run_cli(argv(bad_files)), *culprit)
     leaked = capfd.readouterr()
     assert leaked.out == "" and leaked.err == "", leaked         # nothing written around Python's sys.std*
 
@@ -284,7 +269,7 @@ def test_bad_input_gives_one_error_line(demo_env, bad_files, capfd, name, argv, 
 ])
 def test_bad_checkpoint_gives_one_error_line(tiny_checkpoint, tmp_path, capfd, name, make, extra, culprit):
     model = make(tiny_checkpoint, tmp_path / "model") if make else tiny_checkpoint
-    line = assert_one_line_error(*call(args(IMAGE, PROMPT, model, *extra)), *culprit)
+    line = assert_one_line_error(*run_cli(args(IMAGE, PROMPT, model, *extra)), *culprit)
     if make is not None and name != "short context":
         assert str(tmp_path / "model") in line                       # which checkpoint is broken
     leaked = capfd.readouterr()
@@ -298,7 +283,7 @@ def test_hub_id_offline_points_to_model_flag(demo_env, tmp_path, monkeypatch):
         raise ConnectionError("Failed to resolve 'huggingface.co'")
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     monkeypatch.setattr(checkpoint, "WEIGHTS_DIR", tmp_path / "weights")
-    assert_one_line_error(*call(args(IMAGE, PROMPT, "llava-hf/llava-1.5-7b-hf")), "llava-hf/llava-1.5-7b-hf", "--model")
+    assert_one_line_error(*run_cli(args(IMAGE, PROMPT, "llava-hf/llava-1.5-7b-hf")), "llava-hf/llava-1.5-7b-hf", "--model")
 
 
 def test_the_cli_lists_what_the_package_accepts():

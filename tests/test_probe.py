@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import minivar
-from conftest import run_cli, write_checkpoint
+from conftest import assert_one_line_error, run_cli, write_checkpoint
 from minivar import demo
 from minivar.errors import MinivarError
 from minivar.probe import Capture, default_layer_range, parse_layer_range, sink_layer_ranges
@@ -381,6 +381,4 @@ def test_cli_json_reports_masked_random_tokens(base, span):
     (["--attention-layers", "1-2"], "--attention-layers only applies with --save-attention"),
 ])
 def test_cli_mask_errors_are_one_line(base, extra, culprit):
-    rc, out, err = run_cli(base + extra)
-    assert rc == 2 and out == ""
-    assert len(err.strip().splitlines()) == 1 and culprit in err, err
+    assert_one_line_error(*run_cli(base + extra), culprit)

@@ -38,16 +38,6 @@ SEVEN_B = (1415, 2533)
 THIRTEEN_B = (2100, 4743)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The models here are tiny: one thread is as fast, and much faster than two on a machine whose cores are busy
-    (intra-op threads then wait on each other at every small op)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # =================================================================================================================
 # Loop-level reference of design.md §3 (deliberately naive: Python floats and loops, nothing vectorised)
 

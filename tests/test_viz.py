@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import run_cli
+from conftest import assert_one_line_error, run_cli
 from minivar import demo, viz
 from minivar.errors import MinivarError
 from minivar.probe import sink_layer_ranges
@@ -199,7 +199,7 @@ def test_save_attention_path_that_is_a_file_is_one_line_error(demo_env, tmp_path
     target = tmp_path / "not_a_dir.png"
     target.write_bytes(b"x")
     rc, out, err = run_cli(["--image", IMAGE, "--prompt", PROMPT, "--model", "demo", "--save-attention", target])
-    assert rc == 2 and out == ""
+    assert_one_line_error(rc, out, err)
     assert err.strip().splitlines() == [f"minivar: error: --save-attention '{target}' exists and is not a directory"]
     assert target.read_bytes() == b"x"
 
@@ -213,7 +213,7 @@ def test_save_attention_under_a_file_is_one_line_error(tmp_path):
 def test_save_attention_needs_a_generated_token(demo_env, tmp_path):
     rc, out, err = run_cli(["--image", IMAGE, "--prompt", PROMPT, "--model", "demo", "--max-new-tokens", "0",
                             "--save-attention", tmp_path / "p"])
-    assert rc == 2 and len(err.strip().splitlines()) == 1 and "--max-new-tokens" in err
+    assert_one_line_error(rc, out, err, "--max-new-tokens")
     assert not (tmp_path / "p").exists()
 
 
