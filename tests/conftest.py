@@ -130,6 +130,13 @@ def demo_weights(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def demo_pipe(demo_weights):
+    """The `--model demo` pipeline on the CPU in fp32, loaded once per session. Read-only use."""
+    import minivar
+    return minivar.load("demo", device="cpu", dtype="float32", weights_dir=demo_weights)
+
+
+@pytest.fixture(scope="session")
 def llama_tokenizer_path() -> Path:
     """shared/testdata/llama-tokenizer/tokenizer.json (the real LLaVA-1.5 tokenizer); skips where it is absent."""
     path = SHARED / "testdata" / "llama-tokenizer" / "tokenizer.json"

@@ -190,10 +190,9 @@ def test_live_parity_with_transformers(tmp_path, dtype, shard):
     assert ours == hf_tokens
 
 
-def test_pipeline_batch_equals_one_by_one_with_and_without_var(tmp_path):
-    import minivar
+def test_pipeline_batch_equals_one_by_one_with_and_without_var(demo_pipe):
     from minivar.var import VARConfig
-    llava = minivar.load("demo", dtype="float32", weights_dir=tmp_path)
+    llava = demo_pipe
     from PIL import Image
     image_a = str(REPO / "assets" / "example.jpg")
     image_b = Image.open(str(REPO / "assets" / "example.jpg")).transpose(Image.Transpose.FLIP_LEFT_RIGHT)
@@ -241,10 +240,9 @@ def test_a_generated_image_token_id_is_an_ordinary_token():
     assert torch.isfinite(logits).all()
 
 
-def test_pipeline_logits_take_a_var_config_and_padding(tmp_path):
-    import minivar
+def test_pipeline_logits_take_a_var_config_and_padding(demo_pipe):
     from minivar.var import VARConfig
-    llava = minivar.load("demo", dtype="float32", weights_dir=tmp_path)
+    llava = demo_pipe
     ids, px = llava.prompt_ids("What is in the image?"), llava.pixels(str(REPO / "assets" / "example.jpg"))
     plain = llava.logits(ids, px)
     with_var = llava.logits(ids, px, var=VARConfig(sink_dims=(37, 301)))

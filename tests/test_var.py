@@ -856,11 +856,6 @@ def test_two_images_in_a_row_get_their_own_sinks(tiny_dir, capsys):
 # =================================================================================================================
 # The demo checkpoint (τ = 20 sinks at dims 37 / 301, visual sinks at patches 27, 100, 290, 455)
 
-@pytest.fixture(scope="session")
-def demo_pipe(tmp_path_factory):
-    return minivar.load("demo", device="cpu", dtype="float32", weights_dir=tmp_path_factory.mktemp("weights"))
-
-
 EXAMPLE_JPG = Path(__file__).resolve().parents[1] / "assets" / "example.jpg"
 
 
