@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from .errors import MinivarError
 from .llama import Probe
-from .var import VARConfig, image_centric, image_span, sink_sets
+from .var import VARConfig, image_centric, image_span, image_sums, sink_sets
 
 ROWS = ("all", "after_image", "answer")
 KINDS = ("before", "after")
@@ -234,16 +234,15 @@ class Capture(Probe):
                      else torch.zeros(B, S, dtype=torch.bool, device=before.device))
             vis = self._vis_dev.get(layer)
             vis = F.pad(vis, (0, S - vis.shape[1])) if vis is not None else torch.zeros_like(image)
-            cols = torch.stack([image, image & ~vis], -1).float()[:, None]     # [B, 1, S, 2]: I and I∖V
             d = self._stats.setdefault(layer, {})
             for kind, t in (("before", before), ("after", after)):
                 if kind == "after" and after is before:              # VAR did not act here: the same numbers
                     d.setdefault("image_after", []).append(d["image_before"][-1])
                     d.setdefault("nonsink_after", []).append(d["nonsink_before"][-1])
                     continue
-                sums = rows_of(t) @ cols                                          # [B, H, R, 2]
-                d.setdefault(f"image_{kind}", []).append(sums[..., 0].to(self.store, copy=True))
-                d.setdefault(f"nonsink_{kind}", []).append(sums[..., 1].to(self.store, copy=True))
+                image_attn, nonsink_attn = image_sums(rows_of(t), image, vis)     # as VAR's selection reads them
+                d.setdefault(f"image_{kind}", []).append(image_attn.to(self.store, copy=True))
+                d.setdefault(f"nonsink_{kind}", []).append(nonsink_attn.to(self.store, copy=True))
 
     # -- results -----------------------------------------------------------------------------------------------------
     @property

@@ -136,9 +136,15 @@ def select_heads(probs: torch.Tensor, image: torch.Tensor, visual_sink: torch.Te
     image / visual_sink: [B, K] key masks (I and V); rows: [B, Q] query rows VAR may touch.
     A = Σ_{j∈I} α_ij;  r = Σ_{j∈I∖V} α_ij / A;  selected iff A ≥ min_image_attention, r ≥ ρ (and I∖V has mass).
     """
-    image_attn = (probs * image[:, None, None, :]).sum(-1)                          # A  [B, H, Q]
-    nonsink_attn = (probs * (image & ~visual_sink)[:, None, None, :]).sum(-1)       # Σ over I∖V
+    image_attn, nonsink_attn = image_sums(probs, image, visual_sink)
     return image_centric(image_attn, nonsink_attn, min_image_attention, rho) & rows[:, None, :]
+
+
+def image_sums(probs: torch.Tensor, image: torch.Tensor, visual_sink: torch.Tensor):
+    """A = Σ_{j∈I} α_ij and Σ_{j∈I∖V} α_ij, each [B, H, Q], of probs [B, H, Q, K]; image / visual_sink: [B, K]."""
+    image_attn = (probs * image[:, None, None, :]).sum(-1)                          # A
+    nonsink_attn = (probs * (image & ~visual_sink)[:, None, None, :]).sum(-1)       # Σ over I∖V
+    return image_attn, nonsink_attn
 
 
 def image_centric(image_attn: torch.Tensor, nonsink_attn: torch.Tensor, min_image_attention: float,

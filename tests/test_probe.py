@@ -227,6 +227,20 @@ def test_head_stats_match_the_attention(llava, span):
     assert sorted(cap.head_stats) == [0, 1, 2, 3]                # head stats cover every layer
 
 
+def test_head_stats_select_what_var_selected(llava):
+    """The heads picture's rule on the head stats picks exactly the (head, row) pairs VAR redistributed while
+    decoding (the sums are computed the same way as VAR's)."""
+    from minivar.var import image_centric
+    cap = capture(llava, layers=[], rows="answer", decode=True, head_stats=True, max_new_tokens=N_NEW + 3, var=VAR)
+    counts = cap.result.var["redistributed"]["decode"]
+    assert sum(counts) > 0
+    for layer in range(4):
+        st = cap.head_stats[layer]
+        a, ns = st["image_before"][0, :, 1:], st["nonsink_before"][0, :, 1:]      # the decoding rows
+        selected = image_centric(a, ns, VAR.min_image_attention, VAR.rho) if layer < 3 else torch.zeros_like(a)
+        assert int(selected.sum()) == counts[layer], layer
+
+
 @pytest.mark.parametrize("var", [None, VAR], ids=["var-off", "var-on"])
 def test_answer_rows_are_the_full_captures_rows(llava, span, monkeypatch, var):
     """rows="answer" computes explicit probabilities for the last prompt row only (VAR's rows where VAR acts), and
