@@ -1,0 +1,454 @@
+"""Tests for minivar.official: VAR as the released code (MICV-yonsei/VisAttnSink @ 98e62d6) computes it.
+
+1. Each function against a loop-level restatement of the released code written here: DimProspector.run_logic,
+   HeadFork.run_logic and VARProcessor.attn_redist (per sample: a list of sink positions and an image span
+   [im, im+pa), the code's per-head loop over selected coordinates, Python floats), on hand-made probabilities with
+   text and visual sinks, several heads and rows, prefill and decode.
+2. The equivalences that pin it to the paper's rule (var.py): with ≥ instead of >, no 1e-6, rho = 1 − ρ, p = 1 − p
+   and summ = min_image_attention, the official functions give var.py's output; and each difference alone changes
+   the result on a case built to show it.
+3. The prompt ids against a loop-level restatement of MetadataStation.segment_prompt on the real LLaMA tokenizer,
+   and how they differ from minivar's llava tokenization (no BOS, the 29871s).
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from minivar.errors import MinivarError
+from minivar.official import (OFFICIAL_DEFAULTS, official_layer_sets, official_prompt_ids, paper_equivalent,
+                              redistribute_official, select_heads_official, sink_sets_official)
+from minivar.processing import VICUNA_SYSTEM, Tokenizer
+from minivar.var import VARConfig, redistribute, select_heads, sink_scores, sink_sets
+
+IMAGE_ID = 32000
+
+
+# =================================================================================================================
+# Loop-level restatement of the released code (src/logic/logic.py), one sample at a time: the code runs batch 1,
+# with `indices` = the sink positions of a layer and the image at [im, im+pa).
+
+def ref_dim_prospector(h: torch.Tensor, dims, tau) -> list[list[int]]:
+    """Per sample, the positions t with max_{d∈D} |h_t[d] · rsqrt(mean_k h_t[k]² + 1e-6)| > τ."""
+    B, T, D = h.shape
+    hl = h.double().tolist()
+    out = []
+    for b in range(B):
+        found = []
+        for t in range(T):
+            var = sum(x * x for x in hl[b][t]) / D
+            scale = 1.0 / math.sqrt(var + 1e-6)
+            best = max(abs(hl[b][t][d] * scale) for d in dims)
+            if best > tau:
+                found.append(t)
+        out.append(found)
+    return out
+
+
+def ref_head_fork(attn: torch.Tensor, sinks, im, pa, rho, summ) -> list[tuple[int, int, int]]:
+    """HeadFork.run_logic: the (b, head, query) coordinates with portion ≤ rho and summation ≥ summ, every row."""
+    B, H, Q, K = attn.shape
+    a = attn.double().tolist()
+    coords = []
+    for b in range(B):
+        vis = [i for i in sinks[b] if im[b] <= i < im[b] + pa[b]]
+        if not vis:
+            continue                                  # forked_head[layer] = []
+        for h in range(H):
+            for q in range(Q):
+                image_attn = a[b][h][q][im[b]:im[b] + pa[b]]
+                portion = sum(a[b][h][q][v] for v in vis) / sum(x + 1e-6 for x in image_attn)
+                summation = sum(image_attn)
+                if portion <= rho and summation >= summ:
+                    coords.append((b, h, q))
+    return coords
+
+
+def ref_attn_redist(attn: torch.Tensor, coords, sinks, im, pa, p, *, prefill: bool) -> torch.Tensor:
+    """VARProcessor.attn_redist: for each head, its selected query rows (prefill: only rows ≥ im+pa); sinks × p;
+    the budget (1 − p)·(Σ visual sinks + Σ text sinks) to the image columns in proportion to the non-visual-sink
+    image attention (0/0 → NaN, as in the code)."""
+    B, H, Q, K = attn.shape
+    out = attn.double().tolist()
+    for b in range(B):
+        vis = [i for i in sinks[b] if im[b] <= i < im[b] + pa[b]]
+        text = [i for i in sinks[b] if i not in vis]
+        for h in range(H):
+            rows = [q for (bb, hh, q) in coords if bb == b and hh == h]
+            if prefill:
+                rows = [q for q in rows if im[b] + pa[b] <= q]
+            for q in rows:
+                row = out[b][h][q]
+                copied = list(row)
+                for j in text:
+                    row[j] *= p
+                for j in vis:
+                    row[j] *= p
+                budget_vis = sum(copied[j] for j in vis) * (1 - p)
+                budget_text = sum(copied[j] for j in text) * (1 - p)
+                for j in vis:
+                    copied[j] *= 0
+                denom = sum(copied[im[b]:im[b] + pa[b]])
+                for j in range(im[b], im[b] + pa[b]):
+                    ratio = copied[j] / denom if denom != 0 else float("nan")
+                    row[j] += (budget_vis + budget_text) * ratio
+    return torch.tensor(out, dtype=torch.float64)
+
+
+# =================================================================================================================
+# Hand-made cases
+
+def masks(K, im, pa, sinks):
+    """[B, K] image and sink masks from per-sample spans and sink position lists."""
+    B = len(im)
+    image = torch.zeros(B, K, dtype=torch.bool)
+    sink = torch.zeros(B, K, dtype=torch.bool)
+    for b in range(B):
+        image[b, im[b]:im[b] + pa[b]] = True
+        sink[b, sinks[b]] = True
+    return image, sink, sink & image
+
+
+def make_probs(shape, image, sink, *, seed, causal: bool, dtype=torch.float64):
+    """Softmax rows with a spread of image, visual-sink and text-sink attention (row-wise random boosts)."""
+    B, H, Q, K = shape
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(shape, generator=g, dtype=torch.float64) * 1.5
+    logits += (torch.rand(B, H, Q, 1, generator=g, dtype=torch.float64) * 5 - 2) * image[:, None, None, :]
+    logits += (torch.rand(B, H, Q, 1, generator=g, dtype=torch.float64) * 6 - 2) * sink[:, None, None, :]
+    if causal:                                          # prefill: query i is position i (+ K − Q)
+        allowed = torch.ones(Q, K, dtype=torch.bool).tril(K - Q)
+        logits = logits.masked_fill(~allowed, float("-inf"))
+    return torch.softmax(logits, -1).to(dtype)
+
+
+# Two samples, 24 keys: sample 0 has its image at 4..13 with visual sinks 6 and 11 and text sinks 0 (BOS-like) and
+# 17 (after the image); sample 1 has its image at 2..15, one visual sink 9 and text sink 0.
+K = 24
+IM, PA = [4, 2], [10, 14]
+SINKS = [[0, 6, 11, 17], [0, 9]]
+
+
+def official_rows(Q, prefill):
+    """The rows the released code touches: prefill, query i ≥ im+pa; decoding, every row."""
+    B = len(IM)
+    if not prefill:
+        return torch.ones(B, Q, dtype=torch.bool)
+    positions = torch.arange(K - Q, K)
+    return positions[None, :] >= torch.tensor([i + n for i, n in zip(IM, PA)])[:, None]
+
+
+def run_official(probs, image, sink, vis, rows, rho, summ, p, **kw):
+    selected = select_heads_official(probs, image, vis, rows, rho, summ, **kw)
+    return redistribute_official(probs, selected, sink, image, vis, p), selected
+
+
+def as_coords(selected: torch.Tensor) -> list[tuple[int, int, int]]:
+    return sorted(tuple(x) for x in torch.nonzero(selected).tolist())
+
+
+# =================================================================================================================
+# 1. Against the loop-level restatement
+
+def test_sink_sets_official_match_dim_prospector():
+    g = torch.Generator().manual_seed(0)
+    for B, T, D, dims, tau in [(1, 6, 64, (3,), 4.0), (2, 9, 128, (5, 100), 6.0), (3, 5, 256, (0, 7, 255), 10.0)]:
+        h = torch.randn(B, T, D, generator=g)
+        for b in range(B):                               # plant massive values of several sizes
+            for t, size in [(0, 40.0), (T // 2, 12.0), (T - 1, 3.0)]:
+                h[b, t, dims[(b + t) % len(dims)]] = size * (1 if t % 2 else -1)
+        image = torch.zeros(B, T, dtype=torch.bool)
+        image[:, 1:T - 1] = True
+        phi, sinks, vis = sink_sets_official(h, dims, tau, image)
+        want = ref_dim_prospector(h, dims, tau)
+        assert [torch.nonzero(s).flatten().tolist() for s in sinks] == want
+        assert any(want) and not all(len(w) == T for w in want)
+        assert torch.equal(vis, sinks & image)
+        torch.testing.assert_close(phi, sink_scores(h, dims))
+    # padding is never a sink
+    h = torch.zeros(1, 3, 64)
+    h[0, :, 3] = 50.0
+    real = torch.tensor([[False, True, True]])
+    _, sinks, _ = sink_sets_official(h, (3,), 5.0, torch.zeros(1, 3, dtype=torch.bool), real)
+    assert sinks.tolist() == [[False, True, True]]
+
+
+@pytest.mark.parametrize("prefill", [True, False])
+@pytest.mark.parametrize("seed,H,rho,summ,p", [(0, 4, 0.5, 0.2, 0.6), (1, 3, 0.2, 0.2, 0.4), (2, 5, 0.7, 0.1, 0.0),
+                                               (3, 2, 0.35, 0.3, 0.9)])
+def test_official_rule_matches_loop_reference(prefill, seed, H, rho, summ, p):
+    Q = K if prefill else 3
+    image, sink, vis = masks(K, IM, PA, SINKS)
+    probs = make_probs((2, H, Q, K), image, sink, seed=seed, causal=prefill)
+    rows = official_rows(Q, prefill)
+    got, selected = run_official(probs, image, sink, vis, rows, rho, summ, p)
+
+    coords = ref_head_fork(probs, SINKS, IM, PA, rho, summ)
+    want = ref_attn_redist(probs, coords, SINKS, IM, PA, p, prefill=prefill)
+    offset = K - Q                                      # query row q of probs is position offset + q
+    if prefill:
+        coords = [(b, h, q) for (b, h, q) in coords if IM[b] + PA[b] <= q + offset]
+    assert as_coords(selected) == sorted(coords)
+    assert 0 < len(coords) < selected.numel()           # both branches exercised
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    assert torch.allclose(got.sum(-1), torch.ones(2, H, Q, dtype=torch.float64), atol=1e-12)   # rows still sum to 1
+    # float32, the dtype minivar's attention hands over: the same selection, the same numbers to fp32 rounding
+    got32, selected32 = run_official(probs.float(), image, sink, vis, rows, rho, summ, p)
+    assert torch.equal(selected32, selected)
+    torch.testing.assert_close(got32, want.float(), rtol=1e-5, atol=1e-6)
+
+
+def test_prefill_rows_before_the_image_end_are_never_touched():
+    image, sink, vis = masks(K, IM, PA, SINKS)
+    probs = make_probs((2, 4, K, K), image, sink, seed=5, causal=True)
+    rows = official_rows(K, True)
+    got, selected = run_official(probs, image, sink, vis, rows, 0.9, 0.0, 0.5)
+    everywhere, _ = run_official(probs, image, sink, vis, torch.ones_like(rows), 0.9, 0.0, 0.5)
+    for b in range(2):
+        end = IM[b] + PA[b]
+        assert torch.equal(got[b, :, :end], probs[b, :, :end])
+        assert not torch.equal(got[b, :, end:], probs[b, :, end:])
+        assert not torch.equal(everywhere[b, :, IM[b] + 1:end], probs[b, :, IM[b] + 1:end])   # the filter matters
+
+
+# =================================================================================================================
+# 2. The paper's rule, and each difference
+
+def paper_case(seed, H=4, prefill=True):
+    Q = K if prefill else 3
+    image, sink, vis = masks(K, IM, PA, SINKS)
+    probs = make_probs((2, H, Q, K), image, sink, seed=seed, causal=prefill, dtype=torch.float32)
+    return probs, image, sink, vis, official_rows(Q, prefill)
+
+
+@pytest.mark.parametrize("seed,rho_paper,p_paper,mia", [(0, 0.8, 0.5, 0.2), (1, 0.5, 0.25, 0.2), (2, 0.9, 0.75, 0.1),
+                                                        (3, 0.6, 0.6, 0.3)])
+def test_official_equals_paper_rule_with_the_differences_removed(seed, rho_paper, p_paper, mia):
+    probs, image, sink, vis, rows = paper_case(seed)
+    rho, p = paper_equivalent(rho_paper, p_paper)
+    official_sel = select_heads_official(probs, image, vis, rows, rho, mia, eps=0.0)
+    paper_sel = select_heads(probs, image, vis, rows, mia, rho_paper)
+    # equal unless a pair sits on the threshold to fp32 rounding (r and 1 − portion are summed separately)
+    r = (probs * (image & ~vis)[:, None, None, :]).sum(-1) / (probs * image[:, None, None, :]).sum(-1)
+    on_edge = (r - rho_paper).abs() < 1e-6
+    assert not on_edge.any()
+    assert torch.equal(official_sel, paper_sel)
+    assert 0 < int(paper_sel.sum()) < paper_sel.numel() // 2
+    official_out = redistribute_official(probs, official_sel, sink, image, vis, p)
+    paper_out = redistribute(probs, paper_sel, sink, image, vis, p_paper)
+    torch.testing.assert_close(official_out, paper_out, rtol=0, atol=3e-7)
+    assert not torch.equal(paper_out, probs)
+    # sinks: exactly equal (α·p and α − p_paper·α round alike for these dyadic or matched p)
+    h = torch.randn(2, K, 64, generator=torch.Generator().manual_seed(seed))
+    h[:, [0, 6, 9], 7] = torch.tensor([60.0, 30.0, 12.0])
+    for tau in (5.0, 10.0, 20.0):
+        a, b = sink_sets_official(h, (7,), tau, image, strict=False), sink_sets(h, (7,), tau, image)
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_strict_threshold_alone_changes_the_sinks():
+    h = torch.randn(1, 6, 64, generator=torch.Generator().manual_seed(0))
+    h[0, 2, 5] = 30.0
+    tau = float(sink_scores(h, (5,))[0, 2])              # a token exactly on the threshold
+    image = torch.ones(1, 6, dtype=torch.bool)
+    _, strict, _ = sink_sets_official(h, (5,), tau, image)
+    _, paper, _ = sink_sets(h, (5,), tau, image)
+    assert not strict[0, 2] and paper[0, 2]
+    assert torch.equal(sink_sets_official(h, (5,), tau, image, strict=False)[1], paper)
+
+
+def one_row(values, K_=None):
+    """probs [1, 1, 1, K] of one hand-written row (normalised) and its masks: keys 0 text sink, 1..8 image with
+    visual sink at 1, 9 a plain text token."""
+    row = torch.tensor(values, dtype=torch.float64)
+    image = torch.zeros(1, 10, dtype=torch.bool)
+    image[0, 1:9] = True
+    sink = torch.zeros(1, 10, dtype=torch.bool)
+    sink[0, [0, 1]] = True
+    return row.view(1, 1, 1, -1), image, sink, sink & image
+
+
+def test_the_1e6_alone_changes_the_selection():
+    # Σ_I = 0.2 over 8 image keys, Σ_V = 0.100002: portion 0.50001 without the 1e-6, 0.50001 · 0.2 / 0.200008 with
+    # it (≈ 0.49999): the 8 · 1e-6 in the denominator tips it under rho 0.5.
+    rest = (0.2 - 0.100002) / 7
+    probs, image, sink, vis = one_row([0.5, 0.100002] + [rest] * 7 + [0.3])
+    rows = torch.ones(1, 1, dtype=torch.bool)
+    assert select_heads_official(probs, image, vis, rows, 0.5, 0.2).item()
+    assert not select_heads_official(probs, image, vis, rows, 0.5, 0.2, eps=0.0).item()
+    assert not select_heads(probs, image, vis, rows, 0.2, 0.5).item()       # the paper's ρ = 1 − 0.5
+
+
+def test_rho_and_p_conventions_alone_change_the_result():
+    # visual-sink share of the image attention 0.3: the paper's ρ 0.8 wants a non-sink share ≥ 0.8 (no), the code's
+    # rho 0.2 = 1 − 0.8 a sink share ≤ 0.2 (no), but the code's rho read as 0.8 selects it.
+    probs, image, sink, vis = one_row([0.3, 0.12] + [0.04] * 7 + [0.3])
+    rows = torch.ones(1, 1, dtype=torch.bool)
+    assert not select_heads(probs, image, vis, rows, 0.2, 0.8).item()
+    assert not select_heads_official(probs, image, vis, rows, 0.2, 0.2, eps=0.0).item()
+    assert select_heads_official(probs, image, vis, rows, 0.8, 0.2, eps=0.0).item()
+    # p: the code keeps p, the paper moves p; the same number means different things unless it is 0.5
+    selected = torch.ones(1, 1, 1, dtype=torch.bool)
+    kept_06 = redistribute_official(probs, selected, sink, image, vis, 0.6)
+    torch.testing.assert_close(kept_06, redistribute(probs, selected, sink, image, vis, 0.4), rtol=0, atol=1e-15)
+    assert not torch.allclose(kept_06, redistribute(probs, selected, sink, image, vis, 0.6))
+    assert kept_06[0, 0, 0, 0].item() == pytest.approx(0.3 * 0.6)          # the text sink keeps 60%
+
+
+def test_text_sinks_are_scaled_and_feed_the_budget():
+    probs, image, sink, vis = one_row([0.4, 0.1] + [0.05] * 7 + [0.15])
+    selected = torch.ones(1, 1, 1, dtype=torch.bool)
+    got = redistribute_official(probs, selected, sink, image, vis, 0.5)[0, 0, 0]
+    assert got[0].item() == pytest.approx(0.2) and got[1].item() == pytest.approx(0.05)   # both sinks × p
+    assert got[9].item() == 0.15                                                          # plain text: untouched
+    budget = 0.5 * (0.4 + 0.1)
+    assert got[2:9].tolist() == pytest.approx([0.05 + budget / 7] * 7)
+    # leaving the text sink alone (visual sinks only) is a different result
+    visual_only = redistribute_official(probs, selected, vis, image, vis, 0.5)[0, 0, 0]
+    assert visual_only[0].item() == 0.4 and visual_only[2].item() == pytest.approx(0.05 + 0.05 / 7)
+
+
+def test_no_non_sink_image_attention_nan_under_official_never_selected_under_paper():
+    # all image attention on the visual sink (the rest of the image exactly 0)
+    probs, image, sink, vis = one_row([0.5, 0.3] + [0.0] * 7 + [0.2])
+    rows = torch.ones(1, 1, dtype=torch.bool)
+    selected = select_heads_official(probs, image, vis, rows, 1.0, 0.2, eps=0.0)   # portion = 1 ≤ 1
+    assert selected.item()
+    got = redistribute_official(probs, selected, sink, image, vis, 0.6)[0, 0, 0]
+    assert torch.isnan(got[1:9]).all() and not torch.isnan(got[[0, 9]]).any()
+    assert not select_heads(probs, image, vis, rows, 0.2, 0.0).item()                # paper ρ = 1 − 1.0 = 0
+
+
+def test_no_visual_sink_no_selection():
+    probs, image, sink, vis = one_row([0.3, 0.1] + [0.05] * 7 + [0.25])
+    rows = torch.ones(1, 1, dtype=torch.bool)
+    no_vis = torch.zeros_like(vis)
+    assert select_heads_official(probs, image, vis, rows, 0.5, 0.2).item()
+    assert not select_heads_official(probs, image, no_vis, rows, 0.5, 0.2).item()    # portion 0 ≤ rho, yet no
+
+
+def test_layer_sets_and_last_layer():
+    for L in (1, 2, 3, 4, 32):
+        detect, modify = official_layer_sets(L)
+        assert detect == modify == frozenset(range(2, L))
+    detect, modify = official_layer_sets(32)
+    assert 31 in modify and 31 not in VARConfig().layer_set(32)                    # the last layer: code yes, paper no
+    assert {0, 1} <= VARConfig().layer_set(32) and not {0, 1} & modify             # layers 0, 1: paper yes, code no
+
+
+def test_paper_equivalent_and_defaults():
+    assert paper_equivalent(0.2, 0.4) == (0.8, 0.6)
+    assert paper_equivalent(OFFICIAL_DEFAULTS["rho"], OFFICIAL_DEFAULTS["p"]) == (0.5, 0.4)
+    assert paper_equivalent(*paper_equivalent(0.3, 0.7)) == (0.3, 0.7)
+    assert OFFICIAL_DEFAULTS == {"tau": 20.0, "rho": 0.5, "p": 0.6, "summ": 0.2}
+
+
+# =================================================================================================================
+# 3. Prompt ids: a loop-level restatement of MetadataStation.segment_prompt (src/stash.py)
+
+def ref_segment_prompt(raw_tok, question: str, n_image: int) -> list[int]:
+    """conv_vicuna_v1.get_prompt() with "<image>\\n" + question, cut as segment_prompt cuts it, each segment
+    tokenized without special tokens, 29871 kept once, the image placeholder expanded."""
+    prompt = VICUNA_SYSTEM + " " + "USER" + ": " + "<image>\n" + question + " " + "ASSISTANT" + ":"
+    parts = prompt.split("USER", 1)
+    system = parts[0]
+    user_and_assistant = "USER" + parts[1]
+    parts = user_and_assistant.split("ASSISTANT", 1)
+    if len(parts) == 2:
+        user_text, role_1 = parts[0], "ASSISTANT" + parts[1]
+    else:
+        user_text, role_1 = user_and_assistant, ""
+    before_img, after_img = user_text.split("<image>", 1)
+    first_found = False
+    ids = []
+    for text in (system, before_img, None, after_img, role_1):
+        if text is None:
+            ids.extend([IMAGE_ID] * n_image)
+            continue
+        for token in raw_tok.encode(text, add_special_tokens=False).ids:
+            if token != 29871:
+                ids.append(token)
+            elif not first_found:
+                ids.append(token)
+                first_found = True
+    return ids
+
+
+QUESTIONS = [
+    "What is the content of this image?",
+    "Is there a dog in the image?\nAnswer the question using a single word or phrase.",
+    "How many cats: 2, 3 or 10?! (Count carefully; don't guess.)",
+    "Qu'est-ce que c'est ? Café, naïve, Straße, 日本語, emoji 🙂",
+    "Line one\n\nline two\n  indented 42",
+]
+TRICKY = [
+    "  leading and trailing spaces  ",
+    "Is the ASSISTANT: visible? Ask the USER.",
+    "What does <image> mean in </s> text?",
+    "tabs\tand  double  spaces",
+]
+
+
+@pytest.fixture(scope="module")
+def raw_tok(llama_tokenizer_path):
+    """The `tokenizers` library on the real tokenizer, "<image>" typed by the user kept as text (the released
+    code's slow LLaMA tokenizer has no "<image>" token)."""
+    from tokenizers import Tokenizer as HFTokenizer
+    tok = HFTokenizer.from_file(str(llama_tokenizer_path))
+    tok.encode_special_tokens = True
+    return tok
+
+
+@pytest.fixture(scope="module")
+def tok(llama_tokenizer_path):
+    return Tokenizer(llama_tokenizer_path, image_token_id=IMAGE_ID)
+
+
+@pytest.mark.parametrize("question", QUESTIONS + TRICKY)
+@pytest.mark.parametrize("n_image", [1, 576])
+def test_prompt_ids_match_segment_prompt(tok, raw_tok, question, n_image):
+    got = official_prompt_ids(tok, question, n_image, IMAGE_ID)
+    assert got == ref_segment_prompt(raw_tok, question, n_image)
+    assert got.count(IMAGE_ID) == n_image and got.count(29871) == 1 and got[0] != tok.bos_id
+    assert official_prompt_ids(raw_tok, question, n_image, IMAGE_ID) == got           # a bare tokenizers object
+
+
+@pytest.mark.parametrize("question", QUESTIONS)
+def test_prompt_ids_differ_from_llava_only_by_bos_and_29871(tok, question):
+    llava = tok.encode_prompt(question, "vicuna_v1", num_image_tokens=4)
+    official = official_prompt_ids(tok, question, 4, IMAGE_ID)
+    assert llava[0] == tok.bos_id and official[0] != tok.bos_id
+    assert llava.count(29871) >= 2                                  # the "▁" on both sides of the image
+    # the released code: no BOS, no 29871 but one, which ends the system segment ("questions. " → ".", "▁")
+    n_system = len(tok._tok.encode(VICUNA_SYSTEM, add_special_tokens=False).ids)
+    without = [t for t in llava[1:] if t != 29871]
+    assert official == without[:n_system] + [29871] + without[n_system:]
+
+
+def test_prompt_ids_drop_spaces_inside_the_question(tok):
+    # the tokenizer writes " 2" as "▁", "2" and " 日" as "▁", "日": the released code drops those "▁" too
+    llava = tok.encode_prompt("Count 2 日本", "vicuna_v1", num_image_tokens=1)
+    official = official_prompt_ids(tok, "Count 2 日本", 1, IMAGE_ID)
+    tail = llava[llava.index(IMAGE_ID) + 1:]
+    assert tail.count(29871) == 3                                   # after the image, before 2, before 日
+    assert official[official.index(IMAGE_ID) + 1:] == [t for t in tail if t != 29871]
+
+
+def test_prompt_ids_errors(tok):
+    with pytest.raises(MinivarError, match="num_image_tokens"):
+        official_prompt_ids(tok, "What?", 0, IMAGE_ID)
+    with pytest.raises(MinivarError, match="empty prompt"):
+        official_prompt_ids(tok, "   ", 576, IMAGE_ID)
+
+
+def test_prompt_ids_on_the_demo_tokenizer():
+    # a byte-level tokenizer has no 29871: the released rule then only drops BOS
+    from minivar import demo
+    raw = demo.make_tokenizer()
+    raw.encode_special_tokens = True
+    official = official_prompt_ids(raw, "Is it red?", 3, 259)
+    whole = raw.encode(VICUNA_SYSTEM + " USER: ", add_special_tokens=False).ids + [259] * 3 + \
+        raw.encode("\nIs it red? ASSISTANT:", add_special_tokens=False).ids
+    assert official == whole
