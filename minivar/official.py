@@ -55,11 +55,12 @@ def paper_equivalent(rho: float, p: float) -> tuple[float, float]:
 def official_layer_sets(n_layers: int) -> tuple[frozenset[int], frozenset[int]]:
     """(layers whose residual input is scanned for sinks, layers VAR can modify) under the released code.
 
-    Sinks are found on layers 2..L−1 only (logic.py:LogicEngine.set_sink_select_layers, `range(L)[2:]`). The
+    Sinks are found on layers 2..L−1 only (logic.py:LogicEngine.set_sink_select_layers, line 52, `range(L)[2:]`;
+    the scan in llava.py:TunedLlamaModel.forward, lines 313-316). The
     redistribution runs in every layer (llava.py:TunedLlamaAttention.forward), but a layer without visual sinks is
     left alone (logic.py:HeadFork.run_logic), so layers 0 and 1 never change: both sets are 2..L−1. The last layer
     *is* in it: VARProcessor's class default `except_last_layer = False` shadows the value LogicEngine.activate
-    stores, so the test in logic.py:VARProcessor.attn_redist never fires (had it fired, it would have raised:
+    stores, so the test in logic.py:VARProcessor.attn_redist (line 169) never fires (had it fired, it would have raised:
     `cls.current_decoder_layer` does not exist)."""
     layers = frozenset(range(min(FIRST_SINK_LAYER, n_layers), n_layers))
     return layers, layers
@@ -72,7 +73,7 @@ def sink_sets_official(h: torch.Tensor, dims: tuple[int, ...], tau: float, image
                        real: torch.Tensor | None = None, *, strict: bool = True):
     """φ [B, T], sinks S [B, T] and visual sinks V = S ∩ I [B, T] of one layer's residual input h [B, T, D].
 
-    Restates logic.py:DimProspector.run_logic: φ_j = max_{d∈D} |h_j[d]| · rsqrt(mean_k h_j[k]² + 1e-6) in fp32 —
+    Restates logic.py:DimProspector.run_logic (lines 98-110): φ_j = max_{d∈D} |h_j[d]| · rsqrt(mean_k h_j[k]² + 1e-6) in fp32 —
     the same φ as var.sink_scores (which divides by the square root instead of multiplying by its reciprocal; the
     two can differ in the last bit) — and sinks where φ **>** τ (strict; `strict=False` gives the paper's ≥).
     `real` [B, T] masks out left padding, which the released code (batch 1) never has. Which layers are scanned is
@@ -89,7 +90,8 @@ def select_heads_official(probs: torch.Tensor, image: torch.Tensor, visual_sink:
                           rho: float, summ: float, *, eps: float = 1e-6) -> torch.Tensor:
     """The (head, row) pairs [B, H, Q] the released code redistributes, of probs [B, H, Q, K].
 
-    Restates logic.py:HeadFork.run_logic (and the row filter of VARProcessor.attn_redist):
+    Restates logic.py:HeadFork.run_logic (lines 115-145; portion and summation at 129-136) and the row filter of
+    VARProcessor.attn_redist (line 179):
         portion   = Σ_{j∈V} α_ij / Σ_{j∈I} (α_ij + 1e-6)      (the 1e-6 is added once per image key)
         summation = Σ_{j∈I} α_ij
         selected iff portion ≤ rho and summation ≥ summ, in a sample with at least one visual sink in this layer,
@@ -112,7 +114,7 @@ def redistribute_official(probs: torch.Tensor, selected: torch.Tensor, sink: tor
                           visual_sink: torch.Tensor, p: float) -> torch.Tensor:
     """The released code's redistribution on the selected (head, row) pairs [B, H, Q]; p is the fraction *kept*.
 
-    Restates logic.py:VARProcessor.attn_redist, on each selected row:
+    Restates logic.py:VARProcessor.attn_redist (lines 163-212; the arithmetic at 195-210), on each selected row:
         every sink column (visual V and text S∖V) is multiplied by p;
         budget  = (1 − p) · Σ_{j∈V} α_ij + (1 − p) · Σ_{j∈S∖V} α_ij       (summed from the original row)
         α'_ij   = α_ij + budget · α_ij / Σ_{k∈I∖V} α_ik   for j ∈ I∖V     (visual sinks get no share)
@@ -139,8 +141,8 @@ def official_prompt_ids(tokenizer, user_text: str, num_image_tokens: int, image_
                         space_id: int = SPACE_ID) -> list[int]:
     """The vicuna_v1 prompt's ids as the released code feeds them to the model.
 
-    Restates stash.py:MetadataStation.segment_prompt, whose ids replace those mm_utils.py:tokenizer_image_token
-    built: the prompt "{SYSTEM} USER: <image>\\n{question} ASSISTANT:" is cut into five segments with str.split at
+    Restates stash.py:MetadataStation.segment_prompt (lines 209-326; the 29871 filter at 232-241), whose ids
+    replace those mm_utils.py:tokenizer_image_token built (lines 203-212): the prompt "{SYSTEM} USER: <image>\\n{question} ASSISTANT:" is cut into five segments with str.split at
     the first "USER", then the first "ASSISTANT" after it, then the first "<image>" —
         system "{SYSTEM} ", role_0 "USER: ", image, inst_q "\\n{question} ", role_1 "ASSISTANT:"
     — each text segment is tokenized on its own with add_special_tokens=False (so **no BOS**), and every `space_id`
