@@ -102,8 +102,10 @@ class Capture(Hook):
         first = self._first_kept(rows)
         if layer == 0 and first is not None:
             self._rows.extend(range(first, rows.stop))
-        if self.residuals_wanted and first is not None and self._wants_layer(layer):
-            self._res.setdefault(layer, []).append(h[:, first - rows.start:].detach().to(self.store, copy=True))
+        # residuals: every prompt row, and the generated rows when decode=True
+        keeps_residual = self.prompt_len is None or rows.start < self.prompt_len or self.decode
+        if self.residuals_wanted and keeps_residual and self._wants_layer(layer):
+            self._res.setdefault(layer, []).append(h.detach().to(self.store, copy=True))
 
     def explicit_from(self, layer: int, rows: range) -> int | None:
         if not ((self.attention and self._wants_layer(layer)) or self.head_stats_wanted):
@@ -167,7 +169,7 @@ class Capture(Hook):
 
     @property
     def residuals(self) -> dict[int, torch.Tensor]:
-        """{layer: residual input [B, R, D]} of the kept rows."""
+        """{layer: residual input [B, T', D]}: the prompt's rows, plus one row per decoding step when decode=True."""
         if "res" not in self._cache:
             self._cache["res"] = {layer: torch.cat(chunks, 1) for layer, chunks in sorted(self._res.items())}
         return self._cache["res"]
