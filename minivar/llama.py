@@ -63,13 +63,18 @@ class KVCache:
         """Store k/v [B, H_kv, T, hd] at positions start … start+T−1; return the keys/values of positions
         0 … start+T−1 [B, H_kv, S, hd] (values as a transposed view of the cache)."""
         end = start + k.shape[2]
-        if end > self.max_len:
-            raise MinivarError(f"KV cache full: position {end - 1} is past its {self.max_len} positions")
         self.k[layer, :, :, start:end] = k
         self.v_t[layer, ..., start:end] = v.transpose(-2, -1)
         if start == 0:
             return k, v          # the first call: the fresh tensors are the same numbers, and contiguous
         return self.k[layer, :, :, :end], self.v_t[layer, ..., :end].transpose(-2, -1)
+
+    def rope(self, positions: torch.Tensor, rows: range) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [B, T] of RoPE positions `positions` for a call writing cache positions `rows` (checked here,
+        once per call: every layer then writes there)."""
+        if rows.stop > self.max_len:
+            raise MinivarError(f"KV cache full: position {rows.stop - 1} is past its {self.max_len} positions")
+        return self.cos[positions], self.sin[positions]
 
 
 class LlamaAttention(nn.Module):
@@ -194,7 +199,7 @@ class LlamaModel(nn.Module):
         """x: input embeddings [B, T, D] of cache positions `rows`; positions [B, T]: each token's RoPE position
         (its index among the sample's real tokens); mask [B, 1, T, S] bool or None (causal, no padding)."""
         if cache is not None:
-            cos, sin = cache.cos[positions], cache.sin[positions]                     # [B, T, hd]
+            cos, sin = cache.rope(positions, rows)                                     # [B, T, hd]
         else:
             cos, sin = rope_table(int(positions.max()) + 1, self.cfg.head_dim, self.cfg.rope_theta, x.dtype, x.device)
             cos, sin = cos[positions], sin[positions]
