@@ -87,7 +87,7 @@ class Pipeline:
         self.model, self.tokenizer, self.directory = model, tokenizer, directory
         self.config = model.config
         self.device, self.dtype, self.load_s = device, dtype, load_s
-        self._found_dims: dict = {}      # sink dims the finder found for this model, by request kind
+        self._found_dims: dict = {}      # sink dims resolved for this model, by VARConfig.find_sink_dims
 
     # -- inputs --------------------------------------------------------------------------------------------------
     def pixels(self, image, image_aspect_ratio: str = "pad") -> torch.Tensor:
@@ -109,13 +109,12 @@ class Pipeline:
         """The sink dims VAR (or the sink sets) use, and where they came from: the user's, the known ones of
         LLaVA-1.5-7B/13B, or the finder's (run once per model, then kept). warn(message) receives what the finder
         reports (default: printed on stderr)."""
-        requested = var.sink_dims
-        if requested not in (None, "auto"):
-            return tuple(requested), "user"
-        key = "auto" if requested == "auto" else "default"
-        if key not in self._found_dims:
-            self._found_dims[key] = var_mod.resolve_sink_dims(self.config, var, requested, self.model, input_ids, warn)
-        return self._found_dims[key]
+        if var.sink_dims is not None:
+            return var.sink_dims, "user"
+        if var.find_sink_dims not in self._found_dims:
+            self._found_dims[var.find_sink_dims] = var_mod.resolve_sink_dims(self.config, var, self.model, input_ids,
+                                                                             warn)
+        return self._found_dims[var.find_sink_dims]
 
     def prepare(self, images, prompts, *, conv_mode: str = "vicuna_v1", image_aspect_ratio: str = "pad",
                 max_new_tokens: int = 128, var: var_mod.VARConfig | None = None, sink_config=None, capture=None,

@@ -47,14 +47,29 @@ class VARConfig:
     rho: float = 0.8                     # image-centric head: non-sink share of image attention ≥ ρ
     p: float = 0.6                       # fraction of the sinks' attention moved to visual non-sink tokens
     min_image_attention: float = 0.2     # image-centric head: total image attention ≥ this
-    sink_dims: tuple[int, ...] | str | None = None   # dims; None: recognise the model, else find; "auto": find
+    sink_dims: tuple[int, ...] | None = None   # None: the known dims of LLaVA-1.5-7B/13B, else the finder's
+    find_sink_dims: bool = False         # True: run the sink-dim finder even for a model whose dims are known
     layers: tuple[int, ...] | None = None      # None: every layer but the last (the paper's rule)
+
+    def __post_init__(self):
+        if self.sink_dims is not None:
+            if isinstance(self.sink_dims, str) or not all(isinstance(d, int) for d in self.sink_dims):
+                raise MinivarError(f"VAR sink_dims must be a tuple of ints or None (find_sink_dims=True runs the "
+                                   f"finder), got {self.sink_dims!r}")
+            object.__setattr__(self, "sink_dims", tuple(self.sink_dims))
+        if self.sink_dims is not None and self.find_sink_dims:
+            raise MinivarError("VAR: give sink_dims or find_sink_dims=True, not both")
 
     @staticmethod
     def preset(name: str = "general", **overrides) -> "VARConfig":
+        """The paper's ρ for a task family, with any field overridden (None values are ignored); sink_dims="auto"
+        (what parse_sink_dims gives for --sink-dims auto) means find_sink_dims=True."""
         if name not in PRESETS:
             raise MinivarError(f"--var-preset '{name}' is not one of {', '.join(PRESETS)}")
         given = {k: v for k, v in overrides.items() if v is not None}
+        if given.get("sink_dims") == "auto":
+            del given["sink_dims"]
+            given["find_sink_dims"] = True
         return VARConfig(**({"rho": PRESETS[name]} | given))          # an explicit rho beats the preset
 
     def layer_set(self, n_layers: int) -> frozenset[int]:
@@ -71,7 +86,7 @@ class VARConfig:
             raise MinivarError(f"VAR tau (--tau) must be > 0, got {self.tau}")
         if not 0.0 <= self.min_image_attention <= 1.0:
             raise MinivarError(f"VAR min_image_attention (--min-image-attention) must be in [0, 1], got {self.min_image_attention}")
-        for d in (self.sink_dims if isinstance(self.sink_dims, tuple) and hidden_size is not None else ()):
+        for d in (self.sink_dims if self.sink_dims is not None and hidden_size is not None else ()):
             if not 0 <= d < hidden_size:
                 raise MinivarError(f"VAR sink_dims (--sink-dims): dim {d} is outside the hidden size {hidden_size}")
         for layer in (self.layers or ()) if n_layers is not None else ():
@@ -328,19 +343,19 @@ class _ResidualRecorder(Hook):
             self.residuals[layer] = h.detach()
 
 
-def resolve_sink_dims(model_cfg, var_cfg: VARConfig, requested=None, model=None, input_ids=None, warn=None):
+def resolve_sink_dims(model_cfg, var_cfg: VARConfig, model=None, input_ids=None, warn=None):
     """Which sink dims to use, and where they came from: the user's list, the known table, or the finder."""
     warn = warn or (lambda msg: print(msg, file=sys.stderr))
-    if requested not in (None, "auto"):
-        return tuple(requested), "user"
-    if requested is None:
+    if var_cfg.sink_dims is not None:
+        return var_cfg.sink_dims, "user"
+    if not var_cfg.find_sink_dims:
         known = known_sink_dims(model_cfg)
         if known is not None:
             return known[1], f"known:{known[0]}"
     if model is None or input_ids is None:
         raise MinivarError("sink dims are unknown for this model; pass --sink-dims d1,d2 or --sink-dims auto")
     dims, _ = find_sink_dims(model, input_ids)
-    if requested is None:
+    if not var_cfg.find_sink_dims:
         warn(f"minivar: model not recognised as LLaVA-1.5-7B/13B; sink-dim finder found dims {list(dims)}")
     else:
         warn(f"minivar: sink-dim finder found dims {list(dims)}")

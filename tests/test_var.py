@@ -557,7 +557,7 @@ def test_config_validation_errors(kwargs):
 
 def test_config_validation_accepts_edges():
     for kwargs in [dict(p=0.0), dict(p=1.0), dict(rho=0.0), dict(rho=1.0), dict(tau=1e-3), dict(sink_dims=(0, 63)),
-                   dict(layers=(0, 1, 2)), dict(layers=()), dict(sink_dims="auto")]:
+                   dict(layers=(0, 1, 2)), dict(layers=()), dict(find_sink_dims=True)]:
         c = VARConfig(**kwargs)
         assert c.validate(hidden_size=64, n_layers=4) is c
 
@@ -915,22 +915,27 @@ def test_resolve_sink_dims(tiny):
     cfg, _, model = tiny
     ids = ids_of(PROMPT_A)
     warnings = []
-    dims, source = resolve_sink_dims(cfg, VARConfig(), None, model, ids, warn=warnings.append)
+    dims, source = resolve_sink_dims(cfg, VARConfig(), model, ids, warn=warnings.append)
     assert (dims, source) == (TINY_DIMS, "finder") and dims != SEVEN_B
     assert len(warnings) == 1 and "not recognised" in warnings[0] and "[11, 70]" in warnings[0]
     warnings.clear()
-    assert resolve_sink_dims(cfg, VARConfig(), "auto", model, ids, warn=warnings.append) == (TINY_DIMS, "finder")
+    assert resolve_sink_dims(cfg, VARConfig(find_sink_dims=True), model, ids, warn=warnings.append) == (TINY_DIMS, "finder")
     assert len(warnings) == 1
     warnings.clear()
-    assert resolve_sink_dims(cfg, VARConfig(), (5, 6), warn=warnings.append) == ((5, 6), "user") and not warnings
+    assert resolve_sink_dims(cfg, VARConfig(sink_dims=(5, 6)), warn=warnings.append) == ((5, 6), "user") and not warnings
     # recognised models never run the finder
     seven = _llava_cfg(4096, 32, 32, 11008, name="llava-hf/llava-1.5-7b-hf")
-    assert resolve_sink_dims(seven, VARConfig(), None, warn=warnings.append) == (SEVEN_B, "known:llava-1.5-7b")
+    assert resolve_sink_dims(seven, VARConfig(), warn=warnings.append) == (SEVEN_B, "known:llava-1.5-7b")
     thirteen = _llava_cfg(5120, 40, 40, 13824, name="llava-hf/llava-1.5-13b-hf")
-    assert resolve_sink_dims(thirteen, VARConfig(), None, warn=warnings.append) == (THIRTEEN_B, "known:llava-1.5-13b")
+    assert resolve_sink_dims(thirteen, VARConfig(), warn=warnings.append) == (THIRTEEN_B, "known:llava-1.5-13b")
     assert not warnings
     with pytest.raises(MinivarError):
-        resolve_sink_dims(cfg, VARConfig(), None, warn=warnings.append)       # unknown model and nothing to run
+        resolve_sink_dims(cfg, VARConfig(), warn=warnings.append)       # unknown model and nothing to run
+    # one meaning per field: dims are a tuple or None, finding them is its own switch
+    assert VARConfig.preset("general", sink_dims="auto") == VARConfig(find_sink_dims=True)
+    for bad in (dict(sink_dims="auto"), dict(sink_dims=(1,), find_sink_dims=True)):
+        with pytest.raises(MinivarError):
+            VARConfig(**bad)
 
 
 def test_resolve_warns_when_nothing_found():
@@ -938,7 +943,7 @@ def test_resolve_warns_when_nothing_found():
     state = demo.random_state_dict(cfg, 0)                                     # no planted sinks
     model = build_model(cfg, state)
     warnings = []
-    dims, source = resolve_sink_dims(cfg, VARConfig(), None, model, ids_of(PROMPT_A), warn=warnings.append)
+    dims, source = resolve_sink_dims(cfg, VARConfig(), model, ids_of(PROMPT_A), warn=warnings.append)
     assert dims == () and source == "finder"
     assert any("no sink dims" in w for w in warnings)
 
