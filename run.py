@@ -107,30 +107,25 @@ def run(args) -> int:
         raise MinivarError("--prompt is empty")
     var = var_config(args)
     image = processing.load_image(args.image)
-    from minivar.probe import RunInspection
+    from minivar.inspection import RunInspection
     inspection = RunInspection.from_args(args)       # --save-attention / --mask-*: None when not asked for
 
     llava = minivar.load(args.model, device=args.device, dtype=args.dtype)
-    # What depends on the model (its context length, hidden size) is checked too before any status line is printed:
-    # bad input of any kind gives exactly one line on stderr, the error.
-    # So are VAR's sink dims (the finder may run now; the pipeline keeps them for the generation) and the probe's
-    # checks against this prompt; the finder's report is printed after the status line. (The generation makes its
-    # own VAR state and binds the probe again, to the same prompt: the same state.)
-    ids = llava.prompt_ids(args.prompt, args.conv_mode)
+    # The request is prepared once, before any status line: what depends on the model (its context length, hidden
+    # size, VAR's sink dims — the finder may run now) is checked there, so bad input of any kind gives exactly one
+    # line on stderr. The finder's report is printed after the status line.
+    capture, mask = inspection.hooks(llava, var) if inspection is not None else (None, None)
     notes = []
-    if var is not None:
-        llava.var_state(var, ids, warn=notes.append)
-    probe = inspection.probe(llava, var) if inspection is not None else None
-    llava.bind_probe(probe, ids, var, warn=notes.append)
+    request = llava.prepare([image], [args.prompt], conv_mode=args.conv_mode,
+                            image_aspect_ratio=args.image_aspect_ratio, max_new_tokens=args.max_new_tokens, var=var,
+                            capture=capture, mask=mask, warn=notes.append)
     print(f"minivar: loaded {args.model} in {llava.load_s:.2f}s on {llava.device} "
           f"({str(llava.dtype).replace('torch.', '')})", file=sys.stderr)
     for note in notes:
         print(note, file=sys.stderr)
 
     stream = None if args.json else (lambda piece: print(piece, end="", flush=True))
-    out = llava.generate(image, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                         top_p=args.top_p, seed=args.seed, conv_mode=args.conv_mode,
-                         image_aspect_ratio=args.image_aspect_ratio, var=var, probe=probe, on_text=stream)
+    out = llava.run(request, temperature=args.temperature, top_p=args.top_p, seed=args.seed, on_text=stream)[0]
     t = out.timing
     print(f"minivar: prefill {t['prefill_s']:.2f}s, decode {t['decode_tokens_per_s']:.2f} tok/s, "
           f"{len(out.output_ids)} tokens", file=sys.stderr)

@@ -224,7 +224,7 @@ def worker_minivar(args) -> dict:
     from minivar.checkpoint import load_model
     from minivar.generate import generate
     from minivar.pipeline import pick_device
-    from minivar.var import VARConfig, VARState
+    from minivar.var import Sinks, VARConfig, VARState
     dev, dt = pick_device(args.device), DTYPES[args.dtype]
     # what minivar.load does, minus the tokenizer
     model, load_s = best_load(lambda: load_model(Path(args.checkpoint), dt, dev), min(args.repeats, 3), dev)
@@ -236,11 +236,12 @@ def worker_minivar(args) -> dict:
     var_cfg = VARConfig(tau=args.var_tau, sink_dims=(1415 % cfg.text.hidden_size, 2533 % cfg.text.hidden_size))
 
     def var_state(batch_ids):
-        return VARState(var_cfg, var_cfg.sink_dims, cfg.text.num_hidden_layers, batch_ids == cfg.image_token_index)
+        sinks = Sinks(var_cfg.sink_dims, var_cfg.tau, cfg.text.num_hidden_layers, batch_ids == cfg.image_token_index)
+        return VARState(var_cfg, sinks, max_len=batch_ids.shape[1] + n + 1)
 
     def run(max_new, var=False, batch_ids=ids, batch_px=px):
         out = generate(model, batch_ids, batch_px, max_new_tokens=max_new, eos_token_id=None,
-                       var=var_state(batch_ids) if var else None)
+                       hooks=var_state(batch_ids) if var else None)
         sync(dev)
         return out
 
@@ -275,7 +276,7 @@ def worker_minivar(args) -> dict:
                         "roofline_pct": 100 * g.decode_tokens_per_s * res["decode_bytes_per_token"] / b}
                        for g, b, k in zip(decode[False], bandwidth, gemv)]
         state = var_state(ids)
-        generate(model, ids, px, max_new_tokens=4, eos_token_id=None, var=state)
+        generate(model, ids, px, max_new_tokens=4, eos_token_id=None, hooks=state)
         res["var_pairs_prefill"] = int(state.counts["prefill"].sum())
         res["var_pairs_decode_per_token"] = int(state.counts["decode"].sum()) / 3
         res["var_sinks_per_layer"] = [len(v) for v in state.report()["sinks"].values()]

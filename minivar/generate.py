@@ -1,16 +1,20 @@
-"""Token generation on the KV cache: one prefill over the whole prompt, then one token per step.
+"""Token generation on the KV cache: one prefill over the prompt, then one token per step, each call told its
+position. Everything that is only a speed trick lives here, not in the model: lm_head on the last row only, and
+the CPU kernel choice of the decode loop (decode_kernels).
 
 Greedy by default (the paper's evaluations use greedy, 128 new tokens); temperature / top-p sampling with a seeded
 generator when asked. Each sample of a batch stops at its own EOS; the loop ends when all have stopped.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 
 import torch
 
-from .llama import KVCache, without_onednn
+from .errors import MinivarError
+from .llama import KVCache
 
 
 @dataclass
@@ -27,7 +31,8 @@ class Generation:
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
-    """Next ids [B] from logits [B, V]: argmax when temperature is 0, else nucleus sampling."""
+    """Next ids [B] from logits [B, V]: argmax when temperature is 0, else nucleus sampling — on the logits' device
+    (no host copy of the probabilities)."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
@@ -37,15 +42,25 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
         drop = (sorted_p.cumsum(-1) - sorted_p) >= top_p
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+@contextlib.contextmanager
 def decode_kernels(device: torch.device, batch: int = 1):
-    """Decode steps of a single prompt multiply each weight matrix by one vector (GEMV) and are bound by memory
-    bandwidth. On CPUs, ATen's own bf16/fp16 GEMV streams the weights 1.5-2x faster than oneDNN's, while oneDNN is
-    far faster for matrix products — the prefill, and decode steps of a batch; so oneDNN is switched off for
-    single-prompt decode steps only (the attention of every decode step sees to its own products)."""
-    return without_onednn(device.type == "cpu" and batch == 1)
+    """The one place minivar steers CPU kernels, around the decode loop of a single prompt. Each decode step
+    multiplies every weight matrix by one vector (GEMV) and is bound by memory bandwidth; on CPUs ATen's own
+    bf16/fp16 GEMV streams the weights 1.5-2x faster than oneDNN's, while oneDNN is far faster for matrix products
+    (the prefill, the decode steps of a batch). torch exposes the choice only as the process-wide switch
+    torch.backends.mkldnn.enabled: it is switched off here and restored on the way out, exceptions included — so
+    do not run another model in another thread of this process meanwhile. GPUs ignore the switch."""
+    active = device.type == "cpu" and batch == 1
+    before = torch.backends.mkldnn.enabled
+    if active:
+        torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = before
 
 
 def _sync(device: torch.device):
@@ -53,42 +68,54 @@ def _sync(device: torch.device):
         torch.cuda.synchronize(device)
 
 
+def last_logits(model, input_ids, pixel_values=None, **kwargs) -> torch.Tensor:
+    """The next-token logits [B, 1, V] (fp32) of a call: the decoder's hidden states, and lm_head on the last row
+    only (the other rows' logits are never needed while generating)."""
+    h = model(input_ids, pixel_values, output="hidden", **kwargs)
+    return model.language_model.lm_head(h[:, -1:]).float()
+
+
 @torch.inference_mode()
 def generate(model, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None, *, max_new_tokens: int = 128,
              eos_token_id: int | None = 2, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-             attention_mask: torch.Tensor | None = None, var=None, probe=None, on_token=None) -> Generation:
-    """Generate up to `max_new_tokens` for a batch of prompts `input_ids` [B, T] (left-padded where `attention_mask` is 0).
+             attention_mask: torch.Tensor | None = None, hooks=None, on_token=None, cache: KVCache | None = None,
+             input_pos: int = 0, image_features: torch.Tensor | None = None) -> Generation:
+    """Generate up to `max_new_tokens` for a batch of prompts `input_ids` [B, T] (padded where `attention_mask` is 0).
 
-    var / probe: per-call state objects (VAR, capture) passed down to every layer; see var.py and probe.py.
+    hooks: per-call hooks (VAR, capture, masking) passed to every forward call (see hooks.py).
     on_token(ids) is called after each step with a list of B ids (None for a sample that has finished), for
-    streaming.
+    streaming. cache / input_pos: continue after positions 0 … input_pos−1 already in `cache` (a shared prefix);
+    attention_mask then covers them too ([B, input_pos + T]).
     """
     B, T = input_ids.shape
     device = input_ids.device
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    prompt_end = input_pos + T
+    generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
     outputs: list[list[int]] = [[] for _ in range(B)]
     finished = [False] * B                 # per sample: stopped at EOS
     result = Generation(outputs)
     if max_new_tokens <= 0:
         result.finished = [False] * B
         return result
-    cache = KVCache(model.config.text, B, T + max_new_tokens, model.language_model.lm_head.weight.dtype, device)
+    limit = model.config.text.max_position_embeddings
+    if prompt_end + max_new_tokens - 1 > limit:
+        raise MinivarError(f"the prompt ({prompt_end} tokens) and {max_new_tokens} new tokens would go past the "
+                           f"model's context of {limit} positions (max_position_embeddings)")
+    if cache is None:
+        cache = KVCache(model.config.text, B, prompt_end + max_new_tokens, model.language_model.lm_head.weight.dtype,
+                        device)
     padded = attention_mask is not None and not bool(attention_mask.all())
-    mask = torch.ones(B, T + max_new_tokens, dtype=torch.bool, device=device)   # preallocated, sliced per step
+    mask = torch.ones(B, prompt_end + max_new_tokens, dtype=torch.bool, device=device)   # preallocated, sliced
     if padded:
-        mask[:, :T] = attention_mask.bool()
+        mask[:, :prompt_end] = attention_mask.bool()
 
     def step_mask(length):               # None tells the model "no padding": plain causal attention
         return mask[:, :length] if padded else None
 
     _sync(device)
     t0 = time.perf_counter()
-    h = model(input_ids, pixel_values, cache=cache, attention_mask=step_mask(T), var=var, probe=probe, last_only=True,
-              return_hidden=True)
-    with decode_kernels(device, B):     # one row through lm_head: a GEMV like the decode steps
-        logits = model.language_model.lm_head(h).float()
-    if var is not None:
-        var.start_decoding()             # sinks found in the prefill are kept; generated tokens are never sinks
+    logits = last_logits(model, input_ids, pixel_values, image_features=image_features, cache=cache,
+                         input_pos=input_pos, attention_mask=step_mask(prompt_end), hooks=hooks)
     step = 0
     t_decode = None
     with decode_kernels(device, B):
@@ -110,8 +137,9 @@ def generate(model, input_ids: torch.Tensor, pixel_values: torch.Tensor | None =
                 t_decode = time.perf_counter()
             if all(finished) or step >= max_new_tokens:
                 break
-            logits = model(next_ids[:, None], cache=cache, attention_mask=step_mask(T + step), var=var, probe=probe,
-                           last_only=True)
+            position = prompt_end + step - 1           # where the token just sampled goes
+            logits = last_logits(model, next_ids[:, None], cache=cache, input_pos=position,
+                                 attention_mask=step_mask(position + 1), hooks=hooks)
     _sync(device)
     result.decode_s = time.perf_counter() - t_decode
     result.decode_tokens = step - 1

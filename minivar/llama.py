@@ -1,17 +1,16 @@
-"""LLaMA-2 / Vicuna decoder: RMSNorm, rotary embeddings, causal attention (with the VAR step), SwiGLU, KV cache.
+"""LLaMA-2 / Vicuna decoder: RMSNorm, rotary embeddings, causal attention (with the hooks step), SwiGLU, KV cache.
 
 Shapes: B batch, T new tokens this call, S all key positions so far (cache + new), H heads, hd head dim.
 Parameter names are the HF ones (`model.layers.N.self_attn.q_proj`, ...), so a checkpoint loads by name.
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import TextConfig
+from .errors import MinivarError
 
 
 class RMSNorm(nn.Module):
@@ -30,10 +29,10 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """cos/sin tables [B, T, hd] for integer positions [B, T]; angles in fp32, cast to the activation dtype."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float() / head_dim))
-    angles = positions.float()[..., None] * inv_freq                  # [B, T, hd/2]
+def rope_table(length: int, head_dim: int, theta: float, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables [length, hd] for positions 0 … length−1; angles in fp32, cast to the activation dtype."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
+    angles = torch.arange(length, device=device).float()[:, None] * inv_freq          # [length, hd/2]
     emb = torch.cat([angles, angles], dim=-1)                          # half-split layout: [θ0..θn, θ0..θn]
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
@@ -42,85 +41,48 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     # HF's weights are permuted for the "rotate half" convention (pairs (i, i + hd/2)), not Meta's interleaved pairs.
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos[:, None] + rotated * sin[:, None]                   # cos/sin broadcast over heads
-
-
-@contextlib.contextmanager
-def without_onednn(active: bool = True):
-    """Switch oneDNN (a CPU backend; GPUs ignore the switch) off for the products inside, when active. For a matrix
-    times a single vector (a decode step: each weight matrix times one row; each head's keys and values times one
-    query row) ATen's own kernels are 1.5-4x faster than oneDNN's here; oneDNN shines on matrix-matrix products
-    (the prefill, batched projections)."""
-    before = torch.backends.mkldnn.enabled
-    if active:
-        torch.backends.mkldnn.enabled = False
-    try:
-        yield
-    finally:
-        torch.backends.mkldnn.enabled = before
+    return x * cos[:, None] + rotated * sin[:, None]                   # cos/sin [B, T, hd] broadcast over heads
 
 
 class KVCache:
-    """Preallocated keys/values for every layer, filled left to right. Keys are stored [L, B, H_kv, max_len, hd];
-    values transposed, [L, B, H_kv, hd, max_len]. A decode step's probs @ v is then, per head, hd contiguous dot
-    products of length S (one per output element), the form CPU matrix-vector kernels stream fastest: 5-8x faster
-    here than summing S scaled rows of the [max_len, hd] layout."""
+    """Preallocated keys/values for every layer, written at the positions each call gives (gpt-fast's input_pos),
+    and the RoPE tables for its whole length (computed once per cache, not per step). Keys are stored
+    [L, B, H_kv, max_len, hd]; values transposed, [L, B, H_kv, hd, max_len]: a decode step's probs @ v is then, per
+    head, hd contiguous dot products of length S, the form CPU matrix-vector kernels stream fastest.
+    The cache keeps no fill level: the caller (generate.py) knows which positions it has written."""
 
     def __init__(self, cfg: TextConfig, batch: int, max_len: int, dtype: torch.dtype, device: torch.device | str):
         L, H, hd = cfg.num_hidden_layers, cfg.n_kv_heads, cfg.head_dim
-        # uninitialised: only the filled positions (the first `length` along the max_len axis) are ever read
+        # uninitialised: a call reads only the positions before its own end, all written by earlier calls
         self.k = torch.empty((L, batch, H, max_len, hd), dtype=dtype, device=device)
         self.v_t = torch.empty((L, batch, H, hd, max_len), dtype=dtype, device=device)
-        self.length = 0   # positions already stored (the same for every sample: padding is on the left)
         self.max_len = max_len
+        self.cos, self.sin = rope_table(max_len, cfg.head_dim, cfg.rope_theta, dtype, device)
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Store this call's k/v [B, H_kv, T, hd] after the cached ones; return all keys/values so far [B, H_kv, S, hd]
-        (values as a transposed view of the cache)."""
-        start, end = self.length, self.length + k.shape[2]
-        if end > self.max_len:
-            raise ValueError(f"KV cache full: {end} positions > {self.max_len}")
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int):
+        """Store k/v [B, H_kv, T, hd] at positions start … start+T−1; return the keys/values of positions
+        0 … start+T−1 [B, H_kv, S, hd] (values as a transposed view of the cache)."""
+        end = start + k.shape[2]
         self.k[layer, :, :, start:end] = k
         self.v_t[layer, ..., start:end] = v.transpose(-2, -1)
         if start == 0:
-            return k, v          # the prefill: the fresh tensors are the same numbers, and contiguous
+            return k, v          # the first call: the fresh tensors are the same numbers, and contiguous
         return self.k[layer, :, :, :end], self.v_t[layer, ..., :end].transpose(-2, -1)
 
-
-class Probe:
-    """What the decoder calls on a `probe` object (passed per call, never stored on the model). These defaults do
-    nothing; subclasses override what they need (probe.Capture records and masks, var.find_sink_dims records)."""
-
-    # True when key_mask may remove key columns. Only then does the model build an explicit causal mask for a call
-    # without padding; otherwise the fused kernel keeps its faster causal mode even while a probe records.
-    masks_keys = False
-
-    def record_residual(self, layer: int, h: torch.Tensor) -> None:
-        """Called with each layer's residual input h [B, T, D], before the layer runs."""
-
-    def key_mask(self, layer: int, mask: torch.Tensor) -> torch.Tensor:
-        """May remove key columns from the attention mask [B, 1, T, S] (True = may attend); called where masks_keys."""
-        return mask
-
-    def wants(self, layer: int) -> bool:
-        """True makes this layer compute explicit probabilities and call record_attention."""
-        return False
-
-    def first_row(self) -> int:
-        """The first query row of this call whose probabilities record_attention needs (the rows from there on, at
-        least, are passed to it); the rows before it may go through the fused kernel."""
-        return 0
-
-    def record_attention(self, layer: int, before: torch.Tensor, after: torch.Tensor) -> None:
-        """fp32 probabilities [B, H, T', S] before and after VAR, of the call's last T' ≥ T − first_row() query rows."""
+    def rope(self, positions: torch.Tensor, rows: range) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [B, T] of RoPE positions `positions` for a call writing cache positions `rows` (checked here,
+        once per call: every layer then writes there)."""
+        if rows.stop > self.max_len:
+            raise MinivarError(f"KV cache full: position {rows.stop - 1} is past its {self.max_len} positions")
+        return self.cos[positions], self.sin[positions]
 
 
 class LlamaAttention(nn.Module):
-    """Causal multi-head self-attention with rotary positions; VAR acts between its softmax and value product.
+    """Causal multi-head self-attention with rotary positions; hooks (VAR) act between its softmax and value product.
 
-    Which path runs: the fused SDPA kernel when nobody needs the probabilities and there are several query rows
-    (the prefill); the written-out path when VAR or a probe needs probabilities, and for a single query row
-    (a decode step), where it is also the faster one."""
+    Which path runs: the fused SDPA kernel for the rows nobody needs probabilities of (most of a prefill); the
+    written-out path for the rows a hook needs, and for a single query row (a decode step), where it is also the
+    faster one."""
 
     def __init__(self, cfg: TextConfig, layer_idx: int):
         super().__init__()
@@ -132,66 +94,50 @@ class LlamaAttention(nn.Module):
         self.v_proj = nn.Linear(d, self.n_kv * hd, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * hd, d, bias=bias)
 
-    def forward(self, x, cos, sin, mask, cache=None, var=None, probe=None, last_only=False):
-        """x [B, T, D]; mask [B, 1, T, S] bool (True = may attend) or None for plain causal attention without
-        padding; var: per-call VAR state or None; probe: capture/masking; last_only: only the last row's output is
-        wanted (keys and values still come from every row)."""
+    def forward(self, x, cos, sin, mask, rows: range, cache=None, hooks=None):
+        """x [B, T, D] at positions `rows`; mask [B, 1, T, S] bool (True = may attend) or None for plain causal
+        attention without padding; hooks: a hooks.Hooks or None."""
         B, T, _ = x.shape
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)      # [B, H_kv, T, hd]
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # [B, H, T, hd]
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)       # [B, H_kv, T, hd]
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        k = apply_rope(k, cos, sin)
-        if last_only and T > 1:                       # queries: only the last row
-            x, cos, sin = x[:, -1:], cos[:, -1:], sin[:, -1:]
-            mask = mask[:, :, -1:] if mask is not None else None
-        Tq = x.shape[1]
-        q = self.q_proj(x).view(B, Tq, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, Tq, hd]
-        q = apply_rope(q, cos, sin)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)                                  # [B, H_kv, S, hd]
+            k, v = cache.update(self.layer_idx, k, v, rows.start)                      # [B, H_kv, S, hd]
         if self.n_kv != self.n_heads:                                                  # grouped-query attention
             k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
             v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
-        if probe is not None and probe.masks_keys:
-            mask = probe.key_mask(self.layer_idx, mask)                                # optional column masking
-
-        var_here = var is not None and var.active(self.layer_idx)
-        probe_here = probe is not None and probe.wants(self.layer_idx)
-        if var_here or probe_here or Tq == 1:
-            out = self.attend_explicit(q, k, v, mask, var if var_here else None, probe if probe_here else None)
-        else:
+        if hooks is not None and hooks.masks_keys:
+            mask = hooks.key_mask(self.layer_idx, mask, rows)                          # e.g. sink removal
+        first = hooks.explicit_from(self.layer_idx, rows) if hooks is not None else None
+        if first is None and T > 1:
             out = attend_fused(q, k, v, mask)
-        return self.o_proj(out.transpose(1, 2).reshape(B, Tq, -1))
+        else:
+            out = self.attend_explicit(q, k, v, mask, rows, rows.start if first is None else max(first, rows.start),
+                                       hooks)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
-    def attend_explicit(self, q, k, v, mask, var=None, probe=None):
-        """Attention written out — scores, mask, fp32 softmax, [VAR], @ v — for the query rows that need it."""
+    def attend_explicit(self, q, k, v, mask, rows: range, first: int, hooks=None):
+        """Attention written out — scores, mask, fp32 softmax, hooks (VAR), @ v — for the rows from position
+        `first` on; the rows before it go through the fused kernel."""
         T, S = q.shape[2], k.shape[2]
-        # Only the query rows VAR may touch or the probe reads need explicit probabilities (in the prefill: the rows
-        # after the image for VAR); the rows before them go through the fused kernel.
-        firsts = [x.first_row() for x in (var, probe) if x is not None]
-        first = min(firsts) if firsts else 0
-        head = None
-        if first and mask is None and T == S:    # the prompt's first rows: the fused kernel's causal mode is right
-            head = F.scaled_dot_product_attention(q[:, :, :first], k, v, is_causal=True)
+        n_fused = first - rows.start
+        fused = None
+        if n_fused and mask is None and T == S:  # the prompt's first rows: the fused kernel's causal mode is right
+            fused = F.scaled_dot_product_attention(q[:, :, :n_fused], k, v, is_causal=True)
         if mask is None and T > 1:               # plain causal (a single last row sees every key: no mask)
             mask = causal_mask(T, S, q.device)
-        if first and head is None:
-            head = F.scaled_dot_product_attention(q[:, :, :first], k, v, attn_mask=mask[:, :, :first])
-        q, mask = q[:, :, first:], (mask[:, :, first:] if mask is not None else None)
-        one_row = q.shape[2] == 1                # a decode step: matrix-vector products, at any batch size
-        with without_onednn(one_row):
-            scores = (q @ k.transpose(-2, -1)) * self.head_dim ** -0.5                 # [B, H, T', S]
-        scores = scores.float()
+        if n_fused and fused is None:
+            fused = F.scaled_dot_product_attention(q[:, :, :n_fused], k, v, attn_mask=mask[:, :, :n_fused])
+        q, mask = q[:, :, n_fused:], (mask[:, :, n_fused:] if mask is not None else None)
+        scores = ((q @ k.transpose(-2, -1)) * self.head_dim ** -0.5).float()         # [B, H, R, S]
         if mask is not None:
             scores = scores.masked_fill(~mask, torch.finfo(torch.float32).min)
         probs = torch.softmax(scores, dim=-1)                                          # fp32 softmax, as HF
-        before = probs
-        if var is not None:
-            probs = var.redistribute(self.layer_idx, probs, first)                     # VAR (see var.py)
-        if probe is not None:
-            probe.record_attention(self.layer_idx, before, probs)
-        with without_onednn(one_row):
-            out = probs.to(v.dtype) @ v                                                # [B, H, T', hd]
-        return out if head is None else torch.cat([head, out], dim=2)
+        if hooks is not None:
+            probs = hooks.probs(self.layer_idx, probs, range(first, rows.stop), before=probs)   # VAR (var.py)
+        out = probs.to(v.dtype) @ v                                                    # [B, H, R, hd]
+        return out if fused is None else torch.cat([fused, out], dim=2)
 
 
 def causal_mask(T: int, S: int, device) -> torch.Tensor:
@@ -233,9 +179,8 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, cache=None, var=None, probe=None, last_only=False):
-        a = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, var, probe, last_only)
-        x = (x[:, -1:] if last_only else x) + a
+    def forward(self, x, cos, sin, mask, rows, cache=None, hooks=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, rows, cache, hooks)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -250,24 +195,19 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, positions, mask, cache=None, var=None, probe=None, last_only=False):
-        """x: input embeddings [B, T, D]; positions [B, T]; mask [B, 1, T, S] bool or None (causal, no padding).
-        last_only: return only the last position ([B, 1, D]) — then the last layer computes only that row after
-        its keys and values (a prefill for generation needs nothing else)."""
-        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
-        last = len(self.layers) - 1
-        for i, layer in enumerate(self.layers):
-            if var is not None:
-                var.observe(i, x)             # VAR: sink tokens are read off each layer's residual input h^ℓ
-            if probe is not None:
-                probe.record_residual(i, x)
-            # (not where VAR or the probe reads this layer's rows: they count rows from the call's first one)
-            reads_rows = (var is not None and var.active(i)) or (probe is not None and probe.wants(i))
-            trim = last_only and i == last and not reads_rows
-            x = layer(x, cos, sin, mask, cache, var, probe, trim)
+    def forward(self, x, positions, rows: range, mask, cache=None, hooks=None):
+        """x: input embeddings [B, T, D] of cache positions `rows`; positions [B, T]: each token's RoPE position
+        (its index among the sample's real tokens); mask [B, 1, T, S] bool or None (causal, no padding)."""
         if cache is not None:
-            cache.length += positions.shape[1]    # every layer has stored this call's keys and values
-        return self.norm(x[:, -1:] if last_only else x)
+            cos, sin = cache.rope(positions, rows)                                     # [B, T, hd]
+        else:
+            cos, sin = rope_table(int(positions.max()) + 1, self.cfg.head_dim, self.cfg.rope_theta, x.dtype, x.device)
+            cos, sin = cos[positions], sin[positions]
+        for i, layer in enumerate(self.layers):
+            if hooks is not None:
+                hooks.residual(i, x, rows)    # VAR reads its sink tokens off each layer's residual input h^ℓ
+            x = layer(x, cos, sin, mask, rows, cache, hooks)
+        return self.norm(x)
 
 
 class LlamaForCausalLM(nn.Module):

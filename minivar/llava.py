@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from .clip import CLIPVisionTower
 from .config import LlavaConfig
 from .errors import MinivarError
-from .llama import KVCache, LlamaForCausalLM, Probe, causal_mask
+from .hooks import as_hooks
+from .llama import KVCache, LlamaForCausalLM, causal_mask
 
 
 class LlavaMultiModalProjector(nn.Module):
@@ -52,53 +53,60 @@ class Llava(nn.Module):
         feats = picked[0] if len(picked) == 1 else torch.cat(picked, dim=-1)
         return self.multi_modal_projector(feats.to(self.multi_modal_projector.linear_1.weight.dtype))
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
-        """Token embeddings [B, T, D] with the image-token positions replaced, in order, by the image features."""
+    def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings [B, T, D] with the image-token positions replaced, in order, by `image_features`
+        [B_img, N, D] (exactly as many feature rows as this call has image tokens)."""
         cfg = self.config
-        if pixel_values is None:
+        if image_features is None:
             # no image in this call (a decode step): every id is an ordinary row, even 32000 if the model emits it
             return self.language_model.model.embed_tokens(input_ids)
         is_image = input_ids == cfg.image_token_index
         # image ids (32000) lie inside the 32064-row table, but a model with a smaller vocab must not index with them
         x = self.language_model.model.embed_tokens(input_ids.masked_fill(is_image, 0))
-        n_slots = int(is_image.sum())
-        feats = self.image_features(pixel_values)                      # [B_img, N, D]
-        if n_slots != feats.shape[0] * feats.shape[1]:
-            raise MinivarError(f"the prompt has {n_slots} image tokens but the image gives {feats.shape[0] * feats.shape[1]} "
-                               f"features ({feats.shape[0]} image(s) × {feats.shape[1]})")
-        return x.masked_scatter(is_image[..., None], feats.to(x.dtype))
+        n_slots, n_feats = int(is_image.sum()), image_features.shape[0] * image_features.shape[1]
+        if n_slots != n_feats:
+            raise MinivarError(f"the prompt has {n_slots} image tokens but the image gives {n_feats} "
+                               f"features ({image_features.shape[0]} image(s) × {image_features.shape[1]})")
+        return x.masked_scatter(is_image[..., None], image_features.to(x.dtype))
 
-    def forward(self, input_ids, pixel_values=None, *, cache: KVCache | None = None, attention_mask=None,
-                var=None, probe=None, last_only: bool = False, return_hidden: bool = False) -> torch.Tensor:
-        """Logits [B, T, V] (or [B, 1, V] with last_only; the hidden states with return_hidden) for new tokens
-        `input_ids` [B, T].
+    def forward(self, input_ids, pixel_values=None, *, image_features=None, cache: KVCache | None = None,
+                input_pos: int = 0, attention_mask=None, hooks=None, output: str = "logits") -> torch.Tensor:
+        """Logits [B, T, V] fp32 (output="hidden": the final-normed hidden states [B, T, D]) for the tokens
+        `input_ids` [B, T] at cache positions input_pos … input_pos+T−1.
 
-        attention_mask [B, S] (1 = real token, 0 = left padding) covers cached + new positions; None = no padding.
-        pixel_values are only needed on the call that contains the image tokens (the prefill).
+        pixel_values [B_img, 3, S, S] (or their projected `image_features`, for a call that holds only some of the
+        image tokens: a chunk of a prompt) are needed only on a call that contains image tokens.
+        attention_mask [B, input_pos+T] (1 = real token, 0 = padding) covers cached + new positions; None = none.
+        hooks: a hooks.Hook, a list of them, or None (see hooks.py).
         """
-        if probe is not None and not isinstance(probe, Probe):
-            raise MinivarError(f"probe must subclass minivar.llama.Probe (got {type(probe).__name__}): its defaults "
-                               f"fill in the parts of the interface a probe does not override")
+        hooks = as_hooks(hooks)
         B, T = input_ids.shape
-        past = cache.length if cache is not None else 0
-        x = self.embed(input_ids, pixel_values)
-        if attention_mask is None and not (probe is not None and probe.masks_keys):
-            # No padding (and no probe removing keys): positions are 0, 1, 2, ... and the mask is plain causal, which
+        rows = range(input_pos, input_pos + T)
+        if pixel_values is not None:
+            image_features = self.image_features(pixel_values)
+        x = self.embed(input_ids, image_features)
+        if attention_mask is None and not (hooks is not None and hooks.masks_keys):
+            # No padding (and no hook removing keys): positions are 0, 1, 2, ... and the mask is plain causal, which
             # the attention applies itself (mask=None), so the fused kernel can use its faster causal mode.
-            positions = torch.arange(past, past + T, device=x.device).expand(B, T)
+            positions = torch.arange(input_pos, input_pos + T, device=x.device).expand(B, T)
             mask = None
         else:
+            S = input_pos + T
             if attention_mask is None:
-                attention_mask = torch.ones(B, past + T, dtype=torch.bool, device=x.device)
+                attention_mask = torch.ones(B, S, dtype=torch.bool, device=x.device)
+            if attention_mask.shape != (B, S):
+                raise MinivarError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, S)} "
+                                   f"(cached + new positions)")
             attention_mask = attention_mask.bool()
-            # Positions count real tokens only, so a left-padded sample gets the same positions as when run alone.
-            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]       # [B, T]
-            mask = causal_mask(T, past + T, x.device) & attention_mask[:, None, None, :]    # [B, 1, T, S]
-            # A left-pad row would see no key at all (softmax of nothing); let it see itself. Its output is unused.
-            diagonal = torch.arange(past + T, device=x.device)[None, :] == torch.arange(past, past + T, device=x.device)[:, None]
+            # Positions count real tokens only, so a padded sample gets the same positions as when run alone.
+            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, input_pos:]   # [B, T]
+            mask = causal_mask(T, S, x.device) & attention_mask[:, None, None, :]           # [B, 1, T, S]
+            # A padding row would see no key at all (softmax of nothing); let it see itself. Its output is unused.
+            diagonal = torch.arange(S, device=x.device)[None, :] == torch.arange(input_pos, S, device=x.device)[:, None]
             mask = mask | diagonal[None, None]
-        # generation only needs the next-token logits: last_only skips the other rows where it can (see LlamaModel)
-        h = self.language_model.model(x, positions, mask, cache, var, probe, last_only)
-        if return_hidden:
-            return h         # the final-normed hidden states; lm_head(h) gives the logits
+        h = self.language_model.model(x, positions, rows, mask, cache, hooks)
+        if output == "hidden":
+            return h
+        if output != "logits":
+            raise ValueError(f"output must be 'logits' or 'hidden', got {output!r}")
         return self.language_model.lm_head(h).float()

@@ -65,6 +65,20 @@ def check_generation_args(max_new_tokens: int, temperature: float, top_p: float)
         raise MinivarError(f"--temperature must be ≥ 0, got {temperature}")
 
 
+@dataclass
+class Request:
+    """One call prepared once: prompt ids (padded to a common length), pixels, and the hooks with their state."""
+    input_ids: torch.Tensor                       # [B, T]
+    attention_mask: torch.Tensor | None           # [B, T], 0 on padding; None when nothing is padded
+    pixel_values: torch.Tensor                    # [B, 3, S, S]
+    prompt_ids: list[list[int]]                   # each prompt's own ids, unpadded
+    max_new_tokens: int                           # capped at the model's context
+    sinks: var_mod.Sinks | None = None            # the call's sink sets (VAR's, the capture's, the masking's)
+    var_state: var_mod.VARState | None = None
+    sink_dims_source: str | None = None           # "user", "known:<model>" or "finder"
+    hooks: list = field(default_factory=list)     # in call order: VAR, masking, capture, then the caller's
+
+
 class Pipeline:
     """A loaded LLaVA model with its tokenizer and preprocessing."""
 
@@ -73,8 +87,7 @@ class Pipeline:
         self.model, self.tokenizer, self.directory = model, tokenizer, directory
         self.config = model.config
         self.device, self.dtype, self.load_s = device, dtype, load_s
-        self._dims: dict = {}            # sink dims found for this model, by request kind ("default" / "auto")
-        self._dims_source = None
+        self._found_dims: dict = {}      # sink dims resolved for this model, by VARConfig.find_sink_dims
 
     # -- inputs --------------------------------------------------------------------------------------------------
     def pixels(self, image, image_aspect_ratio: str = "pad") -> torch.Tensor:
@@ -92,41 +105,28 @@ class Pipeline:
                                f"over the model's context of {limit} (max_position_embeddings)")
         return torch.tensor([ids], dtype=torch.long, device=self.device)
 
-    # -- outputs -------------------------------------------------------------------------------------------------
-    @torch.inference_mode()
-    def logits(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None, *, attention_mask=None,
-               var: var_mod.VARConfig | None = None, probe=None) -> torch.Tensor:
-        """Logits [B, T, V] (fp32) for whole sequences, no cache; attention_mask [B, T] is 0 on left padding;
-        var: a VARConfig (a fresh VAR state is made for these ids)."""
-        input_ids = input_ids.to(self.device)
-        px = pixel_values.to(self.device, self.dtype) if pixel_values is not None else None
-        mask = attention_mask.to(self.device) if attention_mask is not None else None
-        state = self.var_state(var, input_ids, mask) if var is not None else None
-        return self.model(input_ids, px, attention_mask=mask, var=state, probe=probe)
+    def sink_dims(self, var: var_mod.VARConfig, input_ids: torch.Tensor, warn=None) -> tuple[tuple[int, ...], str]:
+        """The sink dims VAR (or the sink sets) use, and where they came from: the user's, the known ones of
+        LLaVA-1.5-7B/13B, or the finder's (run once per model, then kept). warn(message) receives what the finder
+        reports (default: printed on stderr)."""
+        if var.sink_dims is not None:
+            return var.sink_dims, "user"
+        if var.find_sink_dims not in self._found_dims:
+            self._found_dims[var.find_sink_dims] = var_mod.resolve_sink_dims(self.config, var, self.model, input_ids,
+                                                                             warn)
+        return self._found_dims[var.find_sink_dims]
 
-    def generate(self, image, prompt: str, *, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
-                 seed: int | None = None, conv_mode: str = "vicuna_v1", image_aspect_ratio: str = "pad",
-                 var: var_mod.VARConfig | None = None, probe=None, on_text=None) -> Result:
-        """Answer `prompt` about `image` (a path or PIL image). on_text(str) receives the text as it is generated.
-
-        var: a VARConfig to apply Visual Attention Redistribution (None: plain LLaVA).
-        probe: a per-call probe (e.g. probe.Capture) passed down to every layer; bound here to this prompt.
-        """
-        return self.generate_batch([image], [prompt], max_new_tokens=max_new_tokens, temperature=temperature,
-                                   top_p=top_p, seed=seed, conv_mode=conv_mode, image_aspect_ratio=image_aspect_ratio,
-                                   var=var, probe=probe, on_text=on_text)[0]
-
-    def generate_batch(self, images, prompts, *, max_new_tokens: int = 128, temperature: float = 0.0,
-                       top_p: float = 1.0, seed: int | None = None, conv_mode: str = "vicuna_v1",
-                       image_aspect_ratio: str = "pad", var: var_mod.VARConfig | None = None, probe=None,
-                       on_text=None) -> list[Result]:
-        """Several (image, prompt) pairs in one batch: prompts left-padded to a common length, each sample with its
-        own VAR state (sinks, image span, counters). Greedy results equal running them one by one."""
+    def prepare(self, images, prompts, *, conv_mode: str = "vicuna_v1", image_aspect_ratio: str = "pad",
+                max_new_tokens: int = 128, var: var_mod.VARConfig | None = None, sink_config=None, capture=None,
+                mask=None, warn=None) -> Request:
+        """Everything a generation needs, made once: ids left-padded to a common length, pixels, and the hooks —
+        the sink sets (when VAR, the capture or visual-sink masking reads them), VAR's state, the masking, the
+        capture (bound to this prompt). var: a VARConfig (None: plain LLaVA); sink_config: the τ and sink dims of the
+        sink sets when VAR is off (default VARConfig()'s); capture: a probe.Capture; mask: a probe.KeyMask."""
         if len(images) != len(prompts) or not prompts:
             raise MinivarError(f"generate_batch needs as many images as prompts (got {len(images)} and {len(prompts)})")
-        check_generation_args(max_new_tokens, temperature, top_p)
-        if probe is not None and len(prompts) > 1:
-            raise MinivarError("a probe captures one sample: run it with a single prompt")
+        if capture is not None and len(prompts) > 1:
+            raise MinivarError("a capture records one sample: run it with a single prompt")
         rows = [self.prompt_ids(p, conv_mode)[0] for p in prompts]
         T = max(len(r) for r in rows)
         pad_id = self.config.pad_token_id if self.config.pad_token_id is not None else 0
@@ -135,12 +135,81 @@ class Pipeline:
         for b, r in enumerate(rows):                 # left padding keeps every prompt's last token at position T-1
             input_ids[b, T - len(r):] = r
             attention_mask[b, T - len(r):] = True
+        attention_mask = None if bool(attention_mask.all()) else attention_mask
         pixel_values = torch.cat([self.pixels(img, image_aspect_ratio) for img in images])
         # never run past the context the model was trained for
         max_new_tokens = min(max_new_tokens, self.config.text.max_position_embeddings - T)
-        var_state = self.var_state(var, input_ids, attention_mask) if var is not None else None
-        self.bind_probe(probe, input_ids, var)
-        stream = self.tokenizer.decode_token_stream() if on_text is not None and len(rows) == 1 else None
+        request = Request(input_ids, attention_mask, pixel_values, [r.tolist() for r in rows], max_new_tokens)
+        self.add_hooks(request, var=var, sink_config=sink_config, capture=capture, mask=mask, warn=warn)
+        return request
+
+    def add_hooks(self, request: Request, *, var=None, sink_config=None, capture=None, mask=None, warn=None,
+                  length: int | None = None) -> None:
+        """Make the request's hooks for its ids: Sinks, VARState, KeyMask, Capture (each only where asked for).
+        length: the cache length (default: the prompt plus max_new_tokens)."""
+        t = self.config.text
+        ids, attention_mask = request.input_ids, request.attention_mask
+        image_mask = ids == self.config.image_token_index
+        wants_sinks = (var is not None or (mask is not None and mask.kind == "visual_sinks")
+                       or capture is not None)
+        if wants_sinks:
+            cfg = var if var is not None else (sink_config or var_mod.VARConfig())
+            cfg.validate(t.hidden_size, t.num_hidden_layers)
+            first = ids[:1] if attention_mask is None else ids[:1, attention_mask[0]]     # sample 0, unpadded
+            dims, request.sink_dims_source = self.sink_dims(cfg, first, warn)
+            request.sinks = var_mod.Sinks(dims, cfg.tau, t.num_hidden_layers, image_mask, attention_mask)
+        if var is not None:
+            length = length or ids.shape[1] + request.max_new_tokens
+            request.var_state = var_mod.VARState(var, request.sinks, max_len=length,
+                                                 keep_selections=capture is not None)
+            request.hooks.append(request.var_state)        # it updates the sink sets it shares with the others
+        elif request.sinks is not None:
+            request.hooks.append(request.sinks)
+        if mask is not None:
+            request.hooks.append(mask.bind(image_mask, request.sinks))
+        if capture is not None:
+            request.hooks.append(capture.bind(image_mask, sinks=request.sinks, var_state=request.var_state,
+                                              n_layers=t.num_hidden_layers, n_heads=t.num_attention_heads))
+
+    # -- outputs -------------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def logits(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None, *, attention_mask=None,
+               var: var_mod.VARConfig | None = None, hooks=()) -> torch.Tensor:
+        """Logits [B, T, V] (fp32) for whole sequences, no cache; attention_mask [B, T] is 0 on left padding;
+        var: a VARConfig (a fresh VAR state is made for these ids); hooks: more hooks of your own (after VAR)."""
+        input_ids = input_ids.to(self.device)
+        px = pixel_values.to(self.device, self.dtype) if pixel_values is not None else None
+        mask = attention_mask.to(self.device).bool() if attention_mask is not None else None
+        request = Request(input_ids, mask, px, [], 0)
+        if var is not None:
+            self.add_hooks(request, var=var, length=input_ids.shape[1])
+        return self.model(input_ids, px, attention_mask=mask, hooks=request.hooks + list(hooks))
+
+    def generate(self, image, prompt: str, **kwargs) -> Result:
+        """Answer `prompt` about `image` (a path or PIL image); the options are generate_batch's."""
+        return self.generate_batch([image], [prompt], **kwargs)[0]
+
+    def generate_batch(self, images, prompts, *, max_new_tokens: int = 128, temperature: float = 0.0,
+                       top_p: float = 1.0, seed: int | None = None, conv_mode: str = "vicuna_v1",
+                       image_aspect_ratio: str = "pad", var: var_mod.VARConfig | None = None, sink_config=None,
+                       capture=None, mask=None, hooks=(), on_text=None, warn=None) -> list[Result]:
+        """Several (image, prompt) pairs in one batch: prompts left-padded to a common length, each sample with its
+        own VAR state (sinks, image span, counters). Greedy results equal running them one by one.
+
+        var: a VARConfig to apply Visual Attention Redistribution (None: plain LLaVA). capture (probe.Capture) and
+        mask (probe.KeyMask): inspection, one sample only; sink_config: their τ / sink dims when VAR is off.
+        hooks: hooks of your own, called after minivar's. on_text(str) receives the text as it is generated
+        (a single prompt only)."""
+        check_generation_args(max_new_tokens, temperature, top_p)
+        request = self.prepare(images, prompts, conv_mode=conv_mode, image_aspect_ratio=image_aspect_ratio,
+                               max_new_tokens=max_new_tokens, var=var, sink_config=sink_config, capture=capture,
+                               mask=mask, warn=warn)
+        return self.run(request, temperature=temperature, top_p=top_p, seed=seed, hooks=hooks, on_text=on_text)
+
+    def run(self, request: Request, *, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+            hooks=(), on_text=None) -> list[Result]:
+        """Generate for a prepared request."""
+        stream = self.tokenizer.decode_token_stream() if on_text is not None and len(request.prompt_ids) == 1 else None
 
         def on_token(ids):
             if stream is not None and ids[0] is not None:
@@ -148,21 +217,27 @@ class Pipeline:
                 if piece:
                     on_text(piece)
 
-        gen: Generation = generate(self.model, input_ids, pixel_values, max_new_tokens=max_new_tokens,
-                                   eos_token_id=self.tokenizer.eos_id, temperature=temperature, top_p=top_p, seed=seed,
-                                   attention_mask=None if bool(attention_mask.all()) else attention_mask,
-                                   var=var_state, probe=probe, on_token=on_token)
+        gen: Generation = generate(self.model, request.input_ids, request.pixel_values,
+                                   max_new_tokens=request.max_new_tokens, eos_token_id=self.tokenizer.eos_id,
+                                   temperature=temperature, top_p=top_p, seed=seed,
+                                   attention_mask=request.attention_mask, hooks=request.hooks + list(hooks),
+                                   on_token=on_token)
         if stream is not None:
             tail = stream.flush()        # bytes held back in case a multi-byte character was still incomplete
             if tail:
                 on_text(tail)
+        return self._results(request, gen)
+
+    def _results(self, request: Request, gen: Generation) -> list[Result]:
         timing = {"load_s": self.load_s, "prefill_s": gen.prefill_s, "decode_s": gen.decode_s,
                   "decode_tokens": gen.decode_tokens, "decode_tokens_per_s": gen.decode_tokens_per_s}
         results = []
         for b, ids in enumerate(gen.output_ids):
-            report = var_state.report(b) | {"sink_dims_source": self._dims_source} if var_state is not None else None
-            results.append(Result(self.tokenizer.decode(ids), ids, rows[b].tolist(), dict(timing), gen.finished[b],
-                                  report))
+            report = None
+            if request.var_state is not None:
+                report = request.var_state.report(b) | {"sink_dims_source": request.sink_dims_source}
+            results.append(Result(self.tokenizer.decode(ids), ids, request.prompt_ids[b], dict(timing),
+                                  gen.finished[b], report))
         return results
 
     def capture(self, image, prompt: str, *, layers=(), heads=None, attention=("before", "after"),
@@ -171,51 +246,25 @@ class Pipeline:
                 var: var_mod.VARConfig | None = None, **generate_kwargs):
         """Run `prompt` on `image` and return a probe.Capture holding only what was asked for (see probe.py):
         attention probabilities before/after VAR of `layers` × `heads` for `rows`, residual inputs, the sink sets
-        of every layer (always); `.result` is the generation Result. Nothing is attached to the model.
+        of every layer (always); `.result` is the generation Result, `.masked` the KeyMask (if any). Nothing is
+        attached to the model.
 
             cap = llava.capture("cat.jpg", "What is this?", layers=[10, 11], heads=[0, 5], var=VARConfig())
             cap.attention_probs[10]["after"]     # fp32 [1, 2, T, T]
         """
-        from .probe import Capture
-        probe = Capture(layers, heads, attention=attention, residuals=residuals, head_stats=head_stats, rows=rows,
-                        decode=decode, mask=mask, mask_random=mask_random, mask_seed=mask_seed)
-        probe.result = self.generate(image, prompt, max_new_tokens=max_new_tokens, var=var, probe=probe,
-                                     **generate_kwargs)
-        return probe
-
-    def bind_probe(self, probe, input_ids: torch.Tensor, var: var_mod.VARConfig | None = None, warn=None) -> None:
-        """Tell a probe with a bind() method where the image tokens are, and the sink dims / τ VAR uses (resolved
-        as for VAR, with VAR's defaults when var is None)."""
-        if probe is None or not hasattr(probe, "bind"):
-            return
-        cfg = var if var is not None else var_mod.VARConfig()
-        dims = self.sink_dims(cfg, input_ids, warn) if probe.needs_sink_dims else None
-        t = self.config.text
-        probe.bind(input_ids == self.config.image_token_index, n_layers=t.num_hidden_layers,
-                   n_heads=t.num_attention_heads, sink_dims=dims, tau=cfg.tau)
-
-    def sink_dims(self, var: var_mod.VARConfig, input_ids: torch.Tensor, warn=None) -> tuple[int, ...]:
-        """The sink dims VAR uses: the user's, the known ones of LLaVA-1.5-7B/13B, or the finder's (run once, then kept).
-        warn(message) receives what the finder reports (default: printed on stderr)."""
-        requested = var.sink_dims
-        if requested not in (None, "auto"):
-            self._dims_source = "user"
-            return tuple(requested)
-        key = "auto" if requested == "auto" else "default"
-        if key not in self._dims:
-            self._dims[key] = var_mod.resolve_sink_dims(self.config, var, requested, self.model, input_ids, warn)
-        dims, self._dims_source = self._dims[key]
-        return dims
-
-    def var_state(self, var: var_mod.VARConfig, input_ids: torch.Tensor,
-                  attention_mask: torch.Tensor | None = None, warn=None) -> var_mod.VARState:
-        """Fresh per-call VAR state for these (left-padded) prompt ids, never reused across calls. warn: as for
-        sink_dims."""
-        var.validate(self.config.text.hidden_size, self.config.text.num_hidden_layers)
-        first = input_ids[:1] if attention_mask is None else input_ids[:1, attention_mask[0]]   # sample 0, unpadded
-        dims = self.sink_dims(var, first, warn)
-        return var_mod.VARState(var, dims, self.config.text.num_hidden_layers,
-                                input_ids == self.config.image_token_index, attention_mask)
+        from .probe import Capture, KeyMask
+        if mask is not None and mask_random:
+            raise MinivarError("mask the visual sinks or random image tokens, not both")
+        if mask not in (None, "visual_sinks"):
+            raise MinivarError(f"mask '{mask}' is not None or 'visual_sinks'")
+        key_mask = (KeyMask("visual_sinks") if mask is not None else
+                    KeyMask("random", mask_random, mask_seed) if mask_random else None)
+        cap = Capture(layers, heads, attention=attention, residuals=residuals, head_stats=head_stats, rows=rows,
+                      decode=decode)
+        cap.masked = key_mask
+        cap.result = self.generate(image, prompt, max_new_tokens=max_new_tokens, var=var, capture=cap, mask=key_mask,
+                                   **generate_kwargs)
+        return cap
 
 
 def load(model: str = checkpoint.DEFAULT_MODEL, *, device: str = "auto", dtype: str | torch.dtype = "auto",

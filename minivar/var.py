@@ -1,7 +1,7 @@
 """Visual Attention Redistribution (VAR), Kang et al., ICLR 2025: "See What You Are Told: Visual Attention Sink
 in Large Multimodal Models".
 
-Notation (design.md §3): layers ℓ = 0..L−1; image tokens occupy prompt positions I = [s, s+N); h^ℓ is the residual
+Notation (the README's "VAR: where each step is"): layers ℓ = 0..L−1; image tokens occupy prompt positions I = [s, s+N); h^ℓ is the residual
 input of layer ℓ; α the post-softmax attention probabilities (fp32).
 
   1. sink dims D        massive-activation dims of the base LLM (7B: 1415, 2533; 13B: 2100, 4743), or found
@@ -13,9 +13,10 @@ input of layer ℓ; α the post-softmax attention probabilities (fp32).
   5. redistribution     every sink j ∈ S^ℓ keeps (1−p)·α_ij; Ω = p·Σ_{j∈S^ℓ} α_ij goes to I∖V in proportion:
                         α'_ij = α_ij + Ω·α_ij / Σ_{k∈I∖V} α_ik.  Rows still sum to 1.
 
-The math is in plain functions of tensors (`sink_scores`, `sink_sets`, `select_heads`, `redistribute`); `VARState` holds the
-per-call state (sink sets per layer, image span, prefill/decode phase, counters) and is created for each call and
-passed down to the attention — never stored on the model — so two images in a row get their own sinks.
+The math is in plain functions of tensors (`sink_scores`, `sink_sets`, `select_heads`, `redistribute`). Two hooks
+(see hooks.py) hold one call's state: `Sinks` (φ and the sink sets per layer) and `VARState` (head selection and
+redistribution, counters). Both are made per call and passed down — never stored on the model — so two images in
+a row get their own sinks; whether a row is in the prompt or generated follows from its position alone.
 """
 from __future__ import annotations
 
@@ -24,9 +25,10 @@ import sys
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from .errors import MinivarError
-from .llama import Probe
+from .hooks import Hook
 
 PRESETS = {"general": 0.8, "hallucination": 0.5, "vision": 0.9}   # ρ per task family, from the paper
 
@@ -45,14 +47,29 @@ class VARConfig:
     rho: float = 0.8                     # image-centric head: non-sink share of image attention ≥ ρ
     p: float = 0.6                       # fraction of the sinks' attention moved to visual non-sink tokens
     min_image_attention: float = 0.2     # image-centric head: total image attention ≥ this
-    sink_dims: tuple[int, ...] | str | None = None   # dims; None: recognise the model, else find; "auto": find
+    sink_dims: tuple[int, ...] | None = None   # None: the known dims of LLaVA-1.5-7B/13B, else the finder's
+    find_sink_dims: bool = False         # True: run the sink-dim finder even for a model whose dims are known
     layers: tuple[int, ...] | None = None      # None: every layer but the last (the paper's rule)
+
+    def __post_init__(self):
+        if self.sink_dims is not None:
+            if isinstance(self.sink_dims, str) or not all(isinstance(d, int) for d in self.sink_dims):
+                raise MinivarError(f"VAR sink_dims must be a tuple of ints or None (find_sink_dims=True runs the "
+                                   f"finder), got {self.sink_dims!r}")
+            object.__setattr__(self, "sink_dims", tuple(self.sink_dims))
+        if self.sink_dims is not None and self.find_sink_dims:
+            raise MinivarError("VAR: give sink_dims or find_sink_dims=True, not both")
 
     @staticmethod
     def preset(name: str = "general", **overrides) -> "VARConfig":
+        """The paper's ρ for a task family, with any field overridden (None values are ignored); sink_dims="auto"
+        (what parse_sink_dims gives for --sink-dims auto) means find_sink_dims=True."""
         if name not in PRESETS:
             raise MinivarError(f"--var-preset '{name}' is not one of {', '.join(PRESETS)}")
         given = {k: v for k, v in overrides.items() if v is not None}
+        if given.get("sink_dims") == "auto":
+            del given["sink_dims"]
+            given["find_sink_dims"] = True
         return VARConfig(**({"rho": PRESETS[name]} | given))          # an explicit rho beats the preset
 
     def layer_set(self, n_layers: int) -> frozenset[int]:
@@ -69,7 +86,7 @@ class VARConfig:
             raise MinivarError(f"VAR tau (--tau) must be > 0, got {self.tau}")
         if not 0.0 <= self.min_image_attention <= 1.0:
             raise MinivarError(f"VAR min_image_attention (--min-image-attention) must be in [0, 1], got {self.min_image_attention}")
-        for d in (self.sink_dims if isinstance(self.sink_dims, tuple) and hidden_size is not None else ()):
+        for d in (self.sink_dims if self.sink_dims is not None and hidden_size is not None else ()):
             if not 0 <= d < hidden_size:
                 raise MinivarError(f"VAR sink_dims (--sink-dims): dim {d} is outside the hidden size {hidden_size}")
         for layer in (self.layers or ()) if n_layers is not None else ():
@@ -173,89 +190,121 @@ def redistribute(probs: torch.Tensor, selected: torch.Tensor, sink: torch.Tensor
 # ---------------------------------------------------------------------------------------------------------------
 # Per-call state
 
-class VARState:
-    """VAR state for one call (one batch of prompts): created per generate/forward call, passed down to every layer."""
+class Sinks(Hook):
+    """The sink sets of one call, read off each layer's residual input as the prompt's rows go by (in one call or
+    in chunks): φ, S^ℓ and V^ℓ per layer over the prompt positions. Rows past the prompt (generated tokens) are never
+    sinks. VAR, the capture and sink masking all read these sets; none computes them again."""
 
-    def __init__(self, cfg: VARConfig, sink_dims: tuple[int, ...], n_layers: int, image_mask: torch.Tensor,
+    def __init__(self, sink_dims: tuple[int, ...], tau: float, n_layers: int, image_mask: torch.Tensor,
                  attention_mask: torch.Tensor | None = None):
-        """image_mask [B, T_prompt] bool: where the image tokens sit in each (left-padded) prompt;
-        attention_mask [B, T_prompt]: 0 on left padding (never a sink), None when nothing is padded."""
-        self.cfg = cfg
-        self.sink_dims = tuple(sink_dims)
-        self.n_layers = n_layers
+        """image_mask [B, T_prompt] bool: where the image tokens sit in each (padded) prompt; attention_mask
+        [B, T_prompt]: 0 on padding (never a sink), None when nothing is padded."""
+        self.sink_dims, self.tau, self.n_layers = tuple(sink_dims), float(tau), n_layers
         self.image = image_mask.bool()                                          # I  [B, T]
         B, T = self.image.shape
         self.real = attention_mask.bool() if attention_mask is not None else torch.ones_like(self.image)
-        self.pad = (~self.real).sum(-1)                                         # left padding per sample
-        # image_end: the first position after each sample's image; prefill rows from there on are VAR's to touch
-        self.image_start, self.image_end = image_span(self.image)                # [B] each
-        self._first_prefill_row = int(self.image_end.min())       # read once here, not in every layer (a device sync)
         self.prompt_len = T
-        self.layers = cfg.layer_set(n_layers)                                  # never the last layer
-        self.decoding = False
-        self.phi: list[torch.Tensor | None] = [None] * n_layers               # φ [B, T] per layer
-        self.sinks: list[torch.Tensor | None] = [None] * n_layers             # S^ℓ [B, T]
-        self.visual_sinks: list[torch.Tensor | None] = [None] * n_layers      # V^ℓ [B, T]
-        self._has_visual_sink = [False] * n_layers
-        self.counts = {"prefill": torch.zeros(B, n_layers, dtype=torch.long, device=self.image.device),
-                       "decode": torch.zeros(B, n_layers, dtype=torch.long, device=self.image.device)}
+        self.image_start, self.image_end = image_span(self.image)              # [B] each
+        dev = self.image.device
+        self.phi = [torch.zeros(B, T, device=dev) for _ in range(n_layers)]     # φ [B, T] per layer
+        self.sinks = [torch.zeros(B, T, dtype=torch.bool, device=dev) for _ in range(n_layers)]          # S^ℓ
+        self.visual_sinks = [torch.zeros(B, T, dtype=torch.bool, device=dev) for _ in range(n_layers)]   # V^ℓ
+        self.has_visual_sink = [False] * n_layers          # any sample, this layer: read once per prompt chunk
 
-    # called by the decoder with each layer's residual input, before its input_layernorm
-    def observe(self, layer: int, h: torch.Tensor) -> None:
-        if self.decoding:
-            return                                 # generated tokens are never sinks: keep the prefill's sets
-        self.phi[layer], self.sinks[layer], self.visual_sinks[layer] = sink_sets(h, self.sink_dims, self.cfg.tau,
-                                                                                 self.image, self.real)
-        self._has_visual_sink[layer] = bool(self.visual_sinks[layer].any())
+    def residual(self, layer: int, h: torch.Tensor, rows: range) -> None:
+        n = min(rows.stop, self.prompt_len) - rows.start         # this call's prompt rows (none while decoding)
+        if n <= 0:
+            return
+        cols = slice(rows.start, rows.start + n)
+        # a batch-1 call on a B-sample state is a shared prefix (generate_many): the same rows for every sample
+        phi, sinks, vis = sink_sets(h[:, :n], self.sink_dims, self.tau, self.image[:, cols], self.real[:, cols])
+        self.phi[layer][:, cols], self.sinks[layer][:, cols], self.visual_sinks[layer][:, cols] = phi, sinks, vis
+        self.has_visual_sink[layer] = self.has_visual_sink[layer] or bool(vis.any())   # a sync per prefill chunk
 
-    def active(self, layer: int) -> bool:
-        """Does VAR touch this layer at all (so the attention must compute explicit probabilities)?"""
-        return layer in self.layers and self._has_visual_sink[layer] and self.cfg.p > 0
-
-    def first_row(self) -> int:
-        """The first query row of the current call VAR may touch: in the prefill, the first row after the image."""
-        return 0 if self.decoding else self._first_prefill_row
-
-    def start_decoding(self) -> None:
-        self.decoding = True
-
-    def redistribute(self, layer: int, probs: torch.Tensor, first_row: int = 0) -> torch.Tensor:
-        """probs [B, H, Q, K] of query rows first_row.. → probs after VAR for this layer (unchanged where not selected)."""
-        if not self.active(layer):
-            return probs
-        B, H, Q, K = probs.shape
-        pad = K - self.prompt_len                  # decoding: keys past the prompt are generated tokens, never sinks
-        sink, vis_sink, image = (torch.nn.functional.pad(m, (0, pad)) for m in
-                                 (self.sinks[layer], self.visual_sinks[layer], self.image))
-        if self.decoding:
-            rows = torch.ones(B, Q, dtype=torch.bool, device=probs.device)
-        else:                                      # prefill: query row i is prompt position first_row + i
-            positions = torch.arange(first_row, first_row + Q, device=probs.device)
-            rows = positions[None, :] >= self.image_end[:, None]
-        rows = rows & vis_sink.any(-1, keepdim=True)        # a sample without visual sinks here is left alone
-        selected = select_heads(probs, image, vis_sink, rows, self.cfg.min_image_attention, self.cfg.rho)
-        self.counts["decode" if self.decoding else "prefill"][:, layer] += selected.sum(dim=(1, 2))
-        return redistribute(probs, selected, sink, image, vis_sink, self.cfg.p)
+    def keys(self, layer: int, S: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(S^ℓ, I, V^ℓ) as key masks [B, S] over S key positions (positions past the prompt are in none)."""
+        pad = S - self.prompt_len
+        masks = (self.sinks[layer], self.image, self.visual_sinks[layer])
+        return masks if pad == 0 else tuple(F.pad(m, (0, pad)) for m in masks)
 
     def report(self, b: int = 0) -> dict:
-        """Sample b's sinks and counters, JSON-ready (layer indices as strings), in positions of its own (unpadded)
-        prompt."""
-        pad = int(self.pad[b])
-        start = int(self.image_start[b])
+        """Sample b's sink sets, JSON-ready (layer indices as strings), in positions of its own unpadded prompt."""
+        index = self.real[b].long().cumsum(0) - 1                  # cache position → position among real tokens
 
         def positions(mask):
-            return (torch.nonzero(mask[b]).flatten() - pad).tolist()
+            return index[torch.nonzero(mask[b]).flatten()].tolist()
 
-        return {
-            "sink_dims": list(self.sink_dims),
-            "tau": self.cfg.tau, "rho": self.cfg.rho, "p": self.cfg.p,
-            "min_image_attention": self.cfg.min_image_attention,
-            "layers": sorted(self.layers),
-            "image_span": [start - pad, int(self.image_end[b]) - pad],
-            "sinks": {str(l): positions(s) for l, s in enumerate(self.sinks) if s is not None},
-            "visual_sinks": {str(l): positions(s) for l, s in enumerate(self.visual_sinks) if s is not None},
-            "redistributed": {"prefill": self.counts["prefill"][b].tolist(), "decode": self.counts["decode"][b].tolist()},
-        }
+        start, end = int(self.image_start[b]), int(self.image_end[b])
+        return {"sink_dims": list(self.sink_dims), "tau": self.tau,
+                "image_span": ([int(index[start]), int(index[end - 1]) + 1] if end > start    # no image: [n, n]
+                               else [int(index[-1]) + 1] * 2),
+                "sinks": {str(l): positions(s) for l, s in enumerate(self.sinks)},
+                "visual_sinks": {str(l): positions(s) for l, s in enumerate(self.visual_sinks)}}
+
+
+class VARState(Hook):
+    """VAR for one call (one batch of prompts): the Sinks it reads, then head selection and redistribution on the
+    rows after the image in its layers. Created per generate/forward call, never stored on the model."""
+
+    def __init__(self, cfg: VARConfig, sinks: Sinks, max_len: int | None = None, keep_selections: bool = False):
+        """max_len: the cache length (the decode steps' key masks are built once at that length)."""
+        self.cfg, self.sinks, self.max_len = cfg, sinks, max_len
+        self.layers = cfg.layer_set(sinks.n_layers)
+        B = sinks.image.shape[0]
+        # prefill rows from the first position after the image on are VAR's to touch (every generated row too)
+        self.first_position = int(sinks.image_end.min())          # read once per call, not in every layer
+        dev = sinks.image.device
+        self.counts = {"prefill": torch.zeros(B, sinks.n_layers, dtype=torch.long, device=dev),
+                       "decode": torch.zeros(B, sinks.n_layers, dtype=torch.long, device=dev)}
+        self._keys: dict[int, tuple] = {}                        # decoding's key masks, per layer
+        # keep_selections: the (head, row) pairs selected per layer, {layer: [(rows, selected [B, H, R])]}, for the
+        # pictures (probe.Capture reads them, so they show what VAR decided)
+        self.selections: dict[int, list] | None = {} if keep_selections else None
+
+    def residual(self, layer, h, rows):
+        self.sinks.residual(layer, h, rows)        # VAR's own sink sets, read off h^ℓ
+
+    def active(self, layer: int) -> bool:
+        return layer in self.layers and self.sinks.has_visual_sink[layer] and self.cfg.p > 0
+
+    def explicit_from(self, layer, rows):
+        if not self.active(layer) or rows.stop <= self.first_position:
+            return None
+        return self.first_position
+
+    def probs(self, layer, probs, rows, before):
+        """probs [B', H, R, K] of positions `rows` → after VAR (unchanged where no (head, row) is selected)."""
+        if not self.active(layer):
+            return probs
+        B, K = probs.shape[0], probs.shape[-1]
+        sink, image, vis = (m[:B] for m in self._key_masks(layer, K))   # B < samples: a shared prefix (see Sinks)
+        positions = torch.arange(rows.start, rows.stop, device=probs.device)
+        touched = positions[None, :] >= self.sinks.image_end[:B, None]                # [B, R]
+        touched = touched & vis.any(-1, keepdim=True)   # a sample without visual sinks in this layer is left alone
+        selected = select_heads(probs, image, vis, touched, self.cfg.min_image_attention, self.cfg.rho)
+        in_prompt = positions < self.sinks.prompt_len
+        self.counts["prefill"][:, layer] += (selected & in_prompt).sum(dim=(1, 2))
+        self.counts["decode"][:, layer] += (selected & ~in_prompt).sum(dim=(1, 2))
+        if self.selections is not None:
+            self.selections.setdefault(layer, []).append((rows, selected))
+        return redistribute(probs, selected, sink, image, vis, self.cfg.p)
+
+    def _key_masks(self, layer: int, K: int):
+        """(S^ℓ, I, V^ℓ) over the first K key positions, [B, K] each."""
+        if K <= self.sinks.prompt_len:          # prompt rows: the live sets (a later chunk may still add sinks)
+            return tuple(m[:, :K] for m in (self.sinks.sinks[layer], self.sinks.image, self.sinks.visual_sinks[layer]))
+        keys = self._keys.get(layer)
+        if keys is None or keys[0].shape[-1] < K:   # decoding: padded once to the cache length, sliced per step
+            keys = self._keys[layer] = self.sinks.keys(layer, max(K, self.max_len or 0))
+        return tuple(m[:, :K] for m in keys)
+
+    def report(self, b: int = 0) -> dict:
+        """Sample b's settings, sinks and counters, JSON-ready, in positions of its own (unpadded) prompt."""
+        return ({"tau": self.cfg.tau, "rho": self.cfg.rho, "p": self.cfg.p,
+                 "min_image_attention": self.cfg.min_image_attention, "layers": sorted(self.layers)}
+                | self.sinks.report(b)
+                | {"redistributed": {"prefill": self.counts["prefill"][b].tolist(),
+                                     "decode": self.counts["decode"][b].tolist()}})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -272,7 +321,7 @@ def find_sink_dims(model, input_ids: torch.Tensor, ratio: float = 100.0) -> tupl
     hi = max(lo + 1, (3 * n_layers) // 4)
     middle = range(lo, min(hi, n_layers))
     recorder = _ResidualRecorder(set(middle))
-    model(text_ids, probe=recorder, last_only=True)
+    model(text_ids, hooks=recorder, output="hidden")
     votes: dict[int, int] = {}
     for layer in middle:
         first = recorder.residuals[layer][0, 0].float().abs()                            # BOS  [D]
@@ -283,30 +332,30 @@ def find_sink_dims(model, input_ids: torch.Tensor, ratio: float = 100.0) -> tupl
     return dims, {"middle_layers": [middle.start, middle.stop], "votes": votes}
 
 
-class _ResidualRecorder(Probe):
-    """A minimal probe that keeps the residual input of some layers (the finder's only need)."""
+class _ResidualRecorder(Hook):
+    """A minimal hook that keeps the residual input of some layers (the finder's only need)."""
 
     def __init__(self, layers: set[int]):
         self.layers, self.residuals = layers, {}
 
-    def record_residual(self, layer, h):
+    def residual(self, layer, h, rows):
         if layer in self.layers:
             self.residuals[layer] = h.detach()
 
 
-def resolve_sink_dims(model_cfg, var_cfg: VARConfig, requested=None, model=None, input_ids=None, warn=None):
+def resolve_sink_dims(model_cfg, var_cfg: VARConfig, model=None, input_ids=None, warn=None):
     """Which sink dims to use, and where they came from: the user's list, the known table, or the finder."""
     warn = warn or (lambda msg: print(msg, file=sys.stderr))
-    if requested not in (None, "auto"):
-        return tuple(requested), "user"
-    if requested is None:
+    if var_cfg.sink_dims is not None:
+        return var_cfg.sink_dims, "user"
+    if not var_cfg.find_sink_dims:
         known = known_sink_dims(model_cfg)
         if known is not None:
             return known[1], f"known:{known[0]}"
     if model is None or input_ids is None:
         raise MinivarError("sink dims are unknown for this model; pass --sink-dims d1,d2 or --sink-dims auto")
     dims, _ = find_sink_dims(model, input_ids)
-    if requested is None:
+    if not var_cfg.find_sink_dims:
         warn(f"minivar: model not recognised as LLaVA-1.5-7B/13B; sink-dim finder found dims {list(dims)}")
     else:
         warn(f"minivar: sink-dim finder found dims {list(dims)}")

@@ -1,6 +1,6 @@
 """Pictures of what the model looks at, drawn with pillow alone (no plotting framework, no torch).
 
-Every function here takes the JSON-ready numbers that `probe.picture_numbers` computes (and `save` writes next to
+Every function here takes the JSON-ready numbers that `inspection.picture_numbers` computes (and `save` writes next to
 the pictures as attention.json), plus the image as the model saw it, so any picture can be redrawn from the files:
 
     python -m minivar.viz out/attention.json [OUT_DIR]

@@ -58,8 +58,8 @@ def test_cached_logits_equal_uncached_logits():
         cache = KVCache(CFG.text, 1, ids.shape[1], torch.float32, "cpu")
         split = ids.shape[1] - 3
         a = model(ids[:, :split], px, cache=cache)
-        b = model(ids[:, split:split + 1], cache=cache)
-        c = model(ids[:, split + 1:], cache=cache)
+        b = model(ids[:, split:split + 1], cache=cache, input_pos=split)
+        c = model(ids[:, split + 1:], cache=cache, input_pos=split + 1)
     stepwise = torch.cat([a, b, c], dim=1)
     assert (stepwise - full).abs().max().item() <= 1e-5
 
@@ -77,7 +77,7 @@ def test_grouped_query_attention_with_the_cache_equals_recomputation():
         cache = KVCache(cfg.text, 2, ids.shape[1], torch.float32, "cpu")
         split = ids.shape[1] - 4
         parts = [model(ids[:, :split], px, cache=cache)]
-        parts += [model(ids[:, i:i + 1], cache=cache) for i in range(split, ids.shape[1])]   # decode-like steps
+        parts += [model(ids[:, i:i + 1], cache=cache, input_pos=i) for i in range(split, ids.shape[1])]   # decode-like
     assert model.language_model.model.layers[0].self_attn.k_proj.weight.shape[0] == 2 * cfg.text.head_dim
     assert (torch.cat(parts, dim=1) - full).abs().max().item() <= 1e-5
 
@@ -211,20 +211,20 @@ def test_pipeline_batch_equals_one_by_one_with_and_without_var(demo_pipe):
 
 def test_fast_attention_path_equals_explicit_path():
     """The fused SDPA path (used when nothing needs probabilities) gives the explicit path's numbers."""
-    from minivar.llama import Probe
+    from minivar.hooks import Hook
 
-    class ExplicitEverywhere(Probe):   # a probe that asks for every layer's probabilities and keeps nothing
-        def wants(self, layer):
-            return True
+    class ExplicitEverywhere(Hook):    # a hook that asks for every row's probabilities and changes nothing
+        def explicit_from(self, layer, rows):
+            return rows.start
 
     model = tiny_model()
     ids, px = prompt()
     with torch.inference_mode():
         fast = model(ids, px)
-        explicit = model(ids, px, probe=ExplicitEverywhere())
+        explicit = model(ids, px, hooks=ExplicitEverywhere())
     assert (fast - explicit).abs().max().item() <= 1e-5
     a = generate(model, ids, px, max_new_tokens=10, eos_token_id=None).output_ids
-    b = generate(model, ids, px, max_new_tokens=10, eos_token_id=None, probe=ExplicitEverywhere()).output_ids
+    b = generate(model, ids, px, max_new_tokens=10, eos_token_id=None, hooks=ExplicitEverywhere()).output_ids
     assert a == b
 
 
@@ -236,7 +236,7 @@ def test_a_generated_image_token_id_is_an_ordinary_token():
     cache = KVCache(CFG.text, 1, ids.shape[1] + 2, torch.float32, "cpu")
     with torch.inference_mode():
         model(ids, px, cache=cache)
-        logits = model(torch.tensor([[CFG.image_token_index]]), cache=cache)
+        logits = model(torch.tensor([[CFG.image_token_index]]), cache=cache, input_pos=ids.shape[1])
     assert torch.isfinite(logits).all()
 
 

@@ -14,8 +14,9 @@ import minivar
 from conftest import assert_one_line_error, run_cli, write_checkpoint
 from minivar import demo
 from minivar.errors import MinivarError
-from minivar.probe import Capture, default_layer_range, parse_layer_range, sink_layer_ranges
-from minivar.var import VARConfig, select_heads
+from minivar.inspection import default_layer_range, parse_layer_range, sink_layer_ranges
+from minivar.probe import Capture, KeyMask
+from minivar.var import Sinks, VARConfig, select_heads
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGE = REPO / "assets" / "example.jpg"
@@ -115,7 +116,8 @@ def test_capture_keeps_only_what_was_asked(llava, span):
     assert cap.attention_probs[2]["before"].shape == (1, 8, 1, T)        # the last prompt row only (decode=False)
     assert cap.rows == [T - 1]
     assert cap.residuals == {} and cap.head_stats == {}
-    assert [cap.wants(layer) for layer in range(4)] == [False] * 4           # decoding steps: fast path everywhere
+    # decoding steps: the fast path everywhere
+    assert [cap.explicit_from(layer, range(T, T + 1)) for layer in range(4)] == [None] * 4
 
 
 def test_capture_leaves_nothing_attached(llava):
@@ -136,53 +138,19 @@ def test_capture_without_var_shares_before_and_after(llava):
     torch.testing.assert_close(probs["before"].sum(-1), torch.ones(1, 8, 1))
 
 
-def test_an_unbound_capture_works_on_the_model_directly(llava, span):
+def test_a_capture_works_on_the_model_directly(llava, span):
+    """Hooks passed straight to the model: the sink sets, then a capture reading them; capturing changes nothing."""
     _, _, T = span
     ids, px = llava.prompt_ids(PROMPT, CONV), llava.pixels(IMAGE)
-    probe = Capture(layers=[0], heads=[1], residuals=True, sink_dims=demo.DEMO_SINK_DIMS)
+    sinks = Sinks(demo.DEMO_SINK_DIMS, 20.0, 4, torch.zeros(1, T, dtype=torch.bool))     # no image mask given
+    probe = Capture(layers=[0], heads=[1], residuals=True).bind(None, sinks=sinks)
     with torch.inference_mode():
-        logits = llava.model(ids, px, probe=probe)
-    torch.testing.assert_close(logits, llava.logits(ids, px))                    # capturing changes nothing
+        logits = llava.model(ids, px, hooks=[sinks, probe])
+    torch.testing.assert_close(logits, llava.logits(ids, px), rtol=0, atol=1e-5)
     assert probe.attention_probs[0]["before"].shape == (1, 1, T, T)
     assert probe.residuals[0].shape == (1, T, 768)
-    assert probe.visual_sinks == {} or not any(v.any() for v in probe.visual_sinks.values())   # no image mask
+    assert not any(v.any() for v in probe.visual_sinks.values())                  # no image mask: no visual sinks
     assert set(torch.nonzero(probe.sinks[0][0]).flatten().tolist()) >= {0}       # BOS is a text sink
-
-
-def test_a_probe_must_subclass_probe(llava):
-    class Duck:                                   # the old four methods, without the Probe base class
-        def record_residual(self, layer, h): ...
-        def key_mask(self, layer, mask): return mask
-        def wants(self, layer): return False
-        def record_attention(self, layer, before, after): ...
-    ids, px = llava.prompt_ids(PROMPT, CONV), llava.pixels(IMAGE)
-    with pytest.raises(MinivarError, match="probe must subclass minivar.llama.Probe .got Duck"):
-        llava.model(ids, px, probe=Duck())
-
-
-def test_only_a_masking_probe_leaves_the_fused_causal_mode(llava, monkeypatch):
-    """A probe that only records keeps the fused kernel's causal mode (mask=None) in the layers it does not read;
-    one that masks keys makes every layer take an explicit mask."""
-    import minivar.llama as llama
-    seen = []
-    fused = llama.attend_fused
-    monkeypatch.setattr(llama, "attend_fused", lambda q, k, v, mask: (seen.append(mask is None), fused(q, k, v, mask))[1])
-    ids, px = llava.prompt_ids(PROMPT, CONV), llava.pixels(IMAGE)
-    with torch.inference_mode():
-        plain = llava.model(ids, px)
-        assert seen == [True] * 4
-        seen.clear()
-        recorder = Capture(layers=[2], residuals=True)
-        assert not recorder.masks_keys
-        # layer 2 computes its probabilities (explicit softmax: rounding-level differences); the others stay fused
-        torch.testing.assert_close(llava.model(ids, px, probe=recorder), plain, rtol=0, atol=1e-5)
-        assert seen == [True] * 3
-        seen.clear()
-        masker = Capture(attention=(), mask_random=3)
-        assert masker.masks_keys
-        llava.bind_probe(masker, ids, None)
-        llava.model(ids, px, probe=masker)
-        assert seen == [False] * 4
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -242,24 +210,11 @@ def test_head_stats_select_what_var_selected(llava):
 
 
 @pytest.mark.parametrize("var", [None, VAR], ids=["var-off", "var-on"])
-def test_answer_rows_are_the_full_captures_rows(llava, span, monkeypatch, var):
-    """rows="answer" computes explicit probabilities for the last prompt row only (VAR's rows where VAR acts), and
-    keeps the same numbers as the matching rows of a capture of every row."""
+def test_answer_rows_are_the_full_captures_rows(llava, span, var):
+    """rows="answer" keeps the same numbers as the matching rows of a capture of every row."""
     _, end, T = span
     full = capture(llava, layers=[0, 3], rows="all", decode=True, head_stats=True, max_new_tokens=N_NEW, var=var)
-    explicit_rows = []                        # (layer, rows of explicit probabilities) in the prefill
-    record = Capture.record_attention
-
-    def spy(self, layer, before, after):
-        if self._step == 0:
-            explicit_rows.append((layer, before.shape[2]))
-        return record(self, layer, before, after)
-
-    monkeypatch.setattr(Capture, "record_attention", spy)
     ans = capture(llava, layers=[0, 3], rows="answer", decode=True, head_stats=True, max_new_tokens=N_NEW, var=var)
-    # every layer reads its head stats; VAR acts in layers 0..2, from the first row after the image
-    var_rows = T - end if var else 1
-    assert explicit_rows == [(0, var_rows), (1, var_rows), (2, var_rows), (3, 1)]
     assert ans.rows == [T - 1] + [T + k for k in range(N_NEW - 1)]
     idx = [full.rows.index(r) for r in ans.rows]
     for layer in (0, 3):
@@ -289,10 +244,10 @@ def test_mask_visual_sinks_zeroes_exactly_those_columns(llava, span, planted):
     start, end, T = span
     cap = capture(llava, layers="all", heads=[0, 3], attention="before", rows="all", decode=True,
                         max_new_tokens=N_NEW, mask="visual_sinks")
-    report = cap.mask_report()
+    report = cap.masked.report()
     assert report["kind"] == "visual_sinks"
     for layer in range(4):
-        cols = torch.nonzero(cap.masked_columns(layer)[0]).flatten().tolist()
+        cols = torch.nonzero(cap.masked.columns(layer)[0]).flatten().tolist()
         assert cols == torch.nonzero(cap.visual_sinks[layer][0]).flatten().tolist() == planted
         assert report["positions"][str(layer)] == planted
         assert report["patches"][str(layer)] == sorted(SINK_PATCHES)
@@ -305,16 +260,16 @@ def test_mask_random_image_tokens_is_seeded_and_exact(llava, span):
     start, end, T = span
     cap = capture(llava, layers=[0, 3], heads=[2], attention="before", rows="all",
                         mask_random=5, mask_seed=7)
-    report = cap.mask_report()
+    report = cap.masked.report()
     assert report["kind"] == "random_image_tokens" and report["n"] == 5 and report["seed"] == 7
     pos = report["positions"]
     assert len(set(pos)) == 5 and all(start <= p < end for p in pos)
     assert report["patches"] == [p - start for p in pos]
     for layer in (0, 3):                                           # the same tokens in every layer
-        assert torch.nonzero(cap.masked_columns(layer)[0]).flatten().tolist() == pos
+        assert torch.nonzero(cap.masked.columns(layer)[0]).flatten().tolist() == pos
         assert zeroed_columns(cap.attention_probs[layer]["before"], cap.rows, T) == pos
-    again = capture(llava, mask_random=5, mask_seed=7).mask_report()["positions"]
-    other = capture(llava, mask_random=5, mask_seed=8).mask_report()["positions"]
+    again = capture(llava, mask_random=5, mask_seed=7).masked.report()["positions"]
+    other = capture(llava, mask_random=5, mask_seed=8).masked.report()["positions"]
     assert again == pos and other != pos
 
 
@@ -323,9 +278,9 @@ def test_masking_changes_the_computation_and_is_per_call(llava):
     ids = llava.prompt_ids(PROMPT, CONV)
     px = llava.pixels(IMAGE)
     plain = llava.logits(ids, px)
-    probe = Capture(mask="visual_sinks", attention=())
-    llava.bind_probe(probe, ids, VAR)
-    masked = llava.logits(ids, px, probe=probe)
+    image = ids == llava.config.image_token_index
+    sinks = Sinks(VAR.sink_dims, VAR.tau, 4, image)
+    masked = llava.logits(ids, px, hooks=[sinks, KeyMask("visual_sinks").bind(image, sinks)])
     assert not torch.allclose(plain, masked)
     torch.testing.assert_close(llava.logits(ids, px), plain, rtol=0, atol=0)   # nothing stays masked
     assert llava.generate(IMAGE, PROMPT, conv_mode=CONV, max_new_tokens=1).output_ids == base.output_ids
@@ -333,7 +288,7 @@ def test_masking_changes_the_computation_and_is_per_call(llava):
 
 def test_capture_option_errors(llava):
     with pytest.raises(MinivarError, match="not both"):
-        Capture(mask="visual_sinks", mask_random=3)
+        capture(llava, mask="visual_sinks", mask_random=3)
     with pytest.raises(MinivarError, match="rows"):
         Capture(rows="some")
     with pytest.raises(MinivarError, match="attention kind"):

@@ -31,7 +31,7 @@ from minivar.config import LlavaConfig, TextConfig, VisionConfig
 from minivar.errors import MinivarError
 from minivar.generate import generate
 from minivar.llama import KVCache
-from minivar.var import (PRESETS, VARConfig, VARState, find_sink_dims, known_sink_dims, parse_sink_dims,
+from minivar.var import (PRESETS, Sinks, VARConfig, VARState, find_sink_dims, known_sink_dims, parse_sink_dims,
                          redistribute, resolve_sink_dims, select_heads, sink_scores, sink_sets)
 
 SEVEN_B = (1415, 2533)
@@ -375,8 +375,19 @@ def hand_attention_mask():
     return torch.tensor(hand_key_valid(T_HAND))
 
 
+def var_hook(cfg, dims, n_layers, image, attention_mask=None, **kw):
+    """A VAR hook for one call: its sink sets and its state."""
+    return VARState(cfg, Sinks(dims, cfg.tau, n_layers, image, attention_mask), **kw)
+
+
 def make_state(cfg):
-    return VARState(cfg, DIMS_HAND, L_HAND, hand_image_mask(), attention_mask=hand_attention_mask())
+    return var_hook(cfg, DIMS_HAND, L_HAND, hand_image_mask(), hand_attention_mask())
+
+
+def prefill(state, layer, probs, first=0):
+    """VAR on the prefill rows first … T−1 of one layer (what the attention hands over)."""
+    rows = range(first, first + probs.shape[2])
+    return state.probs(layer, probs, rows, before=probs)
 
 
 @pytest.mark.parametrize("cfg", [VARConfig(tau=TAU_HAND), VARConfig(tau=TAU_HAND, rho=0.5, p=1.0),
@@ -389,15 +400,15 @@ def test_varstate_matches_loop_reference_prefill_and_decode(cfg):
     B, T = image.shape
     # ---- prefill
     for layer in range(L_HAND):
-        state.observe(layer, hs[layer])
+        state.residual(layer, hs[layer], range(T))
     ref_sink_sets = []
     for layer in range(L_HAND):
         phi = ref_phi(hs[layer], DIMS_HAND)
-        torch.testing.assert_close(state.phi[layer].double(), torch.tensor(phi, dtype=torch.float64), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(state.sinks.phi[layer].double(), torch.tensor(phi, dtype=torch.float64), rtol=1e-5, atol=1e-6)
         sinks = ref_sinks(phi, cfg.tau, hand_key_valid(T))
-        assert state.sinks[layer].tolist() == sinks
+        assert state.sinks.sinks[layer].tolist() == sinks
         assert phi[1][1] >= cfg.tau and not sinks[1][1]           # the planted padding position
-        assert state.visual_sinks[layer].tolist() == [[s and i for s, i in zip(sr, ir)] for sr, ir in zip(sinks, image.tolist())]
+        assert state.sinks.visual_sinks[layer].tolist() == [[s and i for s, i in zip(sr, ir)] for sr, ir in zip(sinks, image.tolist())]
         # the planted sets are what we meant to build
         for b, (text, visual) in enumerate(PLANTED[layer]):
             assert [t for t in range(T) if sinks[b][t]] == sorted(text + visual)
@@ -408,7 +419,7 @@ def test_varstate_matches_loop_reference_prefill_and_decode(cfg):
         sinks = ref_sink_sets[layer]
         probs = random_probs((B, H_HAND, T, T), sinks, image.tolist(), seed=20 + layer, causal_from=0,
                              key_valid=hand_key_valid(T))
-        got = state.redistribute(layer, probs.clone())
+        got = prefill(state, layer, probs.clone())
         want, selected = ref_var_layer(probs, layer=layer, n_layers=L_HAND, sinks=sinks, image=image.tolist(),
                                        decoding=False, p=cfg.p, rho=cfg.rho, min_image_attention=cfg.min_image_attention,
                                        layers=cfg.layers)
@@ -416,9 +427,9 @@ def test_varstate_matches_loop_reference_prefill_and_decode(cfg):
         total_selected += count_selected(selected)
         text_sink_moved |= check_invariants(got, probs, sinks, image, selected, decoding=False, p=cfg.p)
         # the attention may hand over only the rows from `first` on (the rows before go through the fused kernel)
-        for first in sorted({1, state.first_row(), 9}):
+        for first in sorted({1, state.first_position, 9}):
             counts = state.counts["prefill"].clone()
-            part = state.redistribute(layer, probs[:, :, first:].clone(), first)
+            part = prefill(state, layer, probs[:, :, first:].clone(), first)
             state.counts["prefill"].copy_(counts)
             torch.testing.assert_close(part.double(), want[:, :, first:], rtol=0, atol=2e-6)
         if layer in (2, L_HAND - 1) or (cfg.layers is not None and layer not in cfg.layers):
@@ -429,12 +440,11 @@ def test_varstate_matches_loop_reference_prefill_and_decode(cfg):
     assert total_selected > 0
 
     # ---- decoding: sinks stay those of the prefill; generated tokens (keys ≥ T) are never sinks
-    state.start_decoding()
     for layer in range(L_HAND):
         h_new = torch.zeros(B, 1, D_HAND)
         h_new[..., DIMS_HAND[0]] = 100.0                       # would be a sink if it were scored
-        state.observe(layer, h_new)
-        assert state.sinks[layer].tolist() == ref_sink_sets[layer]
+        state.residual(layer, h_new, range(T, T + 1))
+        assert state.sinks.sinks[layer].tolist() == ref_sink_sets[layer]
     total_selected = 0
     for step, Q in ((1, 1), (3, 2)):       # Q = 2: two new tokens in one call; every decoding row may be touched
         K = T + step
@@ -445,7 +455,7 @@ def test_varstate_matches_loop_reference_prefill_and_decode(cfg):
             probs = random_probs((B, 2 * H_HAND, Q, K), [r[:-1] + [True] for r in padded_sinks],
                                  [r + [False] * step for r in image.tolist()], seed=40 + 10 * step + layer,
                                  key_valid=hand_key_valid(K))
-            got = state.redistribute(layer, probs.clone())
+            got = state.probs(layer, probs.clone(), range(K - Q, K), before=probs)
             want, selected = ref_var_layer(probs, layer=layer, n_layers=L_HAND, sinks=sinks, image=image.tolist(),
                                            decoding=True, p=cfg.p, rho=cfg.rho,
                                            min_image_attention=cfg.min_image_attention, layers=cfg.layers)
@@ -485,18 +495,18 @@ def check_invariants(got, probs, sinks, image, selected, *, decoding, p):
 def test_varstate_p0_identical_and_inactive():
     state = make_state(VARConfig(tau=TAU_HAND, p=0.0))
     for layer, h in enumerate(hand_residuals()):
-        state.observe(layer, h)
+        state.residual(layer, h, range(T_HAND))
     probs = random_probs((3, H_HAND, T_HAND, T_HAND), [[True] * T_HAND] * 3, hand_image_mask().tolist(), seed=3,
                          causal_from=0)
     for layer in range(L_HAND):
-        assert not state.active(layer)
-        assert torch.equal(state.redistribute(layer, probs), probs)
+        assert not state.active(layer) and state.explicit_from(layer, range(T_HAND)) is None
+        assert torch.equal(prefill(state, layer, probs), probs)
 
 
 def test_varstate_active_layers():
     state = make_state(VARConfig(tau=TAU_HAND))
     for layer, h in enumerate(hand_residuals()):
-        state.observe(layer, h)
+        state.residual(layer, h, range(T_HAND))
     # active ⇔ a VAR layer (not the last) where some sample has a visual sink
     assert [state.active(layer) for layer in range(L_HAND)] == [True, True, False, False]
     assert sorted(state.layers) == [0, 1, 2]
@@ -510,12 +520,12 @@ def test_varstate_active_layers():
 def test_varstate_sample_without_image():
     """A prompt without image tokens: no prefill rows, no visual sinks, nothing changes (and no crash)."""
     image = torch.zeros(2, 6, dtype=torch.bool); image[0, 1:3] = True
-    state = VARState(VARConfig(tau=2.0), (0,), 2, image)
+    state = var_hook(VARConfig(tau=2.0), (0,), 2, image)
     h = torch.randn(2, 6, 16, generator=torch.Generator().manual_seed(0)) * 0.1
     h[:, 0, 0] = 10.0; h[0, 1, 0] = 10.0
-    state.observe(0, h)
+    state.residual(0, h, range(6))
     probs = random_probs((2, 2, 6, 6), [[True] + [False] * 5] * 2, image.tolist(), seed=9, causal_from=0)
-    got = state.redistribute(0, probs)
+    got = prefill(state, 0, probs)
     assert torch.equal(got[1], probs[1])
     assert state.report(1)["image_span"] == [6, 6]
 
@@ -547,7 +557,7 @@ def test_config_validation_errors(kwargs):
 
 def test_config_validation_accepts_edges():
     for kwargs in [dict(p=0.0), dict(p=1.0), dict(rho=0.0), dict(rho=1.0), dict(tau=1e-3), dict(sink_dims=(0, 63)),
-                   dict(layers=(0, 1, 2)), dict(layers=()), dict(sink_dims="auto")]:
+                   dict(layers=(0, 1, 2)), dict(layers=()), dict(find_sink_dims=True)]:
         c = VARConfig(**kwargs)
         assert c.validate(hidden_size=64, n_layers=4) is c
 
@@ -657,7 +667,7 @@ def tiny():
 def tiny_var(image_mask, **kw):
     """Fresh VAR state for the tiny model (τ = 5 unless given)."""
     kw.setdefault("tau", TINY_TAU)
-    return VARState(VARConfig(**kw), TINY_DIMS, 3, image_mask)
+    return var_hook(VARConfig(**kw), TINY_DIMS, 3, image_mask)
 
 
 def ids_of(*prompts):
@@ -670,7 +680,7 @@ def test_tiny_sinks_are_the_planted_positions(tiny):
     for patches in (PATCHES_1, PATCHES_2, ()):
         state = tiny_var(image_mask=ids == IMG)
         with torch.inference_mode():
-            model(ids, tiny_pixels(patches), var=state)
+            model(ids, tiny_pixels(patches), hooks=state)
         rep = state.report(0)
         assert rep["image_span"] == [4, 4 + N_IMG]
         for layer in range(3):
@@ -678,96 +688,86 @@ def test_tiny_sinks_are_the_planted_positions(tiny):
             assert rep["sinks"][str(layer)] == [0] + [4 + p for p in patches]
 
 
-def test_var_in_the_last_layer_with_last_only(tiny):
-    """VAR configured into the last layer (an ablation the paper's rule never makes): a generation prefill
-    (last_only) must give the last row of the full forward, VAR applied the same."""
+def test_var_in_the_last_layer_when_named(tiny):
+    """VAR configured into the last layer (an ablation the paper's rule never makes): generation (lm_head on the
+    last row only) gives the greedy token of the full forward, VAR applied the same, and VAR did act there."""
     _, _, model = tiny
     ids = ids_of(PROMPT_A)
     px = tiny_pixels(PATCHES_1)
     with torch.inference_mode():
-        full = model(ids, px, var=tiny_var(ids == IMG, layers=(2,)))
-        last = model(ids, px, var=tiny_var(ids == IMG, layers=(2,)), last_only=True)
-        plain = model(ids, px, last_only=True)
-    torch.testing.assert_close(last, full[:, -1:], rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(last, plain)                      # VAR did act in layer 2
+        full = model(ids, px, hooks=tiny_var(ids == IMG, layers=(2,)))
+        plain = model(ids, px)
+        state = tiny_var(ids == IMG, layers=(2,))
+        gen = generate(model, ids, px, max_new_tokens=1, eos_token_id=None, hooks=state)
+    assert gen.output_ids[0] == [int(full[0, -1].argmax())]
+    assert not torch.allclose(full[:, -1], plain[:, -1])                  # VAR did act in layer 2
+    assert state.report(0)["redistributed"]["prefill"][2] > 0
 
 
-def test_tiny_var_changes_greedy_and_only_where_it_should(tiny, monkeypatch):
+def test_tiny_var_changes_greedy_and_only_where_it_should(tiny):
     cfg, _, model = tiny
     ids = ids_of(PROMPT_A)
     for patches in (PATCHES_1, PATCHES_2):
         px = tiny_pixels(patches)
         off = generate(model, ids, px, max_new_tokens=16, eos_token_id=None).output_ids
         state = tiny_var(image_mask=ids == IMG)
-        calls = []
-        orig = VARState.redistribute
-        monkeypatch.setattr(VARState, "redistribute",
-                            lambda self, layer, *a, **k: calls.append(layer) or orig(self, layer, *a, **k))
-        on = generate(model, ids, px, max_new_tokens=16, eos_token_id=None, var=state).output_ids
-        monkeypatch.setattr(VARState, "redistribute", orig)
+        on = generate(model, ids, px, max_new_tokens=16, eos_token_id=None, hooks=state).output_ids
         assert on != off
-        assert set(calls) == {0, 1}                           # the last layer never even gets explicit probabilities
         rep = state.report(0)
-        assert rep["redistributed"]["prefill"][2] == 0 and rep["redistributed"]["decode"][2] == 0
+        assert rep["redistributed"]["prefill"][2] == 0 and rep["redistributed"]["decode"][2] == 0   # the last layer
         assert min(rep["redistributed"]["prefill"][:2]) > 0 and min(rep["redistributed"]["decode"][:2]) > 0
 
 
-class _SoftmaxCounter:
-    def __init__(self, monkeypatch):
-        self.n = 0
-        real = torch.softmax
-
-        def counting(*a, **k):
-            self.n += 1
-            return real(*a, **k)
-        monkeypatch.setattr(torch, "softmax", counting)
-
-
-def test_var_off_is_bit_identical_and_uses_fast_path(tiny, monkeypatch):
+def test_var_off_is_bit_identical(tiny):
+    """Every way of switching VAR off gives plain LLaVA's numbers bit for bit (VAR then asks for no probabilities,
+    so the fused kernel runs everywhere), in a forward and in a generation."""
     cfg, _, model = tiny
     ids = ids_of(PROMPT_A)
     px = tiny_pixels(PATCHES_2)
     with torch.inference_mode():
         ref = model(ids, px)
         ref_gen = generate(model, ids, px, max_new_tokens=8, eos_token_id=None).output_ids
-        counter = _SoftmaxCounter(monkeypatch)
         off_states = {
             "p=0": tiny_var(image_mask=ids == IMG, p=0.0),
             "no layers": tiny_var(image_mask=ids == IMG, layers=()),
-            "no sink dims": VARState(VARConfig(tau=TINY_TAU), (), 3, ids == IMG),
+            "no sink dims": var_hook(VARConfig(tau=TINY_TAU), (), 3, ids == IMG),
             "tau too high": tiny_var(image_mask=ids == IMG, tau=50.0),
         }
         for name, state in off_states.items():
-            got = model(ids, px, var=state)
-            assert torch.equal(got, ref), name
+            assert torch.equal(model(ids, px, hooks=state), ref), name
+            assert all(state.explicit_from(layer, range(ids.shape[1])) is None for layer in range(3)), name
         # an image without bright patches has no visual sinks: VAR has nothing to do
         px0 = tiny_pixels(())
-        assert torch.equal(model(ids, px0, var=tiny_var(image_mask=ids == IMG)), model(ids, px0))
-        assert counter.n == 0                                                # never the explicit path
-        # (decode steps compute one query row, which the core always writes out: count VAR's own work there)
-        calls = []
-        real_redistribute = minivar.var.redistribute
-        monkeypatch.setattr(minivar.var, "redistribute", lambda *a, **k: calls.append(1) or real_redistribute(*a, **k))
-        gen = generate(model, ids, px, max_new_tokens=8, eos_token_id=None, var=tiny_var(image_mask=ids == IMG, p=0.0))
-        assert gen.output_ids == ref_gen and calls == []
-        counter.n = 0
-        # VAR on: explicit probabilities in layers 0 and 1 only (not the last)
-        model(ids, px, var=tiny_var(image_mask=ids == IMG))
-        assert counter.n == 2
-        assert calls                                     # ... and the patched redistribute does see VAR's work
+        assert torch.equal(model(ids, px0, hooks=tiny_var(image_mask=ids == IMG)), model(ids, px0))
+        state = tiny_var(image_mask=ids == IMG, p=0.0)
+        gen = generate(model, ids, px, max_new_tokens=8, eos_token_id=None, hooks=state)
+        assert gen.output_ids == ref_gen
+        assert sum(state.report(0)["redistributed"]["decode"]) == 0
+        on = model(ids, px, hooks=tiny_var(image_mask=ids == IMG))
+        image_end = 4 + N_IMG
+        assert torch.equal(on[:, :image_end], ref[:, :image_end]) and not torch.equal(on, ref)
 
 
-def _recompute_state(prompt_len, image_mask, **kw):
-    """VAR for a from-scratch run over prompt + generated tokens: sinks come from the prompt positions only (the
-    prefill's rule), the image mask covers the prompt, and every row after the image — generated tokens included —
-    may be touched, which is exactly the decoding rule."""
+def test_fused_kernel_is_used_where_nothing_needs_probabilities(tiny, monkeypatch):
+    """The one test of which path runs: with VAR on, only the layers VAR touches (not the last) write attention
+    out, and only for the rows after the image; everything else stays on the fused kernel."""
+    import minivar.llama as llama
+    _, _, model = tiny
+    ids = ids_of(PROMPT_A)
+    px = tiny_pixels(PATCHES_2)
+    explicit_rows = []
+    real = llama.LlamaAttention.attend_explicit
 
-    class PromptOnlySinks(VARState):
-        def observe(self, layer, h):
-            super().observe(layer, h[:, :prompt_len])
+    def spy(self, q, k, v, mask, rows, first, hooks=None):
+        explicit_rows.append((self.layer_idx, first, rows.stop))
+        return real(self, q, k, v, mask, rows, first, hooks)
 
-    kw.setdefault("tau", TINY_TAU)
-    return PromptOnlySinks(VARConfig(**kw), TINY_DIMS, 3, image_mask)
+    monkeypatch.setattr(llama.LlamaAttention, "attend_explicit", spy)
+    with torch.inference_mode():
+        model(ids, px)
+        assert explicit_rows == []
+        model(ids, px, hooks=tiny_var(image_mask=ids == IMG))
+    assert explicit_rows == [(0, 4 + N_IMG, ids.shape[1]), (1, 4 + N_IMG, ids.shape[1])]
 
 
 @pytest.mark.parametrize("rho", [0.8, 0.95])
@@ -780,22 +780,22 @@ def test_cached_decoding_equals_recompute_with_var(tiny, rho):
         # cached: prefill, then one token at a time (what generate() does)
         state = tiny_var(image_mask=ids == IMG, rho=rho)
         cache = KVCache(cfg.text, 1, T + steps, torch.float32, "cpu")
-        logits = model(ids, px, cache=cache, var=state, last_only=True)
-        state.start_decoding()
+        logits = model(ids, px, cache=cache, hooks=state)
         cached_tokens, cached_logits = [], []
-        for _ in range(steps):
+        for step in range(steps):
             cached_logits.append(logits[0, -1])
             nxt = logits[0, -1].argmax()
             cached_tokens.append(int(nxt))
-            logits = model(nxt.view(1, 1), cache=cache, var=state, last_only=True)
+            logits = model(nxt.view(1, 1), cache=cache, input_pos=T + step, hooks=state)
         gen = generate(model, ids, px, max_new_tokens=steps, eos_token_id=None,
-                       var=tiny_var(image_mask=ids == IMG, rho=rho))
+                       hooks=tiny_var(image_mask=ids == IMG, rho=rho))
         assert gen.output_ids[0] == cached_tokens
-        # from scratch: the whole sequence every step, a fresh VAR state each time
+        # from scratch: the whole sequence every step, a fresh VAR state each time (its sink sets cover the prompt:
+        # rows past it are generated tokens, never sinks, and every one of them may be touched)
         seq = ids
         for step in range(steps):
-            fresh = _recompute_state(T, ids == IMG, rho=rho)
-            full = model(seq, px, var=fresh)[0, -1]
+            fresh = tiny_var(ids == IMG, rho=rho)
+            full = model(seq, px, hooks=fresh)[0, -1]
             torch.testing.assert_close(full, cached_logits[step], rtol=0, atol=1e-4)
             assert int(full.argmax()) == cached_tokens[step]
             seq = torch.cat([seq, torch.tensor([[cached_tokens[step]]])], dim=1)
@@ -810,16 +810,16 @@ def test_left_padded_batch_equals_single_samples(tiny):
     ids = ids_of(PROMPT_A, [PAD] * pad + PROMPT_B)
     attn = ids_of([1] * len(PROMPT_A), [0] * pad + [1] * len(PROMPT_B))
     px = torch.cat([tiny_pixels(PATCHES_1), tiny_pixels(PATCHES_2, seed=1)])
-    state = VARState(VARConfig(tau=TINY_TAU), TINY_DIMS, 3, ids == IMG, attention_mask=attn)
-    batch = generate(model, ids, px, attention_mask=attn, max_new_tokens=10, eos_token_id=None, var=state)
-    assert state.visual_sinks[1][0].nonzero().flatten().tolist() == [4 + p for p in PATCHES_1]
-    assert state.visual_sinks[1][1].nonzero().flatten().tolist() == [pad + 2 + p for p in PATCHES_2]
-    assert not state.sinks[0][1, :pad].any()
+    state = var_hook(VARConfig(tau=TINY_TAU), TINY_DIMS, 3, ids == IMG, attn)
+    batch = generate(model, ids, px, attention_mask=attn, max_new_tokens=10, eos_token_id=None, hooks=state)
+    assert state.sinks.visual_sinks[1][0].nonzero().flatten().tolist() == [4 + p for p in PATCHES_1]
+    assert state.sinks.visual_sinks[1][1].nonzero().flatten().tolist() == [pad + 2 + p for p in PATCHES_2]
+    assert not state.sinks.sinks[0][1, :pad].any()
     assert state.report(1)["image_span"] == [2, 2 + N_IMG]           # in the sample's own (unpadded) positions
     for b, (prompt, patches, seed) in enumerate([(PROMPT_A, PATCHES_1, 0), (PROMPT_B, PATCHES_2, 1)]):
         one = ids_of(prompt)
         single_state = tiny_var(image_mask=one == IMG)
-        single = generate(model, one, tiny_pixels(patches, seed), max_new_tokens=10, eos_token_id=None, var=single_state)
+        single = generate(model, one, tiny_pixels(patches, seed), max_new_tokens=10, eos_token_id=None, hooks=single_state)
         assert batch.output_ids[b] == single.output_ids[0]
         assert state.report(b) == single_state.report(0)
 
@@ -915,22 +915,27 @@ def test_resolve_sink_dims(tiny):
     cfg, _, model = tiny
     ids = ids_of(PROMPT_A)
     warnings = []
-    dims, source = resolve_sink_dims(cfg, VARConfig(), None, model, ids, warn=warnings.append)
+    dims, source = resolve_sink_dims(cfg, VARConfig(), model, ids, warn=warnings.append)
     assert (dims, source) == (TINY_DIMS, "finder") and dims != SEVEN_B
     assert len(warnings) == 1 and "not recognised" in warnings[0] and "[11, 70]" in warnings[0]
     warnings.clear()
-    assert resolve_sink_dims(cfg, VARConfig(), "auto", model, ids, warn=warnings.append) == (TINY_DIMS, "finder")
+    assert resolve_sink_dims(cfg, VARConfig(find_sink_dims=True), model, ids, warn=warnings.append) == (TINY_DIMS, "finder")
     assert len(warnings) == 1
     warnings.clear()
-    assert resolve_sink_dims(cfg, VARConfig(), (5, 6), warn=warnings.append) == ((5, 6), "user") and not warnings
+    assert resolve_sink_dims(cfg, VARConfig(sink_dims=(5, 6)), warn=warnings.append) == ((5, 6), "user") and not warnings
     # recognised models never run the finder
     seven = _llava_cfg(4096, 32, 32, 11008, name="llava-hf/llava-1.5-7b-hf")
-    assert resolve_sink_dims(seven, VARConfig(), None, warn=warnings.append) == (SEVEN_B, "known:llava-1.5-7b")
+    assert resolve_sink_dims(seven, VARConfig(), warn=warnings.append) == (SEVEN_B, "known:llava-1.5-7b")
     thirteen = _llava_cfg(5120, 40, 40, 13824, name="llava-hf/llava-1.5-13b-hf")
-    assert resolve_sink_dims(thirteen, VARConfig(), None, warn=warnings.append) == (THIRTEEN_B, "known:llava-1.5-13b")
+    assert resolve_sink_dims(thirteen, VARConfig(), warn=warnings.append) == (THIRTEEN_B, "known:llava-1.5-13b")
     assert not warnings
     with pytest.raises(MinivarError):
-        resolve_sink_dims(cfg, VARConfig(), None, warn=warnings.append)       # unknown model and nothing to run
+        resolve_sink_dims(cfg, VARConfig(), warn=warnings.append)       # unknown model and nothing to run
+    # one meaning per field: dims are a tuple or None, finding them is its own switch
+    assert VARConfig.preset("general", sink_dims="auto") == VARConfig(find_sink_dims=True)
+    for bad in (dict(sink_dims="auto"), dict(sink_dims=(1,), find_sink_dims=True)):
+        with pytest.raises(MinivarError):
+            VARConfig(**bad)
 
 
 def test_resolve_warns_when_nothing_found():
@@ -938,7 +943,7 @@ def test_resolve_warns_when_nothing_found():
     state = demo.random_state_dict(cfg, 0)                                     # no planted sinks
     model = build_model(cfg, state)
     warnings = []
-    dims, source = resolve_sink_dims(cfg, VARConfig(), None, model, ids_of(PROMPT_A), warn=warnings.append)
+    dims, source = resolve_sink_dims(cfg, VARConfig(), model, ids_of(PROMPT_A), warn=warnings.append)
     assert dims == () and source == "finder"
     assert any("no sink dims" in w for w in warnings)
 
@@ -1027,16 +1032,16 @@ def test_transformers_parity_with_var(tiny, tiny_dir):
         px = tiny_pixels(patches)
         hv = HFVar(var_cfg, TINY_DIMS, 3, ids == IMG)
         hf_tokens, hf_logits = hf_greedy(hf, ids, px, hv, steps)
-        state = VARState(var_cfg, TINY_DIMS, 3, ids == IMG) if var_cfg is not None else None
+        state = var_hook(var_cfg, TINY_DIMS, 3, ids == IMG) if var_cfg is not None else None
         with torch.inference_mode():
-            fresh = VARState(var_cfg, TINY_DIMS, 3, ids == IMG) if var_cfg is not None else None
-            mv_logits = model(ids, px, var=fresh)[0, -1]
-        ours = generate(model, ids, px, max_new_tokens=steps, eos_token_id=None, var=state).output_ids[0]
+            fresh = var_hook(var_cfg, TINY_DIMS, 3, ids == IMG) if var_cfg is not None else None
+            mv_logits = model(ids, px, hooks=fresh)[0, -1]
+        ours = generate(model, ids, px, max_new_tokens=steps, eos_token_id=None, hooks=state).output_ids[0]
         torch.testing.assert_close(mv_logits, hf_logits, rtol=0, atol=1e-4)
         assert ours == hf_tokens, (patches, var_cfg)
         tokens.append(ours)
         if var_cfg is not None:
             rep = state.report(0)
             assert hv.selected == sum(rep["redistributed"]["prefill"]) + sum(rep["redistributed"]["decode"]) > 0
-            assert hv.sinks[1] == state.sinks[1].tolist()
+            assert hv.sinks[1] == state.sinks.sinks[1].tolist()
     assert tokens[1] != tokens[0] and tokens[2] != tokens[0]          # VAR changed the greedy tokens (both sides)

@@ -15,7 +15,7 @@ from PIL import Image
 from conftest import assert_one_line_error, run_cli
 from minivar import demo, viz
 from minivar.errors import MinivarError
-from minivar.probe import sink_layer_ranges
+from minivar.inspection import sink_layer_ranges
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGE = REPO / "assets" / "example.jpg"
