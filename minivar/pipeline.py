@@ -157,7 +157,8 @@ class Pipeline:
             cfg.validate(t.hidden_size, t.num_hidden_layers)
             first = ids[:1] if attention_mask is None else ids[:1, attention_mask[0]]     # sample 0, unpadded
             dims, request.sink_dims_source = self.sink_dims(cfg, first, warn)
-            request.sinks = var_mod.Sinks(dims, cfg.tau, t.num_hidden_layers, image_mask, attention_mask)
+            request.sinks = var_mod.Sinks(dims, cfg.tau, t.num_hidden_layers, image_mask, attention_mask,
+                                          strict=cfg.rule == "official", layers=cfg.sink_layers(t.num_hidden_layers))
         if var is not None:
             length = length or ids.shape[1] + request.max_new_tokens
             request.var_state = var_mod.VARState(var, request.sinks, max_len=length,

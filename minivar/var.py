@@ -13,6 +13,11 @@ input of layer ℓ; α the post-softmax attention probabilities (fp32).
   5. redistribution     every sink j ∈ S^ℓ keeps (1−p)·α_ij; Ω = p·Σ_{j∈S^ℓ} α_ij goes to I∖V in proportion:
                         α'_ij = α_ij + Ω·α_ij / Σ_{k∈I∖V} α_ik.  Rows still sum to 1.
 
+That is the paper's rule (VARConfig.rule = "paper", the default). VARConfig.rule = "official" runs the same hooks
+with the authors' released code's arithmetic instead (official.py: strict φ > τ, sinks only in layers 2..L−1, the
+last layer modified, its rho/p conventions); VARConfig.heads = "all" redistributes on every head of the touched rows
+(the paper's ablation without head selection).
+
 The math is in plain functions of tensors (`sink_scores`, `sink_sets`, `select_heads`, `redistribute`). Two hooks
 (see hooks.py) hold one call's state: `Sinks` (φ and the sink sets per layer) and `VARState` (head selection and
 redistribution, counters). Both are made per call and passed down — never stored on the model — so two images in
@@ -31,6 +36,11 @@ from .errors import MinivarError
 from .hooks import Hook
 
 PRESETS = {"general": 0.8, "hallucination": 0.5, "vision": 0.9}   # ρ per task family, from the paper
+# "paper": the rule as the paper writes it (this module); "official": as the authors' released code computes it
+# (official.py; docs/official-rule.md lists the differences).
+RULES = ("paper", "official")
+# "image-centric": the selected heads only; "all": every head of the touched rows (the paper's ablation)
+HEADS = ("image-centric", "all")
 
 # Massive-activation dims of the base LLMs (the paper's Table/appendix). Keyed by the decoder shape that identifies
 # them: (hidden, layers, heads, intermediate).
@@ -42,16 +52,28 @@ KNOWN_SINK_DIMS = {
 
 @dataclass(frozen=True)
 class VARConfig:
-    """VAR hyper-parameters, in the paper's conventions: p is the fraction of sink attention *moved*, ρ a *non-sink* floor."""
+    """VAR hyper-parameters. Under rule="paper" (the default) in the paper's conventions: p is the fraction of sink
+    attention *moved*, ρ a *non-sink* floor. Under rule="official" in the released code's: p is the fraction
+    *kept*, rho a *visual-sink* ceiling (paper_rho, paper_p convert), and its defaults are that code's
+    (A_exps/lv1.5_7b.yml: τ 20, rho 0.5, p 0.6, summ 0.2 — the paper's ρ 0.5 and p 0.4)."""
     tau: float = 20.0                    # sink threshold on φ
-    rho: float = 0.8                     # image-centric head: non-sink share of image attention ≥ ρ
-    p: float = 0.6                       # fraction of the sinks' attention moved to visual non-sink tokens
-    min_image_attention: float = 0.2     # image-centric head: total image attention ≥ this
+    rho: float | None = None             # paper: non-sink share of image attention ≥ ρ (default 0.8);
+                                         # official: visual-sink share ≤ rho (default 0.5)
+    p: float = 0.6                       # paper: fraction of the sinks' attention moved; official: fraction kept
+    min_image_attention: float = 0.2     # image-centric head: total image attention ≥ this (the code's `summ`)
     sink_dims: tuple[int, ...] | None = None   # None: the known dims of LLaVA-1.5-7B/13B, else the finder's
     find_sink_dims: bool = False         # True: run the sink-dim finder even for a model whose dims are known
-    layers: tuple[int, ...] | None = None      # None: every layer but the last (the paper's rule)
+    layers: tuple[int, ...] | None = None      # None: the rule's layers (paper: all but the last; official: 2..L−1)
+    rule: str = "paper"                  # "paper" | "official"
+    heads: str = "image-centric"         # "image-centric" | "all" (every head of the touched rows: an ablation)
 
     def __post_init__(self):
+        if self.rule not in RULES:
+            raise MinivarError(f"VAR rule (--var-rule) must be one of {', '.join(RULES)}, got {self.rule!r}")
+        if self.heads not in HEADS:
+            raise MinivarError(f"VAR heads (--var-heads) must be one of {', '.join(HEADS)}, got {self.heads!r}")
+        if self.rho is None:             # the rule's own default, in its own convention
+            object.__setattr__(self, "rho", PRESETS["general"] if self.rule == "paper" else 0.5)
         if self.sink_dims is not None:
             if isinstance(self.sink_dims, str) or not all(isinstance(d, int) for d in self.sink_dims):
                 raise MinivarError(f"VAR sink_dims must be a tuple of ints or None (find_sink_dims=True runs the "
@@ -61,20 +83,47 @@ class VARConfig:
             raise MinivarError("VAR: give sink_dims or find_sink_dims=True, not both")
 
     @staticmethod
-    def preset(name: str = "general", **overrides) -> "VARConfig":
+    def preset(name: str | None = "general", **overrides) -> "VARConfig":
         """The paper's ρ for a task family, with any field overridden (None values are ignored); sink_dims="auto"
-        (what parse_sink_dims gives for --sink-dims auto) means find_sink_dims=True."""
-        if name not in PRESETS:
+        (what parse_sink_dims gives for --sink-dims auto) means find_sink_dims=True. Under rule="official" the
+        preset's ρ is given in the code's convention (rho = 1 − ρ); name=None keeps the rule's default."""
+        if name is not None and name not in PRESETS:
             raise MinivarError(f"--var-preset '{name}' is not one of {', '.join(PRESETS)}")
         given = {k: v for k, v in overrides.items() if v is not None}
         if given.get("sink_dims") == "auto":
             del given["sink_dims"]
             given["find_sink_dims"] = True
-        return VARConfig(**({"rho": PRESETS[name]} | given))          # an explicit rho beats the preset
+        preset = {}
+        if name is not None:
+            official = given.get("rule") == "official"
+            preset["rho"] = round(1.0 - PRESETS[name], 12) if official else PRESETS[name]
+        return VARConfig(**(preset | given))          # an explicit rho beats the preset
+
+    @property
+    def moved(self) -> float:
+        """The fraction of the sinks' attention moved to the image (the paper's p), under either rule."""
+        return self.p if self.rule == "paper" else 1.0 - self.p
+
+    def paper_values(self) -> tuple[float, float]:
+        """(ρ, p) in the paper's conventions: as given under rule="paper", (1 − rho, 1 − p) under "official"."""
+        from .official import paper_equivalent      # imported here: official.py builds on this module
+        return (self.rho, self.p) if self.rule == "paper" else paper_equivalent(self.rho, self.p)
+
+    def sink_layers(self, n_layers: int) -> frozenset[int] | None:
+        """The layers whose residual input is scanned for sinks: every one (None) under the paper's rule, 2..L−1
+        under the released code's."""
+        from .official import official_layer_sets
+        return None if self.rule == "paper" else official_layer_sets(n_layers)[0]
 
     def layer_set(self, n_layers: int) -> frozenset[int]:
-        """The layers VAR may modify: the configured ones, else every layer but the last (the paper's rule)."""
-        return frozenset(self.layers if self.layers is not None else range(n_layers - 1))
+        """The layers VAR may modify: the configured ones, else the rule's — every layer but the last (paper), or
+        the layers with sink detection, 2..L−1, the last one included (the released code)."""
+        if self.layers is not None:
+            return frozenset(self.layers)
+        if self.rule == "paper":
+            return frozenset(range(n_layers - 1))
+        from .official import official_layer_sets
+        return official_layer_sets(n_layers)[1]
 
     def validate(self, hidden_size: int | None = None, n_layers: int | None = None) -> "VARConfig":
         """Range checks; sink dims and layers are checked against the model when its sizes are given."""
@@ -90,8 +139,8 @@ class VARConfig:
             if not 0 <= d < hidden_size:
                 raise MinivarError(f"VAR sink_dims (--sink-dims): dim {d} is outside the hidden size {hidden_size}")
         for layer in (self.layers or ()) if n_layers is not None else ():
-            if not 0 <= layer < n_layers - 1:
-                raise MinivarError(f"VAR layer {layer} is outside 0..{n_layers - 2} (the last layer is never modified)")
+            if not 0 <= layer < n_layers:      # the last layer only when named (the paper's rule leaves it alone)
+                raise MinivarError(f"VAR layer {layer} (--var-layers) is outside the model's layers 0..{n_layers - 1}")
         return self
 
 
@@ -196,10 +245,13 @@ class Sinks(Hook):
     sinks. VAR, the capture and sink masking all read these sets; none computes them again."""
 
     def __init__(self, sink_dims: tuple[int, ...], tau: float, n_layers: int, image_mask: torch.Tensor,
-                 attention_mask: torch.Tensor | None = None):
+                 attention_mask: torch.Tensor | None = None, *, strict: bool = False,
+                 layers: frozenset[int] | None = None):
         """image_mask [B, T_prompt] bool: where the image tokens sit in each (padded) prompt; attention_mask
-        [B, T_prompt]: 0 on padding (never a sink), None when nothing is padded."""
+        [B, T_prompt]: 0 on padding (never a sink), None when nothing is padded. strict: sinks where φ > τ (the
+        released code) instead of φ ≥ τ; layers: the layers scanned for sinks (None: all; the others have none)."""
         self.sink_dims, self.tau, self.n_layers = tuple(sink_dims), float(tau), n_layers
+        self.strict, self.layers = strict, layers
         self.image = image_mask.bool()                                          # I  [B, T]
         B, T = self.image.shape
         self.real = attention_mask.bool() if attention_mask is not None else torch.ones_like(self.image)
@@ -213,11 +265,15 @@ class Sinks(Hook):
 
     def residual(self, layer: int, h: torch.Tensor, rows: range) -> None:
         n = min(rows.stop, self.prompt_len) - rows.start         # this call's prompt rows (none while decoding)
-        if n <= 0:
+        if n <= 0 or (self.layers is not None and layer not in self.layers):
             return
         cols = slice(rows.start, rows.start + n)
         # a batch-1 call on a B-sample state is a shared prefix (generate_many): the same rows for every sample
-        phi, sinks, vis = sink_sets(h[:, :n], self.sink_dims, self.tau, self.image[:, cols], self.real[:, cols])
+        if self.strict:
+            from .official import sink_sets_official as find   # imported here: official.py builds on this module
+        else:
+            find = sink_sets
+        phi, sinks, vis = find(h[:, :n], self.sink_dims, self.tau, self.image[:, cols], self.real[:, cols])
         self.phi[layer][:, cols], self.sinks[layer][:, cols], self.visual_sinks[layer][:, cols] = phi, sinks, vis
         self.has_visual_sink[layer] = self.has_visual_sink[layer] or bool(vis.any())   # a sync per prefill chunk
 
@@ -265,7 +321,7 @@ class VARState(Hook):
         self.sinks.residual(layer, h, rows)        # VAR's own sink sets, read off h^ℓ
 
     def active(self, layer: int) -> bool:
-        return layer in self.layers and self.sinks.has_visual_sink[layer] and self.cfg.p > 0
+        return layer in self.layers and self.sinks.has_visual_sink[layer] and self.cfg.moved > 0
 
     def explicit_from(self, layer, rows):
         if not self.active(layer) or rows.stop <= self.first_position:
@@ -281,13 +337,23 @@ class VARState(Hook):
         positions = torch.arange(rows.start, rows.stop, device=probs.device)
         touched = positions[None, :] >= self.sinks.image_end[:B, None]                # [B, R]
         touched = touched & vis.any(-1, keepdim=True)   # a sample without visual sinks in this layer is left alone
-        selected = select_heads(probs, image, vis, touched, self.cfg.min_image_attention, self.cfg.rho)
+        cfg = self.cfg
+        if cfg.rule == "official":
+            from .official import redistribute_official, select_heads_official   # official.py builds on this module
+        if cfg.heads == "all":                           # the ablation: every head of the touched rows
+            selected = touched[:, None, :].expand(B, probs.shape[1], -1)
+        elif cfg.rule == "official":
+            selected = select_heads_official(probs, image, vis, touched, cfg.rho, cfg.min_image_attention)
+        else:
+            selected = select_heads(probs, image, vis, touched, cfg.min_image_attention, cfg.rho)
         in_prompt = positions < self.sinks.prompt_len
         self.counts["prefill"][:, layer] += (selected & in_prompt).sum(dim=(1, 2))
         self.counts["decode"][:, layer] += (selected & ~in_prompt).sum(dim=(1, 2))
         if self.selections is not None:
             self.selections.setdefault(layer, []).append((rows, selected))
-        return redistribute(probs, selected, sink, image, vis, self.cfg.p)
+        if cfg.rule == "official":
+            return redistribute_official(probs, selected, sink, image, vis, cfg.p)
+        return redistribute(probs, selected, sink, image, vis, cfg.p)
 
     def _key_masks(self, layer: int, K: int):
         """(S^ℓ, I, V^ℓ) over the first K key positions, [B, K] each."""
@@ -300,7 +366,9 @@ class VARState(Hook):
 
     def report(self, b: int = 0) -> dict:
         """Sample b's settings, sinks and counters, JSON-ready, in positions of its own (unpadded) prompt."""
-        return ({"tau": self.cfg.tau, "rho": self.cfg.rho, "p": self.cfg.p,
+        rho_paper, p_paper = self.cfg.paper_values()
+        return ({"rule": self.cfg.rule, "heads": self.cfg.heads, "tau": self.cfg.tau, "rho": self.cfg.rho,
+                 "p": self.cfg.p, "rho_paper": rho_paper, "p_paper": p_paper,
                  "min_image_attention": self.cfg.min_image_attention, "layers": sorted(self.layers)}
                 | self.sinks.report(b)
                 | {"redistributed": {"prefill": self.counts["prefill"][b].tolist(),

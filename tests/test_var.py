@@ -548,16 +548,17 @@ def test_defaults_and_presets():
 
 @pytest.mark.parametrize("kwargs", [dict(p=-0.01), dict(p=1.5), dict(rho=-0.1), dict(rho=1.01), dict(tau=0.0),
                                     dict(tau=-3.0), dict(min_image_attention=1.2), dict(sink_dims=(64,)),
-                                    dict(sink_dims=(3, -1)), dict(layers=(3,)), dict(layers=(0, 4)),
-                                    dict(layers=(-1,))])
+                                    dict(sink_dims=(3, -1)), dict(layers=(0, 4)), dict(layers=(-1,)),
+                                    dict(rule="code"), dict(heads="some")])
 def test_config_validation_errors(kwargs):
     with pytest.raises(MinivarError):
-        VARConfig(**kwargs).validate(hidden_size=64, n_layers=4)
+        VARConfig(**kwargs).validate(hidden_size=64, n_layers=4)     # (rule and heads fail already at construction)
 
 
 def test_config_validation_accepts_edges():
     for kwargs in [dict(p=0.0), dict(p=1.0), dict(rho=0.0), dict(rho=1.0), dict(tau=1e-3), dict(sink_dims=(0, 63)),
-                   dict(layers=(0, 1, 2)), dict(layers=()), dict(find_sink_dims=True)]:
+                   dict(layers=(0, 1, 2)), dict(layers=()), dict(find_sink_dims=True),
+                   dict(layers=(3,)), dict(rule="official", layers=(0, 3)), dict(heads="all")]:   # the last layer when named
         c = VARConfig(**kwargs)
         assert c.validate(hidden_size=64, n_layers=4) is c
 
