@@ -9,6 +9,9 @@
    the result on a case built to show it.
 3. The prompt ids against a loop-level restatement of MetadataStation.segment_prompt on the real LLaMA tokenizer,
    and how they differ from minivar's llava tokenization (no BOS, the 29871s).
+4. VARConfig(rule="official") in the hook-based VARState on a 4-layer planted-sink model, end to end: greedy tokens
+   and per-layer sink sets equal a hook built from the loop-level restatement above; the same hook with the
+   differences removed equals the paper rule; the last layer is modified; heads="all" touches every head.
 """
 from __future__ import annotations
 
@@ -17,11 +20,17 @@ import math
 import pytest
 import torch
 
+import minivar
+from conftest import build_model, write_checkpoint
+from minivar.config import LlavaConfig, TextConfig, VisionConfig
 from minivar.errors import MinivarError
+from minivar.generate import generate
+from minivar.hooks import Hook
 from minivar.official import (OFFICIAL_DEFAULTS, official_layer_sets, official_prompt_ids, paper_equivalent,
                               redistribute_official, select_heads_official, sink_sets_official)
 from minivar.processing import VICUNA_SYSTEM, Tokenizer
-from minivar.var import VARConfig, redistribute, select_heads, sink_scores, sink_sets
+from minivar.var import VARConfig, VARState, Sinks, redistribute, select_heads, sink_scores, sink_sets
+from test_var import GRID, IMG, PROMPT_A, TINY_DIMS, TINY_TAU, sink_test_state, tiny_pil, tiny_pixels
 
 IMAGE_ID = 32000
 
@@ -452,3 +461,211 @@ def test_prompt_ids_on_the_demo_tokenizer():
     whole = raw.encode(VICUNA_SYSTEM + " USER: ", add_special_tokens=False).ids + [259] * 3 + \
         raw.encode("\nIs it red? ASSISTANT:", add_special_tokens=False).ids
     assert official == whole
+
+
+# =================================================================================================================
+# 4. End to end on a planted-sink model (test_var's planted model, with 4 decoder layers so that the released code's
+#    layers 2..L−1 are two layers, one of them the last)
+
+L4 = 4
+N_IMG = GRID * GRID
+IM_A, PA_A = 4, N_IMG                     # PROMPT_A: the image at [4, 68), 6 text rows after it
+
+
+def planted_config() -> LlavaConfig:
+    vision = VisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                          image_size=14 * GRID, patch_size=14)
+    text = TextConfig(vocab_size=261, hidden_size=128, intermediate_size=256, num_hidden_layers=L4,
+                      num_attention_heads=4, max_position_embeddings=512, rms_norm_eps=1e-5)
+    return LlavaConfig(vision=vision, text=text, image_token_index=IMG, pad_token_id=260, name_or_path="tiny-official")
+
+
+@pytest.fixture(scope="module")
+def planted():
+    cfg = planted_config()
+    state = sink_test_state(cfg, seed=1)          # seed 1: both rules change this model's greedy tokens
+    return cfg, state, build_model(cfg, state)
+
+
+class RefReleased(Hook):
+    """The released code as a hook, from the loop-level functions above: DimProspector on the prefill's residual
+    input of the `detect` layers, HeadFork on every row of every layer, VARProcessor.attn_redist on the rows after
+    the image (prefill) or every row (decoding). Batch 1. The switches remove the differences to the paper's rule."""
+
+    def __init__(self, *, tau, rho, summ, p, prompt_len, detect, modify=None, strict=True, eps=1e-6):
+        self.tau, self.rho, self.summ, self.p, self.prompt_len = tau, rho, summ, p, prompt_len
+        self.detect, self.modify, self.strict, self.eps = detect, modify, strict, eps
+        self.indices: dict[int, list[int]] = {}
+
+    def residual(self, layer, h, rows):
+        if rows.start == 0 and layer in self.detect:             # the prefill (the code: output_token_count < 0)
+            if self.strict:
+                self.indices[layer] = ref_dim_prospector(h, TINY_DIMS, self.tau)[0]
+            else:                                                 # ≥ instead of >
+                self.indices[layer] = ref_dim_prospector(h, TINY_DIMS, self.tau * (1 - 1e-12))[0]
+
+    def explicit_from(self, layer, rows):
+        return 0                                                  # HeadFork reads every row
+
+    def probs(self, layer, probs, rows, before):
+        if self.modify is not None and layer not in self.modify:
+            return probs
+        sinks = [self.indices.get(layer, [])]
+        coords = ref_head_fork_eps(probs, sinks, [IM_A], [PA_A], self.rho, self.summ, self.eps)
+        prefill = rows.start < self.prompt_len
+        return ref_attn_redist(probs, coords, sinks, [IM_A], [PA_A], self.p, prefill=prefill).to(probs.dtype)
+
+
+def ref_head_fork_eps(attn, sinks, im, pa, rho, summ, eps):
+    """ref_head_fork with the 1e-6 as a switch (eps = 1e-6: the code)."""
+    if eps == 1e-6:
+        return ref_head_fork(attn, sinks, im, pa, rho, summ)
+    B, H, Q, K = attn.shape
+    a = attn.double().tolist()
+    coords = []
+    for b in range(B):
+        vis = [i for i in sinks[b] if im[b] <= i < im[b] + pa[b]]
+        if not vis:
+            continue
+        for h in range(H):
+            for q in range(Q):
+                image_attn = a[b][h][q][im[b]:im[b] + pa[b]]
+                total = sum(x + eps for x in image_attn)
+                portion = sum(a[b][h][q][v] for v in vis) / total if total > 0 else float("nan")
+                if portion <= rho and sum(image_attn) >= summ:
+                    coords.append((b, h, q))
+    return coords
+
+
+def official_state(cfg: VARConfig, keep_selections=False) -> VARState:
+    ids = torch.tensor([PROMPT_A])
+    sinks = Sinks(TINY_DIMS, cfg.tau, L4, ids == IMG, strict=cfg.rule == "official", layers=cfg.sink_layers(L4))
+    return VARState(cfg, sinks, keep_selections=keep_selections)
+
+
+def greedy(model, hooks, patches=(5,), steps=10):
+    ids = torch.tensor([PROMPT_A])
+    return generate(model, ids, tiny_pixels(patches), max_new_tokens=steps, eos_token_id=None, hooks=hooks).output_ids[0]
+
+
+@pytest.mark.parametrize("rho,p", [(0.5, 0.6), (0.02, 0.6), (0.3, 0.2)])
+@pytest.mark.parametrize("patches", [(5,), (2, 40)])
+def test_official_rule_end_to_end_equals_released_code(planted, rho, p, patches):
+    _, _, model = planted
+    cfg = VARConfig(rule="official", tau=TINY_TAU, rho=rho, p=p)
+    state = official_state(cfg)
+    ref = RefReleased(tau=TINY_TAU, rho=rho, summ=0.2, p=p, prompt_len=len(PROMPT_A), detect=range(2, L4))
+    got = greedy(model, state, patches)
+    assert got == greedy(model, ref, patches)
+    for layer in range(L4):                                       # per-layer sink sets: none in layers 0 and 1
+        assert state.sinks.sinks[layer][0].nonzero().flatten().tolist() == ref.indices.get(layer, [])
+    assert ref.indices[2] == [0] + [IM_A + q for q in patches]   # BOS and the planted patches
+    counts = state.report(0)["redistributed"]
+    assert counts["prefill"][:2] == counts["decode"][:2] == [0, 0]
+    if rho >= 0.3:                                                # (rho 0.02 selects little, in the last layer nothing)
+        assert counts["prefill"][3] > 0 and counts["decode"][3] > 0                    # the last layer is modified
+    if (rho, patches) == (0.5, (5,)):
+        assert got != greedy(model, None, patches)                # VAR changes this model's answer
+
+
+@pytest.mark.parametrize("rho_paper,p_paper", [(0.8, 0.6), (0.98, 0.3)])
+def test_released_code_without_its_differences_is_the_paper_rule_end_to_end(planted, rho_paper, p_paper):
+    _, _, model = planted
+    paper = VARConfig(tau=TINY_TAU, rho=rho_paper, p=p_paper)
+    rho, p = paper_equivalent(rho_paper, p_paper)
+    ref = RefReleased(tau=TINY_TAU, rho=rho, summ=0.2, p=p, prompt_len=len(PROMPT_A), detect=range(L4),
+                      modify=range(L4 - 1), strict=False, eps=0.0)
+    state = official_state(paper)
+    got = greedy(model, state)
+    assert got == greedy(model, ref)
+    assert sum(state.report(0)["redistributed"]["prefill"]) > 0
+    if rho_paper == 0.8:
+        assert got != greedy(model, None)                         # VAR changes this model's answer
+
+
+def test_each_switch_of_the_released_code_moves_the_logits(planted):
+    """The released code's layer sets alone (sinks from layer 2 on, the last layer modified) change the last
+    logits: the code's own layers vs. the code with the paper's layers."""
+    _, _, model = planted
+    ids, px = torch.tensor([PROMPT_A]), tiny_pixels((5,))
+
+    def last_logits(hook):
+        with torch.inference_mode():
+            return model(ids, px, hooks=hook)[0, -1]
+
+    code = dict(tau=TINY_TAU, rho=0.5, summ=0.2, p=0.6, prompt_len=len(PROMPT_A))
+    released = last_logits(RefReleased(**code, detect=range(2, L4)))
+    torch.testing.assert_close(last_logits(official_state(VARConfig(rule="official", tau=TINY_TAU))), released,
+                               rtol=0, atol=1e-4)
+    without_last = last_logits(RefReleased(**code, detect=range(2, L4), modify=range(L4 - 1)))
+    with_early = last_logits(RefReleased(**code, detect=range(L4)))
+    assert (released - without_last).abs().max() > 1e-2             # the last layer's redistribution shows
+    assert (released - with_early).abs().max() > 1e-2                # so does scanning layers 0 and 1
+    # and the minivar switch for the last layer: the official rule limited to layer 2
+    limited = last_logits(official_state(VARConfig(rule="official", tau=TINY_TAU, layers=(2,))))
+    torch.testing.assert_close(limited, without_last, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("rule,rho", [("official", 0.02), ("paper", 0.98)])
+def test_heads_all_touches_every_head_of_the_touched_rows(planted, rule, rho):
+    _, _, model = planted
+    centric = official_state(VARConfig(rule=rule, tau=TINY_TAU, rho=rho))
+    every = official_state(VARConfig(rule=rule, tau=TINY_TAU, rho=rho, heads="all"), keep_selections=True)
+    greedy(model, centric)
+    greedy(model, every)
+    H, rows_after_image, steps = 4, len(PROMPT_A) - (IM_A + PA_A), 9       # 10 tokens: 9 decoding calls
+    layers = sorted(every.layers)
+    want_prefill = [H * rows_after_image if layer in layers else 0 for layer in range(L4)]
+    want_decode = [H * steps if layer in layers else 0 for layer in range(L4)]
+    rep = every.report(0)["redistributed"]
+    assert rep == {"prefill": want_prefill, "decode": want_decode}
+    for layer, chunks in every.selections.items():
+        for rows, selected in chunks:
+            positions = torch.arange(rows.start, rows.stop)
+            assert torch.equal(selected[0], (positions >= IM_A + PA_A)[None, :].expand(H, -1))
+    # image-centric selection really selects fewer on this model, so "all" is a different rule here
+    assert sum(centric.report(0)["redistributed"]["prefill"]) < sum(want_prefill)
+
+
+def test_official_config_defaults_report_and_presets():
+    c = VARConfig(rule="official")
+    assert (c.tau, c.rho, c.p, c.min_image_attention) == (20.0, 0.5, 0.6, 0.2)
+    assert (c.rho, c.p, c.min_image_attention) == (OFFICIAL_DEFAULTS["rho"], OFFICIAL_DEFAULTS["p"],
+                                                   OFFICIAL_DEFAULTS["summ"])
+    assert c.paper_values() == (0.5, 0.4) and c.moved == pytest.approx(0.4)
+    assert VARConfig().rho == 0.8 and VARConfig().paper_values() == (0.8, 0.6) and VARConfig().moved == 0.6
+    assert VARConfig.preset("general", rule="official").rho == 0.2
+    assert VARConfig.preset("vision", rule="official").rho == 0.1
+    assert VARConfig.preset(None, rule="official") == c
+    assert VARConfig.preset("general", rule="official", rho=0.3).rho == 0.3
+    assert c.layer_set(32) == frozenset(range(2, 32)) and c.sink_layers(32) == frozenset(range(2, 32))
+    assert VARConfig().sink_layers(32) is None and VARConfig().layer_set(32) == frozenset(range(31))
+    assert VARConfig(rule="official", layers=(0, 31)).layer_set(32) == frozenset({0, 31})
+    rep = official_state(VARConfig(rule="official", tau=TINY_TAU, rho=0.2, p=0.7)).report(0)
+    assert (rep["rule"], rep["heads"], rep["rho"], rep["p"], rep["rho_paper"], rep["p_paper"]) == \
+        ("official", "image-centric", 0.2, 0.7, 0.8, 0.3)
+    with pytest.raises(MinivarError, match="--var-rule"):
+        VARConfig(rule="authors")
+    with pytest.raises(MinivarError, match="--var-heads"):
+        VARConfig(heads="most")
+
+
+def test_official_p1_keeps_everything_and_skips_the_explicit_path(planted):
+    """Under the code's convention p = 1 keeps all of the sinks' attention: nothing moves, as with VAR off."""
+    _, _, model = planted
+    state = official_state(VARConfig(rule="official", tau=TINY_TAU, p=1.0))
+    assert greedy(model, state) == greedy(model, None)
+    assert not any(state.active(layer) for layer in range(L4))
+
+
+def test_official_rule_through_the_pipeline(planted, tmp_path):
+    cfg, state, _ = planted
+    pipe = minivar.load(str(write_checkpoint(tmp_path / "ckpt", state, cfg, tokenizer=True)), device="cpu",
+                        dtype="float32")
+    var = VARConfig(rule="official", tau=TINY_TAU, sink_dims=TINY_DIMS)
+    r = pipe.generate(tiny_pil((5,)), "What is in the image?", max_new_tokens=3, var=var)
+    s = r.var["image_span"][0]
+    assert r.var["visual_sinks"]["0"] == r.var["visual_sinks"]["1"] == []
+    assert r.var["visual_sinks"]["2"] == r.var["visual_sinks"]["3"] == [s + 5]
+    assert r.var["rule"] == "official" and r.var["p_paper"] == 0.4
+    assert r.var["redistributed"]["prefill"][3] > 0
