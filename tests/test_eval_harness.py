@@ -1,8 +1,10 @@
-"""python -m minivar.eval (run / score / compare / download) on the demo checkpoint with a tiny yes/no benchmark.
+"""python -m minivar.eval (run / score / compare / download) with a tiny yes/no benchmark.
 
 The benchmark here (TinyYesNo: a JSONL of questions + an image folder) stands in for the real ones, which are
-tested in their own files; the harness only uses the Benchmark contract (minivar/eval/benchmarks/base.py). Runs
-go through the CLI in-process (the model loads in ~0.5 s), except the one killed mid-run, a real interpreter.
+tested in their own files; the harness only uses the Benchmark contract (minivar/eval/benchmarks/base.py). One run
+uses the demo checkpoint (576 image tokens: about a second per batch on a CPU); the others use conftest's tiny
+checkpoint (16 image tokens), which exercises the same code in milliseconds. Runs go through the CLI in-process,
+except the one killed mid-run, a real interpreter.
 """
 import contextlib
 import io
@@ -78,18 +80,18 @@ def fake_get(name):
     raise MinivarError(f"unknown benchmark '{name}' (choose from {TinyYesNo.name})")
 
 
-def make_data(root: Path) -> Path:
-    """N_IMAGES noise images of different sizes and PER_IMAGE questions each, the images' questions interleaved
+def make_data(root: Path, n_images: int = N_IMAGES, per_image: int = PER_IMAGE) -> Path:
+    """n_images noise images of different sizes and per_image questions each, the images' questions interleaved
     (the harness must group them by image in the order of first appearance)."""
     images = root / "images"
     images.mkdir(parents=True)
     rng = np.random.default_rng(0)
-    for i in range(N_IMAGES):
+    for i in range(n_images):
         Image.fromarray(rng.integers(0, 255, (30 + 9 * i, 40, 3), dtype=np.uint8)).save(images / f"img{i}.png")
     objects = ["cat", "dog", "car", "tree", "cup", "bird"]
     lines = []
-    for k in range(N_IMAGES * PER_IMAGE):
-        i = (k + k // N_IMAGES) % N_IMAGES     # img0 img1 img2 img3 img1 img2 ... : interleaved
+    for k in range(n_images * per_image):
+        i = (k + k // n_images) % n_images     # img0 img1 img2 img3 img1 img2 ... : interleaved
         lines.append(json.dumps({"id": 100 + k, "image": f"img{i}.png", "question": f"Is there a {objects[k % 6]}?",
                                  "label": "yes" if k % 2 else "no"}))
     (root / "questions.jsonl").write_text("\n".join(lines) + "\n")
@@ -97,11 +99,12 @@ def make_data(root: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tiny(demo_env, tmp_path_factory):
+def tiny(demo_env, tiny_checkpoint, tmp_path_factory):
     """The tiny benchmark registered under its name, its data, and one uninterrupted reference run."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(benchmarks, "get", fake_get, raising=False)
         root = make_data(tmp_path_factory.mktemp("tiny"))
+        (root / "model").symlink_to(tiny_checkpoint, target_is_directory=True)
         ref = root / "ref"
         rc, out, err = cli(run_args(root, ref, "--json"))
         assert rc == 0, err
@@ -109,8 +112,9 @@ def tiny(demo_env, tmp_path_factory):
 
 
 def run_args(root: Path, out: Path, *extra):
+    """The run command on the tiny checkpoint (root/model), fp32 on the CPU, in batches of 2."""
     return ["run", "tinyyn", "--data", root / "questions.jsonl", "--images", root / "images", "--out", out,
-            "--model", "demo", "--device", "cpu", "--dtype", "float32", "--batch-size", "2", *extra]
+            "--model", root / "model", "--device", "cpu", "--dtype", "float32", "--batch-size", "2", *extra]
 
 
 def cli(argv) -> tuple[int, str, str]:
@@ -139,6 +143,26 @@ def snapshot(directory: Path) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 # run
 
+def test_run_on_the_demo_checkpoint(tiny, tmp_path):
+    """`--model demo` end to end: the answers are the model's own (one question asked alone gives the same ids)."""
+    root = make_data(tmp_path / "d", n_images=2, per_image=2)
+    out = tmp_path / "demo"
+    rc, stdout, err = cli(["run", "tinyyn", "--data", root / "questions.jsonl", "--images", root / "images",
+                           "--out", out, "--model", "demo", "--device", "cpu", "--dtype", "float32", "--json"])
+    assert rc == 0, err
+    recs = answers(out / "answers.jsonl")
+    questions = TinyYesNo().read([root / "questions.jsonl"], root / "images")
+    assert sorted(r["question_id"] for r in recs) == sorted(q.question_id for q in questions)
+    import minivar
+    pipe = minivar.load("demo", device="cpu", dtype="float32")
+    for q in questions[:2]:
+        alone = pipe.generate(q.load_image(), q.prompt, max_new_tokens=3)
+        assert by_id(recs)[q.question_id] == (alone.text.strip(), alone.output_ids)
+    run = json.loads((out / "run.json").read_text())
+    assert run["model"] == "demo" and json.loads(stdout)["n"] == 4
+    assert json.loads(stdout) == json.loads((out / "metrics.json").read_text())
+
+
 def test_run_end_to_end(tiny):
     root, ref, out = tiny
     result = json.loads(cli(["score", ref, "--json"])[1])
@@ -153,13 +177,13 @@ def test_run_end_to_end(tiny):
     assert all(0 < len(r["output_ids"]) <= TinyYesNo.max_new_tokens for r in recs)   # the benchmark's max_new_tokens
     # the answers are the model's: one question asked alone gives the same ids
     import minivar
-    pipe = minivar.load("demo", device="cpu", dtype="float32")
-    q = questions[0]
-    alone = pipe.generate(q.load_image(), q.prompt, max_new_tokens=3, conv_mode="vicuna_v1", image_aspect_ratio="pad")
-    assert by_id(recs)[q.question_id] == (alone.text.strip(), alone.output_ids)
+    pipe = minivar.load(str(root / "model"), device="cpu", dtype="float32")
+    for q in questions[:3]:
+        alone = pipe.generate(q.load_image(), q.prompt, max_new_tokens=3)
+        assert by_id(recs)[q.question_id] == (alone.text.strip(), alone.output_ids)
     # run.json records the settings; metrics.json = the benchmark's score of the answers = `score`
     run = json.loads((ref / "run.json").read_text())
-    assert run["benchmark"] == "tinyyn" and run["model"] == "demo" and run["dtype"] == "float32"
+    assert run["benchmark"] == "tinyyn" and run["model"] == str((root / "model").resolve()) and run["dtype"] == "float32"
     assert run["var"] is None and run["conv_mode"] == "vicuna_v1" and run["image_aspect_ratio"] == "pad"
     assert run["max_new_tokens"] == 3 and run["batch_size"] == 2 and run["minivar_version"]
     assert run["data"][0]["bytes"] == (root / "questions.jsonl").stat().st_size
@@ -197,8 +221,11 @@ def test_resume_after_kill(tiny, tmp_path, demo_env):
     uninterrupted run's, with no duplicates and no gaps."""
     root, ref, _ = tiny
     out = tmp_path / "killed"
-    child = (f"import sys; sys.path[:0] = [{str(REPO)!r}, {str(REPO / 'tests')!r}]\n"
-             "from minivar.eval import benchmarks; import test_eval_harness as t; benchmarks.get = t.fake_get\n"
+    # The child answers slowly (0.2 s a batch) so that the kill surely lands mid-run.
+    child = (f"import sys, time; sys.path[:0] = [{str(REPO)!r}, {str(REPO / 'tests')!r}]\n"
+             "from minivar.eval import benchmarks, harness; import test_eval_harness as t; benchmarks.get = t.fake_get\n"
+             "real = harness.answer_group\n"
+             "harness.answer_group = lambda *a: time.sleep(0.2) or real(*a)\n"
              "from minivar.eval.__main__ import main; sys.exit(main(sys.argv[1:]))")
     env = os.environ | {"MINIVAR_WEIGHTS": str(demo_env), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-c", child, *map(str, run_args(root, out, "--batch-size", "1"))],
@@ -232,8 +259,10 @@ def test_torn_last_line_is_repaired(tiny, tmp_path):
     shutil.copytree(ref, out)
     (out / "metrics.json").unlink()
     lines = (out / "answers.jsonl").read_text().splitlines(keepends=True)
-    (out / "answers.jsonl").write_text("".join(lines[:5]) + lines[5][:17])       # killed in the middle of line 6
-    assert harness.read_answers(out / "answers.jsonl").keys() == {json.loads(x)["question_id"] for x in lines[:5]}
+    # killed in the middle of line 5, the second answer of a batch of two (lines 4-5: the 2nd image's first batch):
+    # the rerun asks that batch again, whole, and writes only the answer that was lost
+    (out / "answers.jsonl").write_text("".join(lines[:4]) + lines[4][:17])
+    assert harness.read_answers(out / "answers.jsonl").keys() == {json.loads(x)["question_id"] for x in lines[:4]}
     rc, _, err = cli(run_args(root, out))
     assert rc == 0, err
     assert (out / "answers.jsonl").read_text() == "".join(lines)     # the same lines, none twice, no torn piece
