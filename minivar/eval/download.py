@@ -20,9 +20,9 @@ HUB_COPIES = {
     "cvbench": ("nyu-visionx/CV-Bench", None, "CV-Bench's test_2d/test_3d parquet files (images inside)"),
 }
 OFFICIAL_ONLY = {
-    "chair": "CHAIR needs COCO 2014: the val2014 images (cocodataset.org, val2014.zip) and "
-             "annotations_trainval2014.zip (instances_* and captions_* for train and val); pass the annotations "
-             "folder as --data and the val2014 folder as --images",
+    "chair": "CHAIR needs COCO 2014 from cocodataset.org: the val2014 images (val2014.zip) and "
+             "annotations_trainval2014.zip (its instances_val2014.json and captions_val2014.json), and NLTK's data; "
+             "pass the annotations folder as --data and the val2014 folder as --images",
     "gqa": "GQA comes from the official GQA v1.2 site (downloads.cs.stanford.edu/nlp/data/gqa/): images.zip and "
            "questions1.2.zip (testdev_balanced_questions.json), plus LLaVA's llava_gqa_testdev_balanced.jsonl from "
            "LLaVA's eval.zip; pass the json files as --data and the images folder as --images",
