@@ -2,7 +2,7 @@
 
 Reproduces LLaVA's `convert_answer_to_mme.py` followed by MME's official `eval_tool/calculation.py`: an answer is
 lower-cased (not stripped), "yes"/"no" as a whole, else the first four characters decide ("Not sure" -> no,
-"Yes and no" -> yes, " yes" -> other); per subtask the score is acc*100 + acc+*100, where acc+ is the share of images
+"Yes and no" -> yes, "  yes" -> other); per subtask the score is acc*100 + acc+*100, where acc+ is the share of images
 whose two questions are both right; Perception and Cognition are the sums of their subtasks' scores.
 
 Layouts read:
