@@ -357,7 +357,7 @@ def test_mme_scorer_hand_computed(tmp_path):
         mme.score(answered_with(questions[:3], texts))
 
 
-def test_mme_parquet_and_bad_inputs(tmp_path):
+def test_mme_reader_parquet(tmp_path):
     write_parquet(tmp_path / "data" / "test-00000-of-00004-a25dbe3b44c4fda6.parquet", {
         "question_id": ["code_reasoning/0020.png"] * 2, "image": [{"bytes": image_bytes(), "path": None}] * 2,
         "question": ["Is a python code shown? Please answer yes or no.", "Is a c++ code shown? Please answer yes or no."],
@@ -367,6 +367,8 @@ def test_mme_parquet_and_bad_inputs(tmp_path):
     assert questions[1].prompt == "Is a c++ code shown?" + SUFFIX and questions[1].meta["label"] == "no"
     assert get("mme").score([(questions[0], "Yes"), (questions[1], "No")])["cognition"] == 200.0
 
+
+def test_mme_bad_inputs(tmp_path):
     root = write_mme(tmp_path / "MME_Benchmark_release_version")
     (root / "scene" / "images" / "0001.jpg").unlink()
     with pytest.raises(MinivarError, match=r"image scene/images/0001\.jpg of MME questions .*0001\.txt not found"):
@@ -491,15 +493,19 @@ def test_mmvp_scorer_letter_grader_and_pairs(tmp_path):
     assert got == {"pair_accuracy": 0.0, "question_accuracy": 0.5}      # always-B: half the questions, no pair
 
 
-def test_mmvp_parquet_and_bad_inputs(tmp_path):
+def test_mmvp_reader_parquet(tmp_path):
+    pa = pytest.importorskip("pyarrow")
     write_parquet(tmp_path / "lmms" / "data" / "train-00000-of-00001.parquet", {
         "Index": [1, 2], "Question": ["Open or closed?"] * 2, "Options": ["(a) Open (b) Closed"] * 2,
         "Correct Answer": ["(a)", "(b)"], "image": [{"bytes": image_bytes(), "path": None}] * 2},
-        types={"Index": __import__("pyarrow").int32()})
+        types={"Index": pa.int32()})
     questions = get("mmvp").read([tmp_path / "lmms"])
     assert [q.unit for q in questions] == ["pair-1", "pair-1"] and questions[1].meta["answer"] == "b"
+    assert questions[0].prompt == "Open or closed? Options:\nA. Open\nB. Closed" + LETTER
     assert questions[0].load_image().size == (4, 3)
 
+
+def test_mmvp_bad_inputs(tmp_path):
     root = write_mmvp(tmp_path / "MMVP")
     (root / "MMVP Images" / "3.jpg").unlink()
     with pytest.raises(MinivarError, match=r"MMVP Images/3\.jpg of question 3 not found"):
@@ -536,27 +542,36 @@ def cvbench_rows():
     return two, three
 
 
-def test_cvbench_parquet_and_jsonl_layouts(tmp_path):
+def test_cvbench_reader_jsonl_and_img(tmp_path):
+    two, three = cvbench_rows()
+    for name, rows in (("test_2d", two), ("test_3d", three)):
+        write_jsonl(tmp_path / f"{name}.jsonl", rows)
+        for r in rows:
+            write_image(tmp_path / r["filename"])
+    questions = get("cvbench").read([tmp_path])
+    assert [q.question_id for q in questions] == ["2D-0", "2D-1", "2D-2", "2D-3", "2D-4", "2D-5", "3D-0", "3D-1"]
+    q = questions[0]
+    assert q.prompt == ("Question 0? Select from the following choices.\n(A) 3\n(B) 2\n(C) 1\n(D) 0" + LETTER)
+    assert q.meta == {"source": "ADE20K", "task": "Count", "type": "2D", "answer": "c", "choices": ["3", "2", "1", "0"]}
+    assert q.image_key == "img/2D/count/ade20k_0.png" and q.load_image().size == (4, 3)
+    (tmp_path / two[3]["filename"]).unlink()
+    with pytest.raises(MinivarError, match=r"coco_3\.png of question 2D-3 not found"):
+        get("cvbench").read([tmp_path])
+    assert len(get("cvbench").read([tmp_path / "test_3d.jsonl"])) == 2
+
+
+def test_cvbench_reader_parquet(tmp_path):
     two, three = cvbench_rows()
     for name, rows in (("test_2d", two), ("test_3d", three)):
         columns = {k: [r[k] for r in rows] for k in rows[0]}
         columns["image"] = [{"bytes": image_bytes(), "path": None}] * len(rows)
-        write_parquet(tmp_path / "pq" / f"{name}.parquet", columns)
-        write_jsonl(tmp_path / "js" / f"{name}.jsonl", rows)
-        for r in rows:
-            write_image(tmp_path / "js" / r["filename"])
-    from_parquet = get("cvbench").read([tmp_path / "pq"])
-    from_jsonl = get("cvbench").read([tmp_path / "js"])
-    assert [q.question_id for q in from_parquet] == [q.question_id for q in from_jsonl] == [
-        "2D-0", "2D-1", "2D-2", "2D-3", "2D-4", "2D-5", "3D-0", "3D-1"]
-    q = from_parquet[0]
-    assert q.prompt == ("Question 0? Select from the following choices.\n(A) 3\n(B) 2\n(C) 1\n(D) 0" + LETTER)
-    assert q.meta == {"source": "ADE20K", "task": "Count", "type": "2D", "answer": "c", "choices": ["3", "2", "1", "0"]}
-    assert [p.prompt for p in from_parquet] == [p.prompt for p in from_jsonl]
-    assert q.load_image().size == from_jsonl[0].load_image().size == (4, 3)
-    (tmp_path / "js" / two[3]["filename"]).unlink()
-    with pytest.raises(MinivarError, match=r"coco_3\.png of question 2D-3 not found"):
-        get("cvbench").read([tmp_path / "js"])
+        write_parquet(tmp_path / f"{name}.parquet", columns)
+        write_jsonl(tmp_path / f"{name}.jsonl", rows)       # the hub snapshot has both, and no img/ folder
+    questions = get("cvbench").read([tmp_path])
+    assert [q.question_id for q in questions] == ["2D-0", "2D-1", "2D-2", "2D-3", "2D-4", "2D-5", "3D-0", "3D-1"]
+    assert questions[6].prompt == "Question 0? Select from the following choices.\n(A) sink\n(B) bottle" + LETTER
+    assert questions[6].meta["choices"] == ["sink", "bottle"] and questions[6].meta["answer"] == "a"
+    assert questions[7].load_image().size == (4, 3)
 
 
 def test_cvbench_official_averaging_and_parser():

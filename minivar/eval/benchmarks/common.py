@@ -81,6 +81,8 @@ def read_parquet(files: list[Path], columns: list[str], optional: tuple = ()) ->
     `columns` must all be present (one clear error naming the file otherwise); `optional` ones are read when there.
     Image columns stay as their parquet struct {bytes, path}: decoding waits for `load_image`.
     """
+    if not files:
+        return []
     pq = pyarrow_parquet()
     out = []
     for f in files:
