@@ -222,6 +222,9 @@ def test_pope_bad_inputs(tmp_path):
     (bad / "coco_pope_popular.json").write_text('{"question_id": 1}\n{"question_id": 2, \n')
     with pytest.raises(MinivarError, match=r"coco_pope_popular\.json:2: not a JSON object"):
         pope.read([bad], need_images=False)
+    write_jsonl(bad / "coco_pope_popular.json", [{"question_id": "q1", "image": "a.jpg", "text": "?", "label": "no"}])
+    with pytest.raises(MinivarError, match=r"coco_pope_popular\.json:1: POPE question_id 'q1' is not a whole number"):
+        pope.read([bad], need_images=False)
     (tmp_path / "empty").mkdir()
     with pytest.raises(MinivarError, match="no POPE data here"):
         pope.read([tmp_path / "empty"])
@@ -517,6 +520,9 @@ def test_mmvp_bad_inputs(tmp_path):
         get("mmvp").read([root], need_images=False)
     csv_path.write_text("\n".join(lines[:3] + ["3,Left or right?", lines[4]]) + "\n")
     with pytest.raises(MinivarError, match=r"Questions\.csv:4: expected 4 columns"):
+        get("mmvp").read([root], need_images=False)
+    csv_path.write_text("\n".join(lines[1:]) + "\n")
+    with pytest.raises(MinivarError, match=r"Questions\.csv:1: no header row"):
         get("mmvp").read([root], need_images=False)
     csv_path.write_text("\n".join(lines[:4]) + "\n")
     with pytest.raises(MinivarError, match="3 questions: pairs need an even number"):

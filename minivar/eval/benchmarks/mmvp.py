@@ -115,6 +115,8 @@ class MMVP(Benchmark):
                 table = list(csv.reader(f))
         except (OSError, UnicodeDecodeError, csv.Error) as e:
             raise MinivarError(f"{path}: cannot read ({e})") from None
+        if table and table[0] and table[0][0].strip().isdigit():
+            raise MinivarError(f"{path}:1: no header row (expected Index,Question,Options,Correct Answer)")
         rows = []
         for lineno, cells in enumerate(table[1:], 2):        # row 0 is the header, whatever its first cell says
             if not any(c.strip() for c in cells):

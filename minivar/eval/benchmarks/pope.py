@@ -28,11 +28,13 @@ LLAVA_OFFSETS = {"adversarial": 0, "random": 10_000_000, "popular": 20_000_000}
 ANNOTATION_PREFIX, ANNOTATION_SUFFIX = "coco_pope_", ".json"
 
 
-def question_id(split: str, pope_id) -> str:
+def question_id(split: str, pope_id, where: str = "") -> str:
     """The id LLaVA's `llava_pope_test.jsonl` gives POPE question `pope_id` of `split`."""
-    if split in LLAVA_OFFSETS:
-        return str(LLAVA_OFFSETS[split] + int(pope_id))
-    return f"{split}-{pope_id}"
+    if split not in LLAVA_OFFSETS:
+        return f"{split}-{pope_id}"
+    if isinstance(pope_id, bool) or not (isinstance(pope_id, int) or str(pope_id).strip().isdigit()):
+        raise MinivarError(f"{where}: POPE question_id {pope_id!r} is not a whole number")
+    return str(LLAVA_OFFSETS[split] + int(pope_id))
 
 
 def parse_answer(text: str) -> str:
@@ -106,7 +108,7 @@ class Pope(Benchmark):
             for lineno, rec in read_jsonl(f):
                 where = f"{f}:{lineno}"
                 need(rec, ("question_id", "image", "text", "label"), where)
-                qid = question_id(split, rec["question_id"])
+                qid = question_id(split, rec["question_id"], where)
                 load = file_image(Path(images) / rec["image"], qid) if need_images else no_image(qid)
                 questions.append(self._question(qid, rec["text"], rec["image"], load, split, rec["label"], where))
         for where, row in read_parquet(parquet, ["question_id", "question", "answer", "image_source", "category"],
@@ -114,7 +116,7 @@ class Pope(Benchmark):
             split = row["category"]
             if splits is not None and split not in splits:
                 continue
-            qid = question_id(split, row["question_id"])
+            qid = question_id(split, row["question_id"], where)
             if need_images:
                 load = bytes_image(row.get("image"), where, qid)
             else:
