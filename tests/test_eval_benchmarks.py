@@ -508,6 +508,28 @@ def test_mmvp_reader_parquet(tmp_path):
     assert questions[0].load_image().size == (4, 3)
 
 
+def test_mmvp_labels_option_on_the_full_benchmark(tmp_path):
+    import csv
+    root = tmp_path / "MMVP"
+    root.mkdir()
+    with open(root / "Questions.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["Index", "Question", "Options", "Correct Answer"])
+        for i in range(1, 301):       # lmms-eval's corrected copy: 99/100 and 279/280 swapped
+            answer = "(a)" if (i % 2 == 1) != (i in (99, 100, 279, 280)) else "(b)"
+            writer.writerow([i, f"Question {(i + 1) // 2}?", "(a) Yes (b) No", answer])
+    mmvp = get("mmvp")
+
+    def letters(**options):
+        questions = mmvp.read([root], need_images=False, **options)
+        return [questions[i - 1].meta["answer"] for i in (97, 98, 99, 100, 279, 280)]
+    assert letters() == ["a", "b", "a", "b", "a", "b"]                  # the papers' labels by default
+    assert letters(labels="corrected") == ["a", "b", "b", "a", "b", "a"]
+    assert letters(labels="as-read") == ["a", "b", "b", "a", "b", "a"]
+    with pytest.raises(MinivarError, match="labels must be original, corrected or as-read, not 'fixed'"):
+        mmvp.read([root], need_images=False, labels="fixed")
+
+
 def test_mmvp_bad_inputs(tmp_path):
     root = write_mmvp(tmp_path / "MMVP")
     (root / "MMVP Images" / "3.jpg").unlink()

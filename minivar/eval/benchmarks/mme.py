@@ -97,7 +97,10 @@ class MME(Benchmark):
                     raise MinivarError(f"image {image.relative_to(root)} of MME questions {txt} not found")
                 relpath = image.relative_to(root).as_posix()
                 pairs = []
-                lines = txt.read_text(encoding="utf-8").splitlines()
+                try:
+                    lines = txt.read_text(encoding="utf-8").splitlines()
+                except (OSError, UnicodeDecodeError) as e:
+                    raise MinivarError(f"{txt}: cannot read ({e})") from None
                 for lineno, line in enumerate(lines, 1):
                     if not line.strip():
                         continue

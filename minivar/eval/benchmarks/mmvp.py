@@ -15,6 +15,8 @@ Layouts read:
   (1-based), as MMVP's own evaluate_mllm.py numbers the photos;
 - the `lmms-lab-eval/MMVP` parquet shards (`data/train-*.parquet`, images embedded). That copy swaps the labels of
   rows 99/100 and 279/280 (the fixes of MMVP issues #14/#30); the CSV keeps the labels the papers used.
+  Option `labels`: "original" (default: the papers' labels, from either copy), "corrected" (lmms-eval's fixes) or
+  "as-read"; it acts only on the full 300-question benchmark.
 Rows (1,2), (3,4), ... are the pairs; the scoring unit is the pair ("pair-<k>").
 """
 from __future__ import annotations
@@ -28,6 +30,8 @@ from .base import Benchmark, Question
 from .common import OPTION_LETTER, as_paths, bytes_image, file_image, glob_sorted, no_image, read_parquet
 
 CSV_NAME, IMAGE_DIR = "Questions.csv", "MMVP Images"
+# The two pairs whose labels MMVP issues #14/#30 found swapped: photo id -> (original label, corrected label).
+DISPUTED = {99: ("(a)", "(b)"), 100: ("(b)", "(a)"), 279: ("(a)", "(b)"), 280: ("(b)", "(a)")}
 
 
 def prompt_of(question: str, options: str) -> str:
@@ -60,10 +64,13 @@ class MMVP(Benchmark):
     max_new_tokens = 512
     headline = "pair_accuracy"
 
-    def read(self, paths, images: Path | None = None, *, need_images: bool = True, **options):
+    def read(self, paths, images: Path | None = None, *, need_images: bool = True, labels: str = "original",
+             **options):
         """`paths`: Questions.csv (images from `images=` or `MMVP Images/` beside it), its folder, or parquet."""
         if options:
             raise MinivarError(f"mmvp: unknown option {sorted(options)[0]!r}")
+        if labels not in ("original", "corrected", "as-read"):
+            raise MinivarError(f"mmvp: labels must be original, corrected or as-read, not {labels!r}")
         rows, parquet = [], []          # rows: (where, question, options, answer, image loader factory)
         for p in as_paths(paths):
             if p.is_dir() and (p / CSV_NAME).is_file():
@@ -96,6 +103,8 @@ class MMVP(Benchmark):
         for position, (where, question, options, answer, loader) in enumerate(rows):
             qid = str(position + 1)
             letter = answer.strip().lower()
+            if len(rows) == 300 and position + 1 in DISPUTED and labels != "as-read":
+                letter = DISPUTED[position + 1][labels == "corrected"]
             if letter not in ("(a)", "(b)"):
                 raise MinivarError(f"{where}: MMVP answer {answer!r} is not (a) or (b)")
             texts = option_texts(options)
