@@ -167,7 +167,7 @@ def test_pope_reader_annotation_layout(tmp_path):
     assert q.image_key == "COCO_val2014_000000000001.jpg"
     assert q.load_image().size == (4, 3)
     # one annotation file named directly, filtered by split
-    only = get("pope").read([root / "coco_pope_random.json"], images=root / "val2014", splits=["random"])
+    only = get("pope").read([root], images=root / "val2014", splits="random")
     assert len(only) == 4 and {q.meta["split"] for q in only} == {"random"}
 
 
@@ -292,6 +292,17 @@ def test_score_answer_file_pope_errors(tmp_path):
     with pytest.raises(MinivarError, match=r"other\.jsonl:1: answer to 'Is there a cat.*lines up with POPE "
                                            r"adversarial question 1"):
         score_answer_file("pope", [root], tmp_path / "other.jsonl", questions_path=questions)
+    # VAR's per-split answer files number each split 1..N and decode with special tokens: scored split by split
+    var = write_jsonl(tmp_path / "var_random.jsonl", [
+        {"question_id": i, "prompt": f"Is there a {obj} in the image?", "label": "-", "response": text + "</s>",
+         "image": "x.jpg", "model_id": "m"}
+        for i, (obj, text) in enumerate(zip(["dog", "cat", "car", "imange"], ["Yes", "No", "Yes", "Yes"]), 1)])
+    by_var = score_answer_file("pope", [root / "coco_pope_random.json"], var)
+    assert by_var["random"] == got["random"] and list(by_var) == ["random", "mean"]
+    write_jsonl(tmp_path / "swapped.jsonl", [{**answers[0], "prompt": "Is there a cat in the image?" + SUFFIX}])
+    with pytest.raises(MinivarError, match=r"swapped\.jsonl:1: the answer to 'Is there a cat in the image\?\\nAnswer"
+                                           r".*' has the id of POPE adversarial question 1 'Is there a dog"):
+        score_answer_file("pope", [root / "coco_pope_adversarial.json"], tmp_path / "swapped.jsonl")
     write_jsonl(tmp_path / "stray.jsonl", answers + [{"question_id": 99, "text": "No"}])
     with pytest.raises(MinivarError, match=r"stray\.jsonl:9: question_id 99 is not in"):
         score_answer_file("pope", [root], tmp_path / "stray.jsonl", questions_path=questions)

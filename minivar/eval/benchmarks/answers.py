@@ -104,31 +104,72 @@ def score_answer_file(bench_name: str, data_paths, answers_path, questions_path=
     options = {"need_images": False} if "need_images" in inspect.signature(bench.read).parameters else {}
     questions = bench.read(data_paths, **options)
     answers = read_answers(answers_path)
+    path = Path(answers_path)
     if questions_path is not None:
         if not isinstance(bench, Pope):
             raise MinivarError(f"a question file (questions_path) is only used for pope, not {bench_name}")
-        answered = _match_pope_by_position(questions, answers, Path(questions_path), Path(answers_path))
+        answered = _match_pope_by_position(questions, answers, Path(questions_path), path)
+    elif isinstance(bench, Pope):
+        answered = _match_by_id(questions, answers, path, _pope_finder(questions, path))
+    elif isinstance(bench, MME):
+        answered = _match_by_id(questions, answers, path, _mme_finder(questions))
     else:
-        answered = _match_by_id(questions, answers, Path(answers_path), mme=isinstance(bench, MME))
+        by_id = {q.question_id: q for q in questions}
+        answered = _match_by_id(questions, answers, path, lambda a: by_id.get(a.question_id))
     return bench.score(answered)
 
 
-def _match_by_id(questions: list[Question], answers: list[Answer], path: Path, mme: bool):
-    by_id = {q.question_id: q for q in questions}
-    by_text = {(q.unit, q.meta["question"]): q for q in questions} if mme else {}
+def _match_by_id(questions: list[Question], answers: list[Answer], path: Path, find):
+    """Each question's answer via `find(answer) -> Question | None`; every question needs exactly one."""
     given: dict[str, tuple[Question, str, int]] = {}
     for a in answers:
-        q = by_id.get(a.question_id)
-        if q is None and mme and a.prompt is not None:
-            q = by_text.get((a.question_id, _mme_question(a.prompt, a.question_id, by_text)))
+        q = find(a)
         if q is None:
             continue                    # an answer to a question not read (another split, subset): ignored
         if q.question_id in given:
             raise MinivarError(f"{path}:{a.line}: question {q.question_id} answered twice "
                                f"(first at line {given[q.question_id][2]})")
         given[q.question_id] = (q, a.text, a.line)
-    _check_missing(questions, given, path)
+    missing = [q.question_id for q in questions if q.question_id not in given]
+    if missing:
+        raise MinivarError(f"{path}: {len(missing)} of the {len(questions)} questions have no answer "
+                           f"(first: question {missing[0]})")
     return [(given[q.question_id][0], given[q.question_id][1]) for q in questions]
+
+
+def _pope_finder(questions: list[Question], path: Path):
+    """POPE answers by id: LLaVA's offset ids, or, when one split is scored, the bare POPE ids 1..N that per-split
+    answer files (VAR's inference.py, POPE's own) carry. An answer whose prompt lacks its question's text is an
+    error: ids alone cannot tell one split (or POPE version) from another."""
+    from .common import SHORT_ANSWER
+    from .pope import LLAVA_OFFSETS, question_id
+    by_id = {q.question_id: q for q in questions}
+    splits = {q.meta["split"] for q in questions}
+    only = splits.pop() if len(splits) == 1 else None
+
+    def find(a: Answer):
+        q = by_id.get(a.question_id)
+        if q is None and only is not None and a.question_id.isdigit() and int(a.question_id) < LLAVA_OFFSETS["random"]:
+            q = by_id.get(question_id(only, a.question_id))
+        # Any prompt format that records the question contains its text (LLaVA's, VAR's, a full chat prompt).
+        if q is not None and a.prompt and q.prompt.removesuffix(SHORT_ANSWER) not in a.prompt:
+            raise MinivarError(f"{path}:{a.line}: the answer to {a.prompt!r} has the id of POPE {q.meta['split']} "
+                               f"question {q.question_id} {q.prompt!r} (answers for another split or version?)")
+        return q
+    return find
+
+
+def _mme_finder(questions: list[Question]):
+    """MME answers by minivar id ("<image>#k"), else as LLaVA's: image path + the question text."""
+    by_id = {q.question_id: q for q in questions}
+    by_text = {(q.unit, q.meta["question"]): q for q in questions}
+
+    def find(a: Answer):
+        q = by_id.get(a.question_id)
+        if q is None and a.prompt is not None:
+            q = by_text.get((a.question_id, _mme_question(a.prompt, a.question_id, by_text)))
+        return q
+    return find
 
 
 def _mme_question(prompt: str, image: str, by_text: dict) -> str:
@@ -141,13 +182,6 @@ def _mme_question(prompt: str, image: str, by_text: dict) -> str:
         if (image, prompt) not in by_text:
             prompt = prompt.replace(" Please answer yes or no.", "  Please answer yes or no.")
     return prompt
-
-
-def _check_missing(questions, given, path: Path) -> None:
-    missing = [q.question_id for q in questions if q.question_id not in given]
-    if missing:
-        raise MinivarError(f"{path}: {len(missing)} of the {len(questions)} questions have no answer "
-                           f"(first: question {missing[0]})")
 
 
 def _match_pope_by_position(questions: list[Question], answers: list[Answer], questions_path: Path, path: Path):

@@ -73,6 +73,8 @@ class Pope(Benchmark):
         """`paths`: annotation files / parquet shards, or folders holding them. `splits`: keep only these splits."""
         if options:
             raise MinivarError(f"pope: unknown option {sorted(options)[0]!r}")
+        if isinstance(splits, str):
+            splits = [splits]
         annotation, parquet = [], []
         for p in as_paths(paths):
             if p.is_dir():
@@ -117,10 +119,7 @@ class Pope(Benchmark):
             if splits is not None and split not in splits:
                 continue
             qid = question_id(split, row["question_id"], where)
-            if need_images:
-                load = bytes_image(row.get("image"), where, qid)
-            else:
-                load = no_image(qid)
+            load = bytes_image(row.get("image"), where, qid) if need_images else no_image(qid)
             questions.append(self._question(qid, row["question"], row["image_source"] + ".jpg", load, split,
                                             row["answer"], where))
         if not questions:
