@@ -14,9 +14,12 @@ For POPE with LLaVA's combined question file (`questions_path`, e.g. llava_pope_
 matched to the annotation labels by position (answer-file order against annotation-file order), as eval_pope.py's
 zip does. Unlike eval_pope.py, a count that differs, or a position where the question text differs (answers made
 for another POPE version), is an error instead of silently misaligned numbers.
+Without it, POPE answers match by id (LLaVA's offset ids are minivar's), and a per-split file numbering its split
+1..N (VAR's) matches when that one split is scored; an answer whose prompt lacks its question's text is an error.
 For MME, LLaVA's answers carry the image path as question_id for both questions of an image; they are matched to
 questions by (image, question text) as LLaVA's `convert_answer_to_mme.py` does.
-Everything else is matched by question_id.
+Everything else is matched by question_id. Answers to questions not read are ignored; a question without an answer
+is an error naming how many are missing.
 """
 from __future__ import annotations
 
