@@ -74,9 +74,15 @@ class TinyYesNo(Benchmark):
                 "image_accuracy": sum(units.values()) / len(units), "n": len(right), "note": "text is left out"}
 
 
+REAL_GET = getattr(benchmarks, "get", None)
+
+
 def fake_get(name):
+    """minivar.eval.benchmarks.get with the tiny benchmark added."""
     if name == TinyYesNo.name:
         return TinyYesNo()
+    if REAL_GET is not None:
+        return REAL_GET(name)
     raise MinivarError(f"unknown benchmark '{name}' (choose from {TinyYesNo.name})")
 
 
@@ -550,3 +556,77 @@ def test_read_answers_rules(tmp_path):
         harness.read_answers(f)
     with pytest.raises(MinivarError, match="not one of"):
         harness.read_answers(f, known_ids={"7"})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The real benchmarks (minivar/eval/benchmarks) on real data from ../shared
+
+EVAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "eval"
+needs_eval_data = pytest.mark.skipif(not EVAL_DATA.is_dir(), reason=f"{EVAL_DATA} not found (shared test data)")
+
+
+@needs_eval_data
+def test_score_answer_file_reproduces_llava_pope():
+    """`score --bench pope` on LLaVA-1.5-13B's answers gives eval_pope.py's numbers (mean F1 85.9)."""
+    pope = EVAL_DATA / "pope"
+    rc, out, err = cli(["score", "--bench", "pope", "--data", *[pope / f"coco_pope_{s}.json" for s in
+                                                                 ("adversarial", "random", "popular")],
+                        "--questions", pope / "llava_pope_test.jsonl", "--answers", pope / "llava-v1.5-13b-answers.jsonl",
+                        "--json"])
+    assert rc == 0, err
+    result = json.loads(out)
+    expected = json.loads((pope / "expected-llava-v1.5-13b.json").read_text())
+    assert result["bench"] == "pope" and result["n"] == 8910
+    assert result["metrics"]["mean"]["f1"] == expected["mean_f1"]
+    for split in ("adversarial", "random", "popular"):
+        for key, value in expected[split].items():
+            assert result["metrics"][split][key] == value, (split, key)
+
+
+@needs_eval_data
+def test_pope_run_end_to_end(tiny, tmp_path):
+    """`run pope` on two real POPE splits (8 questions each; the images are stand-ins with COCO's names): one batch
+    per image across the splits, metrics per split, and the answer file scores the same through `score --bench`."""
+    root, _, _ = tiny
+    data = tmp_path / "pope"
+    (data / "val2014").mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    for split in ("random", "adversarial"):
+        lines = (EVAL_DATA / "pope" / f"coco_pope_{split}.json").read_text().splitlines(keepends=True)[:8]
+        (data / f"coco_pope_{split}.json").write_text("".join(lines))
+        for line in lines:
+            image = data / "val2014" / json.loads(line)["image"]
+            if not image.exists():
+                Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(image)
+    files = [data / "coco_pope_random.json", data / "coco_pope_adversarial.json"]
+    out = tmp_path / "run"
+    rc, stdout, err = cli(["run", "pope", "--data", *files, "--images", data / "val2014", "--out", out,
+                           "--model", root / "model", "--device", "cpu", "--dtype", "float32", "--max-new-tokens", "2",
+                           "--batch-size", "16", "--var", "--tau", "3", "--json"])
+    assert rc == 0, err
+    result = json.loads(stdout)
+    assert result["n"] == 16 and set(result["metrics"]) == {"random", "adversarial", "mean"}
+    run = json.loads((out / "run.json").read_text())
+    assert run["var"]["rho"] == 0.5 and run["var"]["tau"] == 3.0 and run["max_new_tokens"] == 2   # POPE's preset
+    recs = answers(out / "answers.jsonl")
+    assert [r["question_id"] for r in recs][:3] == ["10000001", "10000002", "10000003"]     # LLaVA's POPE ids
+    assert len({r["image"] for r in recs}) == 2
+    rc, stdout, err = cli(["score", "--bench", "pope", "--data", *files, "--answers", out / "answers.jsonl", "--json"])
+    assert rc == 0, err
+    assert json.loads(stdout) == result
+
+
+@needs_eval_data
+def test_mme_run_with_limit(tiny, tmp_path):
+    """`run mme` on the real release layout (placeholder images): --limit 4 = two images' question pairs."""
+    root, _, _ = tiny
+    out = tmp_path / "mme"
+    rc, stdout, err = cli(["run", "mme", "--data", EVAL_DATA / "mme" / "MME_Benchmark_release_version", "--out", out,
+                           "--model", root / "model", "--device", "cpu", "--dtype", "float32", "--max-new-tokens", "2",
+                           "--limit", "4", "--json"])
+    assert rc == 0, err
+    result = json.loads(stdout)
+    recs = answers(out / "answers.jsonl")
+    assert result["n"] == 4 == len(recs) and len({r["image"] for r in recs}) == 2
+    assert {"perception", "cognition", "subtasks"} <= set(result["metrics"])
+    assert cli(["score", out, "--json"])[1] == stdout
