@@ -4,7 +4,8 @@ The interval is a paired percentile bootstrap over the benchmark's scoring unit 
 MME image, whose two questions make acc+): draw as many units as there are, with replacement; score run A and run
 B on the *same* drawn units; repeat (1000 times by default, from a fixed seed, so the output is deterministic);
 the interval is the 2.5th and 97.5th percentile of B − A. A unit drawn twice is put in twice, each copy with its
-own question_id and unit (`id#k`), so that scorers count the copies as distinct questions and units.
+own question_id and unit (`id#j` for the j-th draw of that unit), so that scorers count the copies as distinct
+questions and units.
 """
 from __future__ import annotations
 
@@ -48,10 +49,15 @@ def paired_bootstrap(bench, questions: list, texts_a: dict, texts_b: dict, resam
     b = flatten(bench.score([(q, texts_b[q.question_id]) for q in questions]))
     deltas: dict[str, list[float]] = {k: [] for k in a if k in b}
     rng = random.Random(seed)
+    made: dict[tuple[str, int], list] = {}      # (unit, j) → the j-th copy of the unit's questions, made once
     for r in range(resamples):
-        drawn = [names[rng.randrange(len(names))] for _ in names]
-        copies = [(replace(q, question_id=f"{q.question_id}#{k}", unit=f"{unit}#{k}"), q.question_id)
-                  for k, unit in enumerate(drawn) for q in units[unit]]
+        copies, seen = [], {}
+        for unit in (names[rng.randrange(len(names))] for _ in names):
+            j = seen[unit] = seen.get(unit, -1) + 1          # the j-th time this unit is drawn in this resample
+            if (unit, j) not in made:
+                made[unit, j] = [(replace(q, question_id=f"{q.question_id}#{j}", unit=f"{unit}#{j}"), q.question_id)
+                                 for q in units[unit]]
+            copies += made[unit, j]
         ra = flatten(bench.score([(c, texts_a[qid]) for c, qid in copies]))
         rb = flatten(bench.score([(c, texts_b[qid]) for c, qid in copies]))
         for key, values in deltas.items():

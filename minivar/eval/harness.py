@@ -369,12 +369,12 @@ def run(bench, data: list[Path], out: Path, *, images: Path | None = None, model
     pipeline = None
     if todo_groups:
         pipeline = (load or _load)(model, device=device, dtype=dtype)
+        log(f"minivar: loaded {model} in {pipeline.load_s:.2f}s on {pipeline.device} "
+            f"({str(pipeline.dtype).replace('torch.', '')})")
         if var is not None:   # check VAR against the model and find its sink dims once, before anything is written
             ids = pipeline.prompt_ids(todo_groups[0][0].prompt, gen.conv_mode)
             pipeline.var_state(var, ids, warn=log)
             settings["var_sink_dims"] = list(pipeline.sink_dims(var, ids))
-        log(f"minivar: loaded {model} in {pipeline.load_s:.2f}s on {pipeline.device} "
-            f"({str(pipeline.dtype).replace('torch.', '')})")
 
     # From here on the directory is written.
     out.mkdir(parents=True, exist_ok=True)
