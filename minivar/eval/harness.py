@@ -406,7 +406,8 @@ def run(bench, data: list[Path], out: Path, *, images: Path | None = None, model
         write_json_atomic(out / METRICS_FILE, result)
         log(f"minivar: {len(answered)} answers in {out}; metrics in {out / METRICS_FILE}")
         return result
-    (out / METRICS_FILE).unlink(missing_ok=True)
+    # (No metrics.json to remove here: one is only ever written for this selection, complete. Removing one anyway
+    # could delete what the last torchrun rank has just written.)
     log(f"minivar: {len(missing)} of {len(wanted)} questions are not answered yet (other shards); "
         f"{METRICS_FILE} is written when they are")
     if partial and answered:
