@@ -106,19 +106,21 @@ def main(argv=None) -> int:
 
 
 def var_settings(args, bench):
-    """The VARConfig the flags ask for, read by run.py's own var_config; --var without --var-preset takes the
-    paper's preset for the benchmark's family (hallucination ρ 0.5, vision ρ 0.9, general ρ 0.8)."""
-    try:
-        from minivar.cli import var_config          # run.py's code, where it lives once it is in the package
-    except ImportError:
-        import importlib.util
-        spec = importlib.util.spec_from_file_location("run", Path(__file__).resolve().parents[2] / "run.py")
-        run_py = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(run_py)
-        var_config = run_py.var_config
-    if args.var and args.var_preset is None:
-        args = argparse.Namespace(**(vars(args) | {"var_preset": bench.family or "general"}))
-    return var_config(args)
+    """The VARConfig the VAR flags ask for (None without --var), built as run.py builds it: VARConfig.preset with the
+    flags as overrides (an explicit --rho beats the preset) and parse_sink_dims, checked before the model loads.
+    --var without --var-preset takes the paper's preset for the benchmark's family (hallucination ρ 0.5, vision
+    ρ 0.9, general ρ 0.8)."""
+    from minivar.var import VARConfig, parse_sink_dims
+    flags = {"--var-preset": args.var_preset, "--tau": args.tau, "--rho": args.rho, "--p": args.p,
+             "--min-image-attention": args.min_image_attention, "--sink-dims": args.sink_dims}
+    if not args.var:
+        given = [k for k, v in flags.items() if v is not None]
+        if given:
+            raise MinivarError(f"{given[0]} only applies with --var")
+        return None
+    sink_dims = parse_sink_dims(args.sink_dims) if args.sink_dims is not None else None
+    return VARConfig.preset(args.var_preset or bench.family or "general", tau=args.tau, rho=args.rho, p=args.p,
+                            min_image_attention=args.min_image_attention, sink_dims=sink_dims).validate()
 
 
 def cmd_run(args) -> int:
