@@ -281,6 +281,8 @@ def test_shards_and_torchrun_merge_to_one_run(tiny, tmp_path, monkeypatch):
     rc, stdout, err = cli(run_args(root, out, "--shard", "0/2", "--json"))
     assert rc == 0, err
     assert stdout == "" and not (out / "metrics.json").exists()       # the other shard is still missing
+    rc, stdout, err = cli(run_args(root, out, "--shard", "0/2", "--json", "--partial"))   # nothing left to do
+    assert rc == 0 and json.loads(stdout)["n"] == 6 and "loaded" not in err
     # under torchrun (RANK / WORLD_SIZE, no --shard) this process is shard 1 of 2
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
