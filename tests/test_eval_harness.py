@@ -308,7 +308,8 @@ def test_shards_and_torchrun_merge_to_one_run(tiny, tmp_path, monkeypatch):
 def test_torchrun_device_and_shard():
     env = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}
     assert harness.torchrun_shard(env) == (3, 4) and harness.torchrun_shard({}) is None
-    assert harness.run_device("auto", env) == "cuda:1" and harness.run_device("cpu", env) == "cpu"
+    assert harness.run_device("auto", env) == "cuda:1" == harness.run_device("cuda", env)
+    assert harness.run_device("cpu", env) == "cpu" and harness.run_device("cuda:0", env) == "cuda:0"
     assert harness.run_device("auto", {}) == "auto"
     assert harness.parse_shard("2/5") == (2, 5) and harness.parse_shard("0/1") is None
 
@@ -583,6 +584,15 @@ def test_score_answer_file_reproduces_llava_pope():
     for split in ("adversarial", "random", "popular"):
         for key, value in expected[split].items():
             assert result["metrics"][split][key] == value, (split, key)
+
+
+@needs_eval_data
+def test_score_answer_file_must_cover_the_questions(tmp_path):
+    pope = EVAL_DATA / "pope"
+    part = tmp_path / "answers.jsonl"
+    part.write_text("".join((pope / "llava-v1.5-13b-answers.jsonl").read_text().splitlines(keepends=True)[:100]))
+    assert_one_line_error(*cli(["score", "--bench", "pope", "--data", pope / "coco_pope_adversarial.json",
+                                "--answers", part, "--json"]), "answers.jsonl")
 
 
 @needs_eval_data

@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N questions")
     e.add_argument("--shard", default=None, metavar="I/N",
                    help="run part I of N (0-based; split by image); under torchrun RANK/WORLD_SIZE give it")
-    e.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:K (auto under torchrun: cuda:LOCAL_RANK)")
+    e.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:K (under torchrun auto and cuda mean cuda:LOCAL_RANK)")
     e.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto")
     e.add_argument("--json", action="store_true", help="print the metrics as one JSON object when the run is complete")
     e.add_argument("--partial", action="store_true", help="print the metrics of the answers so far even if incomplete")

@@ -134,8 +134,8 @@ def torchrun_shard(env=os.environ) -> tuple[int, int] | None:
 
 
 def run_device(device: str, env=os.environ) -> str:
-    """--device auto under torchrun means this process's GPU, cuda:LOCAL_RANK."""
-    if device == "auto" and "WORLD_SIZE" in env and "LOCAL_RANK" in env:
+    """--device auto (or cuda) under torchrun means this process's GPU, cuda:LOCAL_RANK."""
+    if device in ("auto", "cuda") and "WORLD_SIZE" in env and "LOCAL_RANK" in env:
         return f"cuda:{int(env['LOCAL_RANK'])}"
     return device
 
