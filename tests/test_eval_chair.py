@@ -376,3 +376,30 @@ def test_real_nltk_lemmatizes_by_part_of_speech(real_nltk):
     # WordNet keeps "men" as a word of its own, so chair.py does not count it as a person; "people" it does.
     found = caption_objects("Two men and some people ride motorbikes past the buses.", real_nltk)
     assert (found.words, found.objects) == (["people", "motorbike", "bus"], ["person", "motorcycle", "bus"])
+
+
+# What OPERA's chair.py (HEAD 61426ef, unmodified; NLTK 3.10.4 with its punkt_tab, averaged_perceptron_tagger_eng
+# and WordNet 3.0 data) printed for fixtures/eval/chair/captions_golden.jsonl (detailed captions written for these
+# tests, in OPERA's caption-file format) with the fixture annotations (and empty train2014 files, which it demands):
+# overall metrics, and per caption its `mscoco_generated_words` and len(`words`).
+GOLDEN_OPERA = {"CHAIRs": 0.875, "CHAIRi": 0.6458333333333334, "Recall": 0.9166666666666666, "Len": 0.38875}
+GOLDEN_OPERA_CAPTIONS = [
+    (["person", "dog", "dog", "person", "car", "bicycle", "bench", "bird"], 49),
+    (["person", "dog", "traffic light", "fire hydrant", "stop sign", "person", "bus", "cell phone"], 41),
+    (["toilet", "toilet", "toilet", "sink", "chair"], 50),
+    (["toilet", "sink", "potted plant", "hair drier", "toothbrush", "bottle"], 30),
+    (["hot dog", "dining table", "cell phone", "wine glass", "bottle", "knife", "fork", "dining table", "person"], 57),
+    (["hot dog", "dining table", "cup", "sandwich", "laptop", "teddy bear", "remote", "couch"], 32),
+    (["clock", "bed", "tv", "vase"], 37),
+    ([], 15)]
+
+
+def test_real_nltk_equals_operas_chair_py_on_detailed_captions(real_nltk):
+    records = [json.loads(line) for line in (FIXTURES / "captions_golden.jsonl").read_text().splitlines()]
+    questions = {q.meta["image_id"]: q for q in read(lemmatize=real_nltk)}
+    for record, (objects, length) in zip(records, GOLDEN_OPERA_CAPTIONS, strict=True):
+        found = caption_objects(record["caption"], real_nltk)
+        assert (found.objects, len(found.tokens)) == (objects, length), record["caption"]
+    scores = Chair(real_nltk).score([(questions[r["image_id"]], r["caption"]) for r in records])
+    assert scores == pytest.approx({"chair_s": GOLDEN_OPERA["CHAIRs"], "chair_i": GOLDEN_OPERA["CHAIRi"],
+                                    "recall": GOLDEN_OPERA["Recall"], "len": GOLDEN_OPERA["Len"] * 100}, abs=1e-12)
