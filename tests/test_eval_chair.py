@@ -149,7 +149,7 @@ def test_nothing_to_score_is_an_error():
 
 
 @pytest.mark.parametrize("caption, words, objects", [
-    ("a motor bike and a motorbike", ["motorbike"], ["motorcycle"]),          # " motor bike" (double space) never matches
+    ("a motor bike and a motorbike", ["motorbike"], ["motorcycle"]),          # " motor bike" (2 spaces) never matches
     ("a cheesecake and a cupcake", ["cupcake"], ["cake"]),                    # " cheesecake" likewise
     ("the seat of the toilet", ["toilet"], ["toilet"]),                       # toilet-seat rule
     ("a seat by the window", ["seat"], ["chair"]),

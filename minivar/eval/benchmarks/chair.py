@@ -6,13 +6,16 @@ known to be in the image (its COCO instance annotations and the objects its five
     CHAIR_S = captions with at least one hallucinated object / captions
     CHAIR_I = hallucinated object mentions / object mentions          (a repeated mention counts each time)
     Recall  = distinct true objects mentioned / true objects, summed over the images before dividing
-    Len     = average caption length in tokens, as chair.py counts them (punctuation included)
+    Len     = average caption length in tokens, as chair.py counts them (punctuation included; chair.py stores
+              it x 0.01 and prints it x 100, `score` returns the average itself)
 
 This module reproduces `chair.py` of shikiw/OPERA (HEAD 61426ef; itself Maxlinn's standalone copy of
 LisaAnne/Hallucination `utils/chair.py`), the CHAIR script OPERA and many later hallucination papers report with
-(the VAR paper does not publish its CHAIR setup): the same NLTK steps (word_tokenize, pos_tag, WordNet lemmatizer), the same synonym list and double-word rules
-(chair_words.py) and the same counting. Its images and prompt are OPERA's: the 500 val2014 images of OPERA's released
-captions (minivar/eval/data/chair_image_ids.txt) and "Please describe this image in detail.", up to 512 new tokens.
+(the VAR paper does not publish its CHAIR setup): the same NLTK steps (word_tokenize, pos_tag, WordNet lemmatizer),
+the same synonym list and double-word rules (chair_words.py) and the same counting. Its images and prompt are OPERA's:
+the 500 val2014 images of OPERA's released captions (minivar/eval/data/chair_image_ids.txt) and "Please describe this
+image in detail.", up to 512 new tokens. On 1000 of OPERA's released LLaVA-1.5 captions, scored against synthetic
+annotations, it gave exactly chair.py's four numbers.
 
 Two things differ from chair.py in how, not in what:
 - chair.py builds the objects of every COCO train and val image; we build them only for the images asked for, from
@@ -262,7 +265,7 @@ class Chair(Benchmark):
             raise MinivarError(f"CHAIR has no option {', '.join(sorted(options))}")
         ids = read_image_ids(image_ids)
         wanted = set(ids)
-        instance_files, caption_files = _annotation_files(list(paths))
+        instance_files, caption_files = _annotation_files([paths] if isinstance(paths, (str, Path)) else list(paths))
         if images is not None and not Path(images).is_dir():
             raise MinivarError(f"images folder {images} not found (CHAIR needs the COCO val2014 folder)")
         lemmatize = self.lemmatizer()     # a missing NLTK fails now, not after loading the annotations or generating
