@@ -268,7 +268,9 @@ def test_missing_annotation_files(tmp_path):
     (folder / "captions_val2014.json").unlink()
     _one_line_error(r"captions_val2014\.json not found", paths=[folder])
     _one_line_error(r"needs a COCO captions_val2014\.json", paths=[folder / "instances_val2014.json"])
-    _one_line_error(r"image_ids\.txt is not a COCO annotations folder", paths=[folder / "image_ids.txt"])
+    (folder / "notes.csv").write_text("x")
+    _one_line_error(r"notes\.csv is not a COCO annotations folder", paths=[FIXTURES, folder / "notes.csv"])
+    _one_line_error(r"needs a COCO instances_val2014\.json", paths=[folder / "image_ids.txt"])
     _one_line_error(r"absent\.json not found", paths=[folder / "absent.json"])
     _one_line_error(r"needs the COCO 2014 annotations folder", paths=[])
 
@@ -403,3 +405,43 @@ def test_real_nltk_equals_operas_chair_py_on_detailed_captions(real_nltk):
     scores = Chair(real_nltk).score([(questions[r["image_id"]], r["caption"]) for r in records])
     assert scores == pytest.approx({"chair_s": GOLDEN_OPERA["CHAIRs"], "chair_i": GOLDEN_OPERA["CHAIRi"],
                                     "recall": GOLDEN_OPERA["Recall"], "len": GOLDEN_OPERA["Len"] * 100}, abs=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Captions made elsewhere (OPERA's caption files) and the ids file given with --data
+
+def test_caption_file_in_operas_format_scores_like_the_captions(tmp_path):
+    jsonl = tmp_path / "greedy.jsonl"
+    jsonl.write_text("".join(json.dumps({"image_id": i, "caption": c}) + "\n" for i, c in CAPTIONS.items()))
+    as_list = tmp_path / "greedy.json"
+    as_list.write_text(json.dumps([{"image_id": i, "caption": c} for i, c in CAPTIONS.items()]))
+    questions = read()
+    for path in (jsonl, as_list):
+        captions = chair_module.read_caption_file(path)
+        assert captions == {str(i): c for i, c in CAPTIONS.items()}
+        scores = Chair(stand_in_lemmatizer).score([(q, captions[q.question_id]) for q in questions])
+        assert scores == pytest.approx(EXPECTED)
+
+
+@pytest.mark.parametrize("name, text, match", [
+    ("c.jsonl", '{"image_id": "1001", "caption": "a dog"}\n', r"c\.jsonl line 1: record .* has no int 'image_id'"),
+    ("c.jsonl", '{"image_id": 1001, "caption": "a"}\n\n{"image_id": 1001, "caption": "b"}\n',
+     r"c\.jsonl line 3: image 1001 has a second caption"),
+    ("c.jsonl", '{"image_id": 1001, "caption": "a"}\n{"image_id": 1002,\n', r"c\.jsonl: line 2 is not valid JSON"),
+    ("c.json", '{"image_id": 1001, "caption": "a"}', r"c\.json: expected a JSON list"),
+    ("c.json", '[{"image_id": 1001}]', r"c\.json item 1: record .* has no str 'caption'"),
+    ("c.txt", "", r"c\.txt: expected \.jsonl or \.json"),
+])
+def test_bad_caption_files(tmp_path, name, text, match):
+    (tmp_path / name).write_text(text)
+    with pytest.raises(MinivarError, match=match):
+        chair_module.read_caption_file(tmp_path / name)
+
+
+def test_ids_file_may_come_with_the_annotations(tmp_path):
+    ids = tmp_path / "mine.txt"
+    ids.write_text("1004\n1002\n")
+    questions = read(paths=[FIXTURES, ids], image_ids=None)
+    assert [q.question_id for q in questions] == ["1004", "1002"]
+    _one_line_error(r"image ids given twice", paths=[FIXTURES, ids], image_ids=[1001])
+    _one_line_error(r"takes one image id file, not 2", paths=[FIXTURES, ids, FIXTURES / "image_ids.txt"])

@@ -172,13 +172,14 @@ def read_image_ids(source: Path | str | Iterable[int] | None) -> list[int]:
     return ids
 
 
-def _annotation_files(paths: list[Path]) -> tuple[list[Path], list[Path]]:
-    """(instances files, captions files) from the annotations folder (its val2014 files) or files named
-    instances_*.json / captions_*.json (train2014 files may be given too; they add nothing for val images)."""
+def _sort_paths(paths: list[Path]) -> tuple[list[Path], list[Path], Path | None]:
+    """(instances files, captions files, image-id file or None) from what --data gives: the annotations folder
+    (its val2014 files), files named instances_*.json / captions_*.json (train2014 files may be given too; they add
+    nothing for val images), and at most one .txt file of image ids."""
     if not paths:
         raise MinivarError("CHAIR needs the COCO 2014 annotations folder (instances_val2014.json, "
                            "captions_val2014.json)")
-    instances, captions = [], []
+    instances, captions, id_files = [], [], []
     for path in map(Path, paths):
         if path.is_dir():
             for name in ANNOTATION_FILES:
@@ -193,12 +194,17 @@ def _annotation_files(paths: list[Path]) -> tuple[list[Path], list[Path]]:
             instances.append(path)
         elif path.name.startswith("captions_") and path.suffix == ".json":
             captions.append(path)
+        elif path.suffix == ".txt":
+            id_files.append(path)
         else:
-            raise MinivarError(f"{path} is not a COCO annotations folder, instances_*.json or captions_*.json file")
+            raise MinivarError(f"{path} is not a COCO annotations folder, an instances_*.json or captions_*.json "
+                               "file, or a .txt file of image ids")
     if not instances or not captions:
         missing = "instances" if not instances else "captions"
         raise MinivarError(f"CHAIR needs a COCO {missing}_val2014.json too (given: {', '.join(map(str, paths))})")
-    return instances, captions
+    if len(id_files) > 1:
+        raise MinivarError(f"CHAIR takes one image id file, not {len(id_files)} ({', '.join(map(str, id_files))})")
+    return instances, captions, (id_files[0] if id_files else None)
 
 
 def _load_json(path: Path, keys: tuple[str, ...]) -> dict:
@@ -218,12 +224,52 @@ def _load_json(path: Path, keys: tuple[str, ...]) -> dict:
     return data
 
 
-def _field(path: Path, record: object, key: str, kind: type, what: str):
+def _field(where: Path | str, record: object, key: str, kind: type, what: str):
     """record[key] checked to be of `kind` (bool is not an int); names the file and the record otherwise."""
     value = record.get(key) if isinstance(record, dict) else None
     if isinstance(value, bool) or not isinstance(value, kind):
-        raise MinivarError(f"{path}: {what} {json.dumps(record)[:80]} has no {kind.__name__} '{key}'")
+        raise MinivarError(f"{where}: {what} {json.dumps(record)[:80]} has no {kind.__name__} '{key}'")
     return value
+
+
+def read_caption_file(path: Path | str) -> dict[str, str]:
+    """Captions made elsewhere, in OPERA's caption-file format (chair.py's --cap_file, e.g. OPERA's released
+    log/chair_eval_results/*/*.jsonl): JSON lines, or a .json list, of {"image_id": int, "caption": str}.
+    Returns question id (str(image_id), as `Chair.read` numbers its questions) -> caption. A string image id is an
+    error: chair.py would silently count every object of that caption as hallucinated."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise MinivarError(f"caption file {path} not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise MinivarError(f"caption file {path} cannot be read: {e}") from None
+    if path.suffix not in (".jsonl", ".json"):
+        raise MinivarError(f"caption file {path}: expected .jsonl or .json (as chair.py), not '{path.suffix}'")
+    records = []                                     # (line or item number, record)
+    try:
+        if path.suffix == ".jsonl":
+            for n, line in enumerate(text.splitlines(), 1):
+                if line.strip():
+                    where = f"line {n}"
+                    records.append((n, json.loads(line)))
+        else:
+            where = "its text"
+            items = json.loads(text)
+            if not isinstance(items, list):
+                raise MinivarError(f"caption file {path}: expected a JSON list of records")
+            records = list(enumerate(items, 1))
+    except json.JSONDecodeError as e:
+        raise MinivarError(f"caption file {path}: {where} is not valid JSON ({e.msg})") from None
+    captions = {}
+    for n, record in records:
+        where = f"{path} {'line' if path.suffix == '.jsonl' else 'item'} {n}"
+        image_id = _field(where, record, "image_id", int, "record")
+        caption = _field(where, record, "caption", str, "record")
+        if str(image_id) in captions:
+            raise MinivarError(f"{where}: image {image_id} has a second caption")
+        captions[str(image_id)] = caption
+    return captions
 
 
 def _open_image(path: Path | None, image_id: int):
@@ -259,13 +305,17 @@ class Chair(Benchmark):
 
     def read(self, paths: list[Path], images: Path | None = None, image_ids=None, **options) -> list[Question]:
         """One question per image id (default: OPERA's 500). `paths`: the COCO 2014 annotations folder, or its
-        instances_val2014.json and captions_val2014.json; `images`: the val2014 folder (COCO_val2014_%012d.jpg),
-        or None to read without pixels; `image_ids`: a file of ids or a list of ints."""
+        instances_val2014.json and captions_val2014.json, and optionally a .txt file of image ids; `images`: the
+        val2014 folder (COCO_val2014_%012d.jpg), or None to read without pixels; `image_ids`: a file of ids or a
+        list of ints (instead of a .txt in `paths`)."""
         if options:
             raise MinivarError(f"CHAIR has no option {', '.join(sorted(options))}")
-        ids = read_image_ids(image_ids)
+        instance_files, caption_files, id_file = _sort_paths([paths] if isinstance(paths, (str, Path)) else
+                                                             list(paths))
+        if id_file is not None and image_ids is not None:
+            raise MinivarError(f"CHAIR image ids given twice: the file {id_file} and image_ids")
+        ids = read_image_ids(id_file if id_file is not None else image_ids)
         wanted = set(ids)
-        instance_files, caption_files = _annotation_files([paths] if isinstance(paths, (str, Path)) else list(paths))
         if images is not None and not Path(images).is_dir():
             raise MinivarError(f"images folder {images} not found (CHAIR needs the COCO val2014 folder)")
         lemmatize = self.lemmatizer()     # a missing NLTK fails now, not after loading the annotations or generating
