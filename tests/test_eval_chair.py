@@ -353,6 +353,16 @@ def test_without_nltk_data_the_error_names_it_and_the_download(monkeypatch, tmp_
                      r"python -m nltk\.downloader punkt", message), message
 
 
+@pytest.mark.parametrize("version, packages", [
+    ("3.10.4", "punkt_tab averaged_perceptron_tagger_eng wordnet"),
+    ("3.9.1", "punkt_tab averaged_perceptron_tagger_eng wordnet"),
+    ("3.8.2", "punkt_tab averaged_perceptron_tagger wordnet omw-1.4"),
+    ("3.8.1", "punkt averaged_perceptron_tagger wordnet omw-1.4"),
+])
+def test_the_download_command_fits_the_nltk_version(version, packages):
+    assert chair_module._nltk_data_packages(version) == packages
+
+
 @pytest.fixture(scope="module")
 def real_nltk():
     """NLTK's own step, or a skip where NLTK or its data (punkt_tab, the perceptron tagger, WordNet) is absent."""
