@@ -246,10 +246,11 @@ class Generation:
 
 
 def answer_group(pipeline, image, prompts: list[str], settings: Generation) -> list:
-    """Answers to several prompts about one image: the only place the harness calls the model."""
-    return pipeline.generate_batch([image] * len(prompts), prompts, max_new_tokens=settings.max_new_tokens,
-                                   conv_mode=settings.conv_mode, image_aspect_ratio=settings.image_aspect_ratio,
-                                   var=settings.var)
+    """Answers to several prompts about one image: the only place the harness calls the model. The image prefix
+    (system text + image) is computed once and the questions run on it as one batch (Pipeline.generate_many)."""
+    return pipeline.generate_many(image, prompts, max_new_tokens=settings.max_new_tokens,
+                                  conv_mode=settings.conv_mode, image_aspect_ratio=settings.image_aspect_ratio,
+                                  var=settings.var)
 
 
 class Progress:
@@ -373,8 +374,10 @@ def run(bench, data: list[Path], out: Path, *, images: Path | None = None, model
             f"({str(pipeline.dtype).replace('torch.', '')})")
         if var is not None:   # check VAR against the model and find its sink dims once, before anything is written
             ids = pipeline.prompt_ids(todo_groups[0][0].prompt, gen.conv_mode)
-            pipeline.var_state(var, ids, warn=log)
-            settings["var_sink_dims"] = list(pipeline.sink_dims(var, ids))
+            t = pipeline.config.text
+            var.validate(t.hidden_size, t.num_hidden_layers)
+            dims, source = pipeline.sink_dims(var, ids, warn=log)
+            settings["var_sink_dims"], settings["var_sink_dims_source"] = list(dims), source
 
     # From here on the directory is written.
     out.mkdir(parents=True, exist_ok=True)
