@@ -626,6 +626,15 @@ def test_pope_run_end_to_end(tiny, tmp_path):
     rc, stdout, err = cli(["score", "--bench", "pope", "--data", *files, "--answers", out / "answers.jsonl", "--json"])
     assert rc == 0, err
     assert json.loads(stdout) == result
+    # the harness (questions of an image on a shared prefix) answers as run.py does, one question alone
+    from conftest import run_cli
+    for rec in recs[:2] + recs[-1:]:
+        rc, stdout, err = run_cli(["--image", str(data / "val2014" / rec["image"]), "--prompt", rec["prompt"],
+                                   "--model", str(root / "model"), "--device", "cpu", "--dtype", "float32",
+                                   "--max-new-tokens", "2", "--var", "--var-preset", "hallucination", "--tau", "3",
+                                   "--json"])
+        assert rc == 0, err
+        assert json.loads(stdout)["text"] == rec["text"]
 
 
 @needs_eval_data
