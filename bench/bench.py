@@ -278,7 +278,7 @@ def worker_minivar(args) -> dict:
         state = var_state(ids)
         generate(model, ids, px, max_new_tokens=4, eos_token_id=None, hooks=state)
         res["var_pairs_prefill"] = int(state.counts["prefill"].sum())
-        res["var_pairs_decode_per_token"] = int(state.counts["decode"].sum()) / 3
+        res["var_pairs_decode_per_token"] = int(state.decode_rows.sum()) / 3
         res["var_sinks_per_layer"] = [len(v) for v in state.report()["sinks"].values()]
         res.update(peak_memory(dev))          # the single-prompt figures; batches below need more activations
         batches = {}

@@ -17,6 +17,7 @@ from . import checkpoint, processing
 from . import var as var_mod
 from .errors import MinivarError
 from .generate import Generation, generate
+from .llama import KVCache
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -229,6 +230,61 @@ class Pipeline:
                 on_text(tail)
         return self._results(request, gen)
 
+    @torch.inference_mode()
+    def generate_many(self, image, prompts, *, max_new_tokens: int = 128, temperature: float = 0.0,
+                      top_p: float = 1.0, seed: int | None = None, conv_mode: str = "vicuna_v1",
+                      image_aspect_ratio: str = "pad", var: var_mod.VARConfig | None = None, warn=None) -> list[Result]:
+        """Several prompts about one image, the shared prefix computed once; one Result per prompt, equal to
+        running each prompt alone (greedy).
+
+        The vision tower runs once. The prompts' common prefix (system text, image, and whatever follows that all
+        prompts share) is prefilled once, as a batch of one; its keys and values are written into every question's
+        row of the cache by broadcasting. The questions' own tokens then run as one batch continuing at the same
+        positions — the shorter ones padded between the prefix and their text, so every question's tokens keep the
+        positions they have alone — and are decoded together. With VAR, each question has its own state; the prefix's
+        sink sets are found once and shared (VAR's rows and the sink scores of prefix positions depend on the prefix
+        alone: attention is causal)."""
+        check_generation_args(max_new_tokens, temperature, top_p)
+        if not prompts:
+            raise MinivarError("generate_many needs at least one prompt")
+        rows = [self.prompt_ids(p, conv_mode)[0].tolist() for p in prompts]
+        shortest = min(len(r) for r in rows)
+        P = 0                    # the shared prefix; every prompt keeps at least one token of its own (its logits)
+        while P < shortest - 1 and all(r[P] == rows[0][P] for r in rows):
+            P += 1
+        Q = max(len(r) for r in rows) - P
+        T = P + Q
+        B = len(rows)
+        pad_id = self.config.pad_token_id if self.config.pad_token_id is not None else 0
+        input_ids = torch.full((B, T), pad_id, dtype=torch.long, device=self.device)
+        attention_mask = torch.zeros(B, T, dtype=torch.bool, device=self.device)
+        for b, r in enumerate(rows):   # [prefix][padding][own tokens]: the own tokens end at T − 1 for everyone
+            input_ids[b, :P], input_ids[b, T - (len(r) - P):] = torch.tensor(r[:P]), torch.tensor(r[P:])
+            attention_mask[b, :P] = True
+            attention_mask[b, T - (len(r) - P):] = True
+        attention_mask = None if bool(attention_mask.all()) else attention_mask
+        max_new_tokens = min(max_new_tokens, self.config.text.max_position_embeddings - T)
+        request = Request(input_ids, attention_mask, self.pixels(image, image_aspect_ratio), rows, max_new_tokens)
+        self.add_hooks(request, var=var, warn=warn)
+        t0 = time.perf_counter()
+        features = self.model.image_features(request.pixel_values)                     # [1, N, D], once
+        in_prefix = int((input_ids[0, :P] == self.config.image_token_index).sum())
+        cache = KVCache(self.config.text, B, T + max_new_tokens, self.dtype, self.device)
+        if P:
+            self.model(input_ids[:1, :P], image_features=features[:, :in_prefix] if in_prefix else None, cache=cache,
+                       hooks=request.hooks, output="hidden")                          # batch 1: broadcast into B rows
+        prefix_s = time.perf_counter() - t0
+        rest = features[:, in_prefix:].expand(B, -1, -1) if in_prefix < features.shape[1] else None
+        gen = generate(self.model, input_ids[:, P:], None, image_features=rest, cache=cache, input_pos=P,
+                       max_new_tokens=max_new_tokens, eos_token_id=self.tokenizer.eos_id, temperature=temperature,
+                       top_p=top_p, seed=seed, attention_mask=attention_mask, hooks=request.hooks)
+        gen.prefill_s += prefix_s           # vision tower + shared prefix + the questions' own tokens
+        results = self._results(request, gen)
+        total = time.perf_counter() - t0
+        for r in results:
+            r.timing.update(prefix_tokens=P, questions=B, total_s=total)
+        return results
+
     def _results(self, request: Request, gen: Generation) -> list[Result]:
         timing = {"load_s": self.load_s, "prefill_s": gen.prefill_s, "decode_s": gen.decode_s,
                   "decode_tokens": gen.decode_tokens, "decode_tokens_per_s": gen.decode_tokens_per_s}
@@ -236,7 +292,10 @@ class Pipeline:
         for b, ids in enumerate(gen.output_ids):
             report = None
             if request.var_state is not None:
-                report = request.var_state.report(b) | {"sink_dims_source": request.sink_dims_source}
+                # the generated rows this sample fed to the model: each emitted token, except the last one when the
+                # sample stopped at max_new_tokens (rows of a sample that stopped before its batch are not counted)
+                fed = len(ids) if gen.finished[b] else max(len(ids) - 1, 0)
+                report = request.var_state.report(b, fed) | {"sink_dims_source": request.sink_dims_source}
             results.append(Result(self.tokenizer.decode(ids), ids, request.prompt_ids[b], dict(timing),
                                   gen.finished[b], report))
         return results

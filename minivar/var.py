@@ -310,8 +310,8 @@ class VARState(Hook):
         # prefill rows from the first position after the image on are VAR's to touch (every generated row too)
         self.first_position = int(sinks.image_end.min())          # read once per call, not in every layer
         dev = sinks.image.device
-        self.counts = {"prefill": torch.zeros(B, sinks.n_layers, dtype=torch.long, device=dev),
-                       "decode": torch.zeros(B, sinks.n_layers, dtype=torch.long, device=dev)}
+        self.counts = {"prefill": torch.zeros(B, sinks.n_layers, dtype=torch.long, device=dev)}
+        self.decode_rows = torch.zeros(B, sinks.n_layers, 0, dtype=torch.long, device=dev)   # [B, L, generated row]
         self._keys: dict[int, tuple] = {}                        # decoding's key masks, per layer
         # keep_selections: the (head, row) pairs selected per layer, {layer: [(rows, selected [B, H, R])]}, for the
         # pictures (probe.Capture reads them, so they show what VAR decided)
@@ -337,6 +337,8 @@ class VARState(Hook):
         positions = torch.arange(rows.start, rows.stop, device=probs.device)
         touched = positions[None, :] >= self.sinks.image_end[:B, None]                # [B, R]
         touched = touched & vis.any(-1, keepdim=True)   # a sample without visual sinks in this layer is left alone
+        real = F.pad(self.sinks.real[:B], (0, max(0, rows.stop - self.sinks.prompt_len)), value=True)
+        touched = touched & real[:, rows.start:rows.stop]         # padding rows are no one's rows
         cfg = self.cfg
         if cfg.rule == "official":
             from .official import redistribute_official, select_heads_official   # official.py builds on this module
@@ -346,9 +348,13 @@ class VARState(Hook):
             selected = select_heads_official(probs, image, vis, touched, cfg.rho, cfg.min_image_attention)
         else:
             selected = select_heads(probs, image, vis, touched, cfg.min_image_attention, cfg.rho)
-        in_prompt = positions < self.sinks.prompt_len
-        self.counts["prefill"][:, layer] += (selected & in_prompt).sum(dim=(1, 2))
-        self.counts["decode"][:, layer] += (selected & ~in_prompt).sum(dim=(1, 2))
+        T = self.sinks.prompt_len
+        self.counts["prefill"][:, layer] += (selected[..., :max(0, T - rows.start)]).sum(dim=(1, 2))
+        if rows.stop > T:                      # generated rows: counted per row, so a report can stop at a sample's end
+            first = max(rows.start, T)
+            if self.decode_rows.shape[-1] < rows.stop - T:
+                self.decode_rows = F.pad(self.decode_rows, (0, max(rows.stop, self.max_len or 0) - T - self.decode_rows.shape[-1]))
+            self.decode_rows[:, layer, first - T:rows.stop - T] += selected[..., first - rows.start:].sum(1)
         if self.selections is not None:
             self.selections.setdefault(layer, []).append((rows, selected))
         if cfg.rule == "official":
@@ -364,15 +370,17 @@ class VARState(Hook):
             keys = self._keys[layer] = self.sinks.keys(layer, max(K, self.max_len or 0))
         return tuple(m[:, :K] for m in keys)
 
-    def report(self, b: int = 0) -> dict:
-        """Sample b's settings, sinks and counters, JSON-ready, in positions of its own (unpadded) prompt."""
+    def report(self, b: int = 0, generated_rows: int | None = None) -> dict:
+        """Sample b's settings, sinks and counters, JSON-ready, in positions of its own (unpadded) prompt.
+        generated_rows: count only the first that many generated rows (a sample that stopped before the others of
+        its batch; None: all)."""
+        decode = self.decode_rows[b, :, :generated_rows].sum(-1)
         rho_paper, p_paper = self.cfg.paper_values()
         return ({"rule": self.cfg.rule, "heads": self.cfg.heads, "tau": self.cfg.tau, "rho": self.cfg.rho,
                  "p": self.cfg.p, "rho_paper": rho_paper, "p_paper": p_paper,
                  "min_image_attention": self.cfg.min_image_attention, "layers": sorted(self.layers)}
                 | self.sinks.report(b)
-                | {"redistributed": {"prefill": self.counts["prefill"][b].tolist(),
-                                     "decode": self.counts["decode"][b].tolist()}})
+                | {"redistributed": {"prefill": self.counts["prefill"][b].tolist(), "decode": decode.tolist()}})
 
 
 # ---------------------------------------------------------------------------------------------------------------

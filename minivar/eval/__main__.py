@@ -1,0 +1,206 @@
+"""`python -m minivar.eval`: run a benchmark, score runs or answer files, compare two runs, download data.
+
+    python -m minivar.eval run pope --data data/pope --out runs/pope-var --var [--limit 100] [--shard 0/4]
+    python -m minivar.eval score runs/pope-var [--json] [--partial]
+    python -m minivar.eval score --bench pope --data coco_pope_random.json ... --answers answers.jsonl [--json]
+    python -m minivar.eval compare runs/pope-base runs/pope-var [--json]
+    python -m minivar.eval download pope [--to DIR]
+
+Results go to stdout (--json: exactly one JSON object); progress and messages to stderr. Bad input of any kind
+prints one line `minivar: error: ...` and exits with code 2, before anything is written.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from ..errors import MinivarError
+
+BENCHMARK_NAMES = ("pope", "mme", "chair", "mmvp", "cvbench", "gqa")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not usage + message
+        print(f"minivar: error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m minivar.eval", allow_abbrev=False,
+                description="Evaluate LLaVA-1.5 (with or without VAR) on POPE, MME, CHAIR, MMVP, CV-Bench, GQA.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{run,score,compare,download}")
+
+    r = sub.add_parser("run", allow_abbrev=False, help="answer a benchmark's questions into a run directory",
+                       description="Answer a benchmark's questions into --out (resumable: rerun the same command).")
+    r.add_argument("bench", metavar="BENCH", help=f"one of {', '.join(BENCHMARK_NAMES)}")
+    r.add_argument("--data", nargs="+", required=True, type=Path, metavar="PATH", help="the benchmark's files or folder")
+    r.add_argument("--images", type=Path, default=None, metavar="DIR", help="the image folder, where not in --data")
+    r.add_argument("--out", required=True, type=Path, metavar="DIR", help="the run directory (created; resumed)")
+    r.add_argument("--model", default="llava-hf/llava-1.5-7b-hf",
+                   help="hub id, a local checkpoint directory, or 'demo' (tiny random, offline)")
+    v = r.add_argument_group("VAR (as in run.py; --var without --var-preset takes the benchmark's preset)")
+    v.add_argument("--var", action="store_true", help="apply VAR")
+    v.add_argument("--var-preset", choices=["general", "hallucination", "vision"], default=None,
+                   help="ρ preset: general 0.8, hallucination 0.5, vision 0.9 (default: the benchmark's family)")
+    v.add_argument("--tau", type=float, default=None, help="sink threshold τ on φ (default 20)")
+    v.add_argument("--rho", type=float, default=None, help="non-sink image-attention floor ρ (overrides the preset)")
+    v.add_argument("--p", type=float, default=None, help="fraction of sink attention moved (default 0.6)")
+    v.add_argument("--min-image-attention", type=float, default=None, help="image-attention floor (default 0.2)")
+    v.add_argument("--sink-dims", default=None, help="comma-separated dims, or 'auto' to run the sink-dim finder")
+    g = r.add_argument_group("generation (default: the benchmark's LLaVA-1.5 evaluation settings; greedy)")
+    g.add_argument("--conv-mode", choices=["vicuna_v1", "llava_hf"], default=None)
+    g.add_argument("--image-aspect-ratio", choices=["pad", "crop"], default=None)
+    g.add_argument("--max-new-tokens", type=int, default=None)
+    e = r.add_argument_group("execution")
+    e.add_argument("--batch-size", type=int, default=8, help="questions about one image answered together (default 8)")
+    e.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N questions")
+    e.add_argument("--shard", default=None, metavar="I/N",
+                   help="run part I of N (0-based; split by image); under torchrun RANK/WORLD_SIZE give it")
+    e.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:K (under torchrun auto and cuda mean cuda:LOCAL_RANK)")
+    e.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto")
+    e.add_argument("--json", action="store_true", help="print the metrics as one JSON object when the run is complete")
+    e.add_argument("--partial", action="store_true", help="print the metrics of the answers so far even if incomplete")
+
+    s = sub.add_parser("score", allow_abbrev=False, help="score run directories, or an answer file",
+                       description="Score run directories (their answer files merged), or with --bench an answer "
+                                   "file in LLaVA's or the VAR code's format.")
+    s.add_argument("runs", nargs="*", type=Path, metavar="RUN_DIR")
+    s.add_argument("--bench", default=None, help="score --answers FILE against --data of this benchmark")
+    s.add_argument("--data", nargs="+", type=Path, default=None, metavar="PATH")
+    s.add_argument("--questions", type=Path, default=None, metavar="FILE",
+                   help="the question file the answers were made from (POPE: llava_pope_test.jsonl)")
+    s.add_argument("--answers", type=Path, default=None, metavar="FILE")
+    s.add_argument("--json", action="store_true", help="print one JSON object {bench, n, metrics}")
+    s.add_argument("--partial", action="store_true", help="score an incomplete run's answers")
+
+    c = sub.add_parser("compare", allow_abbrev=False, help="compare two runs (paired bootstrap intervals)",
+                       description="B − A for every metric, with a 95%% paired-bootstrap interval.")
+    c.add_argument("run_a", type=Path, metavar="RUN_DIR_A")
+    c.add_argument("run_b", type=Path, metavar="RUN_DIR_B")
+    c.add_argument("--resamples", type=int, default=1000)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--json", action="store_true", help="print one JSON object")
+
+    d = sub.add_parser("download", allow_abbrev=False, help="fetch a benchmark's hub copy into data/BENCH")
+    d.add_argument("bench", metavar="BENCH", help=f"one of {', '.join(BENCHMARK_NAMES)}")
+    d.add_argument("--to", type=Path, default=None, metavar="DIR", help="target folder (default data/BENCH)")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {"run": cmd_run, "score": cmd_score, "compare": cmd_compare, "download": cmd_download}[args.command](args)
+    except MinivarError as e:
+        print(f"minivar: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("minivar: interrupted (rerun the same command to resume)", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+
+
+def var_settings(args, bench):
+    """The VARConfig the VAR flags ask for (None without --var), built as run.py builds it: VARConfig.preset with the
+    flags as overrides (an explicit --rho beats the preset) and parse_sink_dims, checked before the model loads.
+    --var without --var-preset takes the paper's preset for the benchmark's family (hallucination ρ 0.5, vision
+    ρ 0.9, general ρ 0.8)."""
+    from minivar.var import VARConfig, parse_sink_dims
+    flags = {"--var-preset": args.var_preset, "--tau": args.tau, "--rho": args.rho, "--p": args.p,
+             "--min-image-attention": args.min_image_attention, "--sink-dims": args.sink_dims}
+    if not args.var:
+        given = [k for k, v in flags.items() if v is not None]
+        if given:
+            raise MinivarError(f"{given[0]} only applies with --var")
+        return None
+    sink_dims = parse_sink_dims(args.sink_dims) if args.sink_dims is not None else None
+    return VARConfig.preset(args.var_preset or bench.family or "general", tau=args.tau, rho=args.rho, p=args.p,
+                            min_image_attention=args.min_image_attention, sink_dims=sink_dims).validate()
+
+
+def cmd_run(args) -> int:
+    from . import harness
+    bench = harness.get_benchmark(args.bench)
+    var = var_settings(args, bench)
+    shard = harness.parse_shard(args.shard) if args.shard is not None else harness.torchrun_shard()
+    result = harness.run(bench, args.data, args.out, images=args.images, model=args.model, var=var,
+                         conv_mode=args.conv_mode, image_aspect_ratio=args.image_aspect_ratio,
+                         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, limit=args.limit, shard=shard,
+                         device=args.device, dtype=args.dtype, partial=args.partial)
+    if result is not None:
+        show(result, args.json)
+    return 0
+
+
+def cmd_score(args) -> int:
+    from . import harness
+    if args.bench is not None:
+        if args.runs:
+            raise MinivarError("give run directories or --bench/--data/--answers, not both")
+        if args.data is None or args.answers is None:
+            raise MinivarError("score --bench needs --data PATH and --answers FILE")
+        if args.partial:
+            raise MinivarError("--partial applies to run directories; an answer file must cover its questions")
+        for path in args.data + [args.answers] + ([args.questions] if args.questions else []):
+            if not path.exists():
+                raise MinivarError(f"'{path}' not found")
+        from .benchmarks import answers
+        metrics = answers.score_answer_file(args.bench, args.data, args.answers, args.questions)
+        result = {"bench": args.bench, "n": len(answers.read_answer_file(args.answers)), "metrics": metrics}
+    else:
+        if not args.runs:
+            raise MinivarError("score needs RUN_DIR ... or --bench BENCH --data PATH --answers FILE")
+        for flag, value in (("--data", args.data), ("--answers", args.answers), ("--questions", args.questions)):
+            if value is not None:
+                raise MinivarError(f"{flag} applies with --bench (scoring an answer file), not to run directories")
+        result = harness.score_runs(args.runs, partial=args.partial)
+    show(result, args.json)
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from . import harness
+    from .compare import compare_runs
+    result = compare_runs(harness.load_runs([args.run_a]), harness.load_runs([args.run_b]), args.resamples, args.seed,
+                          log=harness.stderr)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"{result['bench']}: {result['n']} questions, {result['answers_changed']} answers changed; "
+          f"B − A with 95% paired-bootstrap intervals ({result['resamples']} resamples, seed {result['seed']})")
+    print(f"  A = {result['a']}\n  B = {result['b']}")
+    width = max(len(k) for k in result["metrics"]) if result["metrics"] else 6
+    print(f"{'metric':<{width}}  {'A':>10}  {'B':>10}  {'B − A':>10}  95% interval")
+    for key, m in result["metrics"].items():
+        lo, hi = m["ci95"]
+        ci = f"[{lo:+.4f}, {hi:+.4f}]" if lo is not None else "-"
+        print(f"{key:<{width}}  {m['a']:>10.4f}  {m['b']:>10.4f}  {m['delta']:>+10.4f}  {ci}")
+    return 0
+
+
+def cmd_download(args) -> int:
+    from .download import download
+    download(args.bench, args.to)
+    return 0
+
+
+def show(result: dict, as_json: bool) -> None:
+    """{"bench", "n", "metrics"} as one JSON object, or as a table of the flattened metrics."""
+    if as_json:
+        print(json.dumps(result))
+        return
+    from .compare import flatten
+    flat = flatten(result["metrics"])
+    width = max([len(k) for k in flat] + [6])
+    print(f"{result['bench']}: {result['n']} questions")
+    for key, value in flat.items():
+        print(f"{key:<{width}}  {value}" if isinstance(value, int) else f"{key:<{width}}  {value:.4f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
