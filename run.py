@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto",
                    help="auto = float16 on CUDA, bfloat16 on CPU")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout (ids, text, timing, VAR)")
+    p.add_argument("--prompt-tokenization", choices=["llava", "official"], default="llava",
+                   help="llava: BOS + the template as LLaVA tokenizes it (default); official: as the VAR authors' "
+                        "released code does (no BOS, 29871 kept once; vicuna_v1 only; docs/official-rule.md)")
     v = p.add_argument_group("VAR (Visual Attention Redistribution)")
     v.add_argument("--var", action="store_true", help="apply VAR")
     v.add_argument("--var-preset", choices=["general", "hallucination", "vision"], default=None,
@@ -46,6 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--p", type=float, default=None, help="fraction of sink attention moved (default 0.6)")
     v.add_argument("--min-image-attention", type=float, default=None, help="image-attention floor (default 0.2)")
     v.add_argument("--sink-dims", default=None, help="comma-separated dims, or 'auto' to run the sink-dim finder")
+    v.add_argument("--var-rule", choices=["paper", "official"], default=None,
+                   help="paper: the paper's rule (default); official: as the authors' released code computes it, "
+                        "--rho and --p in its convention (rho: visual-sink ceiling, p: fraction kept; defaults "
+                        "τ 20, rho 0.5, p 0.6; docs/official-rule.md)")
+    v.add_argument("--var-heads", choices=["image-centric", "all"], default=None,
+                   help="image-centric (default) or all: every head of the touched rows (the paper's ablation)")
+    v.add_argument("--var-layers", metavar="A-B", default=None,
+                   help="the layers VAR may modify (default: the rule's, paper 0..L−2, official 2..L−1)")
     i = p.add_argument_group("looking inside (pictures, sink removal; see docs/pictures.md)")
     i.add_argument("--save-attention", metavar="DIR", default=None,
                    help="write PNG pictures of sinks and attention, and their numbers (attention.json), into DIR")
@@ -63,16 +74,25 @@ def var_config(args):
     """The VARConfig the flags ask for, or None without --var (VAR flags without --var are an error)."""
     from minivar.errors import MinivarError
     from minivar.var import VARConfig, parse_sink_dims
+    from minivar.inspection import parse_layer_range
     var_flags = {"--var-preset": args.var_preset, "--tau": args.tau, "--rho": args.rho, "--p": args.p,
-                 "--min-image-attention": args.min_image_attention, "--sink-dims": args.sink_dims}
+                 "--min-image-attention": args.min_image_attention, "--sink-dims": args.sink_dims,
+                 "--var-rule": args.var_rule, "--var-heads": args.var_heads, "--var-layers": args.var_layers}
     if not args.var:
         given = [k for k, v in var_flags.items() if v is not None]
         if given:
             raise MinivarError(f"{given[0]} only applies with --var")
         return None
     sink_dims = parse_sink_dims(args.sink_dims) if args.sink_dims is not None else None
-    cfg = VARConfig.preset(args.var_preset or "general", tau=args.tau, rho=args.rho, p=args.p,   # --rho beats the preset
-                           min_image_attention=args.min_image_attention, sink_dims=sink_dims)
+    layers = None
+    if args.var_layers is not None:
+        lo, hi = parse_layer_range(args.var_layers, flag="--var-layers")
+        layers = tuple(range(lo, hi + 1))
+    # the official rule without --var-preset keeps the released code's defaults (rho 0.5), not the general preset
+    preset = args.var_preset or ("general" if args.var_rule in (None, "paper") else None)
+    cfg = VARConfig.preset(preset, tau=args.tau, rho=args.rho, p=args.p,   # --rho beats the preset
+                           min_image_attention=args.min_image_attention, sink_dims=sink_dims, rule=args.var_rule,
+                           heads=args.var_heads, layers=layers)
     # The ranges that need no model are checked now, before the slow load (sink dims need the hidden size: later).
     return cfg.validate()
 
@@ -118,7 +138,8 @@ def run(args) -> int:
     notes = []
     request = llava.prepare([image], [args.prompt], conv_mode=args.conv_mode,
                             image_aspect_ratio=args.image_aspect_ratio, max_new_tokens=args.max_new_tokens, var=var,
-                            capture=capture, mask=mask, warn=notes.append)
+                            capture=capture, mask=mask, warn=notes.append,
+                            prompt_tokenization=args.prompt_tokenization)
     print(f"minivar: loaded {args.model} in {llava.load_s:.2f}s on {llava.device} "
           f"({str(llava.dtype).replace('torch.', '')})", file=sys.stderr)
     for note in notes:
@@ -133,6 +154,7 @@ def run(args) -> int:
                                   log=lambda msg: print(msg, file=sys.stderr)) if inspection is not None else {}
     if args.json:
         record = {"model": str(llava.directory), "device": str(llava.device), "dtype": str(llava.dtype).replace("torch.", ""),
+                  "prompt_tokenization": args.prompt_tokenization,
                   "prompt_ids": out.prompt_ids, "output_ids": out.output_ids, "text": out.text,
                   "finished": out.finished, "timing": t}
         if out.var is not None:

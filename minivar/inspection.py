@@ -17,16 +17,16 @@ def default_layer_range(n_layers: int) -> tuple[int, int]:
     return lo, hi
 
 
-def parse_layer_range(text: str, n_layers: int | None = None) -> tuple[int, int]:
+def parse_layer_range(text: str, n_layers: int | None = None, flag: str = "--attention-layers") -> tuple[int, int]:
     """'10-12' or '11' → (10, 12) / (11, 11), checked against the model's depth when given."""
     parts = text.strip().split("-")
     if not 1 <= len(parts) <= 2 or not all(p.strip().isdigit() for p in parts):
-        raise MinivarError(f"--attention-layers '{text}' is not a layer or a range like 10-12")
+        raise MinivarError(f"{flag} '{text}' is not a layer or a range like 10-12")
     lo, hi = int(parts[0]), int(parts[-1])
     if lo > hi:
-        raise MinivarError(f"--attention-layers '{text}': {lo} > {hi}")
+        raise MinivarError(f"{flag} '{text}': {lo} > {hi}")
     if n_layers is not None and hi >= n_layers:
-        raise MinivarError(f"--attention-layers '{text}': the model has layers 0..{n_layers - 1}")
+        raise MinivarError(f"{flag} '{text}': the model has layers 0..{n_layers - 1}")
     return lo, hi
 
 

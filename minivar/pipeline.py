@@ -97,9 +97,21 @@ class Pipeline:
         px = processing.preprocess(img, self.config.vision.image_size, image_aspect_ratio)
         return px[None].to(self.device, self.dtype)
 
-    def prompt_ids(self, prompt: str, conv_mode: str = "vicuna_v1") -> torch.Tensor:
-        """User text → the full templated prompt ids [1, T] with the image placeholder expanded."""
-        ids = self.tokenizer.encode_prompt(prompt, conv_mode, self.config.num_image_tokens)
+    def prompt_ids(self, prompt: str, conv_mode: str = "vicuna_v1", tokenization: str = "llava") -> torch.Tensor:
+        """User text → the full templated prompt ids [1, T] with the image placeholder expanded. tokenization:
+        "llava" (BOS + the template tokenized as LLaVA does) or "official" (as the VAR authors' released code does:
+        segments, no BOS, one 29871; see official.official_prompt_ids)."""
+        if tokenization == "official":
+            if conv_mode != "vicuna_v1":
+                raise MinivarError("--prompt-tokenization official rebuilds the released code's vicuna_v1 prompt; "
+                                   f"it needs --conv-mode vicuna_v1, got {conv_mode}")
+            from .official import official_prompt_ids
+            ids = official_prompt_ids(self.tokenizer, prompt, self.config.num_image_tokens,
+                                      self.config.image_token_index)
+        elif tokenization == "llava":
+            ids = self.tokenizer.encode_prompt(prompt, conv_mode, self.config.num_image_tokens)
+        else:
+            raise MinivarError(f"--prompt-tokenization must be llava or official, got {tokenization!r}")
         limit = self.config.text.max_position_embeddings
         if len(ids) >= limit:
             raise MinivarError(f"the prompt is {len(ids)} tokens (incl. {self.config.num_image_tokens} image tokens), "
@@ -119,7 +131,7 @@ class Pipeline:
 
     def prepare(self, images, prompts, *, conv_mode: str = "vicuna_v1", image_aspect_ratio: str = "pad",
                 max_new_tokens: int = 128, var: var_mod.VARConfig | None = None, sink_config=None, capture=None,
-                mask=None, warn=None) -> Request:
+                mask=None, warn=None, prompt_tokenization: str = "llava") -> Request:
         """Everything a generation needs, made once: ids left-padded to a common length, pixels, and the hooks —
         the sink sets (when VAR, the capture or visual-sink masking reads them), VAR's state, the masking, the
         capture (bound to this prompt). var: a VARConfig (None: plain LLaVA); sink_config: the τ and sink dims of the
@@ -128,7 +140,7 @@ class Pipeline:
             raise MinivarError(f"generate_batch needs as many images as prompts (got {len(images)} and {len(prompts)})")
         if capture is not None and len(prompts) > 1:
             raise MinivarError("a capture records one sample: run it with a single prompt")
-        rows = [self.prompt_ids(p, conv_mode)[0] for p in prompts]
+        rows = [self.prompt_ids(p, conv_mode, prompt_tokenization)[0] for p in prompts]
         T = max(len(r) for r in rows)
         pad_id = self.config.pad_token_id if self.config.pad_token_id is not None else 0
         input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long, device=self.device)
@@ -194,18 +206,19 @@ class Pipeline:
     def generate_batch(self, images, prompts, *, max_new_tokens: int = 128, temperature: float = 0.0,
                        top_p: float = 1.0, seed: int | None = None, conv_mode: str = "vicuna_v1",
                        image_aspect_ratio: str = "pad", var: var_mod.VARConfig | None = None, sink_config=None,
-                       capture=None, mask=None, hooks=(), on_text=None, warn=None) -> list[Result]:
+                       capture=None, mask=None, hooks=(), on_text=None, warn=None,
+                       prompt_tokenization: str = "llava") -> list[Result]:
         """Several (image, prompt) pairs in one batch: prompts left-padded to a common length, each sample with its
         own VAR state (sinks, image span, counters). Greedy results equal running them one by one.
 
         var: a VARConfig to apply Visual Attention Redistribution (None: plain LLaVA). capture (probe.Capture) and
         mask (probe.KeyMask): inspection, one sample only; sink_config: their τ / sink dims when VAR is off.
         hooks: hooks of your own, called after minivar's. on_text(str) receives the text as it is generated
-        (a single prompt only)."""
+        (a single prompt only). prompt_tokenization: "llava" or "official" (see prompt_ids)."""
         check_generation_args(max_new_tokens, temperature, top_p)
         request = self.prepare(images, prompts, conv_mode=conv_mode, image_aspect_ratio=image_aspect_ratio,
                                max_new_tokens=max_new_tokens, var=var, sink_config=sink_config, capture=capture,
-                               mask=mask, warn=warn)
+                               mask=mask, warn=warn, prompt_tokenization=prompt_tokenization)
         return self.run(request, temperature=temperature, top_p=top_p, seed=seed, hooks=hooks, on_text=on_text)
 
     def run(self, request: Request, *, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
@@ -233,7 +246,8 @@ class Pipeline:
     @torch.inference_mode()
     def generate_many(self, image, prompts, *, max_new_tokens: int = 128, temperature: float = 0.0,
                       top_p: float = 1.0, seed: int | None = None, conv_mode: str = "vicuna_v1",
-                      image_aspect_ratio: str = "pad", var: var_mod.VARConfig | None = None, warn=None) -> list[Result]:
+                      image_aspect_ratio: str = "pad", var: var_mod.VARConfig | None = None, warn=None,
+                      prompt_tokenization: str = "llava") -> list[Result]:
         """Several prompts about one image, the shared prefix computed once; one Result per prompt, equal to
         running each prompt alone (greedy).
 
@@ -247,7 +261,7 @@ class Pipeline:
         check_generation_args(max_new_tokens, temperature, top_p)
         if not prompts:
             raise MinivarError("generate_many needs at least one prompt")
-        rows = [self.prompt_ids(p, conv_mode)[0].tolist() for p in prompts]
+        rows = [self.prompt_ids(p, conv_mode, prompt_tokenization)[0].tolist() for p in prompts]
         shortest = min(len(r) for r in rows)
         P = 0                    # the shared prefix; every prompt keeps at least one token of its own (its logits)
         while P < shortest - 1 and all(r[P] == rows[0][P] for r in rows):

@@ -50,10 +50,19 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--p", type=float, default=None, help="fraction of sink attention moved (default 0.6)")
     v.add_argument("--min-image-attention", type=float, default=None, help="image-attention floor (default 0.2)")
     v.add_argument("--sink-dims", default=None, help="comma-separated dims, or 'auto' to run the sink-dim finder")
+    v.add_argument("--var-rule", choices=["paper", "official"], default=None,
+                   help="paper: the paper's rule (default); official: as the authors' released code computes it, "
+                        "--rho and --p in its convention (the preset's ρ becomes rho = 1 − ρ; docs/official-rule.md)")
+    v.add_argument("--var-heads", choices=["image-centric", "all"], default=None,
+                   help="image-centric (default) or all: every head of the touched rows (the paper's ablation)")
+    v.add_argument("--var-layers", metavar="A-B", default=None,
+                   help="the layers VAR may modify (default: the rule's, paper 0..L−2, official 2..L−1)")
     g = r.add_argument_group("generation (default: the benchmark's LLaVA-1.5 evaluation settings; greedy)")
     g.add_argument("--conv-mode", choices=["vicuna_v1", "llava_hf"], default=None)
     g.add_argument("--image-aspect-ratio", choices=["pad", "crop"], default=None)
     g.add_argument("--max-new-tokens", type=int, default=None)
+    g.add_argument("--prompt-tokenization", choices=["llava", "official"], default="llava",
+                   help="llava (default) or official: the prompt ids as the VAR authors' released code builds them")
     e = r.add_argument_group("execution")
     e.add_argument("--batch-size", type=int, default=8, help="questions about one image answered together (default 8)")
     e.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N questions")
@@ -111,16 +120,23 @@ def var_settings(args, bench):
     --var without --var-preset takes the paper's preset for the benchmark's family (hallucination ρ 0.5, vision
     ρ 0.9, general ρ 0.8)."""
     from minivar.var import VARConfig, parse_sink_dims
+    from minivar.inspection import parse_layer_range
     flags = {"--var-preset": args.var_preset, "--tau": args.tau, "--rho": args.rho, "--p": args.p,
-             "--min-image-attention": args.min_image_attention, "--sink-dims": args.sink_dims}
+             "--min-image-attention": args.min_image_attention, "--sink-dims": args.sink_dims,
+             "--var-rule": args.var_rule, "--var-heads": args.var_heads, "--var-layers": args.var_layers}
     if not args.var:
         given = [k for k, v in flags.items() if v is not None]
         if given:
             raise MinivarError(f"{given[0]} only applies with --var")
         return None
     sink_dims = parse_sink_dims(args.sink_dims) if args.sink_dims is not None else None
+    layers = None
+    if args.var_layers is not None:
+        lo, hi = parse_layer_range(args.var_layers, flag="--var-layers")
+        layers = tuple(range(lo, hi + 1))
     return VARConfig.preset(args.var_preset or bench.family or "general", tau=args.tau, rho=args.rho, p=args.p,
-                            min_image_attention=args.min_image_attention, sink_dims=sink_dims).validate()
+                            min_image_attention=args.min_image_attention, sink_dims=sink_dims, rule=args.var_rule,
+                            heads=args.var_heads, layers=layers).validate()
 
 
 def cmd_run(args) -> int:
@@ -131,7 +147,8 @@ def cmd_run(args) -> int:
     result = harness.run(bench, args.data, args.out, images=args.images, model=args.model, var=var,
                          conv_mode=args.conv_mode, image_aspect_ratio=args.image_aspect_ratio,
                          max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, limit=args.limit, shard=shard,
-                         device=args.device, dtype=args.dtype, partial=args.partial)
+                         device=args.device, dtype=args.dtype, partial=args.partial,
+                         prompt_tokenization=args.prompt_tokenization)
     if result is not None:
         show(result, args.json)
     return 0

@@ -12,8 +12,8 @@ newline at its end) is dropped and its question asked again.
 
 Which settings change answers (a resume must match them, else it is refused naming the setting): the benchmark,
 the questions (a fingerprint of ids, prompts and image keys: moving the data folder is fine, changing it is not),
-the model, the device type (cpu / cuda), the dtype, VAR's settings, the prompt template, the image aspect ratio,
-max_new_tokens and the batch size. The batch size is one of them because the prompts of a batch are left-padded
+the model, the device type (cpu / cuda), the dtype, VAR's settings (its rule and heads too), the prompt template,
+the prompt tokenization, the image aspect ratio, max_new_tokens and the batch size. The batch size is one of them because the prompts of a batch are left-padded
 to a common length: in float16/bfloat16 that changes the rounding of the attention sums, and greedy decoding can
 flip at a near tie (measured on the demo model: 2 of 4 batches of 4 prompts differ from one-by-one in bfloat16).
 The limit, the shard and the GPU index do not change answers, because batches never depend on them: an image's
@@ -38,11 +38,11 @@ RUN_FILE = "run.json"
 METRICS_FILE = "metrics.json"
 DEFAULT_MODEL = "llava-hf/llava-1.5-7b-hf"
 ANSWER_SETTINGS = ("benchmark", "questions", "model", "device", "dtype", "var", "conv_mode", "image_aspect_ratio",
-                   "max_new_tokens", "batch_size")
+                   "max_new_tokens", "batch_size", "prompt_tokenization")
 FLAGS = {"benchmark": "BENCH", "questions": "the questions in --data", "model": "--model", "device": "--device",
          "dtype": "--dtype", "var": "VAR (--var and its flags)", "conv_mode": "--conv-mode",
          "image_aspect_ratio": "--image-aspect-ratio", "max_new_tokens": "--max-new-tokens",
-         "batch_size": "--batch-size", "limit": "--limit"}
+         "batch_size": "--batch-size", "limit": "--limit", "prompt_tokenization": "--prompt-tokenization"}
 
 
 def stderr(message: str) -> None:
@@ -243,6 +243,7 @@ class Generation:
     conv_mode: str
     image_aspect_ratio: str
     var: object = None
+    prompt_tokenization: str = "llava"          # or "official": the prompt ids as the VAR authors' code builds them
 
 
 def answer_group(pipeline, image, prompts: list[str], settings: Generation) -> list:
@@ -250,7 +251,7 @@ def answer_group(pipeline, image, prompts: list[str], settings: Generation) -> l
     (system text + image) is computed once and the questions run on it as one batch (Pipeline.generate_many)."""
     return pipeline.generate_many(image, prompts, max_new_tokens=settings.max_new_tokens,
                                   conv_mode=settings.conv_mode, image_aspect_ratio=settings.image_aspect_ratio,
-                                  var=settings.var)
+                                  var=settings.var, prompt_tokenization=settings.prompt_tokenization)
 
 
 class Progress:
@@ -308,7 +309,8 @@ def headline_of(bench, answered: list) -> float | None:
 def run(bench, data: list[Path], out: Path, *, images: Path | None = None, model: str = DEFAULT_MODEL, var=None,
         conv_mode: str | None = None, image_aspect_ratio: str | None = None, max_new_tokens: int | None = None,
         batch_size: int = 8, limit: int | None = None, shard: tuple[int, int] | None = None, device: str = "auto",
-        dtype: str = "auto", partial: bool = False, log=stderr, load=None) -> dict | None:
+        dtype: str = "auto", partial: bool = False, log=stderr, load=None,
+        prompt_tokenization: str = "llava") -> dict | None:
     """Answer the benchmark's questions into `out` (see the module docstring); return {"bench", "n", "metrics"} once
     every question has an answer (with partial=True: the metrics of those answered so far), else None.
 
@@ -326,7 +328,13 @@ def run(bench, data: list[Path], out: Path, *, images: Path | None = None, model
     if limit is not None and limit < 1:
         raise MinivarError(f"--limit must be ≥ 1, got {limit}")
     gen = Generation(bench.max_new_tokens if max_new_tokens is None else max_new_tokens,
-                     conv_mode or bench.conv_mode, image_aspect_ratio or bench.image_aspect_ratio, var)
+                     conv_mode or bench.conv_mode, image_aspect_ratio or bench.image_aspect_ratio, var,
+                     prompt_tokenization)
+    if prompt_tokenization not in ("llava", "official"):
+        raise MinivarError(f"--prompt-tokenization must be llava or official, got {prompt_tokenization!r}")
+    if prompt_tokenization == "official" and gen.conv_mode != "vicuna_v1":
+        raise MinivarError("--prompt-tokenization official rebuilds the released code's vicuna_v1 prompt; "
+                           f"it needs --conv-mode vicuna_v1, got {gen.conv_mode}")
     check_generation_args(gen.max_new_tokens, 0.0, 1.0)
     if var is not None:
         var.validate()
@@ -338,6 +346,7 @@ def run(bench, data: list[Path], out: Path, *, images: Path | None = None, model
                 "device": dev.type, "dtype": str(pick_dtype(dtype, dev)).replace("torch.", ""),
                 "var": asdict(var) if var is not None else None, "conv_mode": gen.conv_mode,
                 "image_aspect_ratio": gen.image_aspect_ratio, "max_new_tokens": gen.max_new_tokens,
+                "prompt_tokenization": gen.prompt_tokenization,
                 "batch_size": batch_size, "limit": limit, "decoding": "greedy",
                 "data": data_files(data), "images": str(Path(images).resolve()) if images is not None else None,
                 "minivar_version": minivar_version()}
