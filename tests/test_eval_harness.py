@@ -651,3 +651,46 @@ def test_mme_run_with_limit(tiny, tmp_path):
     assert result["n"] == 4 == len(recs) and len({r["image"] for r in recs}) == 2
     assert {"perception", "cognition", "subtasks"} <= set(result["metrics"])
     assert cli(["score", out, "--json"])[1] == stdout
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# VAR's rule, its ablations and the prompt tokenization (issue 13): recorded, resumed only alike, comparable
+
+def test_var_rule_and_prompt_tokenization_are_recorded_and_resumed_alike(tiny, tmp_path):
+    root, ref, _ = tiny
+    out = tmp_path / "official"
+    official = ["--var", "--var-rule", "official", "--sink-dims", "3,7", "--prompt-tokenization", "official"]
+    rc, stdout, err = cli(run_args(root, out, *official, "--limit", "4"))
+    assert rc == 0, err
+    settings = json.loads((out / "run.json").read_text())
+    assert settings["prompt_tokenization"] == "official"
+    assert (settings["var"]["rule"], settings["var"]["heads"], settings["var"]["rho"]) == ("official", "image-centric", 0.5)
+    before = snapshot(out)
+    for extra, name in [(["--var", "--sink-dims", "3,7", "--prompt-tokenization", "official"], "var"),
+                        (["--var", "--var-rule", "official", "--sink-dims", "3,7"], "prompt_tokenization"),
+                        (official + ["--var-heads", "all"], "var"), (official + ["--var-layers", "0-1"], "var")]:
+        assert_one_line_error(*cli(run_args(root, out, *extra, "--limit", "4")), out, name)
+        assert snapshot(out) == before
+    rc, _, err = cli(run_args(root, out, *official))                    # the same settings resume
+    assert rc == 0, err
+    assert len(answers(out / "answers.jsonl")) == len(answers(ref / "answers.jsonl"))
+    rc, stdout, err = cli(["compare", ref, out, "--json", "--resamples", "50"])   # across rules and tokenizations
+    assert rc == 0, err
+    assert json.loads(stdout)["n"] == len(answers(ref / "answers.jsonl"))
+
+
+def test_var_rule_flags(monkeypatch):
+    from minivar.eval.__main__ import build_parser, var_settings
+    monkeypatch.setattr(benchmarks, "get", fake_get, raising=False)
+    parse = build_parser().parse_args
+    base = ["run", "tinyyn", "--data", "x", "--out", "y"]
+    cfg = var_settings(parse(base + ["--var", "--var-rule", "official"]), TinyYesNo())    # hallucination: ρ 0.5
+    assert (cfg.rule, cfg.rho, cfg.p, cfg.paper_values()) == ("official", 0.5, 0.6, (0.5, 0.4))
+    vision = type("Vision", (TinyYesNo,), {"family": "vision"})()
+    assert var_settings(parse(base + ["--var", "--var-rule", "official"]), vision).rho == 0.1   # 1 − 0.9
+    cfg = var_settings(parse(base + ["--var", "--var-heads", "all", "--var-layers", "2-4"]), vision)
+    assert (cfg.heads, cfg.layers, cfg.rule) == ("all", (2, 3, 4), "paper")
+    with pytest.raises(MinivarError, match="--var-rule only applies with --var"):
+        var_settings(parse(base + ["--var-rule", "official"]), vision)
+    assert_one_line_error(*cli(base + ["--prompt-tokenization", "official", "--conv-mode", "llava_hf"]),
+                          "--prompt-tokenization", "--conv-mode")

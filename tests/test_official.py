@@ -15,7 +15,9 @@
 """
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -669,3 +671,63 @@ def test_official_rule_through_the_pipeline(planted, tmp_path):
     assert r.var["visual_sinks"]["2"] == r.var["visual_sinks"]["3"] == [s + 5]
     assert r.var["rule"] == "official" and r.var["p_paper"] == 0.4
     assert r.var["redistributed"]["prefill"][3] > 0
+
+
+# =================================================================================================================
+# 5. The command line (run.py) on the tiny checkpoint (2 decoder layers: the released code's layers 2..L−1 are none)
+
+def run_json(*argv):
+    from conftest import run_cli
+    rc, out, err = run_cli(["--image", TINY_IMAGE, "--prompt", "Is it red?", "--max-new-tokens", "2", "--json",
+                            *argv])
+    assert rc == 0, err
+    return json.loads(out)
+
+
+TINY_IMAGE = Path(__file__).resolve().parents[1] / "assets" / "example.jpg"
+
+
+def test_cli_var_rule_official_reports_both_conventions(tiny_checkpoint):
+    record = run_json("--model", tiny_checkpoint, "--var", "--var-rule", "official", "--sink-dims", "3,7")
+    var = record["var"]
+    assert (var["rule"], var["heads"], var["tau"], var["rho"], var["p"]) == ("official", "image-centric", 20.0, 0.5, 0.6)
+    assert (var["rho_paper"], var["p_paper"], var["min_image_attention"]) == (0.5, 0.4, 0.2)
+    assert var["layers"] == [] and var["sinks"]["0"] == var["sinks"]["1"] == []      # layers 2..L−1 of 2 layers
+    assert record["prompt_tokenization"] == "llava"
+    var = run_json("--model", tiny_checkpoint, "--var", "--var-rule", "official", "--var-preset", "general",
+                   "--p", "0.3", "--sink-dims", "3,7")["var"]
+    assert (var["rho"], var["rho_paper"], var["p"], var["p_paper"]) == (0.2, 0.8, 0.3, 0.7)
+    var = run_json("--model", tiny_checkpoint, "--var", "--sink-dims", "3,7")["var"]
+    assert (var["rule"], var["rho"], var["rho_paper"], var["p_paper"], var["layers"]) == ("paper", 0.8, 0.8, 0.6, [0])
+
+
+def test_cli_var_heads_and_layers(tiny_checkpoint):
+    var = run_json("--model", tiny_checkpoint, "--var", "--var-heads", "all", "--var-layers", "0-1",
+                   "--sink-dims", "3,7")["var"]
+    assert var["heads"] == "all" and var["layers"] == [0, 1]          # the last layer, named
+    var = run_json("--model", tiny_checkpoint, "--var", "--var-layers", "1", "--sink-dims", "3,7")["var"]
+    assert var["layers"] == [1]
+
+
+def test_cli_prompt_tokenization_official(tiny_checkpoint):
+    record = run_json("--model", tiny_checkpoint, "--prompt-tokenization", "official")
+    tok = Tokenizer(tiny_checkpoint, image_token_id=259)
+    assert record["prompt_tokenization"] == "official"
+    assert record["prompt_ids"] == official_prompt_ids(tok, "Is it red?", 16, 259)
+    llava = run_json("--model", tiny_checkpoint)["prompt_ids"]
+    assert llava[0] == tok.bos_id and record["prompt_ids"] == llava[1:]     # byte-level: no 29871, only BOS differs
+
+
+@pytest.mark.parametrize("argv,names", [
+    (["--var-rule", "official"], ["--var-rule", "--var"]),
+    (["--var-heads", "all"], ["--var-heads", "--var"]),
+    (["--var", "--var-layers", "3-1"], ["--var-layers", "3-1"]),
+    (["--var", "--var-layers", "0-5", "--sink-dims", "3,7"], ["--var-layers", "0..1"]),
+    (["--var", "--var-rule", "authors"], ["--var-rule"]),
+    (["--prompt-tokenization", "official", "--conv-mode", "llava_hf"], ["--prompt-tokenization", "--conv-mode"]),
+])
+def test_cli_errors(tiny_checkpoint, argv, names):
+    from conftest import assert_one_line_error, run_cli
+    rc, out, err = run_cli(["--image", TINY_IMAGE, "--prompt", "Hi", "--model", tiny_checkpoint,
+                            "--max-new-tokens", "1", *argv])
+    assert_one_line_error(rc, out, err, *names)

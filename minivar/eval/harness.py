@@ -344,7 +344,8 @@ def run(bench, data: list[Path], out: Path, *, images: Path | None = None, model
     settings = {"benchmark": bench.name, "questions": fingerprint(questions),
                 "model": str(Path(model).resolve()) if Path(model).is_dir() else model,
                 "device": dev.type, "dtype": str(pick_dtype(dtype, dev)).replace("torch.", ""),
-                "var": asdict(var) if var is not None else None, "conv_mode": gen.conv_mode,
+                # as JSON will read it back (tuples become lists), so a resume compares like with like
+                "var": json.loads(json.dumps(asdict(var))) if var is not None else None, "conv_mode": gen.conv_mode,
                 "image_aspect_ratio": gen.image_aspect_ratio, "max_new_tokens": gen.max_new_tokens,
                 "prompt_tokenization": gen.prompt_tokenization,
                 "batch_size": batch_size, "limit": limit, "decoding": "greedy",
