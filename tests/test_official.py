@@ -716,6 +716,12 @@ def test_cli_prompt_tokenization_official(tiny_checkpoint):
     assert record["prompt_ids"] == official_prompt_ids(tok, "Is it red?", 16, 259)
     llava = run_json("--model", tiny_checkpoint)["prompt_ids"]
     assert llava[0] == tok.bos_id and record["prompt_ids"] == llava[1:]     # byte-level: no 29871, only BOS differs
+    pipe = minivar.load(str(tiny_checkpoint), device="cpu", dtype="float32")        # the Python API, both paths
+    one = pipe.generate(TINY_IMAGE, "Is it red?", max_new_tokens=1, prompt_tokenization="official")
+    many = pipe.generate_many(TINY_IMAGE, ["Is it red?", "Is it blue?"], max_new_tokens=1,
+                              prompt_tokenization="official")
+    assert one.prompt_ids == many[0].prompt_ids == record["prompt_ids"]
+    assert many[1].prompt_ids == official_prompt_ids(tok, "Is it blue?", 16, 259)
 
 
 @pytest.mark.parametrize("argv,names", [
