@@ -261,6 +261,8 @@ def test_lmms_eval_runs_local_tasks_on_minivar_with_var(tmp_path, demo_weights, 
     for s, doc in zip(vqa, docs):
         direct = demo_pipe.generate(fixture_image(doc), doc["question"] + POST_PROMPT, max_new_tokens=6, var=var)
         assert s["filtered_resps"] == direct.text.strip(), s
+        # the demo's answers hardly depend on the text: the prompt's length shows it was LLaVA's, post-prompt included
+        assert s["token_counts"][0] == {"input_tokens": len(direct.prompt_ids), "output_tokens": len(direct.output_ids)}
         assert s["exact_match"] == float(direct.text.strip().lower() == doc["answer"])
 
     # loglikelihood: the loss of " <answer>" after the prompt, with VAR (and VAR made a difference)
