@@ -168,20 +168,25 @@ def lm(demo_weights):
     return Minivar(pretrained="demo", device="cpu", dtype="float32", weights_dir=str(demo_weights), batch_size=2)
 
 
-def requests(kind, task, docs, arg):
-    """lmms-eval Instances as its tasks build them: (context, gen_kwargs | target, doc_to_visual, doc_id, task, split)."""
+def requests(kind, task, items):
+    """lmms-eval Instances as its tasks build them, one per (context, doc_to_visual, gen_kwargs | target), for
+    docs 0, 1, ...: arguments (context, gen_kwargs | target, doc_to_visual, doc_id, task, split)."""
     from lmms_eval.api.instance import Instance
     return [Instance(request_type=kind, arguments=(context, arg, visual, doc_id, task, "test"), idx=0,
                      metadata={"task": task, "doc_id": doc_id, "repeats": 1})
-            for doc_id, (context, visual) in enumerate(docs)]
+            for doc_id, (context, visual, arg) in enumerate(items)]
+
+
+def image_of(doc):
+    return [fixture_image(doc)]
 
 
 def test_generate_until_equals_the_pipeline(lm):
     docs = fixture_docs()
     lm.task_dict = {"t": {"test": docs}}
     contexts = [d["question"] + POST_PROMPT for d in docs]
-    reqs = requests("generate_until", "t", [(c, lambda d: [fixture_image(d)]) for c in contexts],
-                    {"max_new_tokens": 5, "do_sample": False, "until": ["\n\n"]})
+    reqs = requests("generate_until", "t", [(c, image_of, {"max_new_tokens": 5, "do_sample": False, "until": ["\n\n"]})
+                                            for c in contexts])
     out = lm.generate_until(reqs)
     for doc, context, o in zip(docs, contexts, out):
         direct = lm.pipeline.generate(fixture_image(doc), context, max_new_tokens=5)
@@ -190,14 +195,28 @@ def test_generate_until_equals_the_pipeline(lm):
     assert len({o.text for o in out}) == 3            # three images, three answers: a mix-up would show
 
 
+def test_generate_until_keeps_request_order_across_settings_and_cuts_at_until(lm, monkeypatch):
+    docs = fixture_docs()
+    lm.task_dict = {"t": {"test": docs}}
+    direct = [lm.pipeline.generate(fixture_image(d), d["question"], max_new_tokens=6).text for d in docs]
+    stop = direct[1][3:5]                         # a piece of the second answer: with apply_until, cut there
+    assert direct[1].find(stop) == 3
+    settings = [{"max_new_tokens": 2}, {"max_new_tokens": 6, "until": [stop]}, {"max_new_tokens": 6}]
+    reqs = requests("generate_until", "t", [(d["question"], image_of, kw) for d, kw in zip(docs, settings)])
+    two = lm.pipeline.generate(fixture_image(docs[0]), docs[0]["question"], max_new_tokens=2).text
+    assert [o.text for o in lm.generate_until(reqs)] == [two.strip(), direct[1].strip(), direct[2].strip()]
+    monkeypatch.setattr(lm, "apply_until", True)
+    assert [o.text for o in lm.generate_until(reqs)] == [two.strip(), direct[1][:3].strip(), direct[2].strip()]
+
+
 def test_loglikelihood_is_the_summed_loss_of_the_continuation(lm):
     docs = fixture_docs()
     lm.task_dict = {"t": {"test": docs}}
     pairs = [(d["question"], " " + c) for d in docs for c in d["choices"]]
     owner = [i for i, d in enumerate(docs) for _ in d["choices"]]
     from lmms_eval.api.instance import Instance
-    reqs = [Instance("loglikelihood", (q, c, lambda d: [fixture_image(d)], i, "t", "test"), 0,
-                     {"task": "t", "doc_id": i, "repeats": 1}) for (q, c), i in zip(pairs, owner)]
+    reqs = [Instance("loglikelihood", (q, c, image_of, i, "t", "test"), 0, {"task": "t", "doc_id": i, "repeats": 1})
+            for (q, c), i in zip(pairs, owner)]
     out = [r.text for r in lm.loglikelihood(reqs)]      # GenerationResult-wrapped pairs (see the plugin)
     for (q, c), i, (loss, greedy) in zip(pairs, owner, out):
         prompt, cont = lm.encode_pair(q, c)
@@ -211,8 +230,8 @@ def test_loglikelihood_is_the_summed_loss_of_the_continuation(lm):
 
 def test_requests_without_exactly_one_image_are_refused(lm):
     lm.task_dict = {"t": {"test": fixture_docs()}}
-    two = requests("generate_until", "t", [("Q?", lambda d: [fixture_image(d)] * 2)], {})
-    none = requests("generate_until", "t", [("Q?", lambda d: [])], {})
+    two = requests("generate_until", "t", [("Q?", lambda d: image_of(d) * 2, {})])
+    none = requests("generate_until", "t", [("Q?", lambda d: [], {})])
     for reqs, count in ((two, "got 2"), (none, "got 0")):
         with pytest.raises(MinivarError) as e:
             lm.generate_until(reqs)
