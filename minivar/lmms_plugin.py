@@ -121,7 +121,8 @@ def gen_settings(gen_kwargs: dict | None, task: str, default_max_new_tokens: int
         raise MinivarError(f"task {task}: generation_kwargs until={until!r} must be a string or a list of strings")
     num_beams = kw.pop("num_beams", 1)
     if num_beams not in (None, 1):
-        raise MinivarError(f"task {task}: num_beams={num_beams}; minivar decodes greedily or by sampling, not beam search")
+        raise MinivarError(f"task {task}: num_beams={num_beams}; minivar decodes greedily or by sampling, "
+                           f"not by beam search")
     top_k = kw.pop("top_k", None)
     if top_k not in (None, 0):
         raise MinivarError(f"task {task}: top_k={top_k} is not supported (minivar samples with temperature and top_p)")

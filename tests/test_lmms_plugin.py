@@ -10,7 +10,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -191,7 +190,8 @@ def test_generate_until_equals_the_pipeline(lm):
     for doc, context, o in zip(docs, contexts, out):
         direct = lm.pipeline.generate(fixture_image(doc), context, max_new_tokens=5)
         assert o.text == direct.text.strip()
-        assert (o.token_counts.input_tokens, o.token_counts.output_tokens) == (len(direct.prompt_ids), len(direct.output_ids))
+        counts = o.token_counts
+        assert (counts.input_tokens, counts.output_tokens) == (len(direct.prompt_ids), len(direct.output_ids))
     assert len({o.text for o in out}) == 3            # three images, three answers: a mix-up would show
 
 
