@@ -241,10 +241,24 @@ class Minivar(lmms):
 
     # -- the calls into the pipeline (the only two: a shared-prefix path can replace them) ----------------------
     def _generate(self, images, prompts, s: GenSettings):
-        return self.pipeline.generate_batch(images, prompts, max_new_tokens=s.max_new_tokens,
-                                            temperature=s.temperature, top_p=s.top_p, seed=s.seed,
-                                            conv_mode=self.conv_mode, image_aspect_ratio=self.image_aspect_ratio,
-                                            var=self.var)
+        """Questions of the batch about the same picture (equal pixels) share its image prefix (generate_many:
+        vision tower and prefix once); the others run as one left-padded batch (generate_batch)."""
+        import hashlib
+        kwargs = dict(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, seed=s.seed,
+                      conv_mode=self.conv_mode, image_aspect_ratio=self.image_aspect_ratio, var=self.var)
+        groups: dict[tuple, list[int]] = {}
+        for i, img in enumerate(images):
+            groups.setdefault((img.size, img.mode, hashlib.sha1(img.tobytes()).hexdigest()), []).append(i)
+        out = [None] * len(images)
+        singles = [ix[0] for ix in groups.values() if len(ix) == 1]
+        if singles:
+            done = self.pipeline.generate_batch([images[i] for i in singles], [prompts[i] for i in singles], **kwargs)
+            for i, r in zip(singles, done):
+                out[i] = r
+        for ix in (ix for ix in groups.values() if len(ix) > 1):
+            for i, r in zip(ix, self.pipeline.generate_many(images[ix[0]], [prompts[i] for i in ix], **kwargs)):
+                out[i] = r
+        return out
 
     def _logits(self, rows: list[list[int]], images) -> torch.Tensor:
         """Logits [B, T, V] (fp32) of left-padded id rows, one image each."""

@@ -84,7 +84,7 @@ def test_var_model_args():
     for given in ("[1415,2533]", "1415;2533", "2533 1415"):
         assert var_config(var=True, sink_dims=given).sink_dims == (1415, 2533)
     assert var_config(var=True, sink_dims=7).sink_dims == (7,)
-    assert var_config(var=True, sink_dims="auto").sink_dims == "auto"
+    assert var_config(var=True, sink_dims="auto").find_sink_dims                # the finder, as --sink-dims auto
     assert var_config(var=True, layers="[0,1,2]").layers == (0, 1, 2)
 
 
@@ -193,6 +193,24 @@ def test_generate_until_equals_the_pipeline(lm):
         counts = o.token_counts
         assert (counts.input_tokens, counts.output_tokens) == (len(direct.prompt_ids), len(direct.output_ids))
     assert len({o.text for o in out}) == 3            # three images, three answers: a mix-up would show
+
+
+def test_questions_about_one_picture_share_its_prefix(lm, monkeypatch):
+    """Two questions of a batch about the same pixels go through generate_many together, and answer as alone."""
+    docs = fixture_docs()
+    lm.task_dict = {"t": {"test": docs}}
+    picture = fixture_image(docs[0])
+    questions = ["What is in the image?" + POST_PROMPT, "Is there a dog?" + POST_PROMPT]
+    reqs = requests("generate_until", "t", [(q, lambda doc: [picture.copy()], {"max_new_tokens": 5, "do_sample": False})
+                                            for q in questions])
+    calls = []
+    real = lm.pipeline.generate_many
+    monkeypatch.setattr(lm.pipeline, "generate_many", lambda image, prompts, **k: calls.append(len(prompts))
+                        or real(image, prompts, **k))
+    out = lm.generate_until(reqs)
+    assert calls == [2]
+    for q, o in zip(questions, out):
+        assert o.text == lm.pipeline.generate(picture, q, max_new_tokens=5).text.strip()
 
 
 def test_generate_until_keeps_request_order_across_settings_and_cuts_at_until(lm, monkeypatch):
