@@ -10,7 +10,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(__file__).resolve().parents[2] / "shared"
-if str(REPO) not in sys.path:          # so `import minivar` / `import run` work however pytest is started
+if str(REPO) not in sys.path:          # so `import minivar` works however pytest is started
     sys.path.insert(0, str(REPO))
 
 from minivar.config import LlavaConfig, TextConfig, VisionConfig  # noqa: E402
@@ -146,15 +146,15 @@ def llama_tokenizer_path() -> Path:
 
 
 def run_cli(argv) -> tuple[int, str, str]:
-    """run.main in-process: (exit code, stdout, stderr)."""
+    """The command line (minivar.cli.main) in-process: (exit code, stdout, stderr)."""
     import contextlib
     import io
 
-    import run
+    from minivar import cli
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
-            rc = run.main([str(a) for a in argv])
+            rc = cli.main([str(a) for a in argv])
         except SystemExit as e:          # argparse's own errors exit from inside parse_args
             rc = e.code
     return rc, out.getvalue(), err.getvalue()
@@ -167,7 +167,7 @@ def assert_one_line_error(rc, out, err, *names):
     assert "Traceback" not in err
     lines = err.splitlines()
     assert len(lines) == 1 and err.endswith("\n"), err
-    assert "error" in lines[0]
+    assert lines[0].startswith("minivar: error: "), lines[0]        # one prefix for every error, argparse's too
     for name in names:
         assert str(name) in lines[0], (name, lines[0])
     return lines[0]

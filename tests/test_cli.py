@@ -2,7 +2,7 @@
 
 Contract: success prints the answer (or exactly one JSON object with --json) on stdout and exits 0; bad input of any
 kind exits 2 with exactly one line on stderr naming the thing at fault, nothing on stdout, and no traceback.
-Most cases call run.main() in-process (fast); a few go through a real interpreter, all started at once.
+Most cases call minivar.cli.main() in-process (fast); a few go through a real interpreter, all started at once.
 """
 import json
 import os
@@ -15,9 +15,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-import run
 from conftest import assert_one_line_error, run_cli
-from minivar import checkpoint
+from minivar import checkpoint, cli
 from minivar.demo import DEMO_SINK_PATCHES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -124,6 +123,20 @@ def test_a_closed_stdout_stops_quietly(demo_weights):
         os.close(w)
     assert p.returncode == 141, p.stderr
     assert "Traceback" not in p.stderr and "Error" not in p.stderr, p.stderr
+
+
+def test_the_three_ways_to_start_it_are_one_program(tmp_path):
+    """`python run.py` (from any directory), `python -m minivar` and the installed `minivar` all run minivar.cli."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    ways = {"run.py": [sys.executable, str(REPO / "run.py")], "-m": [sys.executable, "-m", "minivar"]}
+    helps = {}
+    for name, cmd in ways.items():
+        p = subprocess.run(cmd + ["--help"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, p.stderr
+        helps[name] = p.stdout
+        p = subprocess.run(cmd + ["--prompt", "x"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        assert_one_line_error(p.returncode, p.stdout, p.stderr, "--image")
+    assert helps["run.py"] == helps["-m"] and "--save-attention" in helps["-m"]
 
 
 def test_text_mode_prints_the_answer(procs):
@@ -290,7 +303,7 @@ def test_the_cli_lists_what_the_package_accepts():
     """run.py spells out its choices and default model (so --help needs no torch import): they must not drift."""
     from minivar import processing, var
     from minivar.pipeline import DTYPES
-    actions = {a.dest: a for a in run.build_parser()._actions}
+    actions = {a.dest: a for a in cli.build_parser()._actions}
     assert tuple(actions["conv_mode"].choices) == processing.CONV_MODES
     assert tuple(actions["image_aspect_ratio"].choices) == processing.IMAGE_MODES
     assert set(actions["dtype"].choices) == {"auto", *DTYPES}
