@@ -124,3 +124,13 @@ def test_install_into_a_fresh_venv(tmp_path, demo_weights):
     assert "Apache License" in next(dist.rglob("LICENSE")).read_text()
     if (REPO / "minivar" / "eval" / "__main__.py").is_file():        # written on another branch
         assert run(venv / "bin" / "minivar-eval", "--help").returncode == 0
+
+
+def test_no_tracked_file_is_git_ignored():
+    """A tracked file that .gitignore lists (docs/pictures.md once was) confuses every contributor's `git status`."""
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    proc = subprocess.run(["git", "ls-files", "--cached", "--ignored", "--exclude-standard"], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == ""
