@@ -80,15 +80,21 @@ def test_default_weights_dir(tmp_path, monkeypatch):
 
 
 def test_install_into_a_fresh_venv(tmp_path, demo_weights):
-    """`pip install .` of a copy of the source into a new virtual environment (torch & co. from this Python's
-    site-packages, nothing from the network), then the commands from another directory."""
+    """`pip install .` of a copy of the source into a new virtual environment, then the commands from another
+    directory. Nothing comes from the network: the new environment sees this Python's packages (torch, pip,
+    setuptools ...) through a .pth file, and the build runs without isolation."""
+    import site
+    import sysconfig
     src = tmp_path / "src"
     src.mkdir()
     for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(REPO / name, src / name)
     shutil.copytree(REPO / "minivar", src / "minivar", ignore=shutil.ignore_patterns("__pycache__"))
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    inner_site = next((venv / "lib").glob("python3*/site-packages"))
+    outer = dict.fromkeys([sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], *site.getsitepackages()])
+    (inner_site / "outer_packages.pth").write_text("".join(f"{p}\n" for p in outer))
     py = venv / "bin" / "python"
     pip = subprocess.run([str(py), "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
                           "--no-index", str(src)], capture_output=True, text=True, timeout=300)
@@ -115,11 +121,11 @@ def test_install_into_a_fresh_venv(tmp_path, demo_weights):
                  MINIVAR_WEIGHTS=str(demo_weights))
     assert answer.returncode == 0, answer.stderr
     assert len(json.loads(answer.stdout)["output_ids"]) <= 2
-    site = Path(file).parents[1]
-    shipped = {p.relative_to(site) for p in (site / "minivar").rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+    site_dir = Path(file).parents[1]
+    shipped = {p.relative_to(site_dir) for p in (site_dir / "minivar").rglob("*") if p.is_file() and "__pycache__" not in p.parts}
     source = {p.relative_to(src) for p in (src / "minivar").rglob("*") if p.is_file() and "__pycache__" not in p.parts}
     assert source - shipped == set()                                # every module and data file was installed
-    dist = next(site.glob("minivar-*.dist-info"))
+    dist = next(site_dir.glob("minivar-*.dist-info"))
     assert "[lmms_eval.models]" in (dist / "entry_points.txt").read_text()
     assert "Apache License" in next(dist.rglob("LICENSE")).read_text()
     if (REPO / "minivar" / "eval" / "__main__.py").is_file():        # written on another branch
