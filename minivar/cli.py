@@ -170,7 +170,7 @@ def run(args) -> int:
     import minivar
     from minivar import processing
     from minivar.errors import MinivarError
-    from minivar.inspection import RunInspection
+    from minivar.probe import RunInspection
     from minivar.pipeline import check_generation_args
 
     # Check everything the user passed before the (slow) model load.
