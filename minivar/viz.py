@@ -487,7 +487,8 @@ def main(argv=None) -> int:
     """Redraw the pictures from an attention.json: python -m minivar.viz attention.json [OUT_DIR]."""
     argv = sys.argv[1:] if argv is None else argv
     if not 1 <= len(argv) <= 2:
-        print("usage: python -m minivar.viz attention.json [OUT_DIR]", file=sys.stderr)
+        print("minivar: error: expected an attention.json and at most an output folder "
+              "(usage: python -m minivar.viz attention.json [OUT_DIR])", file=sys.stderr)
         return 2
     try:
         out = check_directory(argv[1] if len(argv) > 1 else Path(argv[0]).parent, "OUT_DIR")

@@ -244,6 +244,8 @@ def test_redrawing_a_bad_file_names_it(tmp_path, capsys):
         lines = captured.err.splitlines()
         assert len(lines) == 1 and lines[0].startswith("minivar: error: ") and str(path) in lines[0], (name, lines)
     assert not (tmp_path / "out").exists()
+    assert viz.main([]) == 2                                         # usage: the same one-line form
+    assert capsys.readouterr().err.startswith("minivar: error: ")
 
 
 def test_save_attention_needs_a_generated_token(demo_env, tmp_path):
