@@ -1,6 +1,5 @@
 """Where the tests get the real LLaMA tokenizer: ../shared/testdata, else the Hugging Face cache, else one download
 of llava-hf's tokenizer.json when online; else they skip, saying how to enable them."""
-from pathlib import Path
 
 import huggingface_hub
 import pytest
