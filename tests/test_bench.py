@@ -87,3 +87,14 @@ def test_bench_checkpoints_made_by_an_older_rule_are_made_again(tmp_path):
     stamp = weights.stat().st_mtime_ns
     bench.make_checkpoint("reference", "float32", d)
     assert weights.stat().st_mtime_ns == stamp
+
+
+def test_help_gives_the_whole_first_paragraph():
+    """--help's description is the docstring's whole first paragraph, not its first line cut mid-sentence."""
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "bench.py"), "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    text = " ".join(proc.stdout.split())
+    assert "decode speed, VAR cost, batching, and the same figures for transformers' LlavaForConditionalGeneration" \
+        in text
+    assert "on the same checkpoint, pixels and prompt ids." in text and "--make tiny --quick" in text
