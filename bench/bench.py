@@ -15,6 +15,7 @@ Output: a table on stderr-free stdout, then one JSON line (prefixed "BENCH_JSON 
 from __future__ import annotations
 
 import argparse
+import textwrap
 import json
 import os
 import platform
@@ -350,7 +351,10 @@ def positive_ints(text: str) -> list[int]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    # the docstring's first paragraph (a whole sentence, not its first line), then its examples
+    summary, examples = __doc__.split("\n\n")[:2]
+    p = argparse.ArgumentParser(description=textwrap.fill(" ".join(summary.split()), 100), epilog="examples:\n" + examples,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", type=Path,
                    help="checkpoint directory; made there (shape --make) if it has no config.json "
                         "(default: weights/bench-<make>-<dtype>)")

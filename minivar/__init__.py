@@ -1,7 +1,8 @@
 """minivar: LLaVA-1.5 in plain PyTorch, with Visual Attention Redistribution (VAR) built into its attention."""
 from .errors import MinivarError
 
-__all__ = ["MinivarError", "load"]
+__version__ = "0.1.0"        # the one place it is written: pyproject.toml reads it from here
+__all__ = ["MinivarError", "__version__", "load"]
 
 
 def load(model: str = "llava-hf/llava-1.5-7b-hf", *, device: str = "auto", dtype="auto", weights_dir=None):

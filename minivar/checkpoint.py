@@ -20,7 +20,21 @@ from .errors import MinivarError
 from .llava import Llava
 
 DEFAULT_MODEL = "llava-hf/llava-1.5-7b-hf"
-WEIGHTS_DIR = Path(os.environ.get("MINIVAR_WEIGHTS", Path(__file__).resolve().parents[1] / "weights"))
+
+
+def default_weights_dir(package_root: Path | None = None) -> Path:
+    """Where checkpoints go: $MINIVAR_WEIGHTS if set; in a source checkout (also an editable install) its weights/
+    folder, recognised by the README it carries; for an installed package the user's cache, ~/.cache/minivar
+    ($XDG_CACHE_HOME/minivar) — never site-packages."""
+    if os.environ.get("MINIVAR_WEIGHTS"):
+        return Path(os.environ["MINIVAR_WEIGHTS"])
+    checkout = (package_root or Path(__file__).resolve().parents[1]) / "weights"
+    if (checkout / "README.md").is_file():
+        return checkout
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "minivar"
+
+
+WEIGHTS_DIR = default_weights_dir()
 DOWNLOAD_PATTERNS = ["*.json", "*.safetensors"]   # config, tokenizer.json, weights: all minivar reads
 SOURCE_FILE = ".hub-id"                             # in a downloaded folder: the hub id it came from
 

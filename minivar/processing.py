@@ -313,12 +313,20 @@ class Tokenizer:
 class StreamDecoder:
     r"""Turns generated ids into printable text as they arrive: push() pieces + flush() == tokenizer.decode(ids).
 
-    Decoding one token at a time is wrong for sentencepiece: "▁the" alone decodes to "the" (the decoder strips the
-    leading space of the whole text), and a character spelled as byte-fallback tokens (<0xE2><0x82><0xAC> = "€") is
-    not text until its last byte. Worse, the `tokenizers` decoder turns a whole run of adjacent byte tokens into
-    U+FFFDs if the run is not valid UTF-8, so a byte that reads fine now ("\n" is <0x0A>) can read differently
-    once more bytes join its run. So text is only printed up to the last ordinary token: a run of byte tokens waits
-    until an ordinary token closes it (one token of delay, e.g. for newlines), or until flush().
+    Decoding one token at a time is wrong: a sentencepiece "▁the" alone decodes to "the" (the decoder strips the
+    leading space of the whole text), and a character may be spread over several tokens. So each push decodes all
+    ids so far and prints only the part of that text that later tokens can no longer change. Two kinds of
+    tokenizer hold text back in two ways:
+      - sentencepiece with byte fallback (LLaMA): a character missing from the vocabulary is spelled as byte tokens
+        (<0xE2><0x82><0xAC> = "€"), and the decoder turns a whole *run* of adjacent byte tokens into U+FFFDs if the
+        run is not valid UTF-8 — so a byte that reads fine now ("\n" is <0x0A>) can read differently once more
+        bytes join its run. Text is final only up to the last ordinary token, which closes the run.
+      - byte-level BPE (GPT-2 style; minivar's demo): every token is bytes, and the decoder reads the bytes of the
+        whole text as UTF-8, showing a character whose bytes have not all arrived as one U+FFFD at the end. Bytes
+        that arrive later complete (or invalidate) only that tail; everything before it is final.
+    So text is printed up to the last ordinary token, less any U+FFFD at its end (held until the next token shows
+    whether it was a character in the making, or until flush()). The delay is one token for a byte run (e.g. a
+    newline in LLaMA) and nothing for ordinary text.
     Each push re-decodes everything so far; quadratic, but even at 1,000 tokens one push costs ~0.2 ms, far less
     than a decoder step.
     """
@@ -333,14 +341,14 @@ class StreamDecoder:
         self.ids.append(int(token_id))
         if not self._tokenizer._closes_byte_run(self.ids[-1]):
             return ""
-        return self._emit(self._tokenizer.decode(self.ids))
+        return self._emit(self._tokenizer.decode(self.ids).rstrip("\ufffd"))
 
     def flush(self) -> str:
-        """At the end of generation: the text still held back (trailing byte tokens)."""
+        """At the end of generation: the text still held back (trailing byte tokens or an incomplete character)."""
         return self._emit(self._tokenizer.decode(self.ids))
 
     def _emit(self, text: str) -> str:
-        # Text up to an ordinary token is final, so `text` extends what was printed; the check guards that claim.
+        # `text` is final (see the class docstring), so it extends what was printed; the check guards that claim.
         if not text.startswith(self._printed):
             raise AssertionError(f"stream decoding went back on printed text: {self._printed[-20:]!r}")
         new = text[len(self._printed):]

@@ -337,8 +337,10 @@ class VARState(Hook):
         positions = torch.arange(rows.start, rows.stop, device=probs.device)
         touched = positions[None, :] >= self.sinks.image_end[:B, None]                # [B, R]
         touched = touched & vis.any(-1, keepdim=True)   # a sample without visual sinks in this layer is left alone
-        real = F.pad(self.sinks.real[:B], (0, max(0, rows.stop - self.sinks.prompt_len)), value=True)
-        touched = touched & real[:, rows.start:rows.stop]         # padding rows are no one's rows
+        T = self.sinks.prompt_len
+        if rows.start < T:                                        # prompt rows: padding rows are no one's rows
+            real = self.sinks.real[:B, rows.start:min(rows.stop, T)]
+            touched = touched & F.pad(real, (0, max(0, rows.stop - T)), value=True)
         cfg = self.cfg
         if cfg.rule == "official":
             from .official import redistribute_official, select_heads_official   # official.py builds on this module
@@ -348,7 +350,6 @@ class VARState(Hook):
             selected = select_heads_official(probs, image, vis, touched, cfg.rho, cfg.min_image_attention)
         else:
             selected = select_heads(probs, image, vis, touched, cfg.min_image_attention, cfg.rho)
-        T = self.sinks.prompt_len
         self.counts["prefill"][:, layer] += (selected[..., :max(0, T - rows.start)]).sum(dim=(1, 2))
         if rows.stop > T:                      # generated rows: counted per row, so a report can stop at a sample's end
             first = max(rows.start, T)

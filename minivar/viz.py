@@ -22,6 +22,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
@@ -423,16 +424,23 @@ def draw_all(numbers: dict, view: Image.Image) -> dict[str, Image.Image]:
 # ---------------------------------------------------------------------------------------------------------------
 # Files
 
-def check_directory(path) -> Path:
-    """The pictures' directory: an existing directory, or one that can be created (checked before the model runs)."""
+def check_directory(path, flag: str = "--save-attention") -> Path:
+    """The pictures' directory: an existing directory, or one that can be created, and writable — checked before the
+    model runs, so a bad one fails at once rather than after the whole generation. Creates nothing."""
     p = Path(path)
     if p.exists() and not p.is_dir():
-        raise MinivarError(f"--save-attention '{p}' exists and is not a directory")
-    parent = p.absolute().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise MinivarError(f"--save-attention '{p}': '{parent}' is not a directory")
+        raise MinivarError(f"{flag} '{p}' exists and is not a directory")
+    base = p.absolute()
+    while not base.exists():
+        base = base.parent
+    if not base.is_dir():
+        raise MinivarError(f"{flag} '{p}': '{base}' is not a directory")
+    try:
+        # Try it, rather than trust permission bits: root ignores them, and a read-only mount refuses anyone.
+        with tempfile.TemporaryFile(dir=base):
+            pass
+    except OSError as e:
+        raise MinivarError(f"{flag} '{p}': cannot write into '{base}': {e.strerror or e}") from None
     return p
 
 
@@ -479,16 +487,28 @@ def main(argv=None) -> int:
     """Redraw the pictures from an attention.json: python -m minivar.viz attention.json [OUT_DIR]."""
     argv = sys.argv[1:] if argv is None else argv
     if not 1 <= len(argv) <= 2:
-        print("usage: python -m minivar.viz attention.json [OUT_DIR]", file=sys.stderr)
+        print("minivar: error: expected an attention.json and at most an output folder "
+              "(usage: python -m minivar.viz attention.json [OUT_DIR])", file=sys.stderr)
         return 2
     try:
-        numbers, view = load_numbers(argv[0])
-        out = check_directory(argv[1] if len(argv) > 1 else Path(argv[0]).parent)
+        out = check_directory(argv[1] if len(argv) > 1 else Path(argv[0]).parent, "OUT_DIR")
+        if not Path(argv[0]).is_file():
+            raise MinivarError(f"'{argv[0]}' not found (or not a file)")
+        try:                                                # every picture drawn in memory before any is written
+            pictures = draw_all(*load_numbers(argv[0]))
+        except OSError as e:
+            raise MinivarError(f"cannot read '{argv[0]}': {' '.join(str(e).split())}") from None
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:   # not the file --save-attention writes
+            raise MinivarError(f"'{argv[0]}' is not an attention.json written by --save-attention "
+                               f"({type(e).__name__}: {' '.join(str(e).split())})") from None
         out.mkdir(parents=True, exist_ok=True)
-        for name, im in draw_all(numbers, view).items():
+        for name, im in pictures.items():
             _write_atomic(out / name, lambda tmp, im=im: im.save(tmp, format="PNG", optimize=True))
             print(out / name)
-    except (OSError, ValueError, KeyError, MinivarError) as e:
+    except OSError as e:
+        print(f"minivar: error: cannot write the pictures: {e.strerror or e}", file=sys.stderr)
+        return 2
+    except MinivarError as e:
         print(f"minivar: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny random checkpoint in the llava-hf hub layout, and the real LLaMA tokenizer's path.
+"""Shared fixtures: a tiny random checkpoint in the llava-hf hub layout, and the real LLaMA tokenizer's path (from
+../shared/testdata, the Hugging Face cache, or downloaded once: see find_llama_tokenizer).
 
 Session-scoped objects are shared by every test: treat them as read-only (copy a checkpoint dir before changing it).
 """
@@ -10,7 +11,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(__file__).resolve().parents[2] / "shared"
-if str(REPO) not in sys.path:          # so `import minivar` / `import run` work however pytest is started
+if str(REPO) not in sys.path:          # so `import minivar` works however pytest is started
     sys.path.insert(0, str(REPO))
 
 from minivar.config import LlavaConfig, TextConfig, VisionConfig  # noqa: E402
@@ -136,25 +137,69 @@ def demo_pipe(demo_weights):
     return minivar.load("demo", device="cpu", dtype="float32", weights_dir=demo_weights)
 
 
+LLAVA_HUB_ID = "llava-hf/llava-1.5-7b-hf"
+ENABLE_REAL_TOKENIZER = (
+    "the real LLaMA tokenizer is not available: run the tests once online (they fetch the 2 MB tokenizer.json of "
+    f"{LLAVA_HUB_ID} into the Hugging Face cache), or put shared/testdata/llama-tokenizer/tokenizer.json next to "
+    "the repo")
+
+
+def find_llama_tokenizer(shared: Path = SHARED) -> tuple[Path | None, str]:
+    """The real LLaVA-1.5 (LLaMA) tokenizer.json for the tests that need it, and where it came from: the shared test
+    data next to the repo; else the local Hugging Face cache; else llava-hf's own file, downloaded once into that
+    cache when online (HF_HUB_OFFLINE=1 forbids it). (None, why) when none of these has it."""
+    path = shared / "testdata" / "llama-tokenizer" / "tokenizer.json"
+    if path.is_file():
+        return path, f"shared test data ({path})"
+    import huggingface_hub
+    cached = huggingface_hub.try_to_load_from_cache(LLAVA_HUB_ID, "tokenizer.json")
+    if isinstance(cached, str):
+        return Path(cached), f"the Hugging Face cache ({cached})"
+    if not hub_reachable():
+        return None, f"{ENABLE_REAL_TOKENIZER} (the hub is not reachable)"
+    try:
+        got = huggingface_hub.hf_hub_download(LLAVA_HUB_ID, "tokenizer.json", etag_timeout=10)
+    except Exception as e:             # blocked, HF_HUB_OFFLINE=1, hub errors: all mean "not available"
+        return None, f"{ENABLE_REAL_TOKENIZER} (download failed: {type(e).__name__})"
+    return Path(got), f"downloaded from {LLAVA_HUB_ID} ({got})"
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick connection to the hub's host: offline, huggingface_hub would retry for half a minute before
+    giving up, and the tests should skip in seconds instead."""
+    import socket
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlsplit(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+    except OSError:
+        return False
+    return True
+
+
 @pytest.fixture(scope="session")
 def llama_tokenizer_path() -> Path:
-    """shared/testdata/llama-tokenizer/tokenizer.json (the real LLaVA-1.5 tokenizer); skips where it is absent."""
-    path = SHARED / "testdata" / "llama-tokenizer" / "tokenizer.json"
-    if not path.is_file():
-        pytest.skip(f"{path} not found (needs the shared test data next to the repo)")
+    """The real LLaVA-1.5 tokenizer.json (see find_llama_tokenizer); skips, saying how to enable it, where absent."""
+    path, why = find_llama_tokenizer()
+    if path is None:
+        pytest.skip(why)
     return path
 
 
 def run_cli(argv) -> tuple[int, str, str]:
-    """run.main in-process: (exit code, stdout, stderr)."""
+    """The command line (minivar.cli.main) in-process: (exit code, stdout, stderr)."""
     import contextlib
     import io
 
-    import run
+    from minivar import cli
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
-            rc = run.main([str(a) for a in argv])
+            rc = cli.main([str(a) for a in argv])
         except SystemExit as e:          # argparse's own errors exit from inside parse_args
             rc = e.code
     return rc, out.getvalue(), err.getvalue()
@@ -167,7 +212,7 @@ def assert_one_line_error(rc, out, err, *names):
     assert "Traceback" not in err
     lines = err.splitlines()
     assert len(lines) == 1 and err.endswith("\n"), err
-    assert "error" in lines[0]
+    assert lines[0].startswith("minivar: error: "), lines[0]        # one prefix for every error, argparse's too
     for name in names:
         assert str(name) in lines[0], (name, lines[0])
     return lines[0]

@@ -31,6 +31,21 @@ def test_benchmark_runs_end_to_end(tmp_path):
         assert report["same_tokens_as_transformers"] is True
 
 
+def test_many_questions_benchmark_runs_end_to_end(tmp_path, llama_tokenizer_path):
+    """bench_many.py on a tiny checkpoint: every figure is there (the eval CLI's end-to-end run included)."""
+    cmd = [sys.executable, str(REPO / "bench" / "bench_many.py"), "--make", "tiny", "--quick", "--dtype", "float32",
+           "--checkpoint", str(tmp_path / "ckpt"), "--tokenizer", str(llama_tokenizer_path), "--no-transformers"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("BENCH_MANY_JSON ")]
+    report = json.loads(lines[0][len("BENCH_MANY_JSON "):])
+    mv = report["minivar"]
+    assert set(mv["shared"]) == {"off-1", "off-6", "on-1", "on-6"} and min(mv["shared"].values()) > 0
+    assert mv["one_by_one"]["off"] > 0 and mv["one_by_one"]["on"] > 0 and mv["var_pairs"] > 0
+    assert report["eval_cli"]["6"]["questions_per_s"] > 0
+    assert "shared prefix" in proc.stdout
+
+
 def test_bandwidth_reads_exactly_the_weights_a_decode_step_reads():
     sys.path.insert(0, str(REPO / "bench"))
     import torch
@@ -72,3 +87,14 @@ def test_bench_checkpoints_made_by_an_older_rule_are_made_again(tmp_path):
     stamp = weights.stat().st_mtime_ns
     bench.make_checkpoint("reference", "float32", d)
     assert weights.stat().st_mtime_ns == stamp
+
+
+def test_help_gives_the_whole_first_paragraph():
+    """--help's description is the docstring's whole first paragraph, not its first line cut mid-sentence."""
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "bench.py"), "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    text = " ".join(proc.stdout.split())
+    assert "decode speed, VAR cost, batching, and the same figures for transformers' LlavaForConditionalGeneration" \
+        in text
+    assert "on the same checkpoint, pixels and prompt ids." in text and "--make tiny --quick" in text

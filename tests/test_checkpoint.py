@@ -419,3 +419,11 @@ def test_offline_hub_that_returns_the_empty_local_dir_is_an_error(tmp_path, monk
     with pytest.raises(MinivarError, match="could not download 'llava-hf/llava-1.5-7b-hf'.*--model"):
         resolve("llava-hf/llava-1.5-7b-hf", tmp_path)
     assert not (tmp_path / "llava-1.5-7b-hf").exists()     # nothing half-made is left behind
+
+
+def test_weights_readme_states_the_demo_size(demo_weights):
+    import re
+    readme = (Path(__file__).resolve().parents[1] / "weights" / "README.md").read_text()
+    stated = int(re.search(r"`--model demo`\s+builds .*?\(about (\d+) MB\)", readme, re.S).group(1))
+    size = sum(f.stat().st_size for f in (demo_weights / "demo").iterdir()) / 1e6
+    assert abs(size - stated) <= 0.1 * stated, (size, stated)

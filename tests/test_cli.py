@@ -2,12 +2,14 @@
 
 Contract: success prints the answer (or exactly one JSON object with --json) on stdout and exits 0; bad input of any
 kind exits 2 with exactly one line on stderr naming the thing at fault, nothing on stdout, and no traceback.
-Most cases call run.main() in-process (fast); a few go through a real interpreter, all started at once.
+Most cases call minivar.cli.main() in-process (fast); a few go through a real interpreter, all started at once.
 """
+import io
 import json
 import os
 import subprocess
 import sys
+import unicodedata
 from pathlib import Path
 
 import pytest
@@ -15,9 +17,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-import run
 from conftest import assert_one_line_error, run_cli
-from minivar import checkpoint
+from minivar import checkpoint, cli
 from minivar.demo import DEMO_SINK_PATCHES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,7 +84,7 @@ def missing_tensor(state):
     del state[MISSING]
 
 
-# the default dtype (bf16 on CPU); the shorter llava_hf template (598 prompt ids instead of 753) to save time
+# the default dtype (bf16 on CPU); the shorter llava_hf template (616 prompt ids instead of 771) to save time
 BASE = ["--image", IMAGE, "--prompt", PROMPT, "--model", "demo", "--max-new-tokens", "3", "--conv-mode", "llava_hf"]
 
 
@@ -124,6 +125,20 @@ def test_a_closed_stdout_stops_quietly(demo_weights):
         os.close(w)
     assert p.returncode == 141, p.stderr
     assert "Traceback" not in p.stderr and "Error" not in p.stderr, p.stderr
+
+
+def test_the_three_ways_to_start_it_are_one_program(tmp_path):
+    """`python run.py` (from any directory), `python -m minivar` and the installed `minivar` all run minivar.cli."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    ways = {"run.py": [sys.executable, str(REPO / "run.py")], "-m": [sys.executable, "-m", "minivar"]}
+    helps = {}
+    for name, cmd in ways.items():
+        p = subprocess.run(cmd + ["--help"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, p.stderr
+        helps[name] = p.stdout
+        p = subprocess.run(cmd + ["--prompt", "x"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        assert_one_line_error(p.returncode, p.stdout, p.stderr, "--image")
+    assert helps["run.py"] == helps["-m"] and "--save-attention" in helps["-m"]
 
 
 def test_text_mode_prints_the_answer(procs):
@@ -290,9 +305,126 @@ def test_the_cli_lists_what_the_package_accepts():
     """run.py spells out its choices and default model (so --help needs no torch import): they must not drift."""
     from minivar import processing, var
     from minivar.pipeline import DTYPES
-    actions = {a.dest: a for a in run.build_parser()._actions}
+    actions = {a.dest: a for a in cli.build_parser()._actions}
     assert tuple(actions["conv_mode"].choices) == processing.CONV_MODES
     assert tuple(actions["image_aspect_ratio"].choices) == processing.IMAGE_MODES
     assert set(actions["dtype"].choices) == {"auto", *DTYPES}
     assert set(actions["var_preset"].choices) == set(var.PRESETS)
     assert actions["model"].default == checkpoint.DEFAULT_MODEL
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --help, the status lines, the terminal, the sink rule without VAR
+
+def test_help_shows_every_default_and_the_default_model_size():
+    parser = cli.build_parser()
+    for action in parser._actions:
+        if action.dest == "help":
+            continue
+        assert "default" in action.help.lower() or action.required, action.option_strings
+    text = " ".join(parser.format_help().split())
+    assert f"Default: {checkpoint.DEFAULT_MODEL}, LLaVA-1.5-7B: a 14.1 GB download" in text
+    assert cli.DEFAULT_MODEL == checkpoint.DEFAULT_MODEL
+
+
+class _Finished:
+    def __init__(self, finished, n):
+        self.finished, self.output_ids = finished, [5] * n
+
+
+@pytest.mark.parametrize("finished, n, max_new, key", [(True, 2, 3, "eos"), (True, 3, 3, "eos"),
+                                                       (False, 3, 3, "max_new_tokens"), (False, 0, 0, "max_new_tokens"),
+                                                       (False, 2, 3, "context")])
+def test_stop_reason(finished, n, max_new, key):
+    assert cli.stop_reason(_Finished(finished, n), max_new, 2048)[0] == key
+
+
+def test_text_mode_says_why_it_stopped_and_what_var_did(demo_env):
+    rc, out, err = run_cli(BASE + ["--var"])
+    assert rc == 0, err
+    lines = err.splitlines()
+    summary = [line for line in lines if line.startswith("minivar: VAR: ")]
+    assert len(summary) == 1, err
+    # the same numbers as --json's record (deterministic greedy run); with VAR the demo stops at EOS here
+    rc, json_out, _ = run_cli(BASE + ["--var", "--json"])
+    record = json.loads(json_out)
+    var = record["var"]
+    assert record["stopped"] == "eos" and record["finished"] is True
+    assert any(line.endswith(f"{len(record['output_ids'])} tokens, stopped at EOS") for line in lines), err
+    per_layer = " ".join(f"{len(var['visual_sinks'][k])}+{len(var['sinks'][k]) - len(var['visual_sinks'][k])}"
+                         for k in sorted(var["sinks"], key=int))
+    prefill, decode = sum(var["redistributed"]["prefill"]), sum(var["redistributed"]["decode"])
+    assert f"sinks per layer (visual+text) {per_layer};" in summary[0]
+    assert f"{prefill + decode} (head, row) pairs redistributed ({prefill} in the prefill, {decode} while decoding)" \
+        in summary[0]
+    assert prefill > 0 and "4+1" in per_layer                  # the demo's 4 planted patches and its BOS
+
+
+def test_text_mode_says_it_stopped_at_max_new_tokens(demo_env):
+    rc, out, err = run_cli(BASE + ["--max-new-tokens", "1"])       # the demo's first token is not EOS
+    assert rc == 0, err
+    assert err.splitlines()[-1].endswith("1 tokens, stopped at --max-new-tokens 1"), err
+
+
+def test_json_says_why_it_stopped_at_the_context_length(demo_weights, tmp_path, monkeypatch):
+    # prompt (616 ids with llava_hf) + 2 answer tokens fill a 618-token context before --max-new-tokens 3
+    model = with_config(demo_weights / "demo", tmp_path / "short", max_position_embeddings=618)
+    rc, out, err = run_cli(["--image", IMAGE, "--prompt", PROMPT, "--model", model, "--max-new-tokens", "3",
+                            "--conv-mode", "llava_hf", "--json"])
+    assert rc == 0, err
+    record = json.loads(out)
+    assert len(record["prompt_ids"]) == 616 and len(record["output_ids"]) == 2
+    assert record["stopped"] == "context" and record["finished"] is False
+    assert "stopped at the model's context length (618 tokens)" in err
+
+
+def test_terminal_text_escapes_control_characters():
+    assert cli.terminal_text("a\tb\nc") == "a\tb\nc"                      # newlines and tabs stay
+    assert cli.terminal_text("\x1b[31mred\x07\r\x00\x7f\x9b") == "\\x1b[31mred\\x07\\r\\x00\\x7f\\x9b"
+    assert cli.terminal_text("ünï 日本 😀") == "ünï 日本 😀"
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_generated_control_characters_are_escaped_on_a_terminal_only(demo_env, monkeypatch):
+    sampled = BASE + ["--max-new-tokens", "40", "--temperature", "1.0", "--seed", "3"]   # the later flag wins
+    rc, out, err = run_cli(sampled + ["--json"])
+    text = json.loads(out)["text"]
+    controls = {c for c in text if unicodedata.category(c) == "Cc" and c not in "\n\t"}
+    assert controls, repr(text)                                 # this seed's noise has some (else pick another)
+    rc, piped, err = run_cli(sampled)                           # a pipe or file gets the text as generated
+    assert rc == 0 and piped == text + "\n", err
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stdout", terminal)
+    assert cli.main([str(a) for a in sampled]) == 0
+    shown = terminal.getvalue()
+    assert shown == cli.terminal_text(text) + "\n"
+    assert not any(unicodedata.category(c) == "Cc" and c not in "\n\t" for c in shown)
+
+
+def masked_counts(argv):
+    rc, out, err = run_cli(BASE + ["--mask-visual-sinks", "--json"] + argv)
+    assert rc == 0, err
+    return json.loads(out)["masked"]
+
+
+def test_tau_and_sink_dims_serve_sink_masking_without_var(demo_env):
+    default = masked_counts([])
+    assert set(default["count"].values()) == {len(DEMO_SINK_PATCHES)}       # the planted sinks, in every layer
+    assert set(masked_counts(["--tau", "1000"])["count"].values()) == {0}    # no φ reaches τ = 1000
+    assert set(masked_counts(["--sink-dims", "37"])["count"].values()) == {0}   # the text-sink dim: no visual sinks
+
+
+def test_tau_serves_the_pictures_without_var(demo_env, tmp_path):
+    rc, out, err = run_cli(BASE + ["--save-attention", tmp_path / "pics", "--tau", "1000", "--json"])
+    assert rc == 0, err
+    numbers = json.loads((tmp_path / "pics" / "attention.json").read_text())
+    assert numbers["tau"] == 1000 and all(v == [] for v in numbers["visual_sinks"].values())
+    assert "var" not in json.loads(out)
+
+
+def test_tau_without_anything_that_uses_sinks_is_an_error(demo_env):
+    assert_one_line_error(*run_cli(BASE + ["--sink-dims", "37"]), "--sink-dims", "--var", "--save-attention")

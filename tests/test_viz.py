@@ -6,6 +6,7 @@ One CLI run on the offline demo model (24×24 patch grid, sinks planted at demo.
 drawn from hand-made numbers. CPU, seconds.
 """
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -208,6 +209,43 @@ def test_save_attention_under_a_file_is_one_line_error(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(MinivarError, match="is not a directory"):
         viz.check_directory(tmp_path / "file" / "sub" / "pics")
+
+
+def unwritable_directory(tmp_path) -> Path:
+    """A directory nobody may write into: a read-only one, or for root (who ignores permission bits) /sys."""
+    if os.geteuid() == 0:
+        return Path("/sys")
+    d = tmp_path / "read-only"
+    d.mkdir(mode=0o555)
+    return d
+
+
+def test_save_attention_into_an_unwritable_directory_fails_before_the_model_loads(demo_env, tmp_path, monkeypatch):
+    import minivar
+    target = unwritable_directory(tmp_path) / "pics"
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before --save-attention was checked")
+    monkeypatch.setattr(minivar, "load", no_load)
+    rc, out, err = run_cli(["--image", IMAGE, "--prompt", PROMPT, "--model", "demo", "--save-attention", target])
+    assert_one_line_error(rc, out, err, f"--save-attention '{target}'", "cannot write")
+    assert not target.exists()
+
+
+def test_redrawing_a_bad_file_names_it(tmp_path, capsys):
+    cases = {"missing": tmp_path / "nope.json", "not json": tmp_path / "notes.json",
+             "other json": tmp_path / "other.json"}
+    cases["not json"].write_text("hello")
+    cases["other json"].write_text('{"version": 1}')
+    for name, path in cases.items():
+        assert viz.main([str(path), str(tmp_path / "out")]) == 2, name
+        captured = capsys.readouterr()
+        assert captured.out == ""
+        lines = captured.err.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("minivar: error: ") and str(path) in lines[0], (name, lines)
+    assert not (tmp_path / "out").exists()
+    assert viz.main([]) == 2                                         # usage: the same one-line form
+    assert capsys.readouterr().err.startswith("minivar: error: ")
 
 
 def test_save_attention_needs_a_generated_token(demo_env, tmp_path):

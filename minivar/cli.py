@@ -1,0 +1,251 @@
+"""minivar command line: answer a question about an image with LLaVA-1.5, optionally with VAR.
+
+    minivar --image assets/example.jpg --prompt "What is in the image?" --model demo
+    minivar --image x.jpg --prompt "..." --var                # real 7B from the hub (14 GB download)
+
+The same program runs as `minivar` (installed), `python -m minivar` and `python run.py` (a clone).
+Errors in what you pass (files, flags, checkpoints) print one line on stderr, `minivar: error: ...`, and exit with
+code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import textwrap
+import unicodedata
+
+
+DEFAULT_MODEL = "llava-hf/llava-1.5-7b-hf"      # = checkpoint.DEFAULT_MODEL (a test keeps them equal; no torch import here)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not usage + message
+        print(f"minivar: error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+class _Help(argparse.HelpFormatter):
+    def _split_lines(self, text, width):  # never break "llava-hf/llava-1.5-7b-hf" at its hyphens
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # Every default is written into its help text (--help is where a user learns that the default model is a 14 GB
+    # download), so a test can check that none is missing.
+    p = _Parser(prog="minivar", description="LLaVA-1.5 in plain PyTorch, with Visual Attention Redistribution (VAR).",
+                epilog="Hub checkpoints are downloaded once into the weights folder (MINIVAR_WEIGHTS, default: weights/ "
+                       "of a source checkout, else ~/.cache/minivar) and reused. Bad input prints one line, "
+                       "'minivar: error: ...', and exits with code 2.",
+                formatter_class=_Help, allow_abbrev=False)
+    p.add_argument("--image", required=True, help="image file, any format and mode PIL reads (required)")
+    p.add_argument("--prompt", required=True, help="the question or instruction (required)")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="hub id (downloaded on first use), a local checkpoint directory, or 'demo' (tiny random "
+                        f"weights, made offline in a second). Default: {DEFAULT_MODEL}, LLaVA-1.5-7B: a 14.1 GB "
+                        "download, ≥ 16 GB of (V)RAM")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="stop after this many tokens (default: 128)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples (default: 0)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when sampling (default: 1.0)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed for sampling and --mask-random-image-tokens (default: none for sampling, 0 for masking)")
+    p.add_argument("--conv-mode", choices=["vicuna_v1", "llava_hf"], default="vicuna_v1",
+                   help="prompt template: vicuna_v1 = LLaVA-1.5's evaluation, with its system prompt; llava_hf = the "
+                        "llava-hf model card's (default: vicuna_v1)")
+    p.add_argument("--image-aspect-ratio", choices=["pad", "crop"], default="pad",
+                   help="pad: LLaVA-1.5 evaluation; crop: llava-hf processor (default: pad)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto = cuda if available)")
+    p.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto",
+                   help="default: auto = float16 on CUDA, bfloat16 on CPU")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object on stdout (ids, text, finished, stopped, timing, VAR) instead of "
+                        "streaming the text (default: off)")
+    p.add_argument("--prompt-tokenization", choices=["llava", "official"], default="llava",
+                   help="llava: BOS + the template as LLaVA tokenizes it; official: as the VAR authors' released code "
+                        "does (no BOS, 29871 kept once; vicuna_v1 only; docs/official-rule.md) (default: llava)")
+    v = p.add_argument_group("VAR (Visual Attention Redistribution)")
+    v.add_argument("--var", action="store_true", help="apply VAR (default: off)")
+    v.add_argument("--var-preset", choices=["general", "hallucination", "vision"], default=None,
+                   help="ρ preset: general 0.8, hallucination 0.5, vision 0.9 (default: general)")
+    v.add_argument("--tau", type=float, default=None,
+                   help="sink threshold τ on φ, for VAR and for the sinks of --save-attention / --mask-visual-sinks "
+                        "(default: 20)")
+    v.add_argument("--rho", type=float, default=None,
+                   help="non-sink image-attention floor ρ, overrides the preset (default: the preset's)")
+    v.add_argument("--p", type=float, default=None, help="fraction of sink attention moved (default: 0.6)")
+    v.add_argument("--min-image-attention", type=float, default=None, help="image-attention floor (default: 0.2)")
+    v.add_argument("--sink-dims", default=None,
+                   help="comma-separated dims, or 'auto' to run the sink-dim finder; for VAR and the sinks of "
+                        "--save-attention / --mask-visual-sinks (default: the known dims of LLaVA-1.5-7B/13B, the "
+                        "finder for other models)")
+    v.add_argument("--var-rule", choices=["paper", "official"], default=None,
+                   help="paper: the paper's rule; official: as the authors' released code computes it, --rho and "
+                        "--p in its convention (rho: visual-sink ceiling, p: fraction kept; its defaults τ 20, "
+                        "rho 0.5, p 0.6; docs/official-rule.md) (default: paper)")
+    v.add_argument("--var-heads", choices=["image-centric", "all"], default=None,
+                   help="all: every head of the touched rows, the paper's ablation (default: image-centric)")
+    v.add_argument("--var-layers", metavar="A-B", default=None,
+                   help="the layers VAR may modify (default: the rule's, paper 0..L−2, official 2..L−1)")
+    i = p.add_argument_group("looking inside (pictures, sink removal; see docs/pictures.md)")
+    i.add_argument("--save-attention", metavar="DIR", default=None,
+                   help="write PNG pictures of sinks and attention, and their numbers (attention.json), into DIR "
+                        "(default: off)")
+    i.add_argument("--attention-layers", metavar="A-B", default=None,
+                   help="layer range of the attention picture (default: 10-12 of 32 layers, scaled to the model)")
+    m = i.add_mutually_exclusive_group()
+    m.add_argument("--mask-visual-sinks", action="store_true",
+                   help="remove each layer's visual sink tokens from attention, their key columns masked "
+                        "(default: off)")
+    m.add_argument("--mask-random-image-tokens", metavar="N", type=int, default=None,
+                   help="remove N random image tokens from attention in every layer, seeded by --seed "
+                        "(default: off)")
+    return p
+
+
+def var_config(args):
+    """(the VARConfig the flags ask for, or None without --var; the sink rule — τ and sink dims — of the sinks the
+    pictures and sink masking use). The VAR-only flags without --var are an error; --tau / --sink-dims without --var
+    serve the pictures and masking alone."""
+    from minivar.errors import MinivarError
+    from minivar.var import VARConfig, parse_sink_dims
+    sink_dims = parse_sink_dims(args.sink_dims) if args.sink_dims is not None else None
+    if not args.var:
+        var_only = {"--var-preset": args.var_preset, "--rho": args.rho, "--p": args.p,
+                    "--min-image-attention": args.min_image_attention, "--var-rule": args.var_rule,
+                    "--var-heads": args.var_heads, "--var-layers": args.var_layers}
+        given = [k for k, v in var_only.items() if v is not None]
+        if given:
+            raise MinivarError(f"{given[0]} only applies with --var")
+        rule_flags = [k for k, v in {"--tau": args.tau, "--sink-dims": args.sink_dims}.items() if v is not None]
+        if rule_flags and args.save_attention is None and not args.mask_visual_sinks:
+            raise MinivarError(f"{rule_flags[0]} only applies with --var, --save-attention or --mask-visual-sinks")
+        rule = VARConfig(**({"tau": args.tau} if args.tau is not None else {}), sink_dims=sink_dims)
+        return None, rule.validate()
+    layers = None
+    if args.var_layers is not None:
+        from minivar.inspection import parse_layer_range
+        lo, hi = parse_layer_range(args.var_layers, flag="--var-layers")
+        layers = tuple(range(lo, hi + 1))
+    # the official rule without --var-preset keeps the released code's defaults (rho 0.5), not the general preset
+    preset = args.var_preset or ("general" if args.var_rule in (None, "paper") else None)
+    cfg = VARConfig.preset(preset, tau=args.tau, rho=args.rho, p=args.p,   # --rho beats the preset
+                           min_image_attention=args.min_image_attention, sink_dims=sink_dims, rule=args.var_rule,
+                           heads=args.var_heads, layers=layers)
+    # The ranges that need no model are checked now, before the slow load (sink dims need the hidden size: later).
+    return cfg.validate(), cfg
+
+
+def stop_reason(result, max_new_tokens: int, context: int) -> tuple[str, str]:
+    """Why the generation stopped, as (key for --json, words for the status line). Pipeline.generate stops at EOS
+    (result.finished), after max_new_tokens, or when prompt + answer fill the model's context."""
+    if result.finished:
+        return "eos", "at EOS"
+    if len(result.output_ids) >= max_new_tokens:
+        return "max_new_tokens", f"at --max-new-tokens {max_new_tokens}"
+    return "context", f"at the model's context length ({context} tokens)"
+
+
+def var_summary(report: dict) -> str:
+    """One status line on what VAR did: sinks per layer (visual + text) and the (head, row) pairs redistributed."""
+    layers = sorted(int(k) for k in report["sinks"])
+    per_layer = []
+    for layer in layers:
+        n_visual = len(report["visual_sinks"].get(str(layer), []))
+        per_layer.append(f"{n_visual}+{len(report['sinks'][str(layer)]) - n_visual}")
+    prefill, decode = (sum(report["redistributed"][phase]) for phase in ("prefill", "decode"))
+    dims = ",".join(str(d) for d in report["sink_dims"])
+    settings = f"ρ {report['rho']:g}, p {report['p']:g}"
+    if report.get("rule") == "official":           # the code's conventions, and the paper's next to them
+        settings = (f"rule official: rho {report['rho']:g} (ρ {report['rho_paper']:g}), p {report['p']:g} kept "
+                    f"(p {report['p_paper']:g} moved)")
+    if report.get("heads") == "all":
+        settings += ", every head"
+    return (f"minivar: VAR: sinks per layer (visual+text) {' '.join(per_layer) or 'none'}; "
+            f"{prefill + decode} (head, row) pairs redistributed ({prefill} in the prefill, {decode} while decoding); "
+            f"sink dims {dims} ({report.get('sink_dims_source')}), τ {report['tau']:g}, " + settings)
+
+
+def terminal_text(text: str) -> str:
+    """Generated text made safe for a terminal: control characters (ESC, BEL, CR, C1 ...) other than newline and tab
+    are shown escaped (\\x1b), so a model's output cannot move the cursor, recolour or retitle the terminal."""
+    return "".join(c.encode("unicode_escape").decode("ascii") if unicodedata.category(c) == "Cc" and c not in "\n\t"
+                   else c for c in text)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from minivar.errors import MinivarError
+    try:
+        return run(args)
+    except MinivarError as e:
+        print(f"minivar: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("minivar: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # Whoever read stdout has gone (`run.py ... | head`): stop quietly, like other command-line tools. Point
+        # stdout at /dev/null so Python's own flush at exit does not fail a second time.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+
+
+def run(args) -> int:
+    import minivar
+    from minivar import processing
+    from minivar.errors import MinivarError
+    from minivar.inspection import RunInspection
+    from minivar.pipeline import check_generation_args
+
+    # Check everything the user passed before the (slow) model load.
+    check_generation_args(args.max_new_tokens, args.temperature, args.top_p)
+    if not args.prompt.strip():
+        raise MinivarError("--prompt is empty")
+    var, rule = var_config(args)
+    image = processing.load_image(args.image)
+    inspection = RunInspection.from_args(args)       # --save-attention / --mask-*: None when not asked for
+
+    llava = minivar.load(args.model, device=args.device, dtype=args.dtype)
+    # The request is prepared once, before any status line: what depends on the model (its context length, hidden
+    # size, VAR's sink dims — the finder may run now) is checked there, so bad input of any kind gives exactly one
+    # line on stderr. The finder's report is printed after the status line. Without --var, the sink sets of the
+    # pictures and of sink masking follow --tau / --sink-dims (`rule`).
+    capture, mask = inspection.hooks(llava, var) if inspection is not None else (None, None)
+    notes = []
+    request = llava.prepare([image], [args.prompt], conv_mode=args.conv_mode,
+                            image_aspect_ratio=args.image_aspect_ratio, max_new_tokens=args.max_new_tokens, var=var,
+                            sink_config=rule if var is None else None, capture=capture, mask=mask,
+                            warn=notes.append, prompt_tokenization=args.prompt_tokenization)
+    print(f"minivar: loaded {args.model} in {llava.load_s:.2f}s on {llava.device} "
+          f"({str(llava.dtype).replace('torch.', '')})", file=sys.stderr)
+    for note in notes:
+        print(note, file=sys.stderr)
+
+    to_terminal = sys.stdout.isatty()
+
+    def stream(piece):
+        print(terminal_text(piece) if to_terminal else piece, end="", flush=True)
+
+    out = llava.run(request, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                    on_text=None if args.json else stream)[0]
+    t = out.timing
+    stopped, why = stop_reason(out, args.max_new_tokens, llava.config.text.max_position_embeddings)
+    print(f"minivar: prefill {t['prefill_s']:.2f}s, decode {t['decode_tokens_per_s']:.2f} tok/s, "
+          f"{len(out.output_ids)} tokens, stopped {why}", file=sys.stderr)
+    if out.var is not None:
+        print(var_summary(out.var), file=sys.stderr)
+    inspected = inspection.finish(llava, out, image, args.image_aspect_ratio, var, args.prompt,
+                                  log=lambda msg: print(msg, file=sys.stderr)) if inspection is not None else {}
+    if args.json:
+        record = {"model": str(llava.directory), "device": str(llava.device), "dtype": str(llava.dtype).replace("torch.", ""),
+                  "prompt_tokenization": args.prompt_tokenization,
+                  "prompt_ids": out.prompt_ids, "output_ids": out.output_ids, "text": out.text,
+                  "finished": out.finished, "stopped": stopped, "timing": t}
+        if out.var is not None:
+            record["var"] = out.var
+        record.update(inspected)                      # "masked", "pictures"
+        print(json.dumps(record))
+    else:
+        print()
+    return 0
