@@ -737,3 +737,11 @@ def test_cli_errors(tiny_checkpoint, argv, names):
     rc, out, err = run_cli(["--image", TINY_IMAGE, "--prompt", "Hi", "--model", tiny_checkpoint,
                             "--max-new-tokens", "1", *argv])
     assert_one_line_error(rc, out, err, *names)
+
+
+def test_cli_status_line_names_the_rule(tiny_checkpoint):
+    from conftest import run_cli
+    rc, out, err = run_cli(["--image", TINY_IMAGE, "--prompt", "Hi", "--model", tiny_checkpoint, "--max-new-tokens",
+                            "1", "--var", "--var-rule", "official", "--var-heads", "all", "--sink-dims", "3,7"])
+    assert rc == 0, err
+    assert "rule official: rho 0.5 (ρ 0.5), p 0.6 kept (p 0.4 moved), every head" in err
