@@ -45,15 +45,28 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def matrix_vector_decode(device: torch.device, batch: int) -> bool:
+    """Does the decode loop run as matrix-vector products on ATen's own kernels? A single prompt on a CPU: each
+    decode step multiplies every weight matrix by one vector, bound by memory bandwidth."""
+    return device.type == "cpu" and batch == 1
+
+
+def new_cache(model, batch: int, length: int, device: torch.device) -> KVCache:
+    """The KV cache of a generation, its value layout matched to the decode loop's kernels (decode_kernels)."""
+    return KVCache(model.config.text, batch, length, model.language_model.lm_head.weight.dtype, device,
+                   values_transposed=matrix_vector_decode(device, batch))
+
+
 @contextlib.contextmanager
 def decode_kernels(device: torch.device, batch: int = 1):
     """The one place minivar steers CPU kernels, around the decode loop of a single prompt. Each decode step
-    multiplies every weight matrix by one vector (GEMV) and is bound by memory bandwidth; on CPUs ATen's own
-    bf16/fp16 GEMV streams the weights 1.5-2x faster than oneDNN's, while oneDNN is far faster for matrix products
-    (the prefill, the decode steps of a batch). torch exposes the choice only as the process-wide switch
+    multiplies every weight matrix by one vector (GEMV) and is bound by memory bandwidth; on the CPUs this was tuned
+    on (AMD Zen 4) ATen's own bf16/fp16 GEMV streams the weights faster than oneDNN's, while oneDNN is far faster for
+    matrix products (the prefill, the decode steps of a batch; docs/performance.md has the figures, and other CPUs
+    may differ). torch exposes the choice only as the process-wide switch
     torch.backends.mkldnn.enabled: it is switched off here and restored on the way out, exceptions included — so
     do not run another model in another thread of this process meanwhile. GPUs ignore the switch."""
-    active = device.type == "cpu" and batch == 1
+    active = matrix_vector_decode(device, batch)
     before = torch.backends.mkldnn.enabled
     if active:
         torch.backends.mkldnn.enabled = False
@@ -72,7 +85,9 @@ def last_logits(model, input_ids, pixel_values=None, **kwargs) -> torch.Tensor:
     """The next-token logits [B, 1, V] (fp32) of a call: the decoder's hidden states, and lm_head on the last row
     only (the other rows' logits are never needed while generating)."""
     h = model(input_ids, pixel_values, output="hidden", **kwargs)
-    return model.language_model.lm_head(h[:, -1:]).float()
+    # h[:, -1] is [B, D], one matrix product with the weight (a [B, 1, D] slice of a longer sequence would make
+    # linear broadcast the weight over the batch: a copy of lm_head per sample)
+    return model.language_model.lm_head(h[:, -1]).float()[:, None]
 
 
 @torch.inference_mode()
@@ -102,8 +117,7 @@ def generate(model, input_ids: torch.Tensor, pixel_values: torch.Tensor | None =
         raise MinivarError(f"the prompt ({prompt_end} tokens) and {max_new_tokens} new tokens would go past the "
                            f"model's context of {limit} positions (max_position_embeddings)")
     if cache is None:
-        cache = KVCache(model.config.text, B, prompt_end + max_new_tokens, model.language_model.lm_head.weight.dtype,
-                        device)
+        cache = new_cache(model, B, prompt_end + max_new_tokens, device)
     padded = attention_mask is not None and not bool(attention_mask.all())
     mask = torch.ones(B, prompt_end + max_new_tokens, dtype=torch.bool, device=device)   # preallocated, sliced
     if padded:

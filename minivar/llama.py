@@ -47,27 +47,35 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class KVCache:
     """Preallocated keys/values for every layer, written at the positions each call gives (gpt-fast's input_pos),
     and the RoPE tables for its whole length (computed once per cache, not per step). Keys are stored
-    [L, B, H_kv, max_len, hd]; values transposed, [L, B, H_kv, hd, max_len]: a decode step's probs @ v is then, per
-    head, hd contiguous dot products of length S, the form CPU matrix-vector kernels stream fastest.
-    The cache keeps no fill level: the caller (generate.py) knows which positions it has written."""
+    [L, B, H_kv, max_len, hd]. Values are stored the same way, or transposed ([L, B, H_kv, hd, max_len]) with
+    `values_transposed`: a single query row's probs @ v is then, per head, hd contiguous dot products of length S —
+    the form ATen's own matrix-vector kernel streams fastest, what a single prompt's CPU decode uses (generate.py
+    chooses). The cache keeps no fill level: the caller knows which positions it has written."""
 
-    def __init__(self, cfg: TextConfig, batch: int, max_len: int, dtype: torch.dtype, device: torch.device | str):
+    def __init__(self, cfg: TextConfig, batch: int, max_len: int, dtype: torch.dtype, device: torch.device | str,
+                 values_transposed: bool = False):
         L, H, hd = cfg.num_hidden_layers, cfg.n_kv_heads, cfg.head_dim
         # uninitialised: a call reads only the positions before its own end, all written by earlier calls
         self.k = torch.empty((L, batch, H, max_len, hd), dtype=dtype, device=device)
-        self.v_t = torch.empty((L, batch, H, hd, max_len), dtype=dtype, device=device)
+        self.values_transposed = values_transposed
+        v_shape = (L, batch, H, hd, max_len) if values_transposed else (L, batch, H, max_len, hd)
+        self.v = torch.empty(v_shape, dtype=dtype, device=device)
         self.max_len = max_len
         self.cos, self.sin = rope_table(max_len, cfg.head_dim, cfg.rope_theta, dtype, device)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int):
         """Store k/v [B, H_kv, T, hd] at positions start … start+T−1; return the keys/values of positions
-        0 … start+T−1 [B, H_kv, S, hd] (values as a transposed view of the cache)."""
+        0 … start+T−1 [B, H_kv, S, hd] (views of the cache; transposed values as a transposed view)."""
         end = start + k.shape[2]
         self.k[layer, :, :, start:end] = k
-        self.v_t[layer, ..., start:end] = v.transpose(-2, -1)
+        if self.values_transposed:
+            self.v[layer, ..., start:end] = v.transpose(-2, -1)
+        else:
+            self.v[layer, :, :, start:end] = v
         if start == 0:
             return k, v          # the first call: the fresh tensors are the same numbers, and contiguous
-        return self.k[layer, :, :, :end], self.v_t[layer, ..., :end].transpose(-2, -1)
+        values = self.v[layer, ..., :end].transpose(-2, -1) if self.values_transposed else self.v[layer, :, :, :end]
+        return self.k[layer, :, :, :end], values
 
     def rope(self, positions: torch.Tensor, rows: range) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin [B, T] of RoPE positions `positions` for a call writing cache positions `rows` (checked here,
@@ -130,7 +138,11 @@ class LlamaAttention(nn.Module):
         if n_fused and fused is None:
             fused = F.scaled_dot_product_attention(q[:, :, :n_fused], k, v, attn_mask=mask[:, :, :n_fused])
         q, mask = q[:, :, n_fused:], (mask[:, :, n_fused:] if mask is not None else None)
-        scores = ((q @ k.transpose(-2, -1)) * self.head_dim ** -0.5).float()         # [B, H, R, S]
+        if q.shape[2] == 1:      # one query row: keys times the query vector, the form CPU kernels stream fastest
+            scores = (k @ q.transpose(-2, -1)).transpose(-2, -1)                       # (same numbers as q @ kᵀ)
+        else:
+            scores = q @ k.transpose(-2, -1)
+        scores = (scores * self.head_dim ** -0.5).float()                              # [B, H, R, S]
         if mask is not None:
             scores = scores.masked_fill(~mask, torch.finfo(torch.float32).min)
         probs = torch.softmax(scores, dim=-1)                                          # fp32 softmax, as HF

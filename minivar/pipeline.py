@@ -16,8 +16,7 @@ import torch
 from . import checkpoint, processing
 from . import var as var_mod
 from .errors import MinivarError
-from .generate import Generation, generate
-from .llama import KVCache
+from .generate import Generation, generate, new_cache
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -283,7 +282,7 @@ class Pipeline:
         t0 = time.perf_counter()
         features = self.model.image_features(request.pixel_values)                     # [1, N, D], once
         in_prefix = int((input_ids[0, :P] == self.config.image_token_index).sum())
-        cache = KVCache(self.config.text, B, T + max_new_tokens, self.dtype, self.device)
+        cache = new_cache(self.model, B, T + max_new_tokens, self.device)
         if P:
             self.model(input_ids[:1, :P], image_features=features[:, :in_prefix] if in_prefix else None, cache=cache,
                        hooks=request.hooks, output="hidden")                          # batch 1: broadcast into B rows
