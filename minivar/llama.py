@@ -88,9 +88,8 @@ class KVCache:
 class LlamaAttention(nn.Module):
     """Causal multi-head self-attention with rotary positions; hooks (VAR) act between its softmax and value product.
 
-    Which path runs: the fused SDPA kernel for the rows nobody needs probabilities of (most of a prefill); the
-    written-out path for the rows a hook needs, and for a single query row (a decode step), where it is also the
-    faster one."""
+    Which path runs: the fused SDPA kernel for the rows nobody needs probabilities of; the written-out path for the
+    rows a hook needs, and for a single prompt's decode row on transposed cached values (matrix-vector products)."""
 
     def __init__(self, cfg: TextConfig, layer_idx: int):
         super().__init__()
@@ -118,7 +117,10 @@ class LlamaAttention(nn.Module):
         if hooks is not None and hooks.masks_keys:
             mask = hooks.key_mask(self.layer_idx, mask, rows)                          # e.g. sink removal
         first = hooks.explicit_from(self.layer_idx, rows) if hooks is not None else None
-        if first is None and T > 1:
+        # one row against transposed cached values (a single prompt's CPU decode step, see KVCache): written out,
+        # as matrix-vector products, is the faster way there
+        gemv = T == 1 and cache is not None and cache.values_transposed
+        if first is None and not gemv:
             out = attend_fused(q, k, v, mask)
         else:
             out = self.attend_explicit(q, k, v, mask, rows, rows.start if first is None else max(first, rows.start),
@@ -162,6 +164,8 @@ def attend_fused(q, k, v, mask):
     T, S = q.shape[2], k.shape[2]
     if mask is None and T == S:          # its own causal mode, the fastest (it aligns the mask top-left: T == S)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    if mask is None and T == 1:          # the last row sees every key
+        return F.scaled_dot_product_attention(q, k, v)
     if mask is None:
         mask = causal_mask(T, S, q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
