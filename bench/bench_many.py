@@ -130,16 +130,18 @@ def worker_transformers(args) -> dict:
 
 
 def run_eval_cli(args, q: int, work: Path) -> dict:
-    """`python -m minivar.eval run pope` on K images × q questions, timed as a user would time it (model load in)."""
+    """`python -m minivar.eval run pope` on --eval-images images × q questions, timed as a user would time it:
+    process start and model load included."""
     data = work / f"pope-{q}"
     data.mkdir()
+    images = [str(p) for p in make_images(data, args.eval_images)]
     lines = [json.dumps({"question_id": i * q + j + 1, "image": Path(img).name,
                          "text": f"Is there a {OBJECTS[j % len(OBJECTS)]} in the image?",
                          "label": "yes" if j % 2 == 0 else "no"})
-             for i, img in enumerate(args.images) for j in range(q)]
+             for i, img in enumerate(images) for j in range(q)]
     (data / "coco_pope_random.json").write_text("\n".join(lines) + "\n")
     cmd = [sys.executable, "-m", "minivar.eval", "run", "pope", "--data", str(data / "coco_pope_random.json"),
-           "--images", str(Path(args.images[0]).parent), "--out", str(work / f"run-{q}"), "--model",
+           "--images", str(data), "--out", str(work / f"run-{q}"), "--model",
            str(args.checkpoint), "--device", args.device, "--dtype", args.dtype, "--max-new-tokens",
            str(args.new_tokens), "--batch-size", str(q), "--json"]
     t0 = time.perf_counter()
@@ -175,6 +177,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--images", nargs="+", default=None, help=argparse.SUPPRESS)
     p.add_argument("--n-images", type=positive_int, default=2, help="K images (default 2)")
+    p.add_argument("--eval-images", type=positive_int, default=10,
+                   help="images of the end-to-end `minivar.eval run pope` (default 10)")
     p.add_argument("--questions", type=positive_ints, default=[1, 6, 18], help="Q per image, e.g. 1,6,18")
     p.add_argument("--new-tokens", type=positive_int, default=3, help="answer length (POPE answers are 1-3 tokens)")
     p.add_argument("--var-tau", type=float, default=2.0,
@@ -192,7 +196,7 @@ def main(argv=None) -> int:
         print("WORKER_JSON " + json.dumps(fn(args)))
         return 0
     if args.quick:
-        args.n_images, args.questions, args.new_tokens, args.repeats = 1, [1, 6], 2, 1
+        args.n_images, args.questions, args.new_tokens, args.repeats, args.eval_images = 1, [1, 6], 2, 1, 1
     if not args.tokenizer.is_file():
         print(f"bench_many: error: no tokenizer at '{args.tokenizer}' (pass --tokenizer PATH to a LLaMA "
               f"tokenizer.json)", file=sys.stderr)
@@ -213,7 +217,7 @@ def main(argv=None) -> int:
         return 1
     result = {"date": date.today().isoformat(), "cpu": _cpu_name(), "torch": torch.__version__,
               "device": args.device, "dtype": args.dtype, "checkpoint": str(args.checkpoint),
-              "images": args.n_images, "questions": args.questions, "var_tau": args.var_tau, "new_tokens": args.new_tokens,
+              "images": args.n_images, "questions": args.questions, "var_tau": args.var_tau, "eval_images": args.eval_images, "new_tokens": args.new_tokens,
               "minivar": ours, "transformers": theirs, "eval_cli": e2e}
     print_table(result)
     print("BENCH_MANY_JSON " + json.dumps(result))
@@ -239,8 +243,8 @@ def print_table(r: dict) -> None:
     print(f"peak RSS (GiB): minivar {m['peak_rss_gb']:.2f}" + (f", transformers {t['peak_rss_gb']:.2f}" if t else ""))
     for q, e in r["eval_cli"].items():
         if e:
-            print(f"python -m minivar.eval run pope, Q = {q} (--batch-size {q}), model load included: "
-                  f"{e['questions_per_s']:.3f} questions/s ({e['wall_s']:.1f} s)")
+            print(f"python -m minivar.eval run pope, {r['eval_images']} images × Q = {q} (--batch-size {q}), process "
+                  f"start and model load included: {e['questions_per_s']:.3f} questions/s ({e['wall_s']:.1f} s)")
 
 
 if __name__ == "__main__":
