@@ -4,7 +4,7 @@ It lets anyone run the whole pipeline (image → CLIP at 336 px → 576 image to
 without 14 GB of weights or a network. Its text is noise: the weights are random. What it shows is that every step
 runs, and — because visual and text sinks are planted into it like those of a trained LLaVA — what VAR does.
 
-`plant_sinks` is also what the tests use to give tiny models sinks (design.md §4):
+`plant_sinks` is also what the tests use to give tiny models sinks:
   * the BOS embedding gets a massive value in the sink dims (a text sink, like LLaMA's BOS);
   * a few chosen image patches get a massive value through CLIP → projector (visual sinks): their CLIP position
     embedding is marked in one CLIP dim, which the projector turns into a massive value in a sink dim;
@@ -27,7 +27,7 @@ DEMO_COMMON_DIM = 5
 def demo_config() -> LlavaConfig:
     vision = VisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
                           image_size=336, patch_size=14)
-    # hidden 768 > τ² = 400: massive dims can push φ up to √768 ≈ 27.7 ≥ τ = 20 (see design.md §3)
+    # hidden 768 > τ² = 400: massive dims can push φ up to √768 ≈ 27.7 ≥ τ = 20 (φ: the README's VAR table)
     text = TextConfig(vocab_size=261, hidden_size=768, intermediate_size=1536, num_hidden_layers=4,
                       num_attention_heads=8, max_position_embeddings=2048, rms_norm_eps=1e-5)
     return LlavaConfig(vision=vision, text=text, image_token_index=259, pad_token_id=260, torch_dtype="float16",
