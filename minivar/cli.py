@@ -175,11 +175,11 @@ def terminal_text(text: str) -> str:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from minivar.errors import MinivarError
+    from minivar.errors import MinivarError, for_command_line
     try:
         return run(args)
     except MinivarError as e:
-        print(f"minivar: error: {e}", file=sys.stderr)
+        print(f"minivar: error: {for_command_line(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("minivar: interrupted", file=sys.stderr)

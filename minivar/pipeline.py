@@ -25,9 +25,9 @@ def pick_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise MinivarError(f"--device '{device}' is not one of auto, cpu, cuda")
+        raise MinivarError(f"`device` '{device}' is not one of auto, cpu, cuda")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise MinivarError(f"--device {device} was asked for but this torch has no usable CUDA device")
+        raise MinivarError(f"`device` {device} was asked for but this torch has no usable CUDA device")
     return torch.device(device)
 
 
@@ -39,7 +39,7 @@ def pick_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
         # overflow, and a 7B in fp32 would need 28 GB.
         return torch.float16 if device.type == "cuda" else torch.bfloat16
     if dtype not in DTYPES:
-        raise MinivarError(f"--dtype '{dtype}' is not one of auto, {', '.join(DTYPES)}")
+        raise MinivarError(f"`dtype` '{dtype}' is not one of auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]
 
 
@@ -58,11 +58,11 @@ class Result:
 def check_generation_args(max_new_tokens: int, temperature: float, top_p: float) -> None:
     """The generation settings' ranges (run.py checks them before loading the model too)."""
     if max_new_tokens < 0:
-        raise MinivarError(f"--max-new-tokens must be ≥ 0, got {max_new_tokens}")
+        raise MinivarError(f"`max_new_tokens` must be ≥ 0, got {max_new_tokens}")
     if not 0.0 < top_p <= 1.0:
-        raise MinivarError(f"--top-p must be in (0, 1], got {top_p}")
+        raise MinivarError(f"`top_p` must be in (0, 1], got {top_p}")
     if not temperature >= 0:   # also catches nan
-        raise MinivarError(f"--temperature must be ≥ 0, got {temperature}")
+        raise MinivarError(f"`temperature` must be ≥ 0, got {temperature}")
 
 
 @dataclass
@@ -102,7 +102,7 @@ class Pipeline:
         segments, no BOS, one 29871; see official.official_prompt_ids)."""
         if tokenization == "official":
             if conv_mode != "vicuna_v1":
-                raise MinivarError("--prompt-tokenization official rebuilds the released code's vicuna_v1 prompt; "
+                raise MinivarError("`prompt_tokenization` official rebuilds the released code's vicuna_v1 prompt; "
                                    f"it needs --conv-mode vicuna_v1, got {conv_mode}")
             from .official import official_prompt_ids
             ids = official_prompt_ids(self.tokenizer, prompt, self.config.num_image_tokens,
@@ -110,7 +110,7 @@ class Pipeline:
         elif tokenization == "llava":
             ids = self.tokenizer.encode_prompt(prompt, conv_mode, self.config.num_image_tokens)
         else:
-            raise MinivarError(f"--prompt-tokenization must be llava or official, got {tokenization!r}")
+            raise MinivarError(f"`prompt_tokenization` must be llava or official, got {tokenization!r}")
         limit = self.config.text.max_position_embeddings
         if len(ids) >= limit:
             raise MinivarError(f"the prompt is {len(ids)} tokens (incl. {self.config.num_image_tokens} image tokens), "

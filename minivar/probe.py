@@ -239,7 +239,7 @@ class KeyMask(Hook):
         if kind not in ("visual_sinks", "random"):
             raise MinivarError(f"mask kind '{kind}' is not 'visual_sinks' or 'random'")
         if kind == "random" and n < 1:
-            raise MinivarError(f"--mask-random-image-tokens must be ≥ 1, got {n}")
+            raise MinivarError(f"`KeyMask` n (random image tokens) must be ≥ 1, got {n}")
         self.kind, self.n, self.seed = kind, int(n), int(seed)
         self.sink_state, self.random_cols, self.image = None, None, None
 
@@ -254,7 +254,7 @@ class KeyMask(Hook):
             for b in range(self.image.shape[0]):
                 idx = torch.nonzero(self.image[b].cpu()).flatten()
                 if self.n > len(idx):
-                    raise MinivarError(f"--mask-random-image-tokens {self.n} is more than the {len(idx)} image tokens")
+                    raise MinivarError(f"`KeyMask` n = {self.n} random image tokens is more than the {len(idx)} image tokens")
                 cols[b, idx[torch.randperm(len(idx), generator=g)[: self.n]]] = True
             self.random_cols = cols.to(self.image.device)
         return self

@@ -69,9 +69,9 @@ class VARConfig:
 
     def __post_init__(self):
         if self.rule not in RULES:
-            raise MinivarError(f"VAR rule (--var-rule) must be one of {', '.join(RULES)}, got {self.rule!r}")
+            raise MinivarError(f"`VARConfig.rule` must be one of {', '.join(RULES)}, got {self.rule!r}")
         if self.heads not in HEADS:
-            raise MinivarError(f"VAR heads (--var-heads) must be one of {', '.join(HEADS)}, got {self.heads!r}")
+            raise MinivarError(f"`VARConfig.heads` must be one of {', '.join(HEADS)}, got {self.heads!r}")
         if self.rho is None:             # the rule's own default, in its own convention
             object.__setattr__(self, "rho", PRESETS["general"] if self.rule == "paper" else 0.5)
         if self.sink_dims is not None:
@@ -88,7 +88,7 @@ class VARConfig:
         (what parse_sink_dims gives for --sink-dims auto) means find_sink_dims=True. Under rule="official" the
         preset's ρ is given in the code's convention (rho = 1 − ρ); name=None keeps the rule's default."""
         if name is not None and name not in PRESETS:
-            raise MinivarError(f"--var-preset '{name}' is not one of {', '.join(PRESETS)}")
+            raise MinivarError(f"`VARConfig.preset` name '{name}' is not one of {', '.join(PRESETS)}")
         given = {k: v for k, v in overrides.items() if v is not None}
         if given.get("sink_dims") == "auto":
             del given["sink_dims"]
@@ -128,19 +128,19 @@ class VARConfig:
     def validate(self, hidden_size: int | None = None, n_layers: int | None = None) -> "VARConfig":
         """Range checks; sink dims and layers are checked against the model when its sizes are given."""
         if not 0.0 <= self.p <= 1.0:
-            raise MinivarError(f"VAR p (--p) must be in [0, 1], got {self.p}")
+            raise MinivarError(f"`VARConfig.p` must be in [0, 1], got {self.p}")
         if not 0.0 <= self.rho <= 1.0:
-            raise MinivarError(f"VAR rho (--rho) must be in [0, 1], got {self.rho}")
+            raise MinivarError(f"`VARConfig.rho` must be in [0, 1], got {self.rho}")
         if not self.tau > 0:
-            raise MinivarError(f"VAR tau (--tau) must be > 0, got {self.tau}")
+            raise MinivarError(f"`VARConfig.tau` must be > 0, got {self.tau}")
         if not 0.0 <= self.min_image_attention <= 1.0:
-            raise MinivarError(f"VAR min_image_attention (--min-image-attention) must be in [0, 1], got {self.min_image_attention}")
+            raise MinivarError(f"`VARConfig.min_image_attention` must be in [0, 1], got {self.min_image_attention}")
         for d in (self.sink_dims if self.sink_dims is not None and hidden_size is not None else ()):
             if not 0 <= d < hidden_size:
-                raise MinivarError(f"VAR sink_dims (--sink-dims): dim {d} is outside the hidden size {hidden_size}")
+                raise MinivarError(f"`VARConfig.sink_dims`: dim {d} is outside the hidden size {hidden_size}")
         for layer in (self.layers or ()) if n_layers is not None else ():
             if not 0 <= layer < n_layers:      # the last layer only when named (the paper's rule leaves it alone)
-                raise MinivarError(f"VAR layer {layer} (--var-layers) is outside the model's layers 0..{n_layers - 1}")
+                raise MinivarError(f"`VARConfig.layers`: layer {layer} is outside the model's layers 0..{n_layers - 1}")
         return self
 
 

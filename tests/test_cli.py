@@ -428,3 +428,20 @@ def test_tau_serves_the_pictures_without_var(demo_env, tmp_path):
 
 def test_tau_without_anything_that_uses_sinks_is_an_error(demo_env):
     assert_one_line_error(*run_cli(BASE + ["--sink-dims", "37"]), "--sink-dims", "--var", "--save-attention")
+
+
+def test_library_errors_name_the_parameter_and_the_cli_names_the_flag():
+    """The Python API's errors name its parameters; the command lines translate them to their flags."""
+    from minivar.errors import MinivarError, for_command_line
+    from minivar.pipeline import check_generation_args
+    from minivar.var import VARConfig
+    with pytest.raises(MinivarError) as e:
+        VARConfig(p=1.5).validate()
+    assert str(e.value) == "`VARConfig.p` must be in [0, 1], got 1.5"
+    assert for_command_line(str(e.value)) == "--p must be in [0, 1], got 1.5"
+    with pytest.raises(MinivarError) as e:
+        check_generation_args(-1, 0.0, 1.0)
+    assert for_command_line(str(e.value)) == "--max-new-tokens must be ≥ 0, got -1"
+    assert for_command_line("`not_a_parameter` stays") == "not_a_parameter stays"
+    rc, out, err = run_cli(BASE + ["--var", "--p", "1.5"])
+    assert rc == 2 and err.strip() == "minivar: error: --p must be in [0, 1], got 1.5"

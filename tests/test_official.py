@@ -646,9 +646,9 @@ def test_official_config_defaults_report_and_presets():
     rep = official_state(VARConfig(rule="official", tau=TINY_TAU, rho=0.2, p=0.7)).report(0)
     assert (rep["rule"], rep["heads"], rep["rho"], rep["p"], rep["rho_paper"], rep["p_paper"]) == \
         ("official", "image-centric", 0.2, 0.7, 0.8, 0.3)
-    with pytest.raises(MinivarError, match="--var-rule"):
+    with pytest.raises(MinivarError, match="VARConfig.rule"):
         VARConfig(rule="authors")
-    with pytest.raises(MinivarError, match="--var-heads"):
+    with pytest.raises(MinivarError, match="VARConfig.heads"):
         VARConfig(heads="most")
 
 

@@ -17,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-from ..errors import MinivarError
+from ..errors import MinivarError, for_command_line
 
 BENCHMARK_NAMES = ("pope", "mme", "chair", "mmvp", "cvbench", "gqa")
 
@@ -104,7 +104,7 @@ def main(argv=None) -> int:
     try:
         return {"run": cmd_run, "score": cmd_score, "compare": cmd_compare, "download": cmd_download}[args.command](args)
     except MinivarError as e:
-        print(f"minivar: error: {e}", file=sys.stderr)
+        print(f"minivar: error: {for_command_line(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("minivar: interrupted (rerun the same command to resume)", file=sys.stderr)
