@@ -353,8 +353,9 @@ class VARState(Hook):
         self.counts["prefill"][:, layer] += (selected[..., :max(0, T - rows.start)]).sum(dim=(1, 2))
         if rows.stop > T:                      # generated rows: counted per row, so a report can stop at a sample's end
             first = max(rows.start, T)
-            if self.decode_rows.shape[-1] < rows.stop - T:
-                self.decode_rows = F.pad(self.decode_rows, (0, max(rows.stop, self.max_len or 0) - T - self.decode_rows.shape[-1]))
+            if self.decode_rows.shape[-1] < rows.stop - T:     # room for every generated row (once per call)
+                room = max(rows.stop, self.max_len or 0) - T
+                self.decode_rows = F.pad(self.decode_rows, (0, room - self.decode_rows.shape[-1]))
             self.decode_rows[:, layer, first - T:rows.stop - T] += selected[..., first - rows.start:].sum(1)
         if self.selections is not None:
             self.selections.setdefault(layer, []).append((rows, selected))
