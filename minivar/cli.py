@@ -229,6 +229,8 @@ def run(args) -> int:
 
     out = llava.run(request, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                     on_text=None if args.json else stream)[0]
+    if not args.json:
+        print(flush=True)                 # the answer's line ends before the status lines (stderr) on a terminal
     t = out.timing
     stopped, why = stop_reason(out, args.max_new_tokens, llava.config.text.max_position_embeddings)
     print(f"minivar: prefill {t['prefill_s']:.2f}s, decode {t['decode_tokens_per_s']:.2f} tok/s, "
@@ -246,6 +248,4 @@ def run(args) -> int:
             record["var"] = out.var
         record.update(inspected)                      # "masked", "pictures"
         print(json.dumps(record))
-    else:
-        print()
     return 0

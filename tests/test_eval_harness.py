@@ -459,6 +459,9 @@ def test_compare_refuses_other_questions(tiny, tmp_path):
     (lambda a, root: a.extend(["--device", "tpu"]), "tpu"),
     (lambda a, root: a.extend(["--model", root / "no-model"]), "no-model"),
     (lambda a, root: a.extend(["--frobnicate"]), "--frobnicate"),
+    (lambda a, root: a.extend(["--max-new-tokens", "0"]), "--max-new-tokens"),       # an empty answer scores "yes"
+    (lambda a, root: a.__setitem__(a.index("--out") + 1, str(root / "model" / "config.json" / "sub")), "is a file"),
+    (lambda a, root: a.__setitem__(a.index("--out") + 1, "/proc/minivar-out"), "cannot"),   # refused by the kernel
 ])
 def test_bad_run_input(tiny, tmp_path, change, name):
     root, _, _ = tiny

@@ -28,6 +28,7 @@ import inspect
 import json
 import os
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +77,38 @@ def read_questions(bench, data: list[Path], images: Path | None) -> list:
             raise MinivarError(f"question id '{q.question_id}' occurs twice in --data {' '.join(str(p) for p in data)}")
         seen.add(q.question_id)
     return questions
+
+
+def check_writable_directory(out: Path) -> None:
+    """--out must be a directory this process can create and write into: checked before the model loads."""
+    existing = out
+    while not existing.exists():            # the nearest folder that exists must let us create the rest
+        existing = existing.parent
+    if not existing.is_dir():
+        raise MinivarError(f"--out '{out}': '{existing}' is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise MinivarError(f"--out '{out}': cannot write into '{existing}'")
+    if existing == out:
+        try:                                 # some folders pass os.access and still refuse files (/proc, read-only mounts)
+            with tempfile.NamedTemporaryFile(dir=out, prefix=".minivar-write-test-"):
+                pass
+        except OSError as e:
+            raise MinivarError(f"--out '{out}': cannot write into it ({e.strerror or e})") from None
+    else:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=out, prefix=".minivar-write-test-"):
+                pass
+        except OSError as e:
+            raise MinivarError(f"--out '{out}': cannot create it ({e.strerror or e})") from None
+        finally:                             # leave nothing behind before the run really starts
+            for made in [out, *out.parents]:
+                if made == existing:
+                    break
+                try:
+                    made.rmdir()
+                except OSError:
+                    break
 
 
 def fingerprint(questions) -> dict:
@@ -336,6 +369,8 @@ def run(bench, data: list[Path], out: Path, *, images: Path | None = None, model
         raise MinivarError("--prompt-tokenization official rebuilds the released code's vicuna_v1 prompt; "
                            f"it needs --conv-mode vicuna_v1, got {gen.conv_mode}")
     check_generation_args(gen.max_new_tokens, 0.0, 1.0)
+    if gen.max_new_tokens < 1:           # an empty answer would still be scored (POPE reads it as "yes")
+        raise MinivarError(f"--max-new-tokens must be ≥ 1 for a benchmark run, got {gen.max_new_tokens}")
     if var is not None:
         var.validate()
     device = run_device(device)
@@ -355,6 +390,7 @@ def run(bench, data: list[Path], out: Path, *, images: Path | None = None, model
     # A resume must ask for the same answers (see the module docstring); what it may change is the limit.
     if out.exists() and not out.is_dir():
         raise MinivarError(f"--out '{out}' is a file, not a directory")
+    check_writable_directory(out)
     previous = read_run_json(out) if (out / RUN_FILE).is_file() else None
     if previous is None and out.is_dir() and answer_files(out):
         raise MinivarError(f"--out '{out}' holds answer files but no {RUN_FILE}: use another --out")
