@@ -77,12 +77,43 @@ class KVCache:
         values = self.v[layer, ..., :end].transpose(-2, -1) if self.values_transposed else self.v[layer, :, :, :end]
         return self.k[layer, :, :, :end], values
 
+    def shared_prefix(self, layer: int):
+        """Keys and values every sample shares (see SharedPrefixCache); a plain cache has none."""
+        return None
+
     def rope(self, positions: torch.Tensor, rows: range) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin [B, T] of RoPE positions `positions` for a call writing cache positions `rows` (checked here,
         once per call: every layer then writes there)."""
         if rows.stop > self.max_len:
             raise MinivarError(f"KV cache full: position {rows.stop - 1} is past its {self.max_len} positions")
         return self.cos[positions], self.sin[positions]
+
+
+class SharedPrefixCache(KVCache):
+    """A cache for B samples whose first P positions are the same tokens (several questions about one image): the
+    prefix's keys and values are stored once, in a batch-of-one cache filled by an earlier call, and only each
+    sample's own positions P, P+1, … are stored per sample. The attention reads the prefix as a second key segment."""
+
+    def __init__(self, prefix: KVCache, prefix_len: int, own: KVCache, cfg: TextConfig):
+        self.prefix, self.prefix_len, self.own = prefix, prefix_len, own
+        self.values_transposed = False
+        self.max_len = prefix_len + own.max_len
+        self.cos, self.sin = rope_table(self.max_len, cfg.head_dim, cfg.rope_theta, own.k.dtype, own.k.device)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int):
+        """Store a call's own k/v at positions start … (start ≥ P); return the own positions' keys/values P … end−1."""
+        if start < self.prefix_len:
+            raise MinivarError(f"a shared-prefix cache writes from position {self.prefix_len} on, not {start}")
+        end = start - self.prefix_len + k.shape[2]
+        self.own.update(layer, k, v, start - self.prefix_len)
+        return self.own.k[layer, :, :, :end], self.own.v[layer, :, :, :end]
+
+    def shared_prefix(self, layer: int):
+        """The prefix's keys and values [1, H_kv, P, hd], the same for every sample."""
+        P = self.prefix_len
+        values = self.prefix.v[layer, ..., :P].transpose(-2, -1) if self.prefix.values_transposed else \
+            self.prefix.v[layer, :, :, :P]
+        return self.prefix.k[layer, :, :, :P], values
 
 
 class LlamaAttention(nn.Module):
@@ -109,28 +140,36 @@ class LlamaAttention(nn.Module):
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)       # [B, H_kv, T, hd]
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        shared = None
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v, rows.start)                      # [B, H_kv, S, hd]
+            shared = cache.shared_prefix(self.layer_idx)       # keys/values every sample shares (or None)
         if self.n_kv != self.n_heads:                                                  # grouped-query attention
             k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
             v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
+            if shared is not None:
+                shared = tuple(t.repeat_interleave(self.n_heads // self.n_kv, dim=1) for t in shared)
         if hooks is not None and hooks.masks_keys:
             mask = hooks.key_mask(self.layer_idx, mask, rows)                          # e.g. sink removal
         first = hooks.explicit_from(self.layer_idx, rows) if hooks is not None else None
         # one row against transposed cached values (a single prompt's CPU decode step, see KVCache): written out,
         # as matrix-vector products, is the faster way there
         gemv = T == 1 and cache is not None and cache.values_transposed
-        if first is None and not gemv:
+        if shared is not None:             # two key segments: written out (the fused kernel takes one key tensor)
+            out = self.attend_explicit(q, k, v, mask, rows, rows.start, hooks, shared)
+        elif first is None and not gemv:
             out = attend_fused(q, k, v, mask)
         else:
             out = self.attend_explicit(q, k, v, mask, rows, rows.start if first is None else max(first, rows.start),
                                        hooks)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
-    def attend_explicit(self, q, k, v, mask, rows: range, first: int, hooks=None):
+    def attend_explicit(self, q, k, v, mask, rows: range, first: int, hooks=None, shared=None):
         """Attention written out — scores, mask, fp32 softmax, hooks (VAR), @ v — for the rows from position
-        `first` on; the rows before it go through the fused kernel."""
-        T, S = q.shape[2], k.shape[2]
+        `first` on; the rows before it go through the fused kernel. shared: keys/values [1, H, P, hd] of positions
+        0 … P−1 that every sample shares (k, v then hold positions P …)."""
+        T = q.shape[2]
+        S = k.shape[2] + (shared[0].shape[2] if shared is not None else 0)
         n_fused = first - rows.start
         fused = None
         if n_fused and mask is None and T == S:  # the prompt's first rows: the fused kernel's causal mode is right
@@ -144,14 +183,29 @@ class LlamaAttention(nn.Module):
             scores = (k @ q.transpose(-2, -1)).transpose(-2, -1)                       # (same numbers as q @ kᵀ)
         else:
             scores = q @ k.transpose(-2, -1)
+        if shared is not None:   # the shared prefix's keys come first: positions 0 … P−1
+            scores = torch.cat([across_samples(q, shared[0].transpose(-2, -1)), scores], dim=-1)
         scores = (scores * self.head_dim ** -0.5).float()                              # [B, H, R, S]
         if mask is not None:
             scores = scores.masked_fill(~mask, torch.finfo(torch.float32).min)
         probs = torch.softmax(scores, dim=-1)                                          # fp32 softmax, as HF
         if hooks is not None:
             probs = hooks.probs(self.layer_idx, probs, range(first, rows.stop), before=probs)   # VAR (var.py)
-        out = probs.to(v.dtype) @ v                                                    # [B, H, R, hd]
+        probs = probs.to(v.dtype)
+        if shared is None:
+            out = probs @ v                                                            # [B, H, R, hd]
+        else:
+            P = shared[0].shape[2]
+            out = across_samples(probs[..., :P], shared[1]) + probs[..., P:] @ v
         return out if fused is None else torch.cat([fused, out], dim=2)
+
+
+def across_samples(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a [B, H, T, K] @ b [1, H, K, N] → [B, H, T, N], b shared by every sample: the B·T rows in one product per
+    head (b is read once, not copied per sample as a broadcasting matmul would)."""
+    B, H, T, K = a.shape
+    out = a.transpose(0, 1).reshape(H, B * T, K) @ b[0]                               # [H, B·T, N]
+    return out.view(H, B, T, -1).transpose(0, 1)
 
 
 def causal_mask(T: int, S: int, device) -> torch.Tensor:

@@ -16,7 +16,8 @@ import torch
 from . import checkpoint, processing
 from . import var as var_mod
 from .errors import MinivarError
-from .generate import Generation, generate, new_cache
+from .generate import Generation, generate
+from .llama import KVCache, SharedPrefixCache
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -251,8 +252,9 @@ class Pipeline:
         running each prompt alone (greedy).
 
         The vision tower runs once. The prompts' common prefix (system text, image, and whatever follows that all
-        prompts share) is prefilled once, as a batch of one; its keys and values are written into every question's
-        row of the cache by broadcasting. The questions' own tokens then run as one batch continuing at the same
+        prompts share) is prefilled once, as a batch of one, and its keys and values are stored once
+        (llama.SharedPrefixCache: the attention reads them as a key segment every question shares). The questions' own
+        tokens then run as one batch continuing at the same
         positions — the shorter ones padded between the prefix and their text, so every question's tokens keep the
         positions they have alone — and are decoded together. With VAR, each question has its own state; the prefix's
         sink sets are found once and shared (VAR's rows and the sink scores of prefix positions depend on the prefix
@@ -282,10 +284,13 @@ class Pipeline:
         t0 = time.perf_counter()
         features = self.model.image_features(request.pixel_values)                     # [1, N, D], once
         in_prefix = int((input_ids[0, :P] == self.config.image_token_index).sum())
-        cache = new_cache(self.model, B, T + max_new_tokens, self.device)
+        # the prefix's keys and values are stored once (a batch of one), each question's own positions per question
+        prefix = KVCache(self.config.text, 1, max(P, 1), self.dtype, self.device)
+        cache = SharedPrefixCache(prefix, P, KVCache(self.config.text, B, Q + max_new_tokens, self.dtype, self.device),
+                                  self.config.text)
         if P:
-            self.model(input_ids[:1, :P], image_features=features[:, :in_prefix] if in_prefix else None, cache=cache,
-                       hooks=request.hooks, output="hidden")                          # batch 1: broadcast into B rows
+            self.model(input_ids[:1, :P], image_features=features[:, :in_prefix] if in_prefix else None, cache=prefix,
+                       hooks=request.hooks, output="hidden")                          # batch 1, once
         prefix_s = time.perf_counter() - t0
         rest = features[:, in_prefix:].expand(B, -1, -1) if in_prefix < features.shape[1] else None
         gen = generate(self.model, input_ids[:, P:], None, image_features=rest, cache=cache, input_pos=P,
