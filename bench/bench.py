@@ -326,11 +326,16 @@ def run_worker(name: str, args) -> dict | None:
     cmd = [sys.executable, __file__, "--worker", name, "--checkpoint", str(args.checkpoint), "--dtype", args.dtype,
            "--device", args.device, "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats),
            "--var-tau", str(args.var_tau), "--batch-sizes", ",".join(map(str, args.batch_sizes))]
+    return worker_result(cmd, f"bench: {name} worker")
+
+
+def worker_result(cmd: list[str], label: str) -> dict | None:
+    """Run a worker process; its result is the JSON of its WORKER_JSON line (None, with its stderr shown, if none)."""
     proc = subprocess.run(cmd, capture_output=True, text=True)
     for line in proc.stdout.splitlines():
         if line.startswith("WORKER_JSON "):
             return json.loads(line[len("WORKER_JSON "):])
-    print(f"bench: {name} worker failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+    print(f"{label} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
     return None
 
 

@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from bench import (DTYPES, SHAPES, _cpu_name, make_checkpoint, peak_rss_gb, positive_int,  # noqa: E402
-                   positive_ints)
+                   positive_ints, worker_result)
 
 OBJECTS = ["dog", "cat", "person", "car", "chair", "bottle", "cup", "bird", "tree", "boat", "horse", "bench",
            "clock", "book", "bus", "train", "kite", "pizza"]
@@ -158,12 +158,7 @@ def run_worker(name: str, args) -> dict | None:
            "--device", args.device, "--new-tokens", str(args.new_tokens), "--var-tau", str(args.var_tau),
            "--questions", ",".join(map(str, args.questions)), "--repeats", str(args.repeats),
            "--images", *map(str, args.images)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    for line in proc.stdout.splitlines():
-        if line.startswith("WORKER_JSON "):
-            return json.loads(line[len("WORKER_JSON "):])
-    print(f"bench_many: {name} worker failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
-    return None
+    return worker_result(cmd, f"bench_many: {name} worker")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import textwrap
 import unicodedata
@@ -175,20 +174,8 @@ def terminal_text(text: str) -> str:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from minivar.errors import MinivarError, for_command_line
-    try:
-        return run(args)
-    except MinivarError as e:
-        print(f"minivar: error: {for_command_line(str(e))}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("minivar: interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:
-        # Whoever read stdout has gone (`run.py ... | head`): stop quietly, like other command-line tools. Point
-        # stdout at /dev/null so Python's own flush at exit does not fail a second time.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141
+    from minivar.errors import run_command
+    return run_command(run, args)
 
 
 def run(args) -> int:

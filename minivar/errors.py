@@ -28,3 +28,23 @@ FLAGS = {
 def for_command_line(message: str) -> str:
     """A library error as the command line says it: each `parameter` it names becomes that parameter's flag."""
     return re.sub(r"`([\w.]+)`", lambda m: FLAGS.get(m.group(1), m.group(1)), message)
+
+
+def run_command(work, args, interrupted: str = "minivar: interrupted") -> int:
+    """Run a command line's work(args) the way both of minivar's command lines end: a MinivarError is one line on
+    stderr, `minivar: error: ...` with the flags named, exit 2; Ctrl-C exits 130; a reader that went away
+    (`... | head`) ends the program quietly (exit 141)."""
+    import os
+    import sys
+    try:
+        return work(args)
+    except MinivarError as e:
+        print(f"minivar: error: {for_command_line(str(e))}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(interrupted, file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # Point stdout at /dev/null so Python's own flush at exit does not fail a second time.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141

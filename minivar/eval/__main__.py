@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
-from ..errors import MinivarError, for_command_line
+from ..errors import MinivarError, run_command
 
 BENCHMARK_NAMES = ("pope", "mme", "chair", "mmvp", "cvbench", "gqa")
 
@@ -101,17 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return {"run": cmd_run, "score": cmd_score, "compare": cmd_compare, "download": cmd_download}[args.command](args)
-    except MinivarError as e:
-        print(f"minivar: error: {for_command_line(str(e))}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("minivar: interrupted (rerun the same command to resume)", file=sys.stderr)
-        return 130
-    except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141
+    commands = {"run": cmd_run, "score": cmd_score, "compare": cmd_compare, "download": cmd_download}
+    return run_command(commands[args.command], args, "minivar: interrupted (rerun the same command to resume)")
 
 
 def var_settings(args, bench):
