@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from minivar.checkpoint import read_config  # noqa: E402
-from minivar.config import LlavaConfig, TextConfig, VisionConfig  # noqa: E402
+from minivar.models.config import LlavaConfig, TextConfig, VisionConfig  # noqa: E402
 from minivar.pipeline import DTYPES  # noqa: E402
 
 CLIP_L_336 = VisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
@@ -63,7 +63,7 @@ def make_checkpoint(kind: str, dtype: str, directory: Path) -> Path:
     from safetensors.torch import save_file
 
     from minivar.demo import random_tensor
-    from minivar.llava import Llava
+    from minivar.models.llava import Llava
     marker = directory / ".bench-checkpoint"        # what made it: a checkpoint made by an older rule is made again
     made_by = f"minivar bench, shape {kind}, init {INIT_VERSION}\n"
     if (directory / "config.json").is_file() and (not marker.is_file() or marker.read_text() == made_by):
@@ -225,7 +225,7 @@ def worker_minivar(args) -> dict:
     from minivar.checkpoint import load_model
     from minivar.generate import generate
     from minivar.pipeline import pick_device
-    from minivar.var import Sinks, VARConfig, VARState
+    from minivar.methods.var import Sinks, VARConfig, VARState
     dev, dt = pick_device(args.device), DTYPES[args.dtype]
     # what minivar.load does, minus the tokenizer
     model, load_s = best_load(lambda: load_model(Path(args.checkpoint), dt, dev), min(args.repeats, 3), dev)

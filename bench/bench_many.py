@@ -66,7 +66,7 @@ def make_images(directory: Path, k: int) -> list[Path]:
 
 def worker_minivar(args) -> dict:
     import minivar
-    from minivar.var import VARConfig
+    from minivar.methods.var import VARConfig
     llava = minivar.load(str(args.checkpoint), device=args.device, dtype=args.dtype)
     llava.tokenizer.eos_id = None              # random weights: every answer is exactly --new-tokens long
     images = [Path(p) for p in args.images]

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from .config import LlavaConfig
+from .models.config import LlavaConfig
 from .errors import MinivarError
-from .llava import Llava
+from .models.llava import Llava
 
 DEFAULT_MODEL = "llava-hf/llava-1.5-7b-hf"
 

@@ -107,7 +107,7 @@ def var_config(args):
     pictures and sink masking use). The VAR-only flags without --var are an error; --tau / --sink-dims without --var
     serve the pictures and masking alone."""
     from minivar.errors import MinivarError
-    from minivar.var import VARConfig, parse_sink_dims
+    from minivar.methods.var import VARConfig, parse_sink_dims
     sink_dims = parse_sink_dims(args.sink_dims) if args.sink_dims is not None else None
     if not args.var:
         var_only = {"--var-preset": args.var_preset, "--rho": args.rho, "--p": args.p,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .config import LlavaConfig, TextConfig, VisionConfig
+from .models.config import LlavaConfig, TextConfig, VisionConfig
 
 DEMO_SINK_DIMS = (37, 301)       # (text sink dim, visual sink dim) planted into the demo model
 DEMO_SINK_PATCHES = (27, 100, 290, 455)   # patch indices (row-major on the 24×24 grid) made into visual sinks
@@ -36,7 +36,7 @@ def demo_config() -> LlavaConfig:
 
 def random_state_dict(cfg: LlavaConfig, seed: int = 0, std: float = 0.02) -> dict[str, torch.Tensor]:
     """Random weights for every parameter of a minivar Llava with this config, in minivar's names (fp32)."""
-    from .llava import Llava
+    from .models.llava import Llava
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in Llava(cfg).state_dict().items()}
     g = torch.Generator().manual_seed(seed)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import MinivarError
-from .llama import KVCache
+from .models.llama import KVCache
 
 
 @dataclass

@@ -8,7 +8,7 @@ import torch
 
 from .errors import MinivarError
 from .probe import Capture, KeyMask, KINDS
-from .var import VARConfig, image_centric
+from .methods.var import VARConfig, image_centric
 
 def default_layer_range(n_layers: int) -> tuple[int, int]:
     """Layers 10–12 of a 32-layer model (where the paper looks), scaled to other depths; inclusive."""

@@ -80,7 +80,7 @@ def _int_list(name: str, value) -> tuple[int, ...] | str:
 
 def var_config(var=False, var_preset=None, **fields):
     """The VARConfig the model args ask for, or None without var=true. `fields` are VARConfig fields by name."""
-    from .var import VARConfig
+    from .methods.var import VARConfig
     known = {f.name for f in dataclasses.fields(VARConfig)}
     unknown = sorted(set(fields) - known)
     if unknown:

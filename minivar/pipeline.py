@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 
 from . import checkpoint, processing
-from . import var as var_mod
+from .methods import var as var_mod
 from .errors import MinivarError
 from .generate import Generation, generate
-from .llama import KVCache, SharedPrefixCache
+from .models.llama import KVCache, SharedPrefixCache
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -105,7 +105,7 @@ class Pipeline:
             if conv_mode != "vicuna_v1":
                 raise MinivarError("`prompt_tokenization` official rebuilds the released code's vicuna_v1 prompt; "
                                    f"it needs --conv-mode vicuna_v1, got {conv_mode}")
-            from .official import official_prompt_ids
+            from .methods.var_official import official_prompt_ids
             ids = official_prompt_ids(self.tokenizer, prompt, self.config.num_image_tokens,
                                       self.config.image_token_index)
         elif tokenization == "llava":

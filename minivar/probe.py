@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from .errors import MinivarError
-from .hooks import Hook
-from .var import image_span, image_sums
+from .methods.hooks import Hook
+from .methods.var import image_span, image_sums
 
 ROWS = ("all", "after_image", "answer")
 KINDS = ("before", "after")

@@ -14,7 +14,7 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 if str(REPO) not in sys.path:          # so `import minivar` works however pytest is started
     sys.path.insert(0, str(REPO))
 
-from minivar.config import LlavaConfig, TextConfig, VisionConfig  # noqa: E402
+from minivar.models.config import LlavaConfig, TextConfig, VisionConfig  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -68,7 +68,7 @@ def build_model(cfg: LlavaConfig, state: dict):
     """A minivar Llava holding exactly `state` (minivar names), in eval mode; no checkpoint file involved."""
     import torch
 
-    from minivar.llava import Llava
+    from minivar.models.llava import Llava
     with torch.device("meta"):
         model = Llava(cfg)
     model.load_state_dict(state, assign=True)

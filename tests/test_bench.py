@@ -50,7 +50,7 @@ def test_bandwidth_reads_exactly_the_weights_a_decode_step_reads():
     sys.path.insert(0, str(REPO / "bench"))
     import torch
     import bench
-    from minivar.llava import Llava
+    from minivar.models.llava import Llava
     cfg = bench.SHAPES["tiny"]
     model = Llava(cfg).to(torch.bfloat16)
     weights = bench.decode_weights(model)

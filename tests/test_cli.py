@@ -303,7 +303,8 @@ def test_hub_id_offline_points_to_model_flag(demo_env, tmp_path, monkeypatch):
 
 def test_the_cli_lists_what_the_package_accepts():
     """run.py spells out its choices and default model (so --help needs no torch import): they must not drift."""
-    from minivar import processing, var
+    from minivar import processing
+    from minivar.methods import var
     from minivar.pipeline import DTYPES
     actions = {a.dest: a for a in cli.build_parser()._actions}
     assert tuple(actions["conv_mode"].choices) == processing.CONV_MODES
@@ -434,7 +435,7 @@ def test_library_errors_name_the_parameter_and_the_cli_names_the_flag():
     """The Python API's errors name its parameters; the command lines translate them to their flags."""
     from minivar.errors import MinivarError, for_command_line
     from minivar.pipeline import check_generation_args
-    from minivar.var import VARConfig
+    from minivar.methods.var import VARConfig
     with pytest.raises(MinivarError) as e:
         VARConfig(p=1.5).validate()
     assert str(e.value) == "`VARConfig.p` must be in [0, 1], got 1.5"

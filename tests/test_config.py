@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from minivar.config import LlavaConfig
+from minivar.models.config import LlavaConfig
 from minivar.errors import MinivarError
 
 GOLDEN = Path(__file__).resolve().parent / "golden"

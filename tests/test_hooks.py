@@ -10,9 +10,9 @@ import torch
 from conftest import build_model
 from minivar.errors import MinivarError
 from minivar.generate import generate
-from minivar.llama import KVCache
+from minivar.models.llama import KVCache
 from minivar.probe import Capture
-from minivar.var import Sinks, VARConfig, VARState
+from minivar.methods.var import Sinks, VARConfig, VARState
 from test_var import (IMG, PATCHES_2, PROMPT_A, TINY_DIMS, TINY_TAU, ids_of, sink_test_config, sink_test_state,
                       tiny_pixels)
 

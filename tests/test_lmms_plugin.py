@@ -24,7 +24,7 @@ from minivar import processing  # noqa: E402
 from minivar.errors import MinivarError  # noqa: E402
 from minivar.lmms_plugin import (ContinuationEncoder, GenSettings, Minivar, batches, cut_at_until,  # noqa: E402
                                  gen_settings, manifest, user_text, var_config)
-from minivar.var import VARConfig  # noqa: E402
+from minivar.methods.var import VARConfig  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures" / "lmms"

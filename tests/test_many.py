@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from minivar import demo
-from minivar.hooks import Hook
-from minivar.var import VARConfig
+from minivar.methods.hooks import Hook
+from minivar.methods.var import VARConfig
 
 IMAGE = Path(__file__).resolve().parents[1] / "assets" / "example.jpg"
 QUESTIONS = ["Is there a dog in the image?", "Is there a cat?", "What colour is the sky?",

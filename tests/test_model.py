@@ -7,10 +7,10 @@ import torch
 
 from conftest import build_model, write_checkpoint
 from minivar.checkpoint import load_model
-from minivar.config import LlavaConfig, TextConfig, VisionConfig
+from minivar.models.config import LlavaConfig, TextConfig, VisionConfig
 from minivar.demo import random_state_dict
 from minivar.generate import generate
-from minivar.llava import Llava
+from minivar.models.llava import Llava
 
 REPO = Path(__file__).resolve().parents[1]
 CFG = LlavaConfig(
@@ -52,7 +52,7 @@ def test_cached_decoding_equals_recomputation():
 def test_cached_logits_equal_uncached_logits():
     model = tiny_model()
     ids, px = prompt()
-    from minivar.llama import KVCache
+    from minivar.models.llama import KVCache
     with torch.inference_mode():
         full = model(ids, px)
         cache = KVCache(CFG.text, 1, ids.shape[1], torch.float32, "cpu")
@@ -67,7 +67,7 @@ def test_cached_logits_equal_uncached_logits():
 def test_grouped_query_attention_with_the_cache_equals_recomputation():
     """Fewer key/value heads than query heads: the cached keys and (transposed) values are shared by head groups."""
     import dataclasses
-    from minivar.llama import KVCache
+    from minivar.models.llama import KVCache
     cfg = dataclasses.replace(CFG, text=dataclasses.replace(CFG.text, num_key_value_heads=2))
     model = tiny_model(cfg)
     ids, px = prompt(cfg)
@@ -191,7 +191,7 @@ def test_live_parity_with_transformers(tmp_path, dtype, shard):
 
 
 def test_pipeline_batch_equals_one_by_one_with_and_without_var(demo_pipe):
-    from minivar.var import VARConfig
+    from minivar.methods.var import VARConfig
     llava = demo_pipe
     from PIL import Image
     image_a = str(REPO / "assets" / "example.jpg")
@@ -211,7 +211,7 @@ def test_pipeline_batch_equals_one_by_one_with_and_without_var(demo_pipe):
 
 def test_fast_attention_path_equals_explicit_path():
     """The fused SDPA path (used when nothing needs probabilities) gives the explicit path's numbers."""
-    from minivar.hooks import Hook
+    from minivar.methods.hooks import Hook
 
     class ExplicitEverywhere(Hook):    # a hook that asks for every row's probabilities and changes nothing
         def explicit_from(self, layer, rows):
@@ -230,7 +230,7 @@ def test_fast_attention_path_equals_explicit_path():
 
 def test_a_generated_image_token_id_is_an_ordinary_token():
     """Decode steps carry no image: if the model emits the image id, it is embedded like any other token."""
-    from minivar.llama import KVCache
+    from minivar.models.llama import KVCache
     model = tiny_model()
     ids, px = prompt()
     cache = KVCache(CFG.text, 1, ids.shape[1] + 2, torch.float32, "cpu")
@@ -241,7 +241,7 @@ def test_a_generated_image_token_id_is_an_ordinary_token():
 
 
 def test_pipeline_logits_take_a_var_config_and_padding(demo_pipe):
-    from minivar.var import VARConfig
+    from minivar.methods.var import VARConfig
     llava = demo_pipe
     ids, px = llava.prompt_ids("What is in the image?"), llava.pixels(str(REPO / "assets" / "example.jpg"))
     plain = llava.logits(ids, px)

@@ -1,4 +1,4 @@
-"""Tests for minivar.official: VAR as the released code (MICV-yonsei/VisAttnSink @ 98e62d6) computes it.
+"""Tests for minivar.methods.var_official: VAR as the released code (MICV-yonsei/VisAttnSink @ 98e62d6) computes it.
 
 1. Each function against a loop-level restatement of the released code written here: DimProspector.run_logic,
    HeadFork.run_logic and VARProcessor.attn_redist (per sample: a list of sink positions and an image span
@@ -24,14 +24,14 @@ import torch
 
 import minivar
 from conftest import build_model, write_checkpoint
-from minivar.config import LlavaConfig, TextConfig, VisionConfig
+from minivar.models.config import LlavaConfig, TextConfig, VisionConfig
 from minivar.errors import MinivarError
 from minivar.generate import generate
-from minivar.hooks import Hook
-from minivar.official import (OFFICIAL_DEFAULTS, official_layer_sets, official_prompt_ids, paper_equivalent,
+from minivar.methods.hooks import Hook
+from minivar.methods.var_official import (OFFICIAL_DEFAULTS, official_layer_sets, official_prompt_ids, paper_equivalent,
                               redistribute_official, select_heads_official, sink_sets_official)
 from minivar.processing import VICUNA_SYSTEM, Tokenizer
-from minivar.var import VARConfig, VARState, Sinks, redistribute, select_heads, sink_scores, sink_sets
+from minivar.methods.var import VARConfig, VARState, Sinks, redistribute, select_heads, sink_scores, sink_sets
 from test_var import GRID, IMG, PROMPT_A, TINY_DIMS, TINY_TAU, sink_test_state, tiny_pil, tiny_pixels
 
 IMAGE_ID = 32000

@@ -16,7 +16,7 @@ from minivar import demo
 from minivar.errors import MinivarError
 from minivar.inspection import default_layer_range, parse_layer_range, sink_layer_ranges
 from minivar.probe import Capture, KeyMask
-from minivar.var import Sinks, VARConfig, select_heads
+from minivar.methods.var import Sinks, VARConfig, select_heads
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGE = REPO / "assets" / "example.jpg"
@@ -198,7 +198,7 @@ def test_head_stats_match_the_attention(llava, span):
 def test_head_stats_select_what_var_selected(llava):
     """The heads picture's rule on the head stats picks exactly the (head, row) pairs VAR redistributed while
     decoding (the sums are computed the same way as VAR's)."""
-    from minivar.var import image_centric
+    from minivar.methods.var import image_centric
     cap = capture(llava, layers=[], rows="answer", decode=True, head_stats=True, max_new_tokens=N_NEW + 3, var=VAR)
     counts = cap.result.var["redistributed"]["decode"]
     assert sum(counts) > 0

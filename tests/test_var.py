@@ -1,4 +1,4 @@
-"""Tests for minivar.var: Visual Attention Redistribution (design.md §3).
+"""Tests for minivar.methods.var: Visual Attention Redistribution (design.md §3).
 
 1. The math on hand-made tensors against a loop-level re-statement of design.md §3 written here (plain Python loops
    over batch, head, query row and key; no vectorisation), its invariants and edge cases, config validation,
@@ -21,17 +21,17 @@ from pathlib import Path
 import pytest
 import torch
 
-import minivar.var
+import minivar.methods.var
 from PIL import Image
 
 import minivar
 from conftest import build_model, unused_tensors, write_checkpoint
 from minivar import demo
-from minivar.config import LlavaConfig, TextConfig, VisionConfig
+from minivar.models.config import LlavaConfig, TextConfig, VisionConfig
 from minivar.errors import MinivarError
 from minivar.generate import generate
-from minivar.llama import KVCache
-from minivar.var import (PRESETS, Sinks, VARConfig, VARState, find_sink_dims, known_sink_dims, parse_sink_dims,
+from minivar.models.llama import KVCache
+from minivar.methods.var import (PRESETS, Sinks, VARConfig, VARState, find_sink_dims, known_sink_dims, parse_sink_dims,
                          redistribute, resolve_sink_dims, select_heads, sink_scores, sink_sets)
 
 SEVEN_B = (1415, 2533)
@@ -752,7 +752,7 @@ def test_var_off_is_bit_identical(tiny):
 def test_fused_kernel_is_used_where_nothing_needs_probabilities(tiny, monkeypatch):
     """The one test of which path runs: with VAR on, only the layers VAR touches (not the last) write attention
     out, and only for the rows after the image; everything else stays on the fused kernel."""
-    import minivar.llama as llama
+    import minivar.models.llama as llama
     _, _, model = tiny
     ids = ids_of(PROMPT_A)
     px = tiny_pixels(PATCHES_2)

@@ -109,7 +109,7 @@ def var_settings(args, bench):
     flags as overrides (an explicit --rho beats the preset) and parse_sink_dims, checked before the model loads.
     --var without --var-preset takes the paper's preset for the benchmark's family (hallucination ρ 0.5, vision
     ρ 0.9, general ρ 0.8)."""
-    from minivar.var import VARConfig, parse_sink_dims
+    from minivar.methods.var import VARConfig, parse_sink_dims
     from minivar.inspection import parse_layer_range
     flags = {"--var-preset": args.var_preset, "--tau": args.tau, "--rho": args.rho, "--p": args.p,
              "--min-image-attention": args.min_image_attention, "--sink-dims": args.sink_dims,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from .errors import MinivarError
+from ..errors import MinivarError
 
 
 @dataclass(frozen=True)

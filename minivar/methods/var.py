@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .errors import MinivarError
+from ..errors import MinivarError
 from .hooks import Hook
 
 PRESETS = {"general": 0.8, "hallucination": 0.5, "vision": 0.9}   # ρ per task family, from the paper
@@ -106,13 +106,13 @@ class VARConfig:
 
     def paper_values(self) -> tuple[float, float]:
         """(ρ, p) in the paper's conventions: as given under rule="paper", (1 − rho, 1 − p) under "official"."""
-        from .official import paper_equivalent      # imported here: official.py builds on this module
+        from .var_official import paper_equivalent      # imported here: official.py builds on this module
         return (self.rho, self.p) if self.rule == "paper" else paper_equivalent(self.rho, self.p)
 
     def sink_layers(self, n_layers: int) -> frozenset[int] | None:
         """The layers whose residual input is scanned for sinks: every one (None) under the paper's rule, 2..L−1
         under the released code's."""
-        from .official import official_layer_sets
+        from .var_official import official_layer_sets
         return None if self.rule == "paper" else official_layer_sets(n_layers)[0]
 
     def layer_set(self, n_layers: int) -> frozenset[int]:
@@ -122,7 +122,7 @@ class VARConfig:
             return frozenset(self.layers)
         if self.rule == "paper":
             return frozenset(range(n_layers - 1))
-        from .official import official_layer_sets
+        from .var_official import official_layer_sets
         return official_layer_sets(n_layers)[1]
 
     def validate(self, hidden_size: int | None = None, n_layers: int | None = None) -> "VARConfig":
@@ -270,7 +270,7 @@ class Sinks(Hook):
         cols = slice(rows.start, rows.start + n)
         # a batch-1 call on a B-sample state is a shared prefix (generate_many): the same rows for every sample
         if self.strict:
-            from .official import sink_sets_official as find   # imported here: official.py builds on this module
+            from .var_official import sink_sets_official as find   # imported here: official.py builds on this module
         else:
             find = sink_sets
         phi, sinks, vis = find(h[:, :n], self.sink_dims, self.tau, self.image[:, cols], self.real[:, cols])
@@ -343,7 +343,7 @@ class VARState(Hook):
             touched = touched & F.pad(real, (0, max(0, rows.stop - T)), value=True)
         cfg = self.cfg
         if cfg.rule == "official":
-            from .official import redistribute_official, select_heads_official   # official.py builds on this module
+            from .var_official import redistribute_official, select_heads_official   # official.py builds on this module
         if cfg.heads == "all":                           # the ablation: every head of the touched rows
             selected = touched[:, None, :].expand(B, probs.shape[1], -1)
         elif cfg.rule == "official":

@@ -48,7 +48,7 @@ class Hooks(Hook):
         self.hooks = [h for h in hooks if h is not None]
         for h in self.hooks:
             if not isinstance(h, Hook):
-                raise TypeError(f"hooks must subclass minivar.hooks.Hook, got {type(h).__name__}")
+                raise TypeError(f"hooks must subclass minivar.methods.hooks.Hook, got {type(h).__name__}")
         self.masks_keys = any(h.masks_keys for h in self.hooks)
 
     def residual(self, layer, h, rows):

@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import TextConfig
-from .errors import MinivarError
+from ..errors import MinivarError
 
 
 class RMSNorm(nn.Module):

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 from .clip import CLIPVisionTower
 from .config import LlavaConfig
-from .errors import MinivarError
-from .hooks import as_hooks
+from ..errors import MinivarError
+from ..methods.hooks import as_hooks
 from .llama import KVCache, LlamaForCausalLM, causal_mask
 
 

@@ -31,8 +31,8 @@ from __future__ import annotations
 
 import torch
 
-from .errors import MinivarError
-from .processing import build_prompt
+from ..errors import MinivarError
+from ..processing import build_prompt
 from .var import sink_scores
 
 # The released configuration A_exps/lv1.5_7b.yml, in the code's own conventions (rho: visual-sink share ceiling,
