@@ -144,6 +144,9 @@ def var_summary(report: dict) -> str:
                     f"(p {report['p_paper']:g} moved)")
     if report.get("heads") == "all":
         settings += ", every head"
+    if report.get("layers_not_touched"):
+        settings += (f"; layers {','.join(map(str, report['layers_not_touched']))} not touched: "
+                     f"{report['why']}")
     return (f"minivar: VAR: sinks per layer (visual+text) {' '.join(per_layer) or 'none'}; "
             f"{prefill + decode} (head, row) pairs redistributed ({prefill} in the prefill, {decode} while decoding); "
             f"sink dims {dims} ({report.get('sink_dims_source')}), τ {report['tau']:g}, " + settings)
@@ -213,7 +216,8 @@ def run(args, extra_methods=()) -> int:
     stopped, why = stop_reason(out, args.max_new_tokens, llava.config.text.max_position_embeddings)
     # the prefill makes the first token; decode_tokens (--json's timing) are the ones after it
     print(f"minivar: prefill {t['prefill_s']:.2f}s (incl. the first token), decode {t['decode_tokens_per_s']:.2f} "
-          f"tok/s ({t['decode_tokens']} tokens after the first), {len(out.output_ids)} tokens, stopped {why}",
+          f"tok/s ({t['decode_tokens']} token{'s' * (t['decode_tokens'] != 1)} after the first), "
+          f"{len(out.output_ids)} tokens, stopped {why}",
           file=sys.stderr)
     for name, report in out.reports.items():         # one status line per method
         print(var_summary(report) if name == "var" else f"minivar: {name}: {json.dumps(report)}", file=sys.stderr)
