@@ -85,12 +85,13 @@ class Cache(abc.ABC):
             raise MinivarError(f"KV cache full: position {rows.stop - 1} is past its {self.max_len} positions")
 
     def rope(self, positions: torch.Tensor, rows: range) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [B, T, hd] of LLaMA's RoPE at `positions` [B, T], for a call writing `rows`."""
         self.check(rows)
         return self.cos[positions], self.sin[positions]
 
     @abc.abstractmethod
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int) -> KV:
-        ...
+        """Store a call's keys/values of `layer` from position `start` on; return all it may attend to."""
 
 
 class KVCache(Cache):
@@ -193,7 +194,7 @@ class LlamaAttention(nn.Module):
         mask, hooks = call.mask, call.hooks
         if hooks is not None and hooks.masks_keys:
             mask = hooks.key_mask(self.layer_idx, mask, call.rows)                     # e.g. sink removal
-        out = self.attend(q, kv, mask, call.rows, hooks)                               # [B, H, T, hd]
+        out = self.attend(q, kv, mask, call.rows, hooks)      # [B, H, T, hd]: attention.attention's numbers
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
     def attend(self, q: torch.Tensor, kv: KV, mask, rows: range, hooks=None) -> torch.Tensor:
@@ -235,11 +236,11 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)). qkv_bias / o_bias: see LlamaAttention."""
 
-    def __init__(self, cfg: TextConfig, layer_idx: int):
+    def __init__(self, cfg: TextConfig, layer_idx: int, *, qkv_bias: bool | None = None, o_bias: bool | None = None):
         super().__init__()
-        self.self_attn = LlamaAttention(cfg, layer_idx)
+        self.self_attn = LlamaAttention(cfg, layer_idx, qkv_bias=qkv_bias, o_bias=o_bias)
         self.mlp = LlamaMLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -250,14 +251,17 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    """Embeddings → decoder layers → final norm. Returns the normed hidden states [B, T, D]."""
+    """Embeddings → decoder layers → final norm. Returns the normed hidden states [B, T, D].
 
-    def __init__(self, cfg: TextConfig):
+    layer(cfg, i) makes layer i (another family's block, e.g. LlamaDecoderLayer with other biases); a family with
+    other rotary positions overrides `rotary`, or makes its Call itself and calls `run`."""
+
+    def __init__(self, cfg: TextConfig, layer=LlamaDecoderLayer):
         super().__init__()
         self.cfg = cfg
         # _weight: skip nn.Embedding's random init; every weight comes from the checkpoint
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(layer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x, positions, rows: range, mask, cache: Cache | None = None, hooks=None) -> torch.Tensor:
