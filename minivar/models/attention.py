@@ -1,8 +1,12 @@
 """Attention, the reference: what every attention call of the decoder computes. Read this first.
 
-The decoder (llama.py: LlamaAttention) gets exactly these numbers, up to fp32 rounding, and often from a faster path
-(attention_fast.py: the fused kernel for rows no hook needs, one query row as matrix-vector products, a prefix that
-every sample shares); tests/test_attention.py holds each of those equal to this function.
+The decoder (llama.py: LlamaAttention) gets these numbers (to rounding), often from a faster path (attention_fast.py:
+the fused kernel for rows no hook needs, one query row as matrix-vector products, a prefix every sample shares);
+tests/test_attention.py holds each of those equal to this function.
+
+Here every row goes through hooks.probs; a speed path may skip the rows before hooks.explicit_from(layer, rows) (they
+take the fused kernel), so a hook changes no row before the position it names: VAR and the captures read or change
+only rows from there on.
 
 Shapes: B batch, H heads, T query rows (this call's tokens), S key positions (cached + new), hd head dim.
 """
@@ -23,10 +27,6 @@ def attention(q, k, v, mask, layer: int, rows: range, hooks=None) -> torch.Tenso
     if hooks is not None:        # the method step (VAR, captures): read or change the probabilities, see hooks.py
         probs = hooks.probs(layer, probs, rows, before=probs)
     return probs.to(v.dtype) @ v
-
-
-# Here every row goes through hooks.probs; the speed paths give it only the rows from hooks.explicit_from(layer, rows)
-# on, so a hook must not change the rows before the position it names (hooks.py says so; VAR and the captures don't).
 
 
 def causal_mask(T: int, S: int, device) -> torch.Tensor:

@@ -4,8 +4,8 @@ Read attention.py first: each function here gives its numbers (tests/test_attent
 case LlamaAttention.attend sends here — that method is the one place that chooses a path):
 
     fused           the fused SDPA kernel: no probabilities kept, for the rows no hook needs
-    split           the rows before the first one a hook needs (hooks.explicit_from) through `fused`, the rest
-                    through the reference itself (or `written_out` for a single row)
+    split           the rows before the first one a hook needs (hooks.explicit_from) through the fused kernel, the
+                    rest through the reference itself (or `written_out` for a single row)
     written_out     the reference's steps with faster products: one query row as keys × query vector (the
                     matrix-vector form CPU kernels stream fastest; on values cached transposed, see llama.KVCache,
                     probs @ v is one too), and a shared prefix (llama.SharedPrefixCache) as a second key segment read
