@@ -1,7 +1,7 @@
 """LLaMA-2 / Vicuna decoder: RMSNorm, rotary embeddings, causal attention (with the hooks step), SwiGLU, KV cache.
 
 The attention's math is attention.py's ten lines (read it first); LlamaAttention.attend picks among the faster
-paths of attention_fast.py that give the same numbers. The caches keep one contract (Cache), and one Call object
+paths of attention_fast.py that give the same numbers. The caches keep one contract (Cache), and one DecoderCall
 carries a forward call's rows, RoPE tables, mask, cache and hooks through the layers.
 
 Shapes: B batch, T new tokens this call, S all key positions so far (cache + new), H heads, hd head dim.
@@ -152,7 +152,7 @@ class SharedPrefixCache(Cache):
 
 
 @dataclass(frozen=True)
-class Call:
+class DecoderCall:
     """One forward call of the decoder as every layer sees it: made once per call, passed down, never stored."""
     rows: range                       # cache positions of the call's T tokens
     cos: torch.Tensor                 # [B, T, hd] RoPE tables at the tokens' positions (the caller's rotary scheme)
@@ -167,7 +167,7 @@ class LlamaAttention(nn.Module):
 
     The numbers are attention.attention's (read that first: scores, mask, fp32 softmax, hooks, @ v); `attend`
     picks the fastest path of attention_fast.py that gives them. A family with other biases (Qwen2: q/k/v only)
-    passes qkv_bias / o_bias; cos/sin come with the Call, so its rotary positions are its own."""
+    passes qkv_bias / o_bias; cos/sin come with the DecoderCall, so its rotary positions are its own."""
 
     def __init__(self, cfg: TextConfig, layer_idx: int, *, qkv_bias: bool | None = None, o_bias: bool | None = None):
         super().__init__()
@@ -181,7 +181,7 @@ class LlamaAttention(nn.Module):
         self.v_proj = nn.Linear(d, self.n_kv * hd, bias=qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * hd, d, bias=o_bias)
 
-    def forward(self, x: torch.Tensor, call: Call) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, call: DecoderCall) -> torch.Tensor:
         """x [B, T, D] at cache positions call.rows → [B, T, D]."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # [B, H, T, hd]
@@ -245,7 +245,7 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, call: Call) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, call: DecoderCall) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), call)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -254,7 +254,7 @@ class LlamaModel(nn.Module):
     """Embeddings → decoder layers → final norm. Returns the normed hidden states [B, T, D].
 
     layer(cfg, i) makes layer i (another family's block, e.g. LlamaDecoderLayer with other biases); a family with
-    other rotary positions overrides `rotary`, or makes its Call itself and calls `run`."""
+    other rotary positions overrides `rotary`, or makes its DecoderCall itself and calls `run`."""
 
     def __init__(self, cfg: TextConfig, layer=LlamaDecoderLayer):
         super().__init__()
@@ -268,7 +268,7 @@ class LlamaModel(nn.Module):
         """x: input embeddings [B, T, D] of cache positions `rows`; positions [B, T]: each token's RoPE position
         (its index among the sample's real tokens); mask [B, 1, T, S] bool or None (causal, no padding)."""
         cos, sin = self.rotary(positions, rows, cache, x.dtype)
-        return self.run(x, Call(rows, cos, sin, mask, cache, hooks))
+        return self.run(x, DecoderCall(rows, cos, sin, mask, cache, hooks))
 
     def rotary(self, positions: torch.Tensor, rows: range, cache: Cache | None, dtype: torch.dtype):
         """cos/sin [B, T, hd] of LLaMA's RoPE at `positions` [B, T] (the cache's table, computed once per cache)."""
@@ -278,7 +278,7 @@ class LlamaModel(nn.Module):
                               positions.device)
         return cos[positions], sin[positions]
 
-    def run(self, x: torch.Tensor, call: Call) -> torch.Tensor:
+    def run(self, x: torch.Tensor, call: DecoderCall) -> torch.Tensor:
         """The layers and the final norm on input embeddings x [B, T, D], for a call whose cos/sin the caller made
         (a family with its own rotary positions calls this directly)."""
         for i, layer in enumerate(self.layers):
