@@ -230,8 +230,10 @@ def read_tensor(f, info: dict, data_start: int) -> torch.Tensor:
     return t
 
 
-def read_state_dict(directory: Path, cfg: LlavaConfig, dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
-    """All tensors the model needs, renamed to minivar's names, cast to `dtype` on `device`, one shard at a time."""
+def read_state_dict(directory: Path, cfg: LlavaConfig, dtype: torch.dtype, device, normalise=normalise_key,
+                    is_unused=is_unused_key) -> dict[str, torch.Tensor]:
+    """All tensors the model needs, renamed to minivar's names, cast to `dtype` on `device`, one shard at a time.
+    normalise(key) and is_unused(key, cfg) are the family's key rules (LLaVA's by default)."""
     files = safetensors_files(directory)
     by_file: dict[Path, list[str]] = {}
     for name, path in files.items():
@@ -241,14 +243,14 @@ def read_state_dict(directory: Path, cfg: LlavaConfig, dtype: torch.dtype, devic
     for path, names in by_file.items():
         header, data_start = read_header(path)
         for name in header.keys() - set(names):      # a shard holding tensors its index does not list
-            if not is_unused_key(normalise_key(name), cfg):
+            if not is_unused(normalise(name), cfg):
                 raise MinivarError(f"tensor '{name}' is in '{path}' but not listed in model.safetensors.index.json")
         with open(path, "rb", buffering=0) as f:
             for name in names:
                 if name not in header:
                     raise MinivarError(f"tensor '{name}' is listed in the index but missing from '{path}'")
-                key = normalise_key(name)
-                if is_unused_key(key, cfg):
+                key = normalise(name)
+                if is_unused(key, cfg):
                     continue
                 if key in state:
                     raise MinivarError(f"tensor '{key}' appears twice in the checkpoint ('{origin[key]}' and '{name}')")
