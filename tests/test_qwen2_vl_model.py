@@ -506,3 +506,23 @@ def test_tokenizer_that_disagrees_with_config_json_is_one_line(tokenizer_dir):
     import dataclasses
     with pytest.raises(MinivarError, match="image_token_id is 1"):
         QwenTokenizer(tokenizer_dir, dataclasses.replace(cfg, image_token_id=1))
+
+
+def test_shared_prefix_cache_equals_one_by_one(pair):
+    """Several questions about one image: the prefix (text + image) stored once (llama.SharedPrefixCache), each
+    question at the M-RoPE positions it has in its whole prompt."""
+    from minivar.models.llama import SharedPrefixCache
+    family, hf, ours = pair
+    images = [image((1, 6, 4))]
+    prefix = prompt_ids(images, n_text=(3, 0))
+    questions = [[11, 12, 13, 14], [21, 22, 23, 24], [31, 32, 33, 34]]
+    P = len(prefix)
+    with torch.no_grad():
+        alone = torch.cat([ours(torch.tensor([prefix + q]), images, output="last") for q in questions])
+        prefix_cache = ours.new_cache(1, P, torch.float32, "cpu")
+        ours(torch.tensor([prefix]), images, cache=prefix_cache)
+        shared = SharedPrefixCache(prefix_cache, P, ours.new_cache(3, 4, torch.float32, "cpu"), ours.config.text)
+        ids = torch.tensor([prefix + q for q in questions])
+        positions = ours.positions(ids, images * 3)[:, :, P:]
+        got = ours(torch.tensor(questions), positions=positions, cache=shared, input_pos=P, output="last")
+    assert (got - alone).abs().max().item() <= 1e-5
