@@ -273,3 +273,20 @@ def test_processor_bad_inputs(call, words):
     with pytest.raises(MinivarError, match=words) as e:
         call()
     assert "\n" not in str(e.value)
+
+
+def test_family_dispatch_and_hub_token_counts():
+    from minivar.models.qwen2_vl.config import vision_config_from_hf
+    from minivar.models.qwen2_vl.vision_2_5 import build_vision_tower
+    v2 = vision_config_from_hf(QWEN2_TINY, "qwen2_vl")
+    v25 = vision_config_from_hf(QWEN25_TINY, "qwen2_5_vl")
+    assert type(build_vision_tower(v2)) is Qwen2VisionTransformer
+    assert type(build_vision_tower(v25)) is Qwen25VisionTransformer
+    with pytest.raises(MinivarError, match="model_type 'llava'"):
+        vision_config_from_hf({}, "llava", "x")
+    # the hub's preprocessor_config.json (Qwen2-VL-7B-Instruct): a 448×448 image is 16·16 = 256 tokens
+    hub = {"min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
+           "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+           "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2VLProcessor"}
+    im = preprocess_image(picture(448, 448), QwenImageConfig.from_hf(hub))
+    assert (im.num_tokens, im.meta["grid_thw"], im.pixel_values.shape) == (256, (1, 32, 32), (1024, 1176))
