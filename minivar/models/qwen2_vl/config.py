@@ -136,3 +136,12 @@ def _from_hf(cls, d, name_or_path: str):
             raise MinivarError(f"{where}.window_size {cfg.window_size} is smaller than one merged token "
                                f"({cfg.patch_size * cfg.spatial_merge_size} px)")
     return cfg
+
+
+def vision_config_from_hf(d: dict, model_type: str, name_or_path: str = "") -> Qwen2VisionConfig | Qwen25VisionConfig:
+    """config.json's `vision_config` → the tower config of the family `model_type` names (qwen2_vl / qwen2_5_vl)."""
+    if model_type == "qwen2_vl":
+        return Qwen2VisionConfig.from_hf(d, name_or_path)
+    if model_type == "qwen2_5_vl":
+        return Qwen25VisionConfig.from_hf(d, name_or_path)
+    raise MinivarError(f"config.json of '{name_or_path}' has model_type '{model_type}', not qwen2_vl or qwen2_5_vl")

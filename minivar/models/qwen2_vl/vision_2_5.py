@@ -15,8 +15,8 @@ import torch.nn.functional as F
 
 from ..llama import RMSNorm
 from .config import Qwen25VisionConfig
-from .vision import (GridTHW, PatchEmbed, PatchMerger, VisionAttention, activation, check_inputs, grid_list,
-                     vision_positions, vision_rope)
+from .vision import (GridTHW, PatchEmbed, PatchMerger, Qwen2VisionTransformer, VisionAttention, activation,
+                     check_inputs, grid_list, vision_positions, vision_rope)
 
 
 def window_index(grids: GridTHW, merge: int, window: int) -> tuple[torch.Tensor, list[int]]:
@@ -101,3 +101,8 @@ class Qwen25VisionTransformer(nn.Module):
             x = block(x, rope, frame_lengths if i in cfg.fullatt_block_indexes else window_lengths)
         merged = self.merger(x)                                                 # [N/m², out_dim], window order
         return merged[torch.argsort(order)]                                     # back to image order
+
+
+def build_vision_tower(cfg) -> Qwen2VisionTransformer | Qwen25VisionTransformer:
+    """The tower a vision config describes (either family), freshly initialised (the loader overwrites every weight)."""
+    return Qwen25VisionTransformer(cfg) if isinstance(cfg, Qwen25VisionConfig) else Qwen2VisionTransformer(cfg)
