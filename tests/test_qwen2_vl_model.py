@@ -2,7 +2,6 @@
 transformers' own classes on tiny random checkpoints made here at test time (hub and 5.x layouts, tied and untied
 heads). Nothing is downloaded: the tokenizer is a small byte-level BPE built here with Qwen's special tokens."""
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ transformers = pytest.importorskip("transformers")
 from minivar.errors import MinivarError  # noqa: E402
 from minivar.models.qwen2_vl.loading import load_qwen2_vl, normalise_key  # noqa: E402
 from minivar.models.qwen2_vl.model import Qwen2VLConfig  # noqa: E402
+from minivar.models.qwen2_vl.processing import ImageInput, preprocess_image  # noqa: E402
 from minivar.models.qwen2_vl.rope import decode_positions, rope_index  # noqa: E402
 from minivar.models.qwen2_vl.template import QwenTokenizer, build_prompt  # noqa: E402
 
@@ -20,21 +20,13 @@ IMAGE, VIDEO, START, END, PAD = 290, 291, 292, 293, 294
 FAMILIES = ("qwen2_vl", "qwen2_5_vl")
 
 
-@dataclass
-class ImageInput:        # the family interface's ImageInput (minivar/models/images.py once the lead adds it)
-    pixel_values: torch.Tensor
-    num_tokens: int
-    panels: tuple = ()
-    meta: dict = field(default_factory=dict)
-
-
-def hf_config(family: str, tied: bool = False):
+def hf_config(family: str, tied: bool = False, token_ids: dict | None = None):
     text = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
                 num_key_value_heads=2, rms_norm_eps=1e-6, bos_token_id=None, eos_token_id=299,
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
                 initializer_range=0.1)
     ids = dict(image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=START, vision_end_token_id=END,
-               tie_word_embeddings=tied)
+               tie_word_embeddings=tied) | (token_ids or {})
     if family == "qwen2_vl":
         from transformers import Qwen2VLConfig as C
         vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, initializer_range=0.1)
@@ -45,11 +37,11 @@ def hf_config(family: str, tied: bool = False):
     return C(text_config=text, vision_config=vision, **ids)
 
 
-def hf_model(family: str, tied: bool = False, seed: int = 0):
+def hf_model(family: str, tied: bool = False, seed: int = 0, token_ids: dict | None = None):
     from transformers import Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration
     cls = Qwen2VLForConditionalGeneration if family == "qwen2_vl" else Qwen2_5_VLForConditionalGeneration
     torch.manual_seed(seed)
-    model = cls(hf_config(family, tied)).eval()
+    model = cls(hf_config(family, tied, token_ids)).eval()
     with torch.no_grad():   # the norms start at 1 and the biases at 0: give them values, so a missed one shows
         for name, p in model.named_parameters():
             if name.endswith("bias") or "norm" in name or "ln_q" in name:
@@ -101,7 +93,8 @@ def write_checkpoint(model, directory: Path, layout: str) -> Path:
 def image(grid, seed=0) -> ImageInput:
     g = torch.Generator().manual_seed(seed)
     t, h, w = grid
-    return ImageInput(torch.randn(t * h * w, 3 * 2 * 14 * 14, generator=g), t * h * w // 4, meta={"grid_thw": grid})
+    return ImageInput(torch.randn(t * h * w, 3 * 2 * 14 * 14, generator=g), t * h * w // 4,
+                      (("image", h // 2, w // 2, False),), {"grid_thw": grid})
 
 
 def prompt_ids(images, seed=0, n_text=(3, 5)) -> list[int]:
@@ -526,3 +519,49 @@ def test_shared_prefix_cache_equals_one_by_one(pair):
         positions = ours.positions(ids, images * 3)[:, :, P:]
         got = ours(torch.tensor(questions), positions=positions, cache=shared, input_pos=P, output="last")
     assert (got - alone).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_from_pil_images_and_text_to_tokens_equals_transformers(tmp_path, tokenizer_dir, family):
+    """End to end: PIL images (smaller than min_pixels, wide, tall) through processing.py and the qwen template,
+    against transformers' PIL image processor, tokenizer and model: ids, logits, greedy tokens."""
+    from PIL import Image
+    from transformers import AutoTokenizer
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from tokenizers import Tokenizer
+    tok_ids = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    names = {"image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>",
+             "vision_start_token_id": "<|vision_start|>", "vision_end_token_id": "<|vision_end|>"}
+    hf = hf_model(family, token_ids={k: tok_ids.token_to_id(v) for k, v in names.items()})
+    ours = load_qwen2_vl(write_checkpoint(hf, tmp_path, "hub"))
+    tok = QwenTokenizer(tokenizer_dir, ours.config)
+    hf_tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    hf_proc = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=28 * 28 * 40)
+    g = torch.Generator().manual_seed(0)
+    rows, all_images, ref_ids = [], [], []
+    for size in [(30, 40), (200, 60), (50, 300)]:
+        pil = Image.fromarray(torch.randint(0, 256, (size[1], size[0], 3), generator=g, dtype=torch.uint8).numpy())
+        im = preprocess_image(pil, min_pixels=56 * 56, max_pixels=28 * 28 * 40)
+        ref = hf_proc(images=[pil], return_tensors="pt")
+        assert list(im.meta["grid_thw"]) == ref["image_grid_thw"][0].tolist()
+        assert torch.equal(im.pixel_values, ref["pixel_values"])
+        rows.append(tok.encode_prompt("What is in the image?", num_image_tokens=im.num_tokens))
+        ref_ids.append(hf_tok(build_prompt("What is in the image?").replace(
+            "<|image_pad|>", "<|image_pad|>" * im.num_tokens))["input_ids"])
+        all_images.append(im)
+    assert rows == ref_ids
+    pad = tok.ids["<|endoftext|>"]
+    T = max(map(len, rows))
+    ids = torch.tensor([[pad] * (T - len(r)) + r for r in rows])
+    mask = (torch.arange(T)[None] >= torch.tensor([T - len(r) for r in rows])[:, None]).long()
+    inputs = dict(input_ids=ids, attention_mask=mask, mm_token_type_ids=(ids == ours.config.image_token_id).int(),
+                  pixel_values=torch.cat([im.pixel_values for im in all_images]),
+                  image_grid_thw=torch.tensor([im.meta["grid_thw"] for im in all_images]))
+    with torch.no_grad():
+        ref_logits = hf(**inputs).logits[:, -1]
+        got_logits = ours(ids, all_images, attention_mask=mask, output="last")
+        ref_tokens = hf.generate(**inputs, max_new_tokens=8, do_sample=False, eos_token_id=None,
+                                 pad_token_id=pad)[:, T:].tolist()
+        got_tokens = greedy(ours, ids, mask, all_images, 8)
+    assert (got_logits - ref_logits).abs().max().item() <= 1e-4
+    assert got_tokens == ref_tokens

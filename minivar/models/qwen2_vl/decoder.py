@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from ...errors import MinivarError
 from ..config import TextConfig
 from ..llama import LlamaAttention, LlamaDecoderLayer, LlamaModel, rope_table
 from .rope import axis_of_dims, mrope_cos_sin
@@ -66,7 +67,7 @@ class Qwen2Model(LlamaModel):
         cfg = self.cfg
         if cache is not None:
             if rows.stop > cache.max_len:
-                cache.rope(positions[0], rows)        # the cache's own "full" error
+                raise MinivarError(f"KV cache full: position {rows.stop - 1} is past its {cache.max_len} positions")
             cos_table, sin_table = cache.cos, cache.sin
         else:
             cos_table, sin_table = rope_table(int(positions.max()) + 1, cfg.head_dim, cfg.rope_theta, x.dtype,

@@ -15,7 +15,9 @@ from ...errors import MinivarError
 from ...methods.hooks import as_hooks
 from ..config import _fill
 from ..llama import KVCache, causal_mask
+from .config import Qwen2VisionConfig, Qwen25VisionConfig, vision_config_from_hf
 from .decoder import Qwen2Model, Qwen2TextConfig
+from .vision_2_5 import build_vision_tower
 from .rope import rope_index
 
 MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
@@ -25,7 +27,7 @@ MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
 class Qwen2VLConfig:
     """The whole model: vision tower config (config.py), the Qwen2 decoder's, and the special token ids."""
     model_type: str
-    vision: object                       # config.Qwen2VisionConfig (qwen2_vl) or Qwen25VisionConfig (qwen2_5_vl)
+    vision: Qwen2VisionConfig | Qwen25VisionConfig      # by model_type: qwen2_vl / qwen2_5_vl
     text: Qwen2TextConfig
     image_token_id: int = 151655         # transformers' Qwen2VLConfig defaults; config.json gives them
     video_token_id: int = 151656
@@ -55,7 +57,6 @@ class Qwen2VLConfig:
     def from_hf(d: dict, name_or_path: str = "") -> "Qwen2VLConfig":
         """config.json → config: the hub's flat layout (decoder keys at the top, `rope_scaling`) or transformers
         5.x's nested `text_config` (`rope_parameters`), filling what the file leaves out as transformers does."""
-        from .config import Qwen2VisionConfig, Qwen25VisionConfig
         where = f"config.json of '{name_or_path}'"
         if not isinstance(d, dict):
             raise MinivarError(f"{where} is not a JSON object")
@@ -94,8 +95,7 @@ class Qwen2VLConfig:
         if sum(text.mrope_section) != text.head_dim // 2:
             raise MinivarError(f"{where}: mrope_section {list(text.mrope_section)} sums to "
                                f"{sum(text.mrope_section)}, expected head_dim / 2 = {text.head_dim // 2}")
-        vision_cls = Qwen2VisionConfig if model_type == "qwen2_vl" else Qwen25VisionConfig
-        vision = vision_cls.from_hf(d.get("vision_config") or {}, name_or_path)
+        vision = vision_config_from_hf(d.get("vision_config") or {}, model_type, name_or_path)
         if vision.out_dim != text.hidden_size:
             raise MinivarError(f"{where}: the vision merger's output width {vision.out_dim} is not the decoder's "
                                f"hidden_size {text.hidden_size}")
@@ -105,15 +105,6 @@ class Qwen2VLConfig:
                              torch_dtype=d.get("dtype") or d.get("torch_dtype"), name_or_path=name_or_path)
 
 
-def build_vision_tower(cfg: Qwen2VLConfig) -> nn.Module:
-    """The family's ViT: Qwen2-VL's (vision.py) or Qwen2.5-VL's (vision_2_5.py)."""
-    if cfg.model_type == "qwen2_vl":
-        from .vision import Qwen2VisionTransformer
-        return Qwen2VisionTransformer(cfg.vision)
-    from .vision_2_5 import Qwen25VisionTransformer
-    return Qwen25VisionTransformer(cfg.vision)
-
-
 class Qwen2VL(nn.Module):
     """The whole model: vision tower, Qwen2 decoder, lm_head (tied to the embedding in the 2B/3B checkpoints)."""
 
@@ -121,7 +112,7 @@ class Qwen2VL(nn.Module):
         super().__init__()
         self.config = cfg
         if vision:   # vision=False: the decoder alone, for callers that bring their own image features
-            self.visual = build_vision_tower(cfg)
+            self.visual = build_vision_tower(cfg.vision)     # Qwen2-VL's or Qwen2.5-VL's ViT
         self.model = Qwen2Model(cfg.text)
         self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
 
