@@ -214,10 +214,10 @@ def test_decoder_alone_with_spliced_image_features(pair):
     assert (got - ref_out.logits[:, -1]).abs().max().item() <= 1e-4
 
 
-def greedy(model, ids, mask, images, n: int) -> list[list[int]]:
+def greedy(model, ids, mask, images, n: int, transposed: bool = False) -> list[list[int]]:
     """Our greedy loop: prefill (default positions) then n−1 decode steps on the KV cache."""
     B, T = ids.shape
-    cache = model.new_cache(B, T + n, torch.float32, "cpu")
+    cache = model.new_cache(B, T + n, torch.float32, "cpu", values_transposed=transposed)
     prompt_pos = model.positions(ids, images, mask)
     logits = model(ids, images, cache=cache, attention_mask=mask, output="last")
     out = [logits.argmax(-1)]
@@ -253,7 +253,8 @@ def test_left_padded_batch_of_different_images_equals_one_by_one(pair):
         batch = ours(ids, [im for ims in images for im in ims], attention_mask=mask, output="last")
         alone = torch.cat([ours(torch.tensor([r]), ims, output="last") for r, ims in zip(rows, images)])
         batch_tokens = greedy(ours, ids, mask, [im for ims in images for im in ims], 6)
-        alone_tokens = [greedy(ours, torch.tensor([r]), torch.ones(1, len(r), dtype=torch.long), ims, 6)[0]
+        # one by one as a single prompt decodes on CPU: transposed cached values, matrix-vector products
+        alone_tokens = [greedy(ours, torch.tensor([r]), torch.ones(1, len(r), dtype=torch.long), ims, 6, True)[0]
                         for r, ims in zip(rows, images)]
     assert (batch - alone).abs().max().item() <= 1e-4
     assert batch_tokens == alone_tokens
@@ -565,3 +566,28 @@ def test_from_pil_images_and_text_to_tokens_equals_transformers(tmp_path, tokeni
         got_tokens = greedy(ours, ids, mask, all_images, 8)
     assert (got_logits - ref_logits).abs().max().item() <= 1e-4
     assert got_tokens == ref_tokens
+
+
+def test_a_key_masking_hook_builds_the_mask_and_a_full_cache_is_one_line(pair):
+    from minivar.methods.hooks import Hook
+
+    class NoOpMask(Hook):
+        masks_keys = True
+
+        def __init__(self):
+            self.shapes = []
+
+        def key_mask(self, layer, mask, rows):
+            self.shapes.append(tuple(mask.shape))
+            return mask
+
+    family, hf, ours = pair
+    images = [image((1, 4, 6))]
+    ids = torch.tensor([prompt_ids(images)])
+    T = ids.shape[1]
+    hook = NoOpMask()
+    with torch.no_grad():
+        assert (ours(ids, images, hooks=hook) - ours(ids, images)).abs().max().item() <= 1e-5
+        assert hook.shapes == [(1, 1, T, T)] * 3
+        with pytest.raises(MinivarError, match="KV cache full"):
+            ours(ids, images, cache=ours.new_cache(1, T - 1, torch.float32, "cpu"))

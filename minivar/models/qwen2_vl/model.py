@@ -116,9 +116,10 @@ class Qwen2VL(nn.Module):
         self.model = Qwen2Model(cfg.text)
         self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
 
-    def new_cache(self, batch: int, length: int, dtype: torch.dtype, device) -> KVCache:
-        """A KV cache for `batch` rows of `length` positions (LLaMA's layout: keys/values per layer)."""
-        return KVCache(self.config.text, batch, length, dtype, device)
+    def new_cache(self, batch: int, length: int, dtype: torch.dtype, device, values_transposed: bool = False) -> KVCache:
+        """A KV cache for `batch` rows of `length` positions (LLaMA's layout: keys/values per layer; transposed
+        values for a single prompt's CPU decode, see llama.KVCache)."""
+        return KVCache(self.config.text, batch, length, dtype, device, values_transposed)
 
     def image_features(self, images) -> list[torch.Tensor]:
         """ImageInputs → their merged, projected tokens, one [N_i, D_text] tensor per image (N_i = t·h·w / 4)."""
