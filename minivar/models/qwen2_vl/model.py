@@ -144,7 +144,7 @@ class Qwen2VL(nn.Module):
             # no image in this call (a decode step): every id is an ordinary row, the image id too
             return self.model.embed_tokens(input_ids)
         is_image = input_ids == self.config.image_token_id
-        x = self.model.embed_tokens(input_ids)
+        x = self.model.embed_tokens(input_ids.masked_fill(is_image, 0))   # the image id need not be a row
         n_slots, n_feats = int(is_image.sum()), image_features.shape[0]
         if n_slots != n_feats:
             raise MinivarError(f"the prompt has {n_slots} image tokens but {n_feats} image feature rows are given")
