@@ -169,7 +169,7 @@ def model_image(img: Image.Image, cfg: QwenImageConfig = QwenImageConfig()) -> I
 
 
 def patchify(x: torch.Tensor, cfg: QwenImageConfig) -> torch.Tensor:
-    """[C, H, W] → [grid_h·grid_w, C·tp·p·p]: patches in merge order, the frame repeated tp times in each patch."""
+    """[C, H, W] → [grid_h·grid_w, C·tp·p·p]: patches in merge order, the frame repeated tp times in each."""
     C, H, W = x.shape
     p, m, tp = cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size
     gh, gw = H // p, W // p

@@ -2,7 +2,7 @@
 
 pixel_values [N, C·tp·p·p] (all images' patches, concatenated; the processor's flattening) and grid_thw [n, 3]
 (each image's (t, h, w) in patches) → patch embedding → `depth` pre-LN blocks, each patch attending only to the
-patches of its own image (and frame), with 2-D rotary positions (row, column) → the 2×2 PatchMerger → [N/4, out_dim].
+patches of its own image (and frame), with 2-D rotary positions (row, column) → the 2×2 PatchMerger → [N/4, out].
 
 Patches arrive in "merge order": the four patches of each 2×2 block are consecutive (row-major inside the block,
 blocks row-major over the image), so the merger simply concatenates every 4 consecutive rows. The rotary positions
@@ -172,7 +172,7 @@ class Qwen2VisionBlock(nn.Module):
 
 
 class PatchMerger(nn.Module):
-    """Norm each patch, concatenate the 4 patches of a 2×2 block, then Linear → GELU (exact) → Linear to out_dim."""
+    """Norm each patch, concatenate the 4 patches of a 2×2 block, then Linear → GELU (exact) → Linear."""
 
     def __init__(self, width: int, out_dim: int, merge: int, norm: nn.Module):
         super().__init__()
