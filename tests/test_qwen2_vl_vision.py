@@ -238,9 +238,9 @@ def test_processor_config_spellings_and_overrides():
     assert got.num_tokens <= 20
     big = preprocess_image(picture(40, 40), cfg, min_pixels=16 * 28 * 28)
     assert big.num_tokens == 16 and big.meta["image_size"] == (40, 40) and big.meta["resized_size"] == (112, 112)
-    # other mean/std and rescale factor from the file
+    # other mean/std, rescale factor and resampling filter (2: bilinear) from the file
     d = {"min_pixels": 3136, "max_pixels": 30 * 28 * 28, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.25, 0.5, 1.0],
-         "rescale_factor": 1 / 127.5}
+         "rescale_factor": 1 / 127.5, "resample": 2}
     assert_same_as_hf(img, QwenImageConfig.from_hf(d), hf_processor(**d))
 
 
@@ -266,6 +266,7 @@ def test_smart_resize_equals_transformers():
     (lambda: QwenImageConfig.from_hf({"min_pixels": 9000, "max_pixels": 3000}, "q/m"), "q/m.*larger"),
     (lambda: QwenImageConfig.from_hf({"size": {"shortest_edge": 3136}}, "q/m"), "longest_edge"),
     (lambda: QwenImageConfig.from_hf({"image_mean": [0.5, 0.5]}, "q/m"), "image_mean"),
+    (lambda: QwenImageConfig.from_hf({"resample": "bicubic"}, "q/m"), "resample"),
     (lambda: preprocess_image(Image.new("RGB", (0, 5))), "zero size"),
     (lambda: vision_inputs([]), "empty"),
 ])

@@ -57,7 +57,7 @@ class Qwen2VisionConfig:
 
 @dataclass(frozen=True)
 class Qwen25VisionConfig:
-    """Qwen2.5-VL's ViT: RMSNorm blocks, a SwiGLU MLP with biases, window attention except in `fullatt_block_indexes`."""
+    """Qwen2.5-VL's ViT: RMSNorm blocks, SwiGLU MLP with biases, window attention except in `fullatt_block_indexes`."""
     depth: int = 32
     hidden_size: int = 3584          # the ViT width (1280 in every released checkpoint; the file always says so)
     hidden_act: str = "silu"

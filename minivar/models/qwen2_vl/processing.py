@@ -102,6 +102,8 @@ class QwenImageConfig:
         for key in ("patch_size", "temporal_patch_size", "merge_size"):
             if not isinstance(getattr(cfg, key), int) or getattr(cfg, key) < 1:
                 raise MinivarError(f"{where}: {key} must be a positive integer, got {getattr(cfg, key)!r}")
+        if cfg.resample not in {r.value for r in Image.Resampling}:
+            raise MinivarError(f"{where}: resample {cfg.resample!r} is not a PIL resampling filter (3 is bicubic)")
         if any(s == 0 for s in cfg.image_std):
             raise MinivarError(f"{where}: image_std {list(cfg.image_std)} has a zero")
         check_pixels(cfg.min_pixels, cfg.max_pixels, cfg.factor, where=f"{where}: ")
@@ -167,7 +169,7 @@ def model_image(img: Image.Image, cfg: QwenImageConfig = QwenImageConfig()) -> I
 
 
 def patchify(x: torch.Tensor, cfg: QwenImageConfig) -> torch.Tensor:
-    """[C, H, W] → [grid_h·grid_w, C·tp·p·p]: patches in merge order, the frame repeated tp times in each patch."""
+    """[C, H, W] → [grid_h·grid_w, C·tp·p·p]: patches in merge order, the frame repeated tp times in each."""
     C, H, W = x.shape
     p, m, tp = cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size
     gh, gw = H // p, W // p

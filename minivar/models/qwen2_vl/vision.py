@@ -2,7 +2,7 @@
 
 pixel_values [N, C·tp·p·p] (all images' patches, concatenated; the processor's flattening) and grid_thw [n, 3]
 (each image's (t, h, w) in patches) → patch embedding → `depth` pre-LN blocks, each patch attending only to the
-patches of its own image (and frame), with 2-D rotary positions (row, column) → the 2×2 PatchMerger → [N/4, out_dim].
+patches of its own image (and frame), with 2-D rotary positions (row, column) → the 2×2 PatchMerger → [N/4, out].
 
 Patches arrive in "merge order": the four patches of each 2×2 block are consecutive (row-major inside the block,
 blocks row-major over the image), so the merger simply concatenates every 4 consecutive rows. The rotary positions
@@ -14,6 +14,7 @@ by vision_2_5.py.
 """
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -101,14 +102,6 @@ def apply_vision_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> 
     return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
 
 
-def segment_starts(lengths: Sequence[int]) -> list[int]:
-    starts, s = [], 0
-    for n in lengths:
-        starts.append(s)
-        s += n
-    return starts
-
-
 def attend_segments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
     """Bidirectional attention inside each segment of consecutive rows (an image, a frame or a window), none across.
 
@@ -116,13 +109,16 @@ def attend_segments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: 
     of Qwen2.5-VL cost one fused call rather than a Python loop, and no [N, N] mask is ever built.
     """
     out = torch.empty_like(q)
-    starts = segment_starts(lengths)
+    starts = [0, *itertools.accumulate(lengths)][:-1]
     by_length: dict[int, list[int]] = {}
     for s, n in zip(starts, lengths):
         if n:
             by_length.setdefault(n, []).append(s)
     for n, group in by_length.items():
-        rows = (torch.tensor(group, device=q.device)[:, None] + torch.arange(n, device=q.device)).flatten()
+        if group == list(range(group[0], group[0] + len(group) * n, n)):
+            rows = slice(group[0], group[0] + len(group) * n)     # back-to-back segments (one image): no gather copy
+        else:
+            rows = (torch.tensor(group, device=q.device)[:, None] + torch.arange(n, device=q.device)).flatten()
         # [S·n, H, hd] → [S, n, H, hd] → [S, H, n, hd]
         qs, ks, vs = (t[rows].view(len(group), n, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))
         # Nothing needs the probabilities here, so the fused kernel is used (scale defaults to head_dim^-0.5).
@@ -176,7 +172,7 @@ class Qwen2VisionBlock(nn.Module):
 
 
 class PatchMerger(nn.Module):
-    """Norm each patch, concatenate the 4 patches of a 2×2 block, then Linear → GELU (exact) → Linear to out_dim."""
+    """Norm each patch, concatenate the 4 patches of a 2×2 block, then Linear → GELU (exact) → Linear."""
 
     def __init__(self, width: int, out_dim: int, merge: int, norm: nn.Module):
         super().__init__()

@@ -70,7 +70,7 @@ class Qwen25VisionBlock(nn.Module):
 
 
 class Qwen25VisionTransformer(nn.Module):
-    """Qwen2.5-VL's ViT: forward(pixel_values [N, C·tp·p·p], grid_thw [n, 3]) → merged features [N/m², out_dim]."""
+    """Qwen2.5-VL's ViT: forward(pixel_values [N, C·tp·p·p], grid_thw [n, 3]) → features [N/m², out_dim]."""
 
     def __init__(self, cfg: Qwen25VisionConfig):
         super().__init__()
