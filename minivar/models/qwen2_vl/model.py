@@ -116,7 +116,8 @@ class Qwen2VL(nn.Module):
         self.model = Qwen2Model(cfg.text)
         self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
 
-    def new_cache(self, batch: int, length: int, dtype: torch.dtype, device, values_transposed: bool = False) -> KVCache:
+    def new_cache(self, batch: int, length: int, dtype: torch.dtype, device,
+                  values_transposed: bool = False) -> KVCache:
         """A KV cache for `batch` rows of `length` positions (LLaMA's layout: keys/values per layer; transposed
         values for a single prompt's CPU decode, see llama.KVCache)."""
         return KVCache(self.config.text, batch, length, dtype, device, values_transposed)

@@ -77,7 +77,8 @@ class QwenTokenizer:
         # Stop at the end of the assistant's turn (<|im_end|>) or of the text (<|endoftext|>), and at config.json's.
         self.stop_ids = tuple(dict.fromkeys([self.ids["<|im_end|>"], self.ids["<|endoftext|>"], *cfg.eos_token_ids]))
 
-    def encode_prompt(self, user_text: str, conv_mode: str = "qwen", num_image_tokens: int | list[int] = 1) -> list[int]:
+    def encode_prompt(self, user_text: str, conv_mode: str = "qwen",
+                      num_image_tokens: int | list[int] = 1) -> list[int]:
         """Template + user text → ids, each image's `<|image_pad|>` repeated num_image_tokens times (an int for
         one image, a list for several, all before the question)."""
         counts = [num_image_tokens] if isinstance(num_image_tokens, int) else list(num_image_tokens)
