@@ -591,3 +591,62 @@ def test_a_key_masking_hook_builds_the_mask_and_a_full_cache_is_one_line(pair):
         assert hook.shapes == [(1, 1, T, T)] * 3
         with pytest.raises(MinivarError, match="KV cache full"):
             ours(ids, images, cache=ours.new_cache(1, T - 1, torch.float32, "cpu"))
+
+
+# The hub's config.json of the four checkpoints (flat; the keys that matter for shapes and ids).
+_QWEN2_VL = {"architectures": ["Qwen2VLForConditionalGeneration"], "model_type": "qwen2_vl", "bos_token_id": 151643,
+             "eos_token_id": 151645, "vision_start_token_id": 151652, "vision_end_token_id": 151653,
+             "vision_token_id": 151654, "image_token_id": 151655, "video_token_id": 151656, "hidden_act": "silu",
+             "max_position_embeddings": 32768, "max_window_layers": 28, "rms_norm_eps": 1e-06,
+             "rope_theta": 1000000.0, "sliding_window": 32768, "use_sliding_window": False,
+             "torch_dtype": "bfloat16", "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}}
+HUB_CONFIGS = {
+    "Qwen2-VL-7B-Instruct": _QWEN2_VL | {
+        "hidden_size": 3584, "intermediate_size": 18944, "num_attention_heads": 28, "num_hidden_layers": 28,
+        "num_key_value_heads": 4, "tie_word_embeddings": False, "vocab_size": 152064,
+        "vision_config": {"depth": 32, "embed_dim": 1280, "mlp_ratio": 4, "num_heads": 16, "in_chans": 3,
+                          "hidden_size": 3584, "patch_size": 14, "spatial_merge_size": 2, "spatial_patch_size": 14,
+                          "temporal_patch_size": 2}},
+    "Qwen2-VL-2B-Instruct": _QWEN2_VL | {
+        "hidden_size": 1536, "intermediate_size": 8960, "num_attention_heads": 12, "num_hidden_layers": 28,
+        "num_key_value_heads": 2, "tie_word_embeddings": True, "vocab_size": 151936,
+        "vision_config": {"depth": 32, "embed_dim": 1280, "mlp_ratio": 4, "num_heads": 16, "in_chans": 3,
+                          "hidden_size": 1536, "patch_size": 14, "spatial_merge_size": 2, "spatial_patch_size": 14,
+                          "temporal_patch_size": 2}},
+    "Qwen2.5-VL-7B-Instruct": _QWEN2_VL | {
+        "architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
+        "hidden_size": 3584, "intermediate_size": 18944, "num_attention_heads": 28, "num_hidden_layers": 28,
+        "num_key_value_heads": 4, "tie_word_embeddings": False, "vocab_size": 152064,
+        "vision_config": {"depth": 32, "hidden_act": "silu", "hidden_size": 1280, "intermediate_size": 3420,
+                          "num_heads": 16, "in_chans": 3, "out_hidden_size": 3584, "patch_size": 14,
+                          "spatial_merge_size": 2, "spatial_patch_size": 14, "window_size": 112,
+                          "fullatt_block_indexes": [7, 15, 23, 31], "tokens_per_second": 2, "temporal_patch_size": 2}},
+    "Qwen2.5-VL-3B-Instruct": _QWEN2_VL | {
+        "architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
+        "hidden_size": 2048, "intermediate_size": 11008, "num_attention_heads": 16, "num_hidden_layers": 36,
+        "num_key_value_heads": 2, "tie_word_embeddings": True, "vocab_size": 151936,
+        "vision_config": {"depth": 32, "hidden_act": "silu", "hidden_size": 1280, "intermediate_size": 3420,
+                          "num_heads": 16, "in_chans": 3, "out_hidden_size": 2048, "patch_size": 14,
+                          "spatial_merge_size": 2, "spatial_patch_size": 14, "window_size": 112,
+                          "fullatt_block_indexes": [7, 15, 23, 31], "tokens_per_second": 2, "temporal_patch_size": 2}},
+}
+
+
+@pytest.mark.parametrize("name", sorted(HUB_CONFIGS))
+def test_the_hub_configs_build_the_tensors_transformers_builds(name):
+    """Each real checkpoint's config.json gives, on the meta device, exactly transformers' tensor names and shapes
+    (after the key rules), and its token ids and tying."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+    from minivar.models.qwen2_vl.model import Qwen2VL
+    d = HUB_CONFIGS[name]
+    cfg = Qwen2VLConfig.from_hf(d, name)
+    with torch.device("meta"):
+        ours = Qwen2VL(cfg)
+        ref = AutoModelForImageTextToText.from_config(AutoConfig.for_model(**d))
+    ours_shapes = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
+    ref_shapes = {normalise_key(k): tuple(v.shape) for k, v in ref.state_dict().items()}
+    assert ours_shapes == ref_shapes
+    assert (cfg.image_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id, cfg.eos_token_ids) == \
+        (151655, 151652, 151653, (151645,))
+    assert cfg.text.tie_word_embeddings == d["tie_word_embeddings"] == ref.config.tie_word_embeddings
+    assert cfg.text.rope_theta == 1e6 and cfg.text.mrope_section == (16, 24, 24) and cfg.text.head_dim == 128
