@@ -650,3 +650,37 @@ def test_the_hub_configs_build_the_tensors_transformers_builds(name):
         (151655, 151652, 151653, (151645,))
     assert cfg.text.tie_word_embeddings == d["tie_word_embeddings"] == ref.config.tie_word_embeddings
     assert cfg.text.rope_theta == 1e6 and cfg.text.mrope_section == (16, 24, 24) and cfg.text.head_dim == 128
+
+
+def test_generate_without_positions_uses_the_rope_deltas_of_the_cache(pair):
+    """minivar.generate's loop passes no positions: the prompt's call keeps its rope deltas in model.new_cache's
+    cache, and later calls place text at (index among real tokens) + delta — transformers' generate's tokens."""
+    from minivar.generate import generate
+    family, hf, ours = pair
+    images = [image((1, 4, 6)), image((1, 2, 2), seed=1), image((1, 6, 4), seed=2)]
+    rows = [prompt_ids(images[:1], seed=0), prompt_ids(images[1:], seed=1, n_text=(6, 2))]
+    ids, mask = left_pad(rows)
+    n = 8
+    with torch.no_grad():
+        ref = hf.generate(**hf_inputs(ids, mask, images), max_new_tokens=n, do_sample=False, eos_token_id=None,
+                          pad_token_id=PAD)[:, ids.shape[1]:].tolist()
+        got = generate(ours, ids, images, max_new_tokens=n, eos_token_id=None, attention_mask=mask,
+                       cache=ours.new_cache(2, ids.shape[1] + n, torch.float32, "cpu")).output_ids
+        one = generate(ours, torch.tensor([rows[0]]), images[:1], max_new_tokens=n, eos_token_id=None,
+                       cache=ours.new_cache(1, len(rows[0]) + n, torch.float32, "cpu", True)).output_ids
+    assert got == ref and one == ref[:1]
+
+
+def test_the_family_entries_and_the_image_config_beside_config_json(tmp_path):
+    from PIL import Image
+    from minivar.models.qwen2_vl import family  # noqa: F401  (registers both)
+    from minivar.models.registry import family_for
+    for model_type in FAMILIES:
+        entry = family_for(model_type)
+        assert entry.default_conv_mode == "qwen" and not entry.has_cls and entry.key_rules[0][1] == "model."
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"min_pixels": 3136, "max_pixels": 28 * 28 * 4}))
+    cfg = Qwen2VLConfig.from_hf(flat_hub_config(hf_config("qwen2_vl").to_dict()), str(tmp_path))
+    im = family_for("qwen2_vl").images(Image.new("RGB", (400, 300)), cfg, None)
+    assert im.num_tokens <= 4 and im.meta["grid_thw"][0] == 1
+    with pytest.raises(MinivarError, match="`image_aspect_ratio` 'pad'"):
+        family_for("qwen2_vl").images(Image.new("RGB", (40, 30)), cfg, "pad")

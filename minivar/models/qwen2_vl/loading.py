@@ -8,31 +8,20 @@ and store no `lm_head.weight`.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import torch
 
-from ...checkpoint import read_state_dict
+from ...checkpoint import normalise_key as _normalise, read_state_dict
 from ...errors import MinivarError
+from . import family  # noqa: F401  (registers the two families: read_state_dict finds their key rules there)
+from .family import KEY_RULES
 from .model import Qwen2VL, Qwen2VLConfig
-
-# Key layouts → minivar's names (the hub's), applied in order; each is (pattern, replacement).
-KEY_RULES = [
-    (r"^model\.language_model\.", "model."),        # 5.x in-memory: model.language_model.layers...
-    (r"^model\.visual\.", "visual."),                # 5.x in-memory
-]
 
 
 def normalise_key(key: str) -> str:
-    for pattern, repl in KEY_RULES:
-        key = re.sub(pattern, repl, key)
-    return key
-
-
-def is_unused_key(key: str, cfg: Qwen2VLConfig) -> bool:
-    """Tensors a checkpoint may carry that the model never reads: rotary inverse-frequency buffers."""
-    return key.endswith("inv_freq")
+    """A checkpoint's tensor name → the model's (the hub's names), by KEY_RULES."""
+    return _normalise(key, KEY_RULES)
 
 
 def read_qwen2_vl_config(directory: Path) -> Qwen2VLConfig:
@@ -55,7 +44,7 @@ def load_qwen2_vl(directory: Path, dtype: torch.dtype = torch.float32, device="c
     with torch.device("meta"):
         model = Qwen2VL(cfg)
     expected = {k: v.shape for k, v in model.state_dict().items()}
-    state = read_state_dict(directory, cfg, dtype, device, normalise=normalise_key, is_unused=is_unused_key)
+    state = read_state_dict(directory, cfg, dtype, device)       # by the family's KEY_RULES (family.py)
     if "lm_head.weight" not in state and cfg.text.tie_word_embeddings:
         # a tied checkpoint stores the shared matrix once, as the embedding (Qwen2-VL-2B, Qwen2.5-VL-3B)
         state["lm_head.weight"] = state.get("model.embed_tokens.weight")

@@ -6,7 +6,9 @@ Module names equal the hub checkpoint's (`visual.*`, `model.embed_tokens`, `mode
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -17,6 +19,7 @@ from ..config import _fill
 from ..llama import KVCache, causal_mask
 from .config import Qwen2VisionConfig, Qwen25VisionConfig, vision_config_from_hf
 from .decoder import Qwen2Model, Qwen2TextConfig
+from .processing import QwenImageConfig
 from .vision_2_5 import build_vision_tower
 from .rope import rope_index
 
@@ -35,6 +38,7 @@ class Qwen2VLConfig:
     vision_end_token_id: int = 151653
     torch_dtype: str | None = None
     name_or_path: str = ""
+    image: QwenImageConfig = QwenImageConfig()   # preprocessor_config.json beside config.json (else its defaults)
 
     @property
     def image_token_index(self) -> int:
@@ -56,7 +60,8 @@ class Qwen2VLConfig:
     @staticmethod
     def from_hf(d: dict, name_or_path: str = "") -> "Qwen2VLConfig":
         """config.json → config: the hub's flat layout (decoder keys at the top, `rope_scaling`) or transformers
-        5.x's nested `text_config` (`rope_parameters`), filling what the file leaves out as transformers does."""
+        5.x's nested `text_config` (`rope_parameters`), filling what the file leaves out as transformers does.
+        When name_or_path is a checkpoint directory, its preprocessor_config.json (if any) gives `image`."""
         where = f"config.json of '{name_or_path}'"
         if not isinstance(d, dict):
             raise MinivarError(f"{where} is not a JSON object")
@@ -102,7 +107,20 @@ class Qwen2VLConfig:
         ids = {k: int(d[k]) for k in ("image_token_id", "video_token_id", "vision_start_token_id",
                                       "vision_end_token_id") if d.get(k) is not None}
         return Qwen2VLConfig(model_type=model_type, vision=vision, text=text, **ids,
-                             torch_dtype=d.get("dtype") or d.get("torch_dtype"), name_or_path=name_or_path)
+                             torch_dtype=d.get("dtype") or d.get("torch_dtype"), name_or_path=name_or_path,
+                             image=read_image_config(name_or_path))
+
+
+def read_image_config(directory: str) -> QwenImageConfig:
+    """A checkpoint directory's preprocessor_config.json (min/max pixels, mean/std ...), or the defaults."""
+    path = Path(directory) / "preprocessor_config.json" if directory else None
+    if path is None or not path.is_file():
+        return QwenImageConfig()
+    try:
+        d = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MinivarError(f"'{path}' is not valid JSON ({e})") from None
+    return QwenImageConfig.from_hf(d, directory)
 
 
 class Qwen2VL(nn.Module):
@@ -117,10 +135,10 @@ class Qwen2VL(nn.Module):
         self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
 
     def new_cache(self, batch: int, length: int, dtype: torch.dtype, device,
-                  values_transposed: bool = False) -> KVCache:
+                  values_transposed: bool = False) -> "MRopeKVCache":
         """A KV cache for `batch` rows of `length` positions (LLaMA's layout: keys/values per layer; transposed
-        values for a single prompt's CPU decode, see llama.KVCache)."""
-        return KVCache(self.config.text, batch, length, dtype, device, values_transposed)
+        values for a single prompt's CPU decode, see llama.KVCache), which also keeps the prompt's rope deltas."""
+        return MRopeKVCache(self.config.text, batch, length, dtype, device, values_transposed)
 
     def image_features(self, images) -> list[torch.Tensor]:
         """ImageInputs → their merged, projected tokens, one [N_i, D_text] tensor per image (N_i = t·h·w / 4)."""
@@ -138,6 +156,23 @@ class Qwen2VL(nn.Module):
         grids = [tuple(int(x) for x in im.meta["grid_thw"]) for im in (images or [])]
         return rope_index(input_ids, grids, self.config.image_token_id, self.config.spatial_merge_size,
                           attention_mask)
+
+    def text_positions(self, input_ids, cache, input_pos: int, attention_mask, image_features) -> torch.Tensor:
+        """Positions [3, B, T] of text after a prompt whose rope deltas the cache keeps (transformers' decode
+        arithmetic): the token's index among its sample's real tokens + the sample's delta, on every axis."""
+        deltas = None
+        for c in (cache, getattr(cache, "prefix", None)):      # a SharedPrefixCache: the prefix's own cache
+            deltas = getattr(c, "rope_deltas", None) if deltas is None else deltas
+        if deltas is None or image_features is not None:
+            raise MinivarError("a call after the prompt's first (input_pos > 0) needs explicit `positions` unless "
+                               "it is text after a prompt run on a model.new_cache cache (M-RoPE positions depend "
+                               "on the whole prompt: model.positions, rope.decode_positions)")
+        B, T = input_ids.shape
+        if attention_mask is not None:
+            index = (attention_mask.long().cumsum(-1) - 1)[:, input_pos:]                  # [B, T]
+        else:
+            index = torch.arange(input_pos, input_pos + T, device=input_ids.device).expand(B, T)
+        return (index + deltas.to(index.device)[:, None]).expand(3, -1, -1)
 
     def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None) -> torch.Tensor:
         """Token embeddings [B, T, D] with the image-token rows replaced, in order, by image_features [N, D]."""
@@ -169,11 +204,12 @@ class Qwen2VL(nn.Module):
             feats = self.image_features(images)
             image_features = torch.cat(feats) if feats else None
         x = self.embed(input_ids, image_features)
-        if positions is None:
-            if input_pos != 0:
-                raise MinivarError("a call after the prompt's first (input_pos > 0) needs explicit `positions` "
-                                   "(M-RoPE positions depend on the whole prompt: model.positions, decode_positions)")
+        if positions is None and input_pos == 0:
             positions = self.positions(input_ids, images, attention_mask)   # image tokens need `images`' grids
+            if isinstance(cache, MRopeKVCache):
+                cache.rope_deltas = rope_deltas(positions, attention_mask)
+        elif positions is None:
+            positions = self.text_positions(input_ids, cache, input_pos, attention_mask, image_features)
         elif positions.dim() == 2:
             positions = positions[None].expand(3, -1, -1)                             # text: one position, 3 axes
         if tuple(positions.shape) != (3, B, T):
@@ -189,6 +225,22 @@ class Qwen2VL(nn.Module):
         if output != "logits":
             raise ValueError(f"output must be 'logits', 'hidden' or 'last', got {output!r}")
         return self.lm_head(h).float()
+
+
+class MRopeKVCache(KVCache):
+    """LLaMA's KV cache, plus the rope deltas of the prompt its first call ran (set by that call): per sample,
+    max(M-RoPE positions) + 1 − real tokens, so text after the prompt is at (its index among real tokens) + delta —
+    max + 1 + step while decoding. A call's state, kept with the cache it belongs to, never on the model."""
+    rope_deltas: torch.Tensor | None = None            # [B] long
+
+
+def rope_deltas(positions: torch.Tensor, attention_mask=None) -> torch.Tensor:
+    """[B]: max(prompt positions) + 1 − the number of real tokens, per sample (transformers' rope_deltas)."""
+    _, B, T = positions.shape
+    if attention_mask is None:
+        return positions.amax(dim=(0, 2)) + 1 - T
+    real = attention_mask.bool().to(positions.device)
+    return positions.masked_fill(~real[None], 0).amax(dim=(0, 2)) + 1 - real.sum(-1)
 
 
 def padding_mask(attention_mask, B: int, T: int, input_pos: int, device, force: bool = False):

@@ -76,6 +76,8 @@ class QwenTokenizer:
         self.image_token_id = cfg.image_token_id
         # Stop at the end of the assistant's turn (<|im_end|>) or of the text (<|endoftext|>), and at config.json's.
         self.stop_ids = tuple(dict.fromkeys([self.ids["<|im_end|>"], self.ids["<|endoftext|>"], *cfg.eos_token_ids]))
+        self.eos_id = self.ids["<|im_end|>"]    # the first stop id: the end of the assistant's turn
+        self.bos_id = None                       # Qwen2 prompts start with no BOS token
 
     def encode_prompt(self, user_text: str, conv_mode: str = "qwen",
                       num_image_tokens: int | list[int] = 1) -> list[int]:
