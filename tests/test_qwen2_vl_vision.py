@@ -229,6 +229,8 @@ def test_processor_config_spellings_and_overrides():
         cfg = QwenImageConfig.from_hf(d)
         assert (cfg.min_pixels, cfg.max_pixels) == (3136, 30 * 28 * 28)
         assert_same_as_hf(img, cfg, hf_processor(**d))
+    # early 4.x saves spelled size {min_pixels, max_pixels}
+    assert QwenImageConfig.from_hf({"size": {"min_pixels": 1000, "max_pixels": 9000}}).max_pixels == 9000
     # hub defaults: max_pixels 12845056; the class defaults when the file says nothing
     assert QwenImageConfig.from_hf({"max_pixels": 12845056}).max_pixels == 12845056
     assert (QwenImageConfig.from_hf({}).min_pixels, QwenImageConfig.from_hf({}).max_pixels) == (3136, 1003520)
