@@ -229,6 +229,8 @@ def test_processor_config_spellings_and_overrides():
         cfg = QwenImageConfig.from_hf(d)
         assert (cfg.min_pixels, cfg.max_pixels) == (3136, 30 * 28 * 28)
         assert_same_as_hf(img, cfg, hf_processor(**d))
+    # early 4.x saves spelled size {min_pixels, max_pixels}
+    assert QwenImageConfig.from_hf({"size": {"min_pixels": 1000, "max_pixels": 9000}}).max_pixels == 9000
     # hub defaults: max_pixels 12845056; the class defaults when the file says nothing
     assert QwenImageConfig.from_hf({"max_pixels": 12845056}).max_pixels == 12845056
     assert (QwenImageConfig.from_hf({}).min_pixels, QwenImageConfig.from_hf({}).max_pixels) == (3136, 1003520)
@@ -291,3 +293,16 @@ def test_family_dispatch_and_hub_token_counts():
            "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2VLProcessor"}
     im = preprocess_image(picture(448, 448), QwenImageConfig.from_hf(hub))
     assert (im.num_tokens, im.meta["grid_thw"], im.pixel_values.shape) == (256, (1, 32, 32), (1024, 1176))
+
+
+@pytest.mark.parametrize("kind", ["qwen2_vl", "qwen2_5_vl"])
+def test_tower_bf16_close_to_transformers(kind):
+    """In bf16 (the dtype the checkpoints ship in) both round alike: within ~2 bf16 steps at |x| ≈ 3."""
+    hf, ours = tower_pair(kind)
+    hf, ours = hf.to(torch.bfloat16), ours.to(torch.bfloat16)
+    pixel_values, grid_thw = vision_inputs([preprocess_image(picture(w, h), QwenImageConfig(**TINY_PIXELS))
+                                            for w, h in ((200, 90), (70, 150))])
+    with torch.no_grad():
+        got, want = ours(pixel_values, grid_thw), hf(pixel_values, grid_thw).pooler_output
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want.float(), atol=0.04, rtol=0)
