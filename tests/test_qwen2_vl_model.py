@@ -684,3 +684,18 @@ def test_the_family_entries_and_the_image_config_beside_config_json(tmp_path):
     assert im.num_tokens <= 4 and im.meta["grid_thw"][0] == 1
     with pytest.raises(MinivarError, match="`image_aspect_ratio` 'pad'"):
         family_for("qwen2_vl").images(Image.new("RGB", (40, 30)), cfg, "pad")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bf16_close_to_transformers_in_bf16(tmp_path, family):
+    """Loaded in bf16 (the checkpoints' dtype): within bf16 rounding of transformers' own bf16 run (logits ~3)."""
+    hf = hf_model(family)
+    ours = load_qwen2_vl(write_checkpoint(hf, tmp_path, "hub"), dtype=torch.bfloat16)
+    assert ours.lm_head.weight.dtype == torch.bfloat16
+    images = [image((1, 4, 6))]
+    images = [ImageInput(im.pixel_values.bfloat16(), im.num_tokens, im.panels, im.meta) for im in images]
+    ids = torch.tensor([prompt_ids(images)])
+    with torch.no_grad():
+        ref = hf.to(torch.bfloat16)(**hf_inputs(ids, torch.ones_like(ids), images)).logits.float()
+        got = ours(ids, images)
+    assert got.dtype == torch.float32 and (got - ref).abs().max().item() <= 0.1
