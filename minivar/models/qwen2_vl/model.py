@@ -16,7 +16,8 @@ import torch.nn as nn
 from ...errors import MinivarError
 from ...methods.hooks import as_hooks
 from ..config import _fill
-from ..llama import KVCache, causal_mask
+from ..attention import causal_mask
+from ..llama import KVCache
 from .config import Qwen2VisionConfig, Qwen25VisionConfig, vision_config_from_hf
 from .decoder import Qwen2Model, Qwen2TextConfig
 from .processing import QwenImageConfig
