@@ -15,14 +15,14 @@ import torch.nn as nn
 
 from ...errors import MinivarError
 from ...methods.hooks import as_hooks
-from ..config import _fill
 from ..attention import causal_mask
+from ..config import _fill
 from ..llama import KVCache
 from .config import Qwen2VisionConfig, Qwen25VisionConfig, vision_config_from_hf
 from .decoder import Qwen2Model, Qwen2TextConfig
 from .processing import QwenImageConfig
-from .vision_2_5 import build_vision_tower
 from .rope import rope_index
+from .vision_2_5 import build_vision_tower
 
 MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
 
