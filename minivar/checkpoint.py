@@ -261,9 +261,10 @@ def load_model(directory: Path, dtype: torch.dtype = torch.float32, device="cpu"
         model = family.model(cfg)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     state = read_state_dict(directory, cfg, dtype, device)
-    if cfg.text.tie_word_embeddings and "language_model.lm_head.weight" not in state:
-        # a tied checkpoint stores the shared matrix once, as the embedding (not the case for LLaVA-1.5)
-        state["language_model.lm_head.weight"] = state.get("language_model.model.embed_tokens.weight")
+    head, embedding = family.tied
+    if cfg.text.tie_word_embeddings and head not in state:
+        # a tied checkpoint stores the shared matrix once, as the embedding (not LLaVA-1.5; Qwen2-VL-2B, 2.5-VL-3B)
+        state[head] = state.get(embedding)
     for key in state:
         if key not in expected:
             raise MinivarError(f"unexpected tensor '{key}' in '{directory}' (not part of a {family.name} model with this config)")

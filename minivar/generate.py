@@ -51,10 +51,15 @@ def matrix_vector_decode(device: torch.device, batch: int) -> bool:
     return device.type == "cpu" and batch == 1
 
 
-def new_cache(model, batch: int, length: int, device: torch.device) -> KVCache:
-    """The KV cache of a generation, its value layout matched to the decode loop's kernels (decode_kernels)."""
-    return KVCache(model.config.text, batch, length, model.language_model.lm_head.weight.dtype, device,
-                   values_transposed=matrix_vector_decode(device, batch))
+def new_cache(model, batch: int, length: int, device: torch.device, dtype: torch.dtype | None = None,
+              values_transposed: bool | None = None) -> KVCache:
+    """The KV cache of a generation, its value layout matched to the decode loop's kernels (decode_kernels); a
+    family with a cache of its own (Qwen2-VL's keeps the prompt's M-RoPE offsets) makes it (model.new_cache)."""
+    dtype = dtype or next(model.parameters()).dtype
+    transposed = matrix_vector_decode(device, batch) if values_transposed is None else values_transposed
+    if hasattr(model, "new_cache"):
+        return model.new_cache(batch, length, dtype, device, values_transposed=transposed)
+    return KVCache(model.config.text, batch, length, dtype, device, values_transposed=transposed)
 
 
 @contextlib.contextmanager
@@ -101,7 +106,7 @@ def plain_choice(logits: torch.Tensor) -> torch.Tensor:
 
 @torch.inference_mode()
 def generate(model, input_ids: torch.Tensor, images=None, *, max_new_tokens: int = 128,
-             eos_token_id: int | None = 2, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+             eos_token_id=2, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
              attention_mask: torch.Tensor | None = None, hooks=None, on_token=None, cache: KVCache | None = None,
              input_pos: int = 0, image_features: torch.Tensor | None = None, branches: int = 1,
              choose=plain_choice) -> Generation:
@@ -121,6 +126,8 @@ def generate(model, input_ids: torch.Tensor, images=None, *, max_new_tokens: int
         raise MinivarError(f"{R} prompt rows do not split into {branches} branches")
     B = R // branches
     device = input_ids.device
+    # the ids that end a sample: one EOS (LLaMA's 2), several (Qwen's <|im_end|>, <|endoftext|>) or none
+    stop = set() if eos_token_id is None else {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
     prompt_end = input_pos + T
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
     outputs: list[list[int]] = [[] for _ in range(B)]
@@ -151,7 +158,7 @@ def generate(model, input_ids: torch.Tensor, images=None, *, max_new_tokens: int
             chosen = choose(logits.view(branches, B, -1))                                # [B, V]
             next_ids = sample_next(chosen, temperature, top_p, generator)                # [B]
             # None for a sample that had finished or finishes now (EOS is never part of the output)
-            emitted = [None if finished[b] or t == eos_token_id else t for b, t in enumerate(next_ids.tolist())]
+            emitted = [None if finished[b] or t in stop else t for b, t in enumerate(next_ids.tolist())]
             for b, t in enumerate(emitted):
                 if t is None:
                     finished[b] = True

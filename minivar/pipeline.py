@@ -15,7 +15,7 @@ import torch
 
 from . import DEFAULT_MODEL, checkpoint, processing
 from .errors import MinivarError
-from .generate import Generation, check_context, generate
+from .generate import Generation, check_context, generate, new_cache
 from .methods import var as var_mod
 from .methods.method import Branch, Call, Method, as_methods
 from .models.images import ImageInput
@@ -154,23 +154,40 @@ class Pipeline:
     def pad_id(self) -> int:
         return self.config.pad_token_id if self.config.pad_token_id is not None else 0
 
-    # -- inputs --------------------------------------------------------------------------------------------------
-    def image(self, image, image_aspect_ratio: str = "pad") -> ImageInput:
-        """Image path or PIL image → the family's ImageInput (pixels on the model's device, in its dtype)."""
-        img = processing.load_image(image) if isinstance(image, (str, Path)) else image   # preprocess makes it RGB
-        return self.family.images(img, self.config, image_aspect_ratio).to(self.device, self.dtype)
+    @property
+    def stop_ids(self):
+        """The ids that end an answer: the tokenizer's (Qwen: <|im_end|>, <|endoftext|>), else its EOS."""
+        return getattr(self.tokenizer, "stop_ids", None) or self.tokenizer.eos_id
 
-    def pixels(self, image, image_aspect_ratio: str = "pad") -> torch.Tensor:
+    # -- inputs --------------------------------------------------------------------------------------------------
+    def image(self, image, image_aspect_ratio: str | None = None) -> ImageInput:
+        """Image path or PIL image → the family's ImageInput (pixels on the model's device, in its dtype).
+        image_aspect_ratio: one of the family's image modes (None: its default, LLaVA's pad)."""
+        img = processing.load_image(image) if isinstance(image, (str, Path)) else image   # preprocess makes it RGB
+        mode = image_aspect_ratio or self.family.default_image_mode
+        if mode not in self.family.image_modes:
+            raise MinivarError(f"`image_aspect_ratio` '{mode}' is not one of {self.family.name}'s image modes "
+                               f"({', '.join(self.family.image_modes)})")
+        return self.family.images(img, self.config, mode).to(self.device, self.dtype)
+
+    def pixels(self, image, image_aspect_ratio: str | None = None) -> torch.Tensor:
         """Image path or PIL image → pixel_values [1, ...] on the model's device, in the model's dtype."""
         return self.image(image, image_aspect_ratio).pixel_values[None]
 
-    def prompt_ids(self, prompt: str, conv_mode: str = "vicuna_v1", tokenization: str = "llava",
+    def prompt_ids(self, prompt: str, conv_mode: str | None = None, tokenization: str = "llava",
                    num_image_tokens: int | None = None) -> torch.Tensor:
         """User text → the full templated prompt ids [1, T] with the image placeholder expanded to
         `num_image_tokens` (default: the family's fixed count). tokenization: "llava" (BOS + the template tokenized
         as LLaVA does) or "official" (as the VAR authors' released code does: segments, no BOS, one 29871; see
         processing.official_prompt_ids)."""
-        n = self.config.num_image_tokens if num_image_tokens is None else num_image_tokens
+        n = num_image_tokens if num_image_tokens is not None else getattr(self.config, "num_image_tokens", None)
+        if n is None:
+            raise MinivarError(f"{self.family.name}'s image token count depends on the image: give "
+                               f"`num_image_tokens` (its ImageInput's num_tokens, from Pipeline.image)")
+        conv_mode = conv_mode or self.family.conv_mode_for(self.config)
+        if conv_mode not in self.family.conv_modes:
+            raise MinivarError(f"`conv_mode` '{conv_mode}' is not one of {self.family.name}'s templates "
+                               f"({', '.join(self.family.conv_modes)})")
         check_tokenization(tokenization, conv_mode)
         if tokenization == "official":
             ids = processing.official_prompt_ids(self.tokenizer, prompt, n, self.config.image_token_index)
@@ -190,7 +207,7 @@ class Pipeline:
             self._found_dims[key] = var_mod.resolve_sink_dims(self.config, var, self.model, input_ids, warn)
         return self._found_dims[key]
 
-    def prepare(self, images, prompts, *, conv_mode: str = "vicuna_v1", image_aspect_ratio: str = "pad",
+    def prepare(self, images, prompts, *, conv_mode: str | None = None, image_aspect_ratio: str | None = None,
                 max_new_tokens: int = 128, var=None, methods=None, sink_config=None, capture=None, mask=None,
                 warn=None, prompt_tokenization: str = "llava") -> Request:
         """Everything a generation needs, made once: ids left-padded to a common length, the images, each method's
@@ -321,7 +338,7 @@ class Pipeline:
 
         images = None if request.image_features is not None else request.images
         gen: Generation = generate(self.model, request.input_ids, images, image_features=request.image_features,
-                                   max_new_tokens=request.max_new_tokens, eos_token_id=self.tokenizer.eos_id,
+                                   max_new_tokens=request.max_new_tokens, eos_token_id=self.stop_ids,
                                    temperature=temperature, top_p=top_p, seed=seed,
                                    attention_mask=request.attention_mask, hooks=request.hooks + list(hooks),
                                    on_token=on_token, branches=request.branches, choose=request.choose)
@@ -382,16 +399,16 @@ class Pipeline:
         features = self.model.image_features([im])[0]                                  # [N, D], once
         in_prefix = int(self.model.image_positions(input_ids[:1, :P]).sum())
         # the prefix's keys and values are stored once (a batch of one), each question's own positions per question
-        prefix = KVCache(self.config.text, 1, max(P, 1), self.dtype, self.device)
-        cache = SharedPrefixCache(prefix, P, KVCache(self.config.text, B, Q + max_new_tokens, self.dtype, self.device),
-                                  self.config.text)
+        prefix = new_cache(self.model, 1, max(P, 1), self.device, self.dtype, values_transposed=False)
+        own_cache = new_cache(self.model, B, Q + max_new_tokens, self.device, self.dtype, values_transposed=False)
+        cache = SharedPrefixCache(prefix, P, own_cache, self.config.text)
         if P:
             self.model(input_ids[:1, :P], image_features=features[:in_prefix] if in_prefix else None, cache=prefix,
                        hooks=request.hooks, output="hidden")                          # batch 1, once
         prefix_s = time.perf_counter() - t0
         rest = features[in_prefix:].repeat(B, 1) if in_prefix < features.shape[0] else None
         gen = generate(self.model, input_ids[:, P:], None, image_features=rest, cache=cache, input_pos=P,
-                       max_new_tokens=max_new_tokens, eos_token_id=self.tokenizer.eos_id, temperature=temperature,
+                       max_new_tokens=max_new_tokens, eos_token_id=self.stop_ids, temperature=temperature,
                        top_p=top_p, seed=seed, attention_mask=attention_mask, hooks=request.hooks,
                        choose=request.choose)
         gen.prefill_s += prefix_s           # vision tower + shared prefix + the questions' own tokens
@@ -462,7 +479,7 @@ def load(model: str = DEFAULT_MODEL, *, device: str = "auto", dtype: str | torch
     directory = checkpoint.resolve(model, Path(weights_dir) if weights_dir else None)
     t0 = time.perf_counter()
     cfg = checkpoint.read_config(directory)
-    tokenizer = processing.Tokenizer(directory, cfg.image_token_index)      # its tokenizer.json
+    tokenizer = family_of(cfg).make_tokenizer(directory, cfg)             # its tokenizer.json
     net = checkpoint.load_model(directory, dt, dev, cfg)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)

@@ -367,8 +367,9 @@ def run(bench, data: list[Path], out: Path, *, images: Path | None = None, model
         raise MinivarError(f"--batch-size must be ≥ 1, got {batch_size}")
     if limit is not None and limit < 1:
         raise MinivarError(f"--limit must be ≥ 1, got {limit}")
+    default_conv, default_image = model_eval_settings(model, bench)
     gen = Generation(bench.max_new_tokens if max_new_tokens is None else max_new_tokens,
-                     conv_mode or bench.conv_mode, image_aspect_ratio or bench.image_aspect_ratio, var,
+                     conv_mode or default_conv, image_aspect_ratio or default_image, var,
                      prompt_tokenization, tuple(m for m in methods if m.name != "var"))
     check_tokenization(prompt_tokenization, gen.conv_mode)
     check_generation_args(gen.max_new_tokens, 0.0, 1.0)
@@ -427,7 +428,8 @@ def run(bench, data: list[Path], out: Path, *, images: Path | None = None, model
         log(f"minivar: loaded {model} in {pipeline.load_s:.2f}s on {pipeline.device} "
             f"({str(pipeline.dtype).replace('torch.', '')})")
         if var is not None:   # check VAR against the model and find its sink dims once, before anything is written
-            ids = pipeline.prompt_ids(todo_groups[0][0].prompt, gen.conv_mode)
+            # the finder reads the prompt's text only: one image token stands for the image
+            ids = pipeline.prompt_ids(todo_groups[0][0].prompt, gen.conv_mode, num_image_tokens=1)
             t = pipeline.config.text
             var.validate(t.hidden_size, t.num_hidden_layers)
             dims, source = pipeline.sink_dims(var, ids, warn=log)
@@ -476,6 +478,20 @@ def run(bench, data: list[Path], out: Path, *, images: Path | None = None, model
     if partial and answered:
         return {"bench": bench.name, "n": len(answered), "metrics": bench.score(answered)}
     return None
+
+
+def model_eval_settings(model: str, bench) -> tuple[str, str]:
+    """The benchmark's template and image mode as the model's family speaks them (registry.Family.eval_settings),
+    read from config.json before anything loads; a model whose config cannot be read yet keeps the benchmark's
+    (its load then says what is wrong)."""
+    from ..checkpoint import read_config, resolve
+    from ..errors import MinivarError as _Error
+    from ..models.registry import family_of
+    try:
+        cfg = read_config(resolve(model))
+    except (_Error, OSError):
+        return bench.conv_mode, bench.image_aspect_ratio
+    return family_of(cfg).eval_settings(cfg, bench.conv_mode, bench.image_aspect_ratio)
 
 
 def _load(model, device, dtype):

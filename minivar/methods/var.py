@@ -435,9 +435,8 @@ class VARState(Hook):
 def find_sink_dims(model, input_ids: torch.Tensor, ratio: float = 100.0) -> tuple[tuple[int, ...], dict]:
     """Massive-activation dims (Sun et al. 2024): dims where the first token's residual stream is ≥ `ratio` × its
     median magnitude in at least half of the middle layers. Runs the decoder on the text tokens of `input_ids`."""
-    text_ids = input_ids[:1][input_ids[:1] != model.config.image_token_index][None]    # [1, T_text]
-    lm = model.language_model.model
-    n_layers = len(lm.layers)
+    text_ids = input_ids[:1][~model.image_positions(input_ids[:1])][None]             # [1, T_text]
+    n_layers = model.config.text.num_hidden_layers
     lo = max(1, n_layers // 4) if n_layers > 1 else 0
     hi = max(lo + 1, (3 * n_layers) // 4)
     middle = range(lo, min(hi, n_layers))

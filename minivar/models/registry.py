@@ -28,6 +28,33 @@ class Family:
     # massive-activation dims VAR knows: {name: ((hidden, layers, heads, intermediate), dims)}
     known_sink_dims: dict = field(default_factory=dict)
     has_cls: bool = True                   # the vision tower has a CLS token (DAMRO reads its attention)
+    # (directory, config) → the tokenizer (encode_prompt, decode, decode_token_stream, eos_id; stop_ids if several);
+    # None: processing.Tokenizer, the LLaMA tokenizer.json with the image token
+    tokenizer: Callable | None = None
+    # a checkpoint with tied embeddings stores one matrix: (the lm_head's name, the embedding's name it copies)
+    tied: tuple[str, str] = ("language_model.lm_head.weight", "language_model.model.embed_tokens.weight")
+
+    def conv_mode_for(self, cfg) -> str:
+        """The template a checkpoint speaks by default (LLaVA-NeXT's Mistral variant: its own, from the config)."""
+        return getattr(cfg, "default_conv_mode", None) or self.default_conv_mode
+
+    def eval_settings(self, cfg, conv_mode: str, image_mode: str) -> tuple[str, str]:
+        """A benchmark's LLaVA-1.5 evaluation template and image mode, for this checkpoint: kept where the model
+        speaks them as its own (LLaVA, LLaVA-NeXT's vicuna variants), else the model's own (Qwen2-VL: qwen,
+        smart_resize; LLaVA-NeXT-Mistral: mistral_instruct)."""
+        own = self.conv_mode_for(cfg)
+        conv = conv_mode if own == "vicuna_v1" and conv_mode in self.conv_modes else own
+        return conv, image_mode if image_mode in self.image_modes else self.default_image_mode
+
+    @property
+    def default_image_mode(self) -> str:
+        return self.image_modes[0]
+
+    def make_tokenizer(self, directory, cfg):
+        if self.tokenizer is not None:
+            return self.tokenizer(directory, cfg)
+        from ..processing import Tokenizer
+        return Tokenizer(directory, cfg.image_token_index)
 
 
 FAMILIES: dict[str, Family] = {}
@@ -55,3 +82,4 @@ def family_of(cfg) -> Family:
 def _load_builtin() -> None:
     # imported on first use: each family module registers itself (and this module stays free of model code)
     from . import llava  # noqa: F401
+    from .qwen2_vl import family  # noqa: F401

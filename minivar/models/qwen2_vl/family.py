@@ -6,6 +6,7 @@ from ...errors import MinivarError
 from ..registry import Family, register
 from .model import Qwen2VL, Qwen2VLConfig
 from .processing import preprocess_image
+from .template import QwenTokenizer
 
 # Checkpoint names → the model's (the hub's), applied in order; each is (pattern, replacement).
 KEY_RULES = (
@@ -32,4 +33,5 @@ for _model_type, _name in (("qwen2_vl", "Qwen2-VL"), ("qwen2_5_vl", "Qwen2.5-VL"
     register(Family(
         model_type=_model_type, name=_name, config=Qwen2VLConfig.from_hf, model=Qwen2VL, key_rules=KEY_RULES,
         unused_key=is_unused_key, images=qwen_image, conv_modes=("qwen",), default_conv_mode="qwen",
-        image_modes=IMAGE_MODES, has_cls=False))
+        image_modes=IMAGE_MODES, has_cls=False, tokenizer=QwenTokenizer,
+        tied=("lm_head.weight", "model.embed_tokens.weight")))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ...checkpoint import normalise_key as _normalise, read_state_dict
+from ...checkpoint import normalise_key as _normalise
 from ...errors import MinivarError
 from . import family  # noqa: F401  (registers the two families: read_state_dict finds their key rules there)
 from .family import KEY_RULES
@@ -37,26 +37,7 @@ def read_qwen2_vl_config(directory: Path) -> Qwen2VLConfig:
 
 def load_qwen2_vl(directory: Path, dtype: torch.dtype = torch.float32, device="cpu",
                   cfg: Qwen2VLConfig | None = None) -> Qwen2VL:
-    """Build the model on the meta device and assign the checkpoint's tensors into it, strictly: every tensor
-    used once, nothing missing, every shape as config.json implies."""
-    directory = Path(directory)
-    cfg = cfg or read_qwen2_vl_config(directory)
-    with torch.device("meta"):
-        model = Qwen2VL(cfg)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    state = read_state_dict(directory, cfg, dtype, device)       # by the family's KEY_RULES (family.py)
-    if "lm_head.weight" not in state and cfg.text.tie_word_embeddings:
-        # a tied checkpoint stores the shared matrix once, as the embedding (Qwen2-VL-2B, Qwen2.5-VL-3B)
-        state["lm_head.weight"] = state.get("model.embed_tokens.weight")
-    for key in state:
-        if key not in expected:
-            raise MinivarError(f"unexpected tensor '{key}' in '{directory}' (not part of a {cfg.model_type} model "
-                               f"with this config)")
-    for key, shape in expected.items():
-        if state.get(key) is None:
-            raise MinivarError(f"tensor '{key}' is missing from the checkpoint in '{directory}'")
-        if state[key].shape != shape:
-            raise MinivarError(f"tensor '{key}' in '{directory}' has shape {tuple(state[key].shape)}, "
-                               f"config.json implies {tuple(shape)}")
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.eval().requires_grad_(False)
+    """Build the model on the meta device and assign the checkpoint's tensors into it, strictly (checkpoint.load_model
+    with the family's key rules and tied head: every tensor used once, nothing missing, shapes as config.json says)."""
+    from ...checkpoint import load_model
+    return load_model(Path(directory), dtype, device, cfg or read_qwen2_vl_config(directory))

@@ -175,12 +175,16 @@ class Qwen2VL(nn.Module):
             index = torch.arange(input_pos, input_pos + T, device=input_ids.device).expand(B, T)
         return (index + deltas.to(index.device)[:, None]).expand(3, -1, -1)
 
+    def image_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[B, T] bool: the image-pad tokens (VAR's image span I; vision_start / vision_end are text)."""
+        return input_ids == self.config.image_token_id
+
     def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None) -> torch.Tensor:
         """Token embeddings [B, T, D] with the image-token rows replaced, in order, by image_features [N, D]."""
         if image_features is None:
             # no image in this call (a decode step): every id is an ordinary row, the image id too
             return self.model.embed_tokens(input_ids)
-        is_image = input_ids == self.config.image_token_id
+        is_image = self.image_positions(input_ids)
         x = self.model.embed_tokens(input_ids.masked_fill(is_image, 0))   # the image id need not be a row
         n_slots, n_feats = int(is_image.sum()), image_features.shape[0]
         if n_slots != n_feats:
