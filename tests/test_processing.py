@@ -90,7 +90,8 @@ def expand_image(ids, n):
 
 
 def test_build_prompt_templates():
-    assert CONV_MODES == ("vicuna_v1", "llava_hf")
+    assert CONV_MODES == ("vicuna_v1", "llava_hf", "mistral_instruct")
+    assert build_prompt(PROMPT, "mistral_instruct") == f"[INST] <image>\n{PROMPT} [/INST]"
     assert build_prompt(PROMPT, "llava_hf") == f"USER: <image>\n{PROMPT} ASSISTANT:"
     assert build_prompt(PROMPT, "vicuna_v1") == f"{VICUNA_SYSTEM} USER: <image>\n{PROMPT} ASSISTANT:"
     assert build_prompt(PROMPT) == build_prompt(PROMPT, "vicuna_v1")
@@ -150,7 +151,7 @@ def test_user_text_special_strings_stay_text(tok, conv_mode):
     assert ids[0] == 1
     assert not {0, 1, 2, 32001} & set(ids[1:])
     # The text comes back as typed.
-    assert tok.decode(ids).endswith("\n" + text + " ASSISTANT:")
+    assert tok.decode(ids).endswith("\n" + text + build_prompt(text, conv_mode).rsplit(text, 1)[1])
 
 
 def test_encode_prompt_rejects_bad_input(tok):
