@@ -533,3 +533,45 @@ def test_config_reads_what_transformers_wrote(llama_pair, mistral_pair):
          "text_config": {"model_type": "mistral", "vocab_size": 32064}}
     m = LlavaNextConfig.from_hf(d)
     assert (m.text.intermediate_size, m.text.n_kv_heads, m.sliding_window, m.vision.image_size) == (14336, 8, 4096, 336)
+
+
+def test_config_of_llava_hf_4x_layout():
+    """The 4.x layout llava-hf's v1.6 files use (rope_theta in text_config, pad_token_id there, sliding_window null)."""
+    d = {"architectures": ["LlavaNextForConditionalGeneration"], "model_type": "llava_next",
+         "image_grid_pinpoints": [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
+         "image_token_index": 32000, "use_image_newline_parameter": True, "vision_feature_layer": -2,
+         "vision_feature_select_strategy": "default", "projector_hidden_act": "gelu", "torch_dtype": "float16",
+         "vision_config": {"hidden_size": 1024, "image_size": 336, "intermediate_size": 4096,
+                           "model_type": "clip_vision_model", "num_attention_heads": 16, "num_hidden_layers": 24,
+                           "patch_size": 14, "projection_dim": 768, "vocab_size": 32000},
+         "text_config": {"model_type": "mistral", "intermediate_size": 14336, "max_position_embeddings": 32768,
+                         "num_key_value_heads": 8, "rms_norm_eps": 1e-05, "rope_theta": 1000000.0,
+                         "sliding_window": None, "vocab_size": 32064, "pad_token_id": 0}}
+    cfg = LlavaNextConfig.from_hf(d, "llava-v1.6-mistral-7b-hf")
+    t = cfg.text
+    assert (t.hidden_size, t.num_hidden_layers, t.n_kv_heads, t.head_dim, t.rope_theta, t.vocab_size) == \
+        (4096, 32, 8, 128, 1e6, 32064)
+    assert (cfg.sliding_window, cfg.pad_token_id, cfg.image_token_index, cfg.vision_layers_used) == (None, 0, 32000, 23)
+    vicuna = d | {"text_config": {"model_type": "llama", "max_position_embeddings": 4096, "pad_token_id": 0,
+                                  "rms_norm_eps": 1e-05, "vocab_size": 32064}}
+    v = LlavaNextConfig.from_hf(vicuna).text
+    assert (v.intermediate_size, v.n_kv_heads, v.rope_theta, v.rms_norm_eps) == (11008, 32, 10000.0, 1e-5)
+
+
+@pytest.mark.parametrize("pair", ["llama_pair", "mistral_pair"])
+def test_to_hf_round_trips_and_transformers_reads_it(tmp_path, request, hf_processor, pair):
+    from transformers import LlavaNextForConditionalGeneration
+    ref, model, d = request.getfixturevalue(pair)
+    cfg = model.config
+    c = copy_checkpoint(d, tmp_path / "c")
+    (c / "config.json").write_text(json.dumps(cfg.to_hf()))
+    (c / "preprocessor_config.json").write_text(json.dumps(cfg.to_hf_preprocessor()))
+    again = read_llava_next_config(c)
+    assert dataclasses_equal(again, cfg)
+    theirs = LlavaNextForConditionalGeneration.from_pretrained(c, dtype=torch.float32).eval()
+    assert_parity(theirs, model, hf_processor, ["tall"], n_new=4)
+
+
+def dataclasses_equal(a, b):
+    import dataclasses
+    return all(getattr(a, f.name) == getattr(b, f.name) for f in dataclasses.fields(a) if f.name != "name_or_path")

@@ -56,6 +56,26 @@ class LlavaNextConfig(LlavaConfig):
         raise MinivarError("a LLaVA-NeXT image's token count depends on its size: use the ImageInput's num_tokens "
                            "(minivar.models.anyres.process_image)")
 
+    def to_hf(self) -> dict:
+        """A 5.x-style config.json dict (for writing checkpoints, e.g. a demo); from_hf reads it back unchanged."""
+        plain = LlavaConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(LlavaConfig)})
+        d = plain.to_hf() | {"architectures": ["LlavaNextForConditionalGeneration"], "model_type": "llava_next",
+                             "image_grid_pinpoints": [list(p) for p in self.image_grid_pinpoints],
+                             "image_seq_length": self.patches_per_side ** 2}
+        if self.text_model_type == "mistral":
+            d["text_config"] = {k: v for k, v in d["text_config"].items() if k not in ("attention_bias", "mlp_bias")}
+            d["text_config"].update(model_type="mistral", sliding_window=self.sliding_window)
+        return d
+
+    def to_hf_preprocessor(self) -> dict:
+        """The matching preprocessor_config.json dict (LlavaNextImageProcessor's fields)."""
+        S = self.vision.image_size
+        return {"image_processor_type": "LlavaNextImageProcessor", "size": {"shortest_edge": S},
+                "crop_size": {"height": S, "width": S}, "image_grid_pinpoints": [list(p) for p in self.image_grid_pinpoints],
+                "image_mean": list(self.image_mean), "image_std": list(self.image_std),
+                "rescale_factor": self.rescale_factor, "resample": 3, "do_resize": True, "do_center_crop": True,
+                "do_rescale": True, "do_normalize": True, "do_convert_rgb": True, "do_pad": True}
+
     @staticmethod
     def from_hf(d: dict, name_or_path: str = "", preprocessor: dict | None = None) -> "LlavaNextConfig":
         """From config.json's dict and, when the checkpoint has one, preprocessor_config.json's (image settings)."""
@@ -94,6 +114,8 @@ class LlavaNextConfig(LlavaConfig):
         pinpoints = _pinpoints(d, pre, base.vision.image_size, name_or_path)
         settings = _image_settings(pre, base.vision.image_size, name_or_path)
         fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(LlavaConfig)}
+        if fields["pad_token_id"] is None:     # 5.x keeps it in the text config only
+            fields["pad_token_id"] = text_d.get("pad_token_id")
         return LlavaNextConfig(**fields, image_grid_pinpoints=pinpoints, text_model_type=kind,
                                sliding_window=sliding_window, **settings)
 
