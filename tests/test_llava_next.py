@@ -575,3 +575,60 @@ def test_to_hf_round_trips_and_transformers_reads_it(tmp_path, request, hf_proce
 def dataclasses_equal(a, b):
     import dataclasses
     return all(getattr(a, f.name) == getattr(b, f.name) for f in dataclasses.fields(a) if f.name != "name_or_path")
+
+
+REAL_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+
+
+def real_config(text="llama"):
+    d = {"model_type": "llava_next", "image_grid_pinpoints": REAL_PINPOINTS,
+         "text_config": {"model_type": text, "vocab_size": 32064, "pad_token_id": 0}}
+    return LlavaNextConfig.from_hf(d, f"llava-v1.6-{text}")
+
+
+@pytest.mark.parametrize("text", ["llama", "mistral"])
+def test_real_size_parameters_equal_transformers(text):
+    """The 7B variants' every parameter name and shape (on the meta device: no weights), after the key rules."""
+    from transformers import LlavaNextConfig as HFConfig, LlavaNextForConditionalGeneration
+    from minivar.models.llava_next import LlavaNext
+    from minivar.models.llava_next_checkpoint import is_unused_key
+    cfg = real_config(text)
+    with torch.device("meta"):
+        theirs = LlavaNextForConditionalGeneration(HFConfig(**cfg.to_hf()))
+        ours = LlavaNext(cfg)
+    expected = {normalise_key(k): tuple(v.shape) for k, v in theirs.state_dict().items()}
+    expected = {k: v for k, v in expected.items() if not is_unused_key(k, cfg)}
+    assert expected == {k: tuple(v.shape) for k, v in ours.state_dict().items()}
+    assert len(expected) > 500
+
+
+def test_real_size_token_counts_equal_the_processor():
+    """At 336 px with llava-hf's pinpoints: LlavaNextProcessor's count for many sizes (2,928 for 672×672)."""
+    from transformers import LlavaNextProcessor, PreTrainedTokenizerFast
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+    from minivar.models.llava_next import count_image_tokens
+    path, why = find_llama_tokenizer()
+    if path is None:
+        pytest.skip(f"needs the LLaMA tokenizer: {why}")
+    image_processor = LlavaNextImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
+                                                 image_grid_pinpoints=REAL_PINPOINTS)
+    processor = LlavaNextProcessor(image_processor=image_processor,
+                                   tokenizer=PreTrainedTokenizerFast(tokenizer_file=str(path)), patch_size=14,
+                                   vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    g = np.random.default_rng(0)
+    sizes = [(672, 672), (480, 640), (640, 480), (336, 1344), (1344, 336), (10, 4000), (336, 336), (7, 9)]
+    sizes += [tuple(int(x) for x in g.integers(2, 3000, 2)) for _ in range(300)]
+    expected = processor._get_num_multimodal_tokens(image_sizes=sizes)["num_image_tokens"]
+    cfg = real_config()
+    assert [count_image_tokens(s, cfg) for s in sizes] == expected
+    assert expected[0] == 2928
+
+
+@pytest.mark.parametrize("w,h,mode", [(500, 375, "RGB"), (375, 900, "RGBA"), (1600, 90, "L")])
+def test_real_size_pixels_equal_transformers(w, h, mode):
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+    image_processor = LlavaNextImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
+                                                 image_grid_pinpoints=REAL_PINPOINTS)
+    img = picture(w, h, mode, seed=w)
+    got = process_image(img, real_config())
+    assert torch.equal(got.pixel_values, image_processor(images=img, return_tensors="pt")["pixel_values"][0])

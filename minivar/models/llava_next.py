@@ -306,6 +306,8 @@ class LlavaNext(nn.Module):
             # within the window Mistral's sliding-window mask is the causal mask; past it minivar has no rule
             raise MinivarError(f"position {rows.stop - 1} is past the Mistral decoder's sliding_window of {window}")
         if images:
+            if image_features is not None:
+                raise MinivarError("give `images` or `image_features`, not both")
             image_features = torch.cat(self.image_features(images))
         x = self.embed(input_ids, image_features)
         positions, mask = positions_and_mask(B, T, input_pos, attention_mask, positions, hooks, x.device)
