@@ -279,6 +279,7 @@ def test_mistral_decoder_equals_transformers(mistral_pair, hf_processor):
     ref, model, d = mistral_pair
     cfg = model.config
     assert (cfg.text_model_type, cfg.sliding_window, cfg.text.n_kv_heads) == ("mistral", 4096, 2)
+    assert (cfg.default_conv_mode, real_config("llama").default_conv_mode) == ("mistral_instruct", "vicuna_v1")
     assert_parity(ref, model, hf_processor, ["wide", "tall", "square", "extreme", "rgba"])
 
 

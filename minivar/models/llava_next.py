@@ -52,6 +52,11 @@ class LlavaNextConfig(LlavaConfig):
         return self.vision.image_size // self.vision.patch_size
 
     @property
+    def default_conv_mode(self) -> str:
+        """The template a variant was evaluated with: mistral_instruct for Mistral, vicuna_v1 for the vicuna ones."""
+        return "mistral_instruct" if self.text_model_type == "mistral" else "vicuna_v1"
+
+    @property
     def num_image_tokens(self) -> int:
         raise MinivarError("a LLaVA-NeXT image's token count depends on its size: use the ImageInput's num_tokens "
                            "(minivar.models.anyres.process_image)")
