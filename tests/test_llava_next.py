@@ -15,9 +15,11 @@ pytest.importorskip("transformers")
 from conftest import find_llama_tokenizer  # noqa: E402
 from minivar.errors import MinivarError  # noqa: E402
 from minivar.methods.hooks import Hook  # noqa: E402
-from minivar.models.anyres import ImageInput, process_image  # noqa: E402
-from minivar.models.llava_next import LlavaNextConfig, select_best_resolution, unpadded_span  # noqa: E402
-from minivar.models.llava_next_checkpoint import load_llava_next, normalise_key, read_llava_next_config  # noqa: E402
+from minivar.checkpoint import normalise_key, read_config  # noqa: E402
+from minivar.models.anyres import process_image  # noqa: E402
+from minivar.models.images import ImageInput, token_layout  # noqa: E402
+from minivar.models.llava_next import (KEY_RULES, LlavaNextConfig, is_unused_key, load_llava_next,  # noqa: E402
+                                       select_best_resolution, unpadded_span)
 
 S, PATCH = 56, 14
 PINPOINTS = [[56, 112], [112, 56], [112, 112], [168, 56], [56, 168]]   # llava-hf's defaults × 56/336
@@ -227,11 +229,16 @@ def test_panels_give_the_token_layout(llama_pair):
     cfg = llama_pair[1].config
     for name in ("wide", "tall", "extreme", "palette_transparency"):
         inp = process_image(image(name), cfg)
-        (base, bh, bw, bnl), (tiles, rows, cols, nl) = inp.panels
-        assert (base, bh, bw, bnl, tiles, nl) == ("base", 4, 4, False, "tiles", True)
-        assert inp.num_tokens == bh * bw + rows * (cols + 1)
-    assert process_image(image("wide"), cfg).panels[1][1:3] == (4, 8)
-    assert process_image(image("extreme"), cfg).panels[1][1:3] == (0, 8)
+        base, tiles = inp.panels
+        assert (base.name, base.rows, base.cols, base.newline, tiles.name, tiles.newline) == \
+            ("base", 4, 4, False, "tiles", True)
+        assert inp.num_tokens == 16 + tiles.rows * (tiles.cols + 1) == len(token_layout(inp.panels))
+    wide = process_image(image("wide"), cfg).panels[1]
+    assert (wide.rows, wide.cols) == (4, 8)
+    layout = token_layout(process_image(image("wide"), cfg).panels)
+    assert layout[16:26] == [(1, 0, c) for c in range(8)] + [None, (1, 1, 0)]   # a newline closes each row
+    extreme = process_image(image("extreme"), cfg).panels[1]
+    assert (extreme.rows, extreme.cols) == (0, 8)
 
 
 def test_packed_features_equal_transformers(llama_pair, hf_processor):
@@ -317,7 +324,7 @@ def test_key_rules_map_every_layout():
         "language_model.model.norm.weight": ["model.language_model.norm.weight", "language_model.model.norm.weight"],
         "multi_modal_projector.linear_1.bias": ["model.multi_modal_projector.linear_1.bias"],
     }.items():
-        assert {normalise_key(n) for n in names} == {minivar_name}
+        assert {normalise_key(n, KEY_RULES) for n in names} == {minivar_name}
 
 
 def test_batch_of_different_token_counts_equals_one_by_one(llama_pair):
@@ -477,18 +484,18 @@ def test_pinpoints_missing_or_malformed(tmp_path, llama_pair, pinpoints, match):
     edit_json(d / "config.json", lambda c: c.pop("image_grid_pinpoints") if pinpoints is None
               else c.update(image_grid_pinpoints=pinpoints))
     with pytest.raises(MinivarError, match=match) as e:
-        read_llava_next_config(d)
+        read_config(d)
     one_line(e)
 
 
 def test_pinpoints_come_from_the_preprocessor_config_when_the_config_lacks_them(tmp_path, llama_pair):
     d = copy_checkpoint(llama_pair[2], tmp_path / "c")
     edit_json(d / "config.json", lambda c: c.pop("image_grid_pinpoints"))
-    assert read_llava_next_config(d).image_grid_pinpoints == tuple(map(tuple, PINPOINTS))
+    assert read_config(d).image_grid_pinpoints == tuple(map(tuple, PINPOINTS))
     edit_json(d / "preprocessor_config.json", lambda c: c.update(image_grid_pinpoints=[[56, 112]]))
     edit_json(d / "config.json", lambda c: c.update(image_grid_pinpoints=PINPOINTS))
     with pytest.raises(MinivarError, match="differ") as e:
-        read_llava_next_config(d)
+        read_config(d)
     one_line(e)
 
 
@@ -496,14 +503,14 @@ def test_pinpoints_come_from_the_preprocessor_config_when_the_config_lacks_them(
     (lambda c: c.update(use_image_newline_parameter=False), "use_image_newline_parameter"),
     (lambda c: c.update(vision_feature_select_strategy="full"), "vision_feature_select_strategy"),
     (lambda c: c["text_config"].update(model_type="gemma"), "model_type 'gemma'"),
-    (lambda c: c.update(model_type="llava"), "expected 'llava_next'"),
+    (lambda c: c.update(model_type="llava_nxt"), "'llava_nxt', minivar reads"),
     (lambda c: c["text_config"].update(model_type="mistral", sliding_window=0), "sliding_window"),
 ])
 def test_bad_configs(tmp_path, llama_pair, change, match):
     d = copy_checkpoint(llama_pair[2], tmp_path / "c")
     edit_json(d / "config.json", change)
     with pytest.raises(MinivarError, match=match) as e:
-        read_llava_next_config(d)
+        read_config(d)
     one_line(e)
 
 
@@ -517,13 +524,15 @@ def test_bad_preprocessor_configs(tmp_path, llama_pair, change, match):
     d = copy_checkpoint(llama_pair[2], tmp_path / "c")
     edit_json(d / "preprocessor_config.json", change)
     with pytest.raises(MinivarError, match=match) as e:
-        read_llava_next_config(d)
+        read_config(d)
     assert "preprocessor_config.json" in one_line(e)
 
 
 def test_config_reads_what_transformers_wrote(llama_pair, mistral_pair):
     cfg = llama_pair[1].config
     assert isinstance(cfg, LlavaNextConfig)
+    with pytest.raises(MinivarError, match="expected 'llava_next'"):
+        LlavaNextConfig.from_hf({"model_type": "llava"})
     assert (cfg.vision.image_size, cfg.patches_per_side, cfg.image_token_index) == (S, 4, IMAGE_ID)
     assert (cfg.text_model_type, cfg.sliding_window, cfg.text.rms_norm_eps) == ("llama", None, 1e-5)
     assert cfg.image_grid_pinpoints == tuple(map(tuple, PINPOINTS))
@@ -567,7 +576,7 @@ def test_to_hf_round_trips_and_transformers_reads_it(tmp_path, request, hf_proce
     c = copy_checkpoint(d, tmp_path / "c")
     (c / "config.json").write_text(json.dumps(cfg.to_hf()))
     (c / "preprocessor_config.json").write_text(json.dumps(cfg.to_hf_preprocessor()))
-    again = read_llava_next_config(c)
+    again = read_config(c)
     assert dataclasses_equal(again, cfg)
     theirs = LlavaNextForConditionalGeneration.from_pretrained(c, dtype=torch.float32).eval()
     assert_parity(theirs, model, hf_processor, ["tall"], n_new=4)
@@ -592,12 +601,11 @@ def test_real_size_parameters_equal_transformers(text):
     """The 7B variants' every parameter name and shape (on the meta device: no weights), after the key rules."""
     from transformers import LlavaNextConfig as HFConfig, LlavaNextForConditionalGeneration
     from minivar.models.llava_next import LlavaNext
-    from minivar.models.llava_next_checkpoint import is_unused_key
     cfg = real_config(text)
     with torch.device("meta"):
         theirs = LlavaNextForConditionalGeneration(HFConfig(**cfg.to_hf()))
         ours = LlavaNext(cfg)
-    expected = {normalise_key(k): tuple(v.shape) for k, v in theirs.state_dict().items()}
+    expected = {normalise_key(k, KEY_RULES): tuple(v.shape) for k, v in theirs.state_dict().items()}
     expected = {k: v for k, v in expected.items() if not is_unused_key(k, cfg)}
     assert expected == {k: tuple(v.shape) for k, v in ours.state_dict().items()}
     assert len(expected) > 500
@@ -633,3 +641,21 @@ def test_real_size_pixels_equal_transformers(w, h, mode):
     img = picture(w, h, mode, seed=w)
     got = process_image(img, real_config())
     assert torch.equal(got.pixel_values, image_processor(images=img, return_tensors="pt")["pixel_values"][0])
+
+
+def test_the_registry_finds_the_family(llama_pair, tiny_checkpoint):
+    from minivar.checkpoint import load_model
+    from minivar.models.llava_next import LlavaNext
+    from minivar.models.registry import family_for, family_of
+    ref, model, d = llama_pair
+    family = family_of(model.config)
+    assert family is family_for("llava_next") and family.name == "LLaVA-NeXT"
+    assert isinstance(load_model(d), LlavaNext)                      # checkpoint.py's loader, by config.json
+    inp = family.images(image("tall"), model.config, "anyres")
+    assert torch.equal(inp.pixel_values, process_image(image("tall"), model.config).pixel_values)
+    with pytest.raises(MinivarError, match="anyres") as e:
+        family.images(image("tall"), model.config, "pad")
+    one_line(e)
+    with pytest.raises(MinivarError, match="not LLaVA-NeXT") as e:
+        load_llava_next(tiny_checkpoint)                            # a LLaVA-1.5 checkpoint
+    one_line(e)

@@ -30,23 +30,14 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
 
 from ..errors import MinivarError
 from ..processing import _to_normalised_tensor, to_rgb
+from .images import ImageInput, Panel
 from .llava_next import LlavaNextConfig, anyres_layout, count_image_tokens, select_best_resolution
-
-
-@dataclass
-class ImageInput:
-    """One image as a model family takes it (the lead's minivar/models/images.py will hold the shared one)."""
-    pixel_values: torch.Tensor   # NeXT: [1 + tiles, 3, S, S], the base first
-    num_tokens: int              # how many LLM tokens this image becomes (the <image> expansion)
-    panels: tuple                # ((name, rows, cols, newline), ...) in token order, for pictures
-    meta: dict = field(default_factory=dict)   # NeXT: {"image_size": (h, w)} of the original image
 
 
 def to_rgb_on_white(img: Image.Image) -> Image.Image:
@@ -71,11 +62,11 @@ def fit_size(image_size: tuple[int, int], target: tuple[int, int]) -> tuple[int,
     return target_h, min(math.ceil(width * scale_h), target_w)
 
 
-def panels(image_size: tuple[int, int], cfg: LlavaNextConfig) -> tuple:
+def panels(image_size: tuple[int, int], cfg: LlavaNextConfig) -> tuple[Panel, Panel]:
     """The token layout: the base's P×P grid (no newline), then the unpadded tile grid with a newline per row."""
     P = cfg.patches_per_side
     _, (rows, cols) = anyres_layout(image_size, cfg)
-    return (("base", P, P, False), ("tiles", rows.stop - rows.start, cols.stop - cols.start, True))
+    return Panel("base", P, P), Panel("tiles", rows.stop - rows.start, cols.stop - cols.start, newline=True)
 
 
 def crops(img: Image.Image, cfg: LlavaNextConfig) -> list[Image.Image]:
@@ -97,7 +88,8 @@ def crops(img: Image.Image, cfg: LlavaNextConfig) -> list[Image.Image]:
 
 
 def process_image(img: Image.Image, cfg: LlavaNextConfig) -> ImageInput:
-    """A PIL image (any mode) → its ImageInput: float32 pixel_values [1 + tiles, 3, S, S], its token count."""
+    """A PIL image (any mode) → its ImageInput: float32 pixel_values [1 + tiles, 3, S, S] (the base first), its
+    token count, its panels, meta {"image_size": (h, w)} (the model unpads with it)."""
     pieces = crops(img, cfg)
     pixels = torch.stack([_to_normalised_tensor(p, cfg.image_mean, cfg.image_std, cfg.rescale_factor) for p in pieces])
     size = (img.height, img.width)

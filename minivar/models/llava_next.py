@@ -14,17 +14,21 @@ Module names equal the HF checkpoint names after the loader's normalisation (`vi
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from ..errors import MinivarError
 from ..methods.hooks import as_hooks
+from . import llava
 from .clip import CLIPVisionTower
 from .config import LlavaConfig
 from .llama import KVCache, LlamaForCausalLM, causal_mask
 from .llava import LlavaMultiModalProjector
+from .registry import Family, register
 
 # OpenAI CLIP's normalisation (LlavaNextImageProcessor's defaults, and what llava-hf's preprocessor configs hold)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -39,6 +43,7 @@ TEXT_MODEL_TYPES = ("llama", "mistral")
 @dataclass(frozen=True)
 class LlavaNextConfig(LlavaConfig):
     """LLaVA-1.5's settings plus the anyres grid, the decoder kind and the image processor's settings."""
+    model_type = "llava_next"     # the family (models/registry.py); a class attribute, not a config field
     image_grid_pinpoints: tuple[tuple[int, int], ...] = ()   # (height, width) pairs, multiples of the CLIP image size
     text_model_type: str = "llama"                           # "llama" (vicuna variants) or "mistral"
     sliding_window: int | None = None                        # Mistral's attention window (None: unlimited)
@@ -346,3 +351,59 @@ def positions_and_mask(B: int, T: int, input_pos: int, attention_mask, positions
     # a padding row would see no key at all (softmax of nothing): let it see itself; its output is unused
     diagonal = torch.arange(S, device=device)[None, :] == torch.arange(input_pos, S, device=device)[:, None]
     return positions, mask | diagonal[None, None]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The family: checkpoint names, config files, images, templates (models/registry.py)
+
+# LLaVA-1.5's rules cover every layout's prefixes but the newline's (5.x in memory: model.image_newline). Layouts:
+# the hub's language_model.model.*, language_model.lm_head.weight, vision_tower.vision_model.*,
+# multi_modal_projector.*, image_newline; 5.x in memory model.language_model.*, lm_head.weight, model.vision_tower.*,
+# model.multi_modal_projector.*, model.image_newline; 5.x save_pretrained: the hub's without vision_model.
+KEY_RULES = ((r"^model\.image_newline$", "image_newline"),) + llava.KEY_RULES
+is_unused_key = llava.is_unused_key      # the same unread tensors as LLaVA-1.5's (CLIP's last layer, post_layernorm)
+
+
+def config_from_checkpoint(d: dict, name_or_path: str = "") -> LlavaNextConfig:
+    """config.json's dict, with the image settings of the checkpoint directory's preprocessor_config.json when
+    `name_or_path` is a directory that has one (the registry's `config` entry: checkpoint.read_config calls it)."""
+    path = Path(name_or_path) / "preprocessor_config.json" if name_or_path else None
+    pre = None
+    if path is not None and path.is_file():
+        try:
+            pre = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise MinivarError(f"'{path}' is not valid JSON ({e})") from None
+    return LlavaNextConfig.from_hf(d, name_or_path, preprocessor=pre)
+
+
+def next_image(img, cfg: LlavaNextConfig, image_aspect_ratio: str = "anyres"):
+    """A PIL image → its ImageInput (anyres.process_image); anyres is LLaVA-NeXT's only image mode."""
+    if image_aspect_ratio != "anyres":
+        raise MinivarError(f"LLaVA-NeXT's images are 'anyres', not '{image_aspect_ratio}'")
+    from .anyres import process_image      # anyres imports this module's geometry
+    return process_image(img, cfg)
+
+
+def load_llava_next(directory, dtype: torch.dtype = torch.float32, device="cpu", cfg: LlavaNextConfig | None = None):
+    """The model, strictly (checkpoint.load_model through this family's entry): every tensor used once, none
+    missing (image_newline included), shapes as the config says."""
+    from .. import checkpoint
+    cfg = cfg or checkpoint.read_config(directory)
+    if not isinstance(cfg, LlavaNextConfig):
+        raise MinivarError(f"'{directory}' holds a {type(cfg).__name__} checkpoint, not LLaVA-NeXT")
+    return checkpoint.load_model(directory, dtype, device, cfg)
+
+
+# The vicuna variants' decoders are LLaMA-2-7B/13B-shaped Vicuna-1.5, LLaVA-1.5's own base LLMs: the same massive
+# dims (the VAR paper's). The Mistral variant has none known: VAR's sink-dim finder has to find them.
+KNOWN_SINK_DIMS = {
+    "llava-v1.6-vicuna-7b": ((4096, 32, 32, 11008), (1415, 2533)),
+    "llava-v1.6-vicuna-13b": ((5120, 40, 40, 13824), (2100, 4743)),
+}
+
+FAMILY = register(Family(
+    model_type="llava_next", name="LLaVA-NeXT", config=config_from_checkpoint, model=LlavaNext, key_rules=KEY_RULES,
+    unused_key=is_unused_key, images=next_image, conv_modes=("vicuna_v1", "llava_hf", "mistral_instruct"),
+    # per checkpoint: LlavaNextConfig.default_conv_mode (mistral_instruct for the Mistral variant)
+    default_conv_mode="vicuna_v1", image_modes=("anyres",), known_sink_dims=KNOWN_SINK_DIMS))
