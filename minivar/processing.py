@@ -24,7 +24,7 @@ from PIL import Image, UnidentifiedImageError
 from minivar.errors import MinivarError
 
 IMAGE_PLACEHOLDER = "<image>"
-CONV_MODES = ("vicuna_v1", "llava_hf", "mistral_instruct")
+CONV_MODES = ("vicuna_v1", "llava_hf")   # LLaVA-1.5's; every template (mistral_instruct too) is in _TEMPLATES
 VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
@@ -216,7 +216,7 @@ _TEMPLATES = {
 
 def _template_halves(user_text: str, conv_mode: str) -> tuple[str, str]:
     if conv_mode not in _TEMPLATES:
-        raise MinivarError(f"unknown conv mode '{conv_mode}' (choose from {', '.join(CONV_MODES)})")
+        raise MinivarError(f"unknown conv mode '{conv_mode}' (choose from {', '.join(_TEMPLATES)})")
     if not isinstance(user_text, str) or not user_text.strip():
         raise MinivarError("empty prompt")
     before, after = _TEMPLATES[conv_mode]

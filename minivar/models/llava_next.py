@@ -285,14 +285,17 @@ class LlavaNext(nn.Module):
             out.append(rows)
         return out
 
+    def image_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[B, T] bool: where the image tokens sit, base, tiles and newlines alike (what VAR and pictures read)."""
+        return input_ids == self.config.image_token_index
+
     def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None) -> torch.Tensor:
         """Token embeddings [B, T, D], the image-token positions replaced in order by the rows `image_features`
         [N, D] (exactly as many rows as this call has image tokens)."""
-        cfg = self.config
         embed_tokens = self.language_model.model.embed_tokens
         if image_features is None:
             return embed_tokens(input_ids)       # no image in this call: every id is an ordinary row
-        is_image = input_ids == cfg.image_token_index
+        is_image = self.image_positions(input_ids)
         x = embed_tokens(input_ids.masked_fill(is_image, 0))   # the image id may lie outside a small vocab
         if int(is_image.sum()) != image_features.shape[0]:
             raise MinivarError(f"the prompt has {int(is_image.sum())} image tokens but the images give "
