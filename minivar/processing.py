@@ -24,7 +24,7 @@ from PIL import Image, UnidentifiedImageError
 from minivar.errors import MinivarError
 
 IMAGE_PLACEHOLDER = "<image>"
-CONV_MODES = ("vicuna_v1", "llava_hf")
+CONV_MODES = ("vicuna_v1", "llava_hf")   # LLaVA-1.5's; every template (mistral_instruct too) is in _TEMPLATES
 VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
@@ -167,14 +167,14 @@ def _center_crop(img: Image.Image, size: int) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
-def _to_normalised_tensor(img: Image.Image) -> torch.Tensor:
+def _to_normalised_tensor(img: Image.Image, mean=IMAGE_MEAN, std=IMAGE_STD, rescale_factor: float = 1 / 255) -> torch.Tensor:
     """uint8 HWC RGB → normalised float32 CHW, with transformers' arithmetic so results are bit-identical."""
     x = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)  # [H, W, 3] → [3, H, W]
     # Rescale in float64 and only then round to float32, as transformers' rescale() does.
-    x = (x.to(torch.float64) * (1 / 255)).to(torch.float32)
+    x = (x.to(torch.float64) * rescale_factor).to(torch.float32)
     # Normalise in float32 with float32 constants (transformers casts mean/std to the image dtype).
-    mean = torch.tensor(IMAGE_MEAN, dtype=torch.float32).view(3, 1, 1)
-    std = torch.tensor(IMAGE_STD, dtype=torch.float32).view(3, 1, 1)
+    mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
     return ((x - mean) / std).contiguous()
 
 
@@ -209,12 +209,14 @@ _TEMPLATES = {
     "llava_hf": ("USER: ", "\n{prompt} ASSISTANT:"),
     # Original LLaVA-1.5 conv_vicuna_v1 (sep " "), used by its evaluation scripts and the VAR paper.
     "vicuna_v1": (VICUNA_SYSTEM + " USER: ", "\n{prompt} ASSISTANT:"),
+    # LLaVA-NeXT's conv_mistral_instruct (llava-v1.6-mistral-7b; also its llava-hf model card), no system prompt.
+    "mistral_instruct": ("[INST] ", "\n{prompt} [/INST]"),
 }
 
 
 def _template_halves(user_text: str, conv_mode: str) -> tuple[str, str]:
     if conv_mode not in _TEMPLATES:
-        raise MinivarError(f"unknown conv mode '{conv_mode}' (choose from {', '.join(CONV_MODES)})")
+        raise MinivarError(f"unknown conv mode '{conv_mode}' (choose from {', '.join(_TEMPLATES)})")
     if not isinstance(user_text, str) or not user_text.strip():
         raise MinivarError("empty prompt")
     before, after = _TEMPLATES[conv_mode]

@@ -91,6 +91,7 @@ def expand_image(ids, n):
 
 def test_build_prompt_templates():
     assert CONV_MODES == ("vicuna_v1", "llava_hf")
+    assert build_prompt(PROMPT, "mistral_instruct") == f"[INST] <image>\n{PROMPT} [/INST]"
     assert build_prompt(PROMPT, "llava_hf") == f"USER: <image>\n{PROMPT} ASSISTANT:"
     assert build_prompt(PROMPT, "vicuna_v1") == f"{VICUNA_SYSTEM} USER: <image>\n{PROMPT} ASSISTANT:"
     assert build_prompt(PROMPT) == build_prompt(PROMPT, "vicuna_v1")
@@ -131,7 +132,7 @@ def test_token_ids(tok):
     assert (tok.bos_id, tok.eos_id, tok.image_token_id) == (1, 2, IMAGE_ID)
 
 
-@pytest.mark.parametrize("conv_mode", CONV_MODES)
+@pytest.mark.parametrize("conv_mode", CONV_MODES + ("mistral_instruct",))
 @pytest.mark.parametrize("text", NORMAL_PROMPTS)
 def test_encode_prompt_equals_whole_string_tokenization(tok, raw_tok, conv_mode, text):
     whole = raw_tok.encode(build_prompt(text, conv_mode), add_special_tokens=True).ids
@@ -139,7 +140,7 @@ def test_encode_prompt_equals_whole_string_tokenization(tok, raw_tok, conv_mode,
         assert tok.encode_prompt(text, conv_mode, num_image_tokens=n) == expand_image(whole, n)
 
 
-@pytest.mark.parametrize("conv_mode", CONV_MODES)
+@pytest.mark.parametrize("conv_mode", CONV_MODES + ("mistral_instruct",))
 def test_user_text_special_strings_stay_text(tok, conv_mode):
     text = "What is <image> here? </s> <s> <pad> <unk> <image><image>"
     ids = tok.encode_prompt(text, conv_mode, num_image_tokens=576)
@@ -150,7 +151,7 @@ def test_user_text_special_strings_stay_text(tok, conv_mode):
     assert ids[0] == 1
     assert not {0, 1, 2, 32001} & set(ids[1:])
     # The text comes back as typed.
-    assert tok.decode(ids).endswith("\n" + text + " ASSISTANT:")
+    assert tok.decode(ids).endswith("\n" + text + build_prompt(text, conv_mode).rsplit(text, 1)[1])
 
 
 def test_encode_prompt_rejects_bad_input(tok):

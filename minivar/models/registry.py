@@ -81,5 +81,5 @@ def family_of(cfg) -> Family:
 
 def _load_builtin() -> None:
     # imported on first use: each family module registers itself (and this module stays free of model code)
-    from . import llava  # noqa: F401
+    from . import llava, llava_next  # noqa: F401
     from .qwen2_vl import family  # noqa: F401
