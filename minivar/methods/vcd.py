@@ -1,0 +1,77 @@
+"""VCD (Leng et al., CVPR 2024: "Mitigating Object Hallucinations in Large Vision-Language Models through Visual
+Contrastive Decoding"), as its released code computes it (github.com/DAMO-NLP-SG/VCD, `vcd_utils/vcd_add_noise.py`,
+`vcd_utils/vcd_sample.py`; docs/damro.md has the differences).
+
+The contrast branch is the same prompt with the preprocessed pixels noised by the forward diffusion process:
+
+    β_t  = sigmoid(linspace(−6, 6, 1000))_t · (0.5e−2 − 1e−5) + 1e−5      t = 0 … 999
+    ᾱ_t  = Π_{s ≤ t} (1 − β_s)
+    x'   = sqrt(ᾱ_t) · x + sqrt(1 − ᾱ_t) · ε,  ε ~ N(0, I),  t = noise_step (500)
+
+and each step combines the two branches with the rule DAMRO shares (contrastive.combine), α 1, β 0.1.
+
+Seeding: ε is drawn on the CPU in float32 from a torch.Generator the caller seeds (`noise_generator(seed)`), one
+fresh generator per image, so an image gets the same noise alone, in a batch, resumed or on another device. The
+released code draws ε with `torch.randn_like` from the global generator that `set_seed(args.seed)` seeded once
+per run: each image's noise there depends on how many draws came before it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import MinivarError
+from .contrastive import check_alpha_beta
+
+NUM_STEPS = 1000                  # the released schedule's length
+DEFAULT_NOISE_SEED = 0            # the noise generator's seed when the caller gives none (greedy runs)
+
+
+@dataclass(frozen=True)
+class VCDConfig:
+    """VCD's settings; defaults are its evaluation script's argparse defaults (cd_alpha 1, cd_beta 0.1,
+    noise_step 500)."""
+    alpha: float = 1.0
+    beta: float = 0.1
+    noise_step: int = 500
+
+    def validate(self, model_config=None) -> "VCDConfig":
+        check_alpha_beta(self.alpha, self.beta, "VCDConfig")
+        if isinstance(self.noise_step, bool) or not isinstance(self.noise_step, int) or \
+                not 0 <= self.noise_step < NUM_STEPS:
+            raise MinivarError(f"`VCDConfig.noise_step` must be an integer in 0..{NUM_STEPS - 1}, got {self.noise_step!r}")
+        return self
+
+    def settings(self) -> dict:
+        return {"alpha": float(self.alpha), "beta": float(self.beta), "noise_step": int(self.noise_step)}
+
+
+def diffusion_schedule(num_steps: int = NUM_STEPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sqrt(ᾱ_t), sqrt(1 − ᾱ_t)) [num_steps] float32, the released schedule (a sigmoid-shaped β from 1e−5 to 5e−3)."""
+    betas = torch.sigmoid(torch.linspace(-6, 6, num_steps)) * (0.5e-2 - 1e-5) + 1e-5
+    alphas_prod = torch.cumprod(1 - betas, dim=0)
+    return torch.sqrt(alphas_prod), torch.sqrt(1 - alphas_prod)
+
+
+def noise_generator(seed: int | None) -> torch.Generator:
+    """The CPU generator VCD's noise is drawn from: seeded by `seed` (the run's --seed), DEFAULT_NOISE_SEED if None."""
+    return torch.Generator("cpu").manual_seed(DEFAULT_NOISE_SEED if seed is None else int(seed))
+
+
+def add_diffusion_noise(pixel_values: torch.Tensor, noise_step: int, generator: torch.Generator) -> torch.Tensor:
+    """The noised pixels, same shape/dtype/device as `pixel_values`: sqrt(ᾱ_t)·x + sqrt(1−ᾱ_t)·ε in float32, ε drawn
+    on the CPU from `generator` (the released code noises the float32 processor output, then casts to half)."""
+    if not 0 <= noise_step < NUM_STEPS:
+        raise MinivarError(f"`VCDConfig.noise_step` must be in 0..{NUM_STEPS - 1}, got {noise_step}")
+    a, s = diffusion_schedule()
+    x = pixel_values.detach().to("cpu", torch.float32)
+    noise = torch.randn(x.shape, generator=generator, dtype=torch.float32)
+    return (a[noise_step] * x + s[noise_step] * noise).to(pixel_values.device, pixel_values.dtype)
+
+
+def noised_images(pixel_values: torch.Tensor, noise_step: int, seed: int | None) -> torch.Tensor:
+    """[B, 3, S, S] → the contrast images, each image noised from its own generator seeded by `seed` (so a sample's
+    noise does not depend on its batch)."""
+    return torch.cat([add_diffusion_noise(pixel_values[b:b + 1], noise_step, noise_generator(seed))
+                      for b in range(pixel_values.shape[0])])
