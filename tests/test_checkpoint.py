@@ -106,7 +106,7 @@ def test_loaded_model_is_real_and_holds_only_what_it_runs(tiny_checkpoint, tiny_
     assert len(model.vision_tower.encoder.layers) == tiny_config.vision_layers_used == 2
     assert not any("post_layernorm" in n or "encoder.layers.2." in n or "inv_freq" in n for n, _ in tensors)
     px = torch.randn(1, 3, 56, 56)
-    assert model.image_features(px).shape == (1, 16, 64)
+    assert torch.stack(model.image_features(px)).shape == (1, 16, 64)
 
 
 def test_feature_layer_minus_one_needs_the_last_clip_layer(tmp_path, tiny_state, full_state):

@@ -39,7 +39,7 @@ def var_state(ids, cfg=None, **kw):
 
 def chunked_forward(model, ids, px, cuts, hooks, cache):
     """The prompt in several consecutive calls, each with its own positions and its share of the image features."""
-    feats = model.image_features(px)
+    feats = torch.stack(model.image_features(px))
     bounds = [0, *cuts, ids.shape[1]]
     parts = []
     for a, b in zip(bounds, bounds[1:]):
@@ -87,7 +87,7 @@ def test_generation_after_a_chunked_prefill_equals_one_call(tiny, var):
         state = var_state(ids, max_len=T + n) if var else None
         cache = KVCache(cfg.text, 1, T + n, torch.float32, "cpu")
         cut = 30                                                    # inside the image
-        feats = model.image_features(px)
+        feats = torch.stack(model.image_features(px))
         model(ids[:, :cut], image_features=feats[:, :cut - 4], cache=cache, hooks=state)
         got = generate(model, ids[:, cut:], image_features=feats[:, cut - 4:], cache=cache, input_pos=cut,
                        max_new_tokens=n, eos_token_id=None, hooks=state)

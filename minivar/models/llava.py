@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from .clip import CLIPVisionTower
 from .config import LlavaConfig
+from .images import ImageInput, square_image
 from ..errors import MinivarError
 from ..methods.hooks import as_hooks
 from .llama import KVCache, LlamaForCausalLM, causal_mask
@@ -39,8 +40,17 @@ class Llava(nn.Module):
         self.multi_modal_projector = LlavaMultiModalProjector(cfg)
         self.language_model = LlamaForCausalLM(cfg.text)
 
-    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """pixels [B, 3, S, S] → projected features [B, N, D_text] (N = 576 patches for CLIP-L/14 at 336 px)."""
+    def image_inputs(self, pixel_values: torch.Tensor) -> list[ImageInput]:
+        """Square pixel values [B, 3, S, S] (processing.preprocess) → one ImageInput per image."""
+        cfg = self.config
+        grid = cfg.vision.image_size // cfg.vision.patch_size
+        return [square_image(px, grid, cls=cfg.vision_feature_select_strategy == "full") for px in pixel_values]
+
+    def image_features(self, images) -> list[torch.Tensor]:
+        """Images (a list of ImageInput, or pixels [B, 3, S, S]) → projected features, one [N, D_text] per image
+        (N = 576 patches for CLIP-L/14 at 336 px). LLaVA-1.5's images all have one size: one tower call for all."""
+        images = self.image_inputs(images) if isinstance(images, torch.Tensor) else images
+        pixel_values = torch.stack([im.pixel_values for im in images])
         hidden_states = self.vision_tower(pixel_values)
         layers = self.config.vision_feature_layer
         layers = layers if isinstance(layers, tuple) else (layers,)
@@ -51,44 +61,53 @@ class Llava(nn.Module):
         if self.config.vision_feature_select_strategy == "default":
             picked = [h[:, 1:] for h in picked]   # drop CLS: LLaVA feeds only the 576 patch tokens
         feats = picked[0] if len(picked) == 1 else torch.cat(picked, dim=-1)
-        return self.multi_modal_projector(feats.to(self.multi_modal_projector.linear_1.weight.dtype))
+        return list(self.multi_modal_projector(feats.to(self.multi_modal_projector.linear_1.weight.dtype)))
+
+    def image_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[B, T] bool: where the image tokens sit (VAR's image span I, the pictures' patches)."""
+        return input_ids == self.config.image_token_index
 
     def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None) -> torch.Tensor:
-        """Token embeddings [B, T, D] with the image-token positions replaced, in order, by `image_features`
-        [B_img, N, D] (exactly as many feature rows as this call has image tokens)."""
+        """Token embeddings [B, T, D] with the image-token positions replaced, in order, by the feature rows
+        `image_features` [N, D] (exactly as many rows as this call has image tokens)."""
         cfg = self.config
         if image_features is None:
             # no image in this call (a decode step): every id is an ordinary row, even 32000 if the model emits it
             return self.language_model.model.embed_tokens(input_ids)
-        is_image = input_ids == cfg.image_token_index
+        is_image = self.image_positions(input_ids)
         # image ids (32000) lie inside the 32064-row table, but a model with a smaller vocab must not index with them
         x = self.language_model.model.embed_tokens(input_ids.masked_fill(is_image, 0))
-        n_slots, n_feats = int(is_image.sum()), image_features.shape[0] * image_features.shape[1]
+        n_slots, n_feats = int(is_image.sum()), image_features.shape[0]
         if n_slots != n_feats:
-            raise MinivarError(f"the prompt has {n_slots} image tokens but the image gives {n_feats} "
-                               f"features ({image_features.shape[0]} image(s) × {image_features.shape[1]})")
+            raise MinivarError(f"the prompt has {n_slots} image tokens but the image(s) give {n_feats} features")
         return x.masked_scatter(is_image[..., None], image_features.to(x.dtype))
 
-    def forward(self, input_ids, pixel_values=None, *, image_features=None, cache: KVCache | None = None,
+    def forward(self, input_ids, images=None, *, image_features=None, positions=None, cache: KVCache | None = None,
                 input_pos: int = 0, attention_mask=None, hooks=None, output: str = "logits") -> torch.Tensor:
-        """Logits [B, T, V] fp32 (output="hidden": the final-normed hidden states [B, T, D]) for the tokens
-        `input_ids` [B, T] at cache positions input_pos … input_pos+T−1.
+        """Logits [B, T, V] fp32 for the tokens `input_ids` [B, T] at cache positions input_pos … input_pos+T−1;
+        output="last": the last row's logits only, [B, V] fp32 (what generation needs); "hidden": the final-normed
+        hidden states [B, T, D].
 
-        pixel_values [B_img, 3, S, S] (or their projected `image_features`, for a call that holds only some of the
-        image tokens: a chunk of a prompt) are needed only on a call that contains image tokens.
+        images (a list of ImageInput, or pixels [B_img, 3, S, S]) or their projected `image_features` (rows [N, D] in
+        token order, for a call that holds only some of the image tokens: a chunk of a prompt) are needed only on a
+        call that contains image tokens. positions [B, T]: each token's RoPE position (None: its index among the
+        sample's real tokens, from attention_mask).
         attention_mask [B, input_pos+T] (1 = real token, 0 = padding) covers cached + new positions; None = none.
         hooks: a hooks.Hook, a list of them, or None (see hooks.py).
         """
         hooks = as_hooks(hooks)
         B, T = input_ids.shape
         rows = range(input_pos, input_pos + T)
-        if pixel_values is not None:
-            image_features = self.image_features(pixel_values)
+        if images is not None:
+            image_features = torch.cat(self.image_features(images))
+        elif image_features is not None and image_features.dim() == 3:      # [B_img, N, D]: the rows in order
+            image_features = image_features.reshape(-1, image_features.shape[-1])
         x = self.embed(input_ids, image_features)
         if attention_mask is None and not (hooks is not None and hooks.masks_keys):
             # No padding (and no hook removing keys): positions are 0, 1, 2, ... and the mask is plain causal, which
             # the attention applies itself (mask=None), so the fused kernel can use its faster causal mode.
-            positions = torch.arange(input_pos, input_pos + T, device=x.device).expand(B, T)
+            if positions is None:
+                positions = torch.arange(input_pos, input_pos + T, device=x.device).expand(B, T)
             mask = None
         else:
             S = input_pos + T
@@ -99,7 +118,8 @@ class Llava(nn.Module):
                                    f"(cached + new positions)")
             attention_mask = attention_mask.bool()
             # Positions count real tokens only, so a padded sample gets the same positions as when run alone.
-            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, input_pos:]   # [B, T]
+            if positions is None:
+                positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, input_pos:]   # [B, T]
             mask = causal_mask(T, S, x.device) & attention_mask[:, None, None, :]           # [B, 1, T, S]
             # A padding row would see no key at all (softmax of nothing); let it see itself. Its output is unused.
             diagonal = torch.arange(S, device=x.device)[None, :] == torch.arange(input_pos, S, device=x.device)[:, None]
@@ -107,6 +127,10 @@ class Llava(nn.Module):
         h = self.language_model.model(x, positions, rows, mask, cache, hooks)
         if output == "hidden":
             return h
+        if output == "last":
+            # h[:, -1] is [B, D], one matrix product with the weight (a [B, 1, D] slice of a longer sequence would
+            # make linear broadcast the weight over the batch: a copy of lm_head per sample)
+            return self.language_model.lm_head(h[:, -1]).float()
         if output != "logits":
-            raise ValueError(f"output must be 'logits' or 'hidden', got {output!r}")
+            raise ValueError(f"output must be 'logits', 'last' or 'hidden', got {output!r}")
         return self.language_model.lm_head(h).float()
