@@ -167,9 +167,9 @@ def test_outlier_scores_and_projected_features_equal_transformers(pair):
     out = damro.outlier_image(pipe.model, px, 5)
     idx, feats = released_outliers(ref, px, 5)
     assert torch.equal(out.outliers, idx)
-    assert (out.outlier_features - feats).abs().max() <= 1e-5
+    assert (torch.stack(out.outlier_features) - feats).abs().max() <= 1e-5
     # the full branch's features are exactly what the model uses, from the same single tower run
-    assert torch.equal(out.features, pipe.model.image_features(px))
+    assert all(torch.equal(a, b) for a, b in zip(out.features, pipe.model.image_features(px), strict=True))
     assert torch.equal(out.outliers, out.scores.topk(5, dim=1).indices)
     assert torch.allclose(out.scores.sum(-1), 1 - ref_cls_column(ref, px), atol=1e-5)
 
@@ -326,3 +326,10 @@ def test_a_family_without_a_cls_token_is_refused():
         DAMROConfig(topk=4).validate(multi)
     with pytest.raises(MinivarError, match="vision_feature_layer=1"):
         DAMROConfig(topk=4).validate(dataclasses.replace(tiny_llava_config(), vision_feature_layer=1))
+
+
+def test_the_contrast_image_is_one_row_of_k_tokens_in_topk_order():
+    from minivar.models.images import token_layout
+    im = damro.contrast_image(torch.zeros(3, 56, 56), torch.tensor([7, 2, 11]))
+    assert im.num_tokens == 3 and im.meta["outliers"] == [7, 2, 11]
+    assert token_layout(im.panels) == [(0, 0, 0), (0, 0, 1), (0, 0, 2)]

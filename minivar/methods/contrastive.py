@@ -50,10 +50,11 @@ def combine(full: torch.Tensor, contrast: torch.Tensor, alpha: float, beta: floa
 @dataclass
 class Branch:
     """One branch of a batch of samples: its prompt ids [B, T] (left-padded where attention_mask [B, T] is 0), and
-    its image as pixels [B, 3, S, S] or as projected features [B, N, D] (N = the image tokens of each row)."""
+    its images (pixels [B, 3, S, S] or a list of ImageInput) or their projected features (a list of [N_b, D], one
+    per image, N_b = that row's image tokens; or the rows [ΣN, D] in token order)."""
     input_ids: torch.Tensor
-    pixel_values: torch.Tensor | None = None
-    image_features: torch.Tensor | None = None
+    images: object = None
+    image_features: object = None
     attention_mask: torch.Tensor | None = None
     hooks: object = None                           # per-call hooks of this branch (VAR's state is per branch)
 
@@ -85,8 +86,11 @@ def contrastive_generate(model, full: Branch, contrast: Branch, *, alpha: float,
     def forward(i, ids, pos):
         br, cache, mask, _ = branches[i]
         first = pos == 0
-        return last_logits(model, ids, br.pixel_values if first else None,
-                           image_features=br.image_features if first else None, cache=cache, input_pos=pos,
+        feats = br.image_features
+        if isinstance(feats, (list, tuple)):
+            feats = torch.cat(list(feats))
+        return last_logits(model, ids, br.images if first else None, image_features=feats if first else None,
+                           cache=cache, input_pos=pos,
                            attention_mask=None if mask is None else mask[:, :pos + ids.shape[1]],
                            hooks=br.hooks)[:, -1]
 

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from ..errors import MinivarError
 from ..models.config import VisionConfig
+from ..models.images import ImageInput, Panel
 from .contrastive import check_alpha_beta
 
 # The released scripts' settings (scrpits/run_generation.sh): POPE with InstructBLIP, CHAIR, MME and the
@@ -134,21 +135,23 @@ def vision_cls_attention(model, pixel_values: torch.Tensor, layers=None, heads: 
 @dataclass
 class OutlierImage:
     """One vision-tower run read twice: the full branch's image features and DAMRO's contrast image."""
-    features: torch.Tensor            # [B, N, D_text] projected, exactly Llava.image_features(pixel_values)
-    outlier_features: torch.Tensor    # [B, k, D_text] projector(features before projection, gathered in topk order)
-    outliers: torch.Tensor            # [B, k] patch indices 0..N−1, descending score
+    features: list[torch.Tensor]          # one [N, D_text] per image: exactly Llava.image_features(images)
+    outlier_features: list[torch.Tensor]  # one [k, D_text] per image: projector(unprojected features, topk order)
+    outliers: torch.Tensor                # [B, k] patch indices 0..N−1, descending score
     scores: torch.Tensor = field(repr=False, default=None)   # [B, N] the CLS attention they were chosen by
 
 
 @torch.inference_mode()
-def outlier_image(model, pixel_values: torch.Tensor, topk: int) -> OutlierImage:
-    """Run the vision tower once; return the projected features LLaVA uses, DAMRO's outliers and their projected
-    features. `model` is a minivar Llava (anything with vision_tower, multi_modal_projector and a LlavaConfig)."""
+def outlier_image(model, images, topk: int) -> OutlierImage:
+    """Run the vision tower once over `images` (pixels [B, 3, S, S] or a list of ImageInput); return the projected
+    features LLaVA uses, DAMRO's outliers and their projected features. `model` is a minivar Llava (anything with
+    vision_tower, multi_modal_projector and a LlavaConfig)."""
     cfg = model.config
     n_patches = patch_count(cfg)
     if not 1 <= topk <= n_patches:
         raise MinivarError(f"`DAMROConfig.topk` is {topk}, outside 1..{n_patches} (the model's image patches)")
     L = outlier_layer(cfg)
+    pixel_values = images if isinstance(images, torch.Tensor) else torch.stack([im.pixel_values for im in images])
     hidden_states = model.vision_tower(pixel_values)
     scores = cls_attention(model.vision_tower.encoder.layers[L], hidden_states[L])      # [B, N]
     _, idx = torch.topk(scores, topk, dim=1, largest=True)                             # sorted: descending
@@ -160,7 +163,14 @@ def outlier_image(model, pixel_values: torch.Tensor, topk: int) -> OutlierImage:
     gathered = torch.gather(selected, 1, idx[..., None].expand(-1, -1, C))            # [B, k, C]
     proj = model.multi_modal_projector
     dtype = proj.linear_1.weight.dtype
-    return OutlierImage(proj(selected.to(dtype)), proj(gathered.to(dtype)), idx, scores)
+    return OutlierImage(list(proj(selected.to(dtype))), list(proj(gathered.to(dtype))), idx, scores)
+
+
+def contrast_image(pixel_values: torch.Tensor, outliers: torch.Tensor) -> ImageInput:
+    """The contrast image of one sample as an ImageInput: k tokens in one row, in topk order (the pictures and
+    VAR's image span read the layout; meta["outliers"] holds the patch indices they come from)."""
+    k = int(outliers.numel())
+    return ImageInput(pixel_values, k, (Panel("outliers", 1, k),), {"outliers": outliers.tolist()})
 
 
 def contrast_rows(rows: list[list[int]], image_token_index: int, n_image_tokens: int) -> list[list[int]]:
