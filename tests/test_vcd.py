@@ -44,6 +44,11 @@ def test_noise_is_seeded_per_image_and_keeps_dtype():
     assert torch.equal(batch[1:2], alone)                       # a sample's noise does not depend on its batch
     assert not torch.equal(vcd.noised_images(px, 500, seed=43), batch)
     assert torch.equal(vcd.noised_images(px, 500, seed=None), vcd.noised_images(px, 500, seed=vcd.DEFAULT_NOISE_SEED))
+    a, s = vcd.diffusion_schedule()
+    eps = (batch - a[500] * px) / s[500]                       # the noise each image got
+    assert not torch.allclose(eps[0], eps[1], atol=0.1)         # two images, two draws
+    same = vcd.noised_images(torch.stack([px[0], px[0]]), 500, seed=42)
+    assert torch.equal(same[0], same[1]) and torch.equal(same[0], batch[0])
     half = vcd.noised_images(px.to(torch.bfloat16), 500, seed=42)
     assert half.dtype == torch.bfloat16 and half.shape == px.shape
 
@@ -83,9 +88,11 @@ def test_vcd_loop_equals_the_released_loop_on_transformers(tmp_path):
                 full = ref(input_ids=nxt[:, None], past_key_values=full.past_key_values, use_cache=True)
                 cd = ref(input_ids=nxt[:, None], past_key_values=cd.past_key_values, use_cache=True)
         assert got == want
-        if seed is None:                  # and the noised branch does steer the answer
-            from minivar.generate import generate
-            assert got != generate(mine, ids, px, max_new_tokens=10, eos_token_id=None).output_ids[0]
+    # the test can fail: a strong contrast with the noised image does steer the answer
+    from minivar.generate import generate
+    strong = contrastive_generate(mine, Branch(ids, px), Branch(ids, noised), alpha=4.0, beta=0.01,
+                                  max_new_tokens=10, eos_token_id=None)[0]
+    assert strong != generate(mine, ids, px, max_new_tokens=10, eos_token_id=None).output_ids[0]
 
 
 @pytest.mark.parametrize("kwargs,name", [

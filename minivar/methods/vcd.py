@@ -10,13 +10,15 @@ The contrast branch is the same prompt with the preprocessed pixels noised by th
 
 and each step combines the two branches with the rule DAMRO shares (contrastive.combine), α 1, β 0.1.
 
-Seeding: ε is drawn on the CPU in float32 from a torch.Generator the caller seeds (`noise_generator(seed)`), one
-fresh generator per image, so an image gets the same noise alone, in a batch, resumed or on another device. The
-released code draws ε with `torch.randn_like` from the global generator that `set_seed(args.seed)` seeded once
-per run: each image's noise there depends on how many draws came before it.
+Seeding: ε is drawn on the CPU in float32 from a torch.Generator (`add_diffusion_noise(x, t, generator)`: the caller
+seeds it). `noised_images` gives each image a fresh generator seeded from the run's seed (--seed; 0 when none) and
+the image's own pixels (`image_noise_seed`), so an image gets the same noise alone, in a batch, resumed or on
+another device, and two images different noise. The released code draws ε with `torch.randn_like` from the global
+generator that `set_seed(args.seed)` seeded once per run: each image's noise there depends on the draws before it.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -70,8 +72,16 @@ def add_diffusion_noise(pixel_values: torch.Tensor, noise_step: int, generator: 
     return (a[noise_step] * x + s[noise_step] * noise).to(pixel_values.device, pixel_values.dtype)
 
 
+def image_noise_seed(seed: int | None, pixel_values: torch.Tensor) -> int:
+    """The seed of one image's noise: the run's seed mixed with the image's own pixels (their float32 bytes), so
+    two images get different noise, and one image the same noise whatever its batch, order or device."""
+    h = hashlib.sha256(str(DEFAULT_NOISE_SEED if seed is None else int(seed)).encode())
+    h.update(pixel_values.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return int.from_bytes(h.digest()[:8], "little") >> 1          # a non-negative 63-bit seed
+
+
 def noised_images(pixel_values: torch.Tensor, noise_step: int, seed: int | None) -> torch.Tensor:
-    """[B, 3, S, S] → the contrast images, each image noised from its own generator seeded by `seed` (so a sample's
-    noise does not depend on its batch)."""
-    return torch.cat([add_diffusion_noise(pixel_values[b:b + 1], noise_step, noise_generator(seed))
+    """[B, 3, S, S] → the contrast images, each noised from its own generator (image_noise_seed)."""
+    return torch.cat([add_diffusion_noise(pixel_values[b:b + 1], noise_step,
+                                          torch.Generator("cpu").manual_seed(image_noise_seed(seed, pixel_values[b])))
                       for b in range(pixel_values.shape[0])])
