@@ -333,3 +333,32 @@ def test_the_contrast_image_is_one_row_of_k_tokens_in_topk_order():
     im = damro.contrast_image(torch.zeros(3, 56, 56), torch.tensor([7, 2, 11]))
     assert im.num_tokens == 3 and im.meta["outliers"] == [7, 2, 11]
     assert token_layout(im.panels) == [(0, 0, 0), (0, 0, 1), (0, 0, 2)]
+
+
+@pytest.mark.parametrize("seed", [None, 42])
+def test_batched_branches_equal_the_branches_one_after_the_other(demo_pipe, seed):
+    """Both branches of two samples (prompts of different lengths) in one forward per step == each sample's two
+    branches with two caches."""
+    from minivar.methods.contrastive import batched_contrastive_generate
+    pipe, cfg = demo_pipe, DAMROConfig.preset("mme")
+    prompts = ["What is in the image?", "Describe the picture in detail, please."]
+    rows = [pipe.prompt_ids(p)[0].tolist() for p in prompts]
+    px = torch.cat([pipe.pixels(image(s), "pad") for s in (1, 2)])
+    out = damro.outlier_image(pipe.model, px, cfg.topk)
+    image_id, pad = pipe.config.image_token_index, pipe.config.pad_token_id
+    ids, mask = damro.left_pad(rows, pad)
+    cd_ids, cd_mask = damro.left_pad(damro.contrast_rows(rows, image_id, cfg.topk), pad)
+    kw = dict(alpha=cfg.alpha, beta=cfg.beta, max_new_tokens=8, eos_token_id=None,
+              temperature=0.0 if seed is None else 1.0, seed=seed)
+    batched = batched_contrastive_generate(pipe.model, Branch(ids, image_features=out.features, attention_mask=mask),
+                                           Branch(cd_ids, image_features=out.outlier_features,
+                                                  attention_mask=cd_mask), **kw)
+    sequential = contrastive_generate(pipe.model, Branch(ids, image_features=out.features, attention_mask=mask),
+                                      Branch(cd_ids, image_features=out.outlier_features, attention_mask=cd_mask), **kw)
+    assert batched == sequential
+    if seed is None:                          # and each sample as it would run alone
+        for b in range(2):
+            one, one_cd = torch.tensor([rows[b]]), damro.left_pad(damro.contrast_rows([rows[b]], image_id, cfg.topk), pad)[0]
+            alone = contrastive_generate(pipe.model, Branch(one, px[b:b + 1]),
+                                         Branch(one_cd, image_features=[out.outlier_features[b]]), **kw)
+            assert alone[0] == batched[b]

@@ -108,3 +108,18 @@ def test_bad_settings_are_one_error_naming_the_parameter(kwargs, name):
 
 def test_defaults_are_the_released_script_defaults():
     assert VCDConfig().settings() == {"alpha": 1.0, "beta": 0.1, "noise_step": 500}
+
+
+def test_batched_branches_equal_the_branches_one_after_the_other(demo_pipe):
+    from minivar.methods.contrastive import batched_contrastive_generate, left_pad
+    pipe = demo_pipe
+    rows = [pipe.prompt_ids(p)[0].tolist() for p in ("What is it?", "Is there a dog in the image? Answer briefly.")]
+    ids, mask = left_pad(rows, pipe.config.pad_token_id)
+    g = torch.Generator().manual_seed(5)
+    px = torch.randn(2, 3, pipe.config.vision.image_size, pipe.config.vision.image_size, generator=g)
+    noised = vcd.noised_images(px, 500, seed=42)
+    kw = dict(alpha=1.0, beta=0.1, max_new_tokens=8, eos_token_id=None)
+    batched = batched_contrastive_generate(pipe.model, Branch(ids, px, attention_mask=mask),
+                                           Branch(ids, noised, attention_mask=mask), **kw)
+    assert batched == contrastive_generate(pipe.model, Branch(ids, px, attention_mask=mask),
+                                           Branch(ids, noised, attention_mask=mask), **kw)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from ..errors import MinivarError
 from ..models.config import VisionConfig
 from ..models.images import ImageInput, Panel
-from .contrastive import check_alpha_beta
+from .contrastive import check_alpha_beta, left_pad  # noqa: F401  (left_pad: the contrast prompt's padding)
 
 # The released scripts' settings (scrpits/run_generation.sh): POPE with InstructBLIP, CHAIR, MME and the
 # GPT-4V-aided evaluation with LLaVA-1.5.
@@ -185,17 +185,6 @@ def contrast_rows(rows: list[list[int]], image_token_index: int, n_image_tokens:
             raise MinivarError(f"DAMRO: prompt {b} has {len(spots)} image tokens, fewer than the {n_image_tokens} kept")
         out.append(row[:spots[0]] + [image_token_index] * n_image_tokens + row[spots[-1] + 1:])
     return out
-
-
-def left_pad(rows: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Rows → ids [B, T] left-padded with pad_id, and the attention mask [B, T] (None when nothing is padded)."""
-    T = max(len(r) for r in rows)
-    ids = torch.full((len(rows), T), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros(len(rows), T, dtype=torch.bool, device=device)
-    for b, r in enumerate(rows):
-        ids[b, T - len(r):] = torch.tensor(r, dtype=torch.long)
-        mask[b, T - len(r):] = True
-    return ids, (None if bool(mask.all()) else mask)
 
 
 def next_contrast_features(tile_outlier_features: torch.Tensor, image_newline: torch.Tensor) -> torch.Tensor:
