@@ -1,11 +1,14 @@
 """minivar: LLaVA-1.5 in plain PyTorch, with Visual Attention Redistribution (VAR) built into its attention."""
 from .errors import MinivarError
 
+# The checkpoint every command loads when --model is not given (LLaVA-1.5-7B, a 14.1 GB download): written once, here.
+DEFAULT_MODEL = "llava-hf/llava-1.5-7b-hf"
+
 __version__ = "0.1.0"        # the one place it is written: pyproject.toml reads it from here
-__all__ = ["MinivarError", "__version__", "load"]
+__all__ = ["DEFAULT_MODEL", "MinivarError", "__version__", "load"]
 
 
-def load(model: str = "llava-hf/llava-1.5-7b-hf", *, device: str = "auto", dtype="auto", weights_dir=None):
+def load(model: str = DEFAULT_MODEL, *, device: str = "auto", dtype="auto", weights_dir=None):
     """Resolve a checkpoint (a local directory, a hub id, or "demo"), load it strictly and return a ready
     minivar.pipeline.Pipeline. device: auto | cpu | cuda; dtype: auto (fp16 on CUDA, bf16 on CPU) | float32 |
     float16 | bfloat16. (torch is imported here, on first use, so `import minivar` stays light.)"""

@@ -15,11 +15,10 @@ from pathlib import Path
 
 import torch
 
-from .models.config import LlavaConfig
+from . import DEFAULT_MODEL  # noqa: F401  (the one place it is written is minivar/__init__.py)
 from .errors import MinivarError
-from .models.llava import Llava
-
-DEFAULT_MODEL = "llava-hf/llava-1.5-7b-hf"
+from .models import llava
+from .models.registry import family_for, family_of
 
 
 def default_weights_dir(package_root: Path | None = None) -> Path:
@@ -38,30 +37,12 @@ WEIGHTS_DIR = default_weights_dir()
 DOWNLOAD_PATTERNS = ["*.json", "*.safetensors"]   # config, tokenizer.json, weights: all minivar reads
 SOURCE_FILE = ".hub-id"                             # in a downloaded folder: the hub id it came from
 
-# Key layouts → minivar's names. Applied in order; each is (pattern, replacement).
-KEY_RULES = [
-    (r"^model\.language_model\.", "language_model.model."),   # 5.x in-memory: model.language_model.layers...
-    (r"^model\.(vision_tower|multi_modal_projector)\.", r"\1."),  # 5.x in-memory
-    (r"^lm_head\.", "language_model.lm_head."),                 # 5.x in-memory
-    (r"^vision_tower\.vision_model\.", "vision_tower."),         # llava-hf hub layout (4.x)
-    (r"^language_model\.(model\.)+", "language_model.model."),  # duplicated .model.model in some 5.x saves
-]
-
-
-def normalise_key(key: str) -> str:
-    for pattern, repl in KEY_RULES:
+def normalise_key(key: str, rules=None) -> str:
+    """A checkpoint's tensor name → the module's, by the family's (pattern, replacement) rules in order
+    (default: LLaVA-1.5's)."""
+    for pattern, repl in (rules if rules is not None else llava.KEY_RULES):
         key = re.sub(pattern, repl, key)
     return key
-
-
-def is_unused_key(key: str, cfg: LlavaConfig) -> bool:
-    """Tensors a llava-hf checkpoint carries that LLaVA never reads."""
-    if key.startswith("vision_tower.post_layernorm.") or key.endswith("rotary_emb.inv_freq"):
-        return True
-    if key == "vision_tower.embeddings.position_ids":
-        return True
-    m = re.match(r"vision_tower\.encoder\.layers\.(\d+)\.", key)
-    return bool(m) and cfg.vision_layers_used <= int(m.group(1)) < cfg.vision.num_hidden_layers
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -135,7 +116,7 @@ def _forget(local: Path, fresh: bool) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # Reading
 
-def read_config(directory: Path) -> LlavaConfig:
+def read_config(directory: Path):
     path = Path(directory) / "config.json"
     if not path.is_file():
         raise MinivarError(f"'{path}' not found: a checkpoint directory needs config.json")
@@ -143,7 +124,9 @@ def read_config(directory: Path) -> LlavaConfig:
         d = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise MinivarError(f"'{path}' is not valid JSON ({e})") from None
-    return LlavaConfig.from_hf(d, name_or_path=str(directory))
+    if not isinstance(d, dict):
+        raise MinivarError(f"config.json of '{directory}' is not a JSON object")
+    return family_for(d.get("model_type", "llava"), str(directory)).config(d, str(directory))
 
 
 def safetensors_files(directory: Path) -> dict[str, Path]:
@@ -230,8 +213,13 @@ def read_tensor(f, info: dict, data_start: int) -> torch.Tensor:
     return t
 
 
-def read_state_dict(directory: Path, cfg: LlavaConfig, dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
+def read_state_dict(directory: Path, cfg, dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
     """All tensors the model needs, renamed to minivar's names, cast to `dtype` on `device`, one shard at a time."""
+    family = family_of(cfg)
+
+    def normalise(name):
+        return normalise_key(name, family.key_rules)
+
     files = safetensors_files(directory)
     by_file: dict[Path, list[str]] = {}
     for name, path in files.items():
@@ -241,14 +229,14 @@ def read_state_dict(directory: Path, cfg: LlavaConfig, dtype: torch.dtype, devic
     for path, names in by_file.items():
         header, data_start = read_header(path)
         for name in header.keys() - set(names):      # a shard holding tensors its index does not list
-            if not is_unused_key(normalise_key(name), cfg):
+            if not family.unused_key(normalise(name), cfg):
                 raise MinivarError(f"tensor '{name}' is in '{path}' but not listed in model.safetensors.index.json")
         with open(path, "rb", buffering=0) as f:
             for name in names:
                 if name not in header:
                     raise MinivarError(f"tensor '{name}' is listed in the index but missing from '{path}'")
-                key = normalise_key(name)
-                if is_unused_key(key, cfg):
+                key = normalise(name)
+                if family.unused_key(key, cfg):
                     continue
                 if key in state:
                     raise MinivarError(f"tensor '{key}' appears twice in the checkpoint ('{origin[key]}' and '{name}')")
@@ -264,12 +252,13 @@ def read_state_dict(directory: Path, cfg: LlavaConfig, dtype: torch.dtype, devic
     return state
 
 
-def load_model(directory: Path, dtype: torch.dtype = torch.float32, device="cpu", cfg: LlavaConfig | None = None) -> Llava:
+def load_model(directory: Path, dtype: torch.dtype = torch.float32, device="cpu", cfg=None):
     """Build the model without allocating (meta device) and assign the checkpoint's tensors into it, strictly."""
     directory = Path(directory)
     cfg = cfg or read_config(directory)
+    family = family_of(cfg)
     with torch.device("meta"):
-        model = Llava(cfg)
+        model = family.model(cfg)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     state = read_state_dict(directory, cfg, dtype, device)
     if cfg.text.tie_word_embeddings and "language_model.lm_head.weight" not in state:
@@ -277,7 +266,7 @@ def load_model(directory: Path, dtype: torch.dtype = torch.float32, device="cpu"
         state["language_model.lm_head.weight"] = state.get("language_model.model.embed_tokens.weight")
     for key in state:
         if key not in expected:
-            raise MinivarError(f"unexpected tensor '{key}' in '{directory}' (not part of a LLaVA model with this config)")
+            raise MinivarError(f"unexpected tensor '{key}' in '{directory}' (not part of a {family.name} model with this config)")
     for key, shape in expected.items():
         if state.get(key) is None:
             raise MinivarError(f"tensor '{key}' is missing from the checkpoint in '{directory}'")

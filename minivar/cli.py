@@ -16,7 +16,7 @@ import textwrap
 import unicodedata
 
 
-DEFAULT_MODEL = "llava-hf/llava-1.5-7b-hf"      # = checkpoint.DEFAULT_MODEL (a test keeps them equal; no torch import here)
+from minivar import DEFAULT_MODEL  # (minivar/__init__.py imports no torch)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -81,28 +81,45 @@ def _sync(device: torch.device):
         torch.cuda.synchronize(device)
 
 
-def last_logits(model, input_ids, pixel_values=None, **kwargs) -> torch.Tensor:
-    """The next-token logits [B, 1, V] (fp32) of a call: the decoder's hidden states, and lm_head on the last row
-    only (the other rows' logits are never needed while generating)."""
-    h = model(input_ids, pixel_values, output="hidden", **kwargs)
-    # h[:, -1] is [B, D], one matrix product with the weight (a [B, 1, D] slice of a longer sequence would make
-    # linear broadcast the weight over the batch: a copy of lm_head per sample)
-    return model.language_model.lm_head(h[:, -1]).float()[:, None]
+def prefill(model, input_ids, images=None, *, image_features=None, cache=None, input_pos: int = 0,
+            attention_mask=None, hooks=None) -> torch.Tensor:
+    """The prompt (or its rest after a cached prefix) in one call: the next-token logits [R, V] (fp32)."""
+    return model(input_ids, images, image_features=image_features, cache=cache, input_pos=input_pos,
+                 attention_mask=attention_mask, hooks=hooks, output="last")
+
+
+def decode_step(model, next_ids: torch.Tensor, *, cache, position: int, attention_mask=None, hooks=None) -> torch.Tensor:
+    """One token per row, next_ids [R], at cache position `position`: the next logits [R, V] (fp32)."""
+    return model(next_ids[:, None], cache=cache, input_pos=position, attention_mask=attention_mask, hooks=hooks,
+                 output="last")
+
+
+def plain_choice(logits: torch.Tensor) -> torch.Tensor:
+    """The token choice without a decoding-level method: [branches, B, V] → the only branch's logits [B, V]."""
+    return logits[0]
 
 
 @torch.inference_mode()
-def generate(model, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None, *, max_new_tokens: int = 128,
+def generate(model, input_ids: torch.Tensor, images=None, *, max_new_tokens: int = 128,
              eos_token_id: int | None = 2, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
              attention_mask: torch.Tensor | None = None, hooks=None, on_token=None, cache: KVCache | None = None,
-             input_pos: int = 0, image_features: torch.Tensor | None = None) -> Generation:
-    """Generate up to `max_new_tokens` for a batch of prompts `input_ids` [B, T] (padded where `attention_mask` is 0).
+             input_pos: int = 0, image_features: torch.Tensor | None = None, branches: int = 1,
+             choose=plain_choice) -> Generation:
+    """Generate up to `max_new_tokens` for a batch of prompts `input_ids` [R, T] (padded where `attention_mask` is 0).
 
-    hooks: per-call hooks (VAR, capture, masking) passed to every forward call (see hooks.py).
+    images: the prompts' images (a list of ImageInput, or pixels [B, 3, S, S]), or their feature rows in
+    `image_features`. hooks: per-call hooks (VAR, capture, masking) passed to every forward call (see hooks.py).
+    branches / choose: the R = branches · B rows are B samples in `branches` branches (branch-major: rows
+    k·B … k·B+B−1 are branch k); every step runs all rows in one forward, `choose(logits [branches, B, V])` makes
+    one [B, V] per sample, and the token picked from it is fed to every branch of that sample.
     on_token(ids) is called after each step with a list of B ids (None for a sample that has finished), for
     streaming. cache / input_pos: continue after positions 0 … input_pos−1 already in `cache` (a shared prefix);
-    attention_mask then covers them too ([B, input_pos + T]).
+    attention_mask then covers them too ([R, input_pos + T]).
     """
-    B, T = input_ids.shape
+    R, T = input_ids.shape
+    if R % branches:
+        raise MinivarError(f"{R} prompt rows do not split into {branches} branches")
+    B = R // branches
     device = input_ids.device
     prompt_end = input_pos + T
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
@@ -112,14 +129,11 @@ def generate(model, input_ids: torch.Tensor, pixel_values: torch.Tensor | None =
     if max_new_tokens <= 0:
         result.finished = [False] * B
         return result
-    limit = model.config.text.max_position_embeddings
-    if prompt_end + max_new_tokens - 1 > limit:
-        raise MinivarError(f"the prompt ({prompt_end} tokens) and {max_new_tokens} new tokens would go past the "
-                           f"model's context of {limit} positions (max_position_embeddings)")
+    check_context(prompt_end, max_new_tokens, model.config.text.max_position_embeddings)
     if cache is None:
-        cache = new_cache(model, B, prompt_end + max_new_tokens, device)
+        cache = new_cache(model, R, prompt_end + max_new_tokens, device)
     padded = attention_mask is not None and not bool(attention_mask.all())
-    mask = torch.ones(B, prompt_end + max_new_tokens, dtype=torch.bool, device=device)   # preallocated, sliced
+    mask = torch.ones(R, prompt_end + max_new_tokens, dtype=torch.bool, device=device)   # preallocated, sliced
     if padded:
         mask[:, :prompt_end] = attention_mask.bool()
 
@@ -128,13 +142,14 @@ def generate(model, input_ids: torch.Tensor, pixel_values: torch.Tensor | None =
 
     _sync(device)
     t0 = time.perf_counter()
-    logits = last_logits(model, input_ids, pixel_values, image_features=image_features, cache=cache,
-                         input_pos=input_pos, attention_mask=step_mask(prompt_end), hooks=hooks)
+    logits = prefill(model, input_ids, images, image_features=image_features, cache=cache, input_pos=input_pos,
+                     attention_mask=step_mask(prompt_end), hooks=hooks)
     step = 0
     t_decode = None
-    with decode_kernels(device, B):
+    with decode_kernels(device, R):
         while True:
-            next_ids = sample_next(logits[:, -1], temperature, top_p, generator)        # [B]
+            chosen = choose(logits.view(branches, B, -1))                                # [B, V]
+            next_ids = sample_next(chosen, temperature, top_p, generator)                # [B]
             # None for a sample that had finished or finishes now (EOS is never part of the output)
             emitted = [None if finished[b] or t == eos_token_id else t for b, t in enumerate(next_ids.tolist())]
             for b, t in enumerate(emitted):
@@ -152,10 +167,21 @@ def generate(model, input_ids: torch.Tensor, pixel_values: torch.Tensor | None =
             if all(finished) or step >= max_new_tokens:
                 break
             position = prompt_end + step - 1           # where the token just sampled goes
-            logits = last_logits(model, next_ids[:, None], cache=cache, input_pos=position,
+            logits = decode_step(model, next_ids.repeat(branches), cache=cache, position=position,
                                  attention_mask=step_mask(position + 1), hooks=hooks)
     _sync(device)
     result.decode_s = time.perf_counter() - t_decode
     result.decode_tokens = step - 1
     result.finished = finished
     return result
+
+
+def check_context(prompt_len: int, max_new_tokens: int, limit: int) -> None:
+    """The one context-limit rule: a prompt of `prompt_len` tokens and `max_new_tokens` new ones (the last new token
+    is never fed back) must fit in the model's `limit` positions."""
+    if prompt_len >= limit:
+        raise MinivarError(f"the prompt is {prompt_len} tokens, over the model's context of {limit} "
+                           f"(max_position_embeddings)")
+    if prompt_len + max_new_tokens - 1 > limit:
+        raise MinivarError(f"the prompt ({prompt_len} tokens) and {max_new_tokens} new tokens would go past the "
+                           f"model's context of {limit} positions (max_position_embeddings)")

@@ -49,6 +49,7 @@ import torch
 from lmms_eval.api.instance import GenerationResult, TokenCounts
 from lmms_eval.api.model import lmms
 
+from . import DEFAULT_MODEL
 from .errors import MinivarError
 
 MODEL_ID = "minivar"
@@ -206,7 +207,7 @@ class Minivar(lmms):
     """lmms-eval "simple" model: minivar's LLaVA-1.5 pipeline, optionally with VAR (see the module docstring)."""
     is_simple = True
 
-    def __init__(self, pretrained: str = "llava-hf/llava-1.5-7b-hf", device: str = "auto", dtype: str = "auto",
+    def __init__(self, pretrained: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto",
                  weights_dir: str | None = None, batch_size=1, max_batch_size=None, conv_mode: str = "vicuna_v1",
                  image_aspect_ratio: str = "pad", max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
                  apply_until: bool = False, var: bool = False, var_preset: str | None = None, **var_fields) -> None:

@@ -13,11 +13,14 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, processing
-from .methods import var as var_mod
+from . import DEFAULT_MODEL, checkpoint, processing
 from .errors import MinivarError
-from .generate import Generation, generate
+from .generate import Generation, check_context, generate
+from .methods import var as var_mod
+from .methods.method import Branch, Call, Method, as_methods
+from .models.images import ImageInput
 from .models.llama import KVCache, SharedPrefixCache
+from .models.registry import family_of
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -46,14 +49,19 @@ def pick_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
 
 @dataclass
 class Result:
-    """One answer: the ids, the text, and where the time went."""
+    """One answer: the ids, the text, where the time went, and each method's report."""
     text: str
     output_ids: list[int]
     prompt_ids: list[int]
     timing: dict
     finished: bool                       # stopped at EOS (False: hit max_new_tokens)
-    var: dict | None = None              # VAR report (sinks, image span, redistribution counts) when VAR ran
+    reports: dict = field(default_factory=dict)   # method name → its report (VAR: sinks, image span, counts)
     extra: dict = field(default_factory=dict)
+
+    @property
+    def var(self) -> dict | None:
+        """VAR's report when VAR ran."""
+        return self.reports.get("var")
 
 
 def check_generation_args(max_new_tokens: int, temperature: float, top_p: float) -> None:
@@ -66,138 +74,216 @@ def check_generation_args(max_new_tokens: int, temperature: float, top_p: float)
         raise MinivarError(f"`temperature` must be ≥ 0, got {temperature}")
 
 
+def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Id rows → [R, T] ids left-padded to the longest (every row's last token at T − 1, where generation goes on)
+    and the attention mask [R, T] (None when nothing is padded). The one padding rule of minivar."""
+    T = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long, device=device)
+    attention_mask = torch.zeros(len(rows), T, dtype=torch.bool, device=device)
+    for b, r in enumerate(rows):
+        input_ids[b, T - len(r):] = torch.as_tensor(r, dtype=torch.long)
+        attention_mask[b, T - len(r):] = True
+    return input_ids, (None if bool(attention_mask.all()) else attention_mask)
+
+
+def with_methods(methods, var) -> list[Method]:
+    """The methods of a call: `methods` (a Method or a list), and `var=` (a VARConfig, True or a preset name: the
+    VAR method, first) for the calls written before methods were objects."""
+    methods = as_methods(methods)
+    if var is not None and var is not False:
+        if any(m.name == "var" for m in methods):
+            raise MinivarError("VAR is given twice (var= and in methods=)")
+        methods = [var_mod.VAR(var)] + methods
+    return methods
+
+
 @dataclass
 class Request:
-    """One call prepared once: prompt ids (padded to a common length), pixels, and the hooks with their state."""
-    input_ids: torch.Tensor                       # [B, T]
-    attention_mask: torch.Tensor | None           # [B, T], 0 on padding; None when nothing is padded
-    pixel_values: torch.Tensor                    # [B, 3, S, S]
-    prompt_ids: list[list[int]]                   # each prompt's own ids, unpadded
+    """One call prepared once: prompt ids (padded to a common length; with a contrast branch, the full branch's rows
+    then the contrast branch's), the images, and each method's per-call state with its hooks."""
+    input_ids: torch.Tensor                       # [R, T], R = B · branches
+    attention_mask: torch.Tensor | None           # [R, T], 0 on padding; None when nothing is padded
+    images: list                                  # the B samples' ImageInputs
+    prompt_ids: list[list[int]]                   # each sample's own ids, unpadded
     max_new_tokens: int                           # capped at the model's context
-    sinks: var_mod.Sinks | None = None            # the call's sink sets (VAR's, the capture's, the masking's)
-    var_state: var_mod.VARState | None = None
-    sink_dims_source: str | None = None           # "user", "known:<model>" or "finder"
-    hooks: list = field(default_factory=list)     # in call order: VAR, masking, capture, then the caller's
+    branches: int = 1
+    image_features: torch.Tensor | None = None    # feature rows of every row's image tokens (None: from images)
+    runs: dict = field(default_factory=dict)      # method name → its MethodRun
+    shared: dict = field(default_factory=dict)    # the sink sets VAR, the capture and masking share
+    hooks: list = field(default_factory=list)     # in call order: the methods', masking, capture, then the caller's
+    call: Call | None = None                      # what the methods see (methods/method.py)
+
+    @property
+    def pixel_values(self) -> torch.Tensor | None:
+        """The images' pixels stacked (LLaVA-1.5: [B, 3, S, S])."""
+        return torch.stack([im.pixel_values for im in self.images]) if self.images else None
+
+    @property
+    def sinks(self):
+        return self.shared.get("sinks")
+
+    @property
+    def var_state(self):
+        return self.shared.get("var_state")
+
+    @property
+    def sink_dims_source(self):
+        return self.shared.get("sink_dims_source")
+
+    def choose(self, logits: torch.Tensor) -> torch.Tensor:
+        """The token choice of the methods, in order: [branches, B, V] → [B, V]."""
+        chosen, contrast = logits[0], (logits[1] if self.branches > 1 else None)
+        for run in self.runs.values():
+            chosen = run.choose(chosen, contrast)
+        return chosen
 
 
 class Pipeline:
-    """A loaded LLaVA model with its tokenizer and preprocessing."""
+    """A loaded model with its family, tokenizer and preprocessing."""
 
     def __init__(self, model, tokenizer: processing.Tokenizer, directory: Path, device: torch.device, dtype: torch.dtype,
                  load_s: float):
         self.model, self.tokenizer, self.directory = model, tokenizer, directory
         self.config = model.config
+        self.family = family_of(model.config)
         self.device, self.dtype, self.load_s = device, dtype, load_s
-        self._found_dims: dict = {}      # sink dims resolved for this model, by VARConfig.find_sink_dims
+        # sink dims the finder found, keyed by what it read (the prompt's text ids): no call depends on an earlier one
+        self._found_dims: dict = {}
+
+    @property
+    def pad_id(self) -> int:
+        return self.config.pad_token_id if self.config.pad_token_id is not None else 0
 
     # -- inputs --------------------------------------------------------------------------------------------------
-    def pixels(self, image, image_aspect_ratio: str = "pad") -> torch.Tensor:
-        """Image path or PIL image → pixel_values [1, 3, S, S] on the model's device, in the model's dtype."""
+    def image(self, image, image_aspect_ratio: str = "pad") -> ImageInput:
+        """Image path or PIL image → the family's ImageInput (pixels on the model's device, in its dtype)."""
         img = processing.load_image(image) if isinstance(image, (str, Path)) else image   # preprocess makes it RGB
-        px = processing.preprocess(img, self.config.vision.image_size, image_aspect_ratio)
-        return px[None].to(self.device, self.dtype)
+        return self.family.images(img, self.config, image_aspect_ratio).to(self.device, self.dtype)
 
-    def prompt_ids(self, prompt: str, conv_mode: str = "vicuna_v1", tokenization: str = "llava") -> torch.Tensor:
-        """User text → the full templated prompt ids [1, T] with the image placeholder expanded. tokenization:
-        "llava" (BOS + the template tokenized as LLaVA does) or "official" (as the VAR authors' released code does:
-        segments, no BOS, one 29871; see official.official_prompt_ids)."""
+    def pixels(self, image, image_aspect_ratio: str = "pad") -> torch.Tensor:
+        """Image path or PIL image → pixel_values [1, ...] on the model's device, in the model's dtype."""
+        return self.image(image, image_aspect_ratio).pixel_values[None]
+
+    def prompt_ids(self, prompt: str, conv_mode: str = "vicuna_v1", tokenization: str = "llava",
+                   num_image_tokens: int | None = None) -> torch.Tensor:
+        """User text → the full templated prompt ids [1, T] with the image placeholder expanded to
+        `num_image_tokens` (default: the family's fixed count). tokenization: "llava" (BOS + the template tokenized
+        as LLaVA does) or "official" (as the VAR authors' released code does: segments, no BOS, one 29871; see
+        processing.official_prompt_ids)."""
+        n = self.config.num_image_tokens if num_image_tokens is None else num_image_tokens
+        check_tokenization(tokenization, conv_mode)
         if tokenization == "official":
-            if conv_mode != "vicuna_v1":
-                raise MinivarError("`prompt_tokenization` official rebuilds the released code's vicuna_v1 prompt; "
-                                   f"it needs --conv-mode vicuna_v1, got {conv_mode}")
-            from .methods.var_official import official_prompt_ids
-            ids = official_prompt_ids(self.tokenizer, prompt, self.config.num_image_tokens,
-                                      self.config.image_token_index)
-        elif tokenization == "llava":
-            ids = self.tokenizer.encode_prompt(prompt, conv_mode, self.config.num_image_tokens)
+            ids = processing.official_prompt_ids(self.tokenizer, prompt, n, self.config.image_token_index)
         else:
-            raise MinivarError(f"`prompt_tokenization` must be llava or official, got {tokenization!r}")
-        limit = self.config.text.max_position_embeddings
-        if len(ids) >= limit:
-            raise MinivarError(f"the prompt is {len(ids)} tokens (incl. {self.config.num_image_tokens} image tokens), "
-                               f"over the model's context of {limit} (max_position_embeddings)")
+            ids = self.tokenizer.encode_prompt(prompt, conv_mode, n)
+        check_context(len(ids), 1, self.config.text.max_position_embeddings)
         return torch.tensor([ids], dtype=torch.long, device=self.device)
 
     def sink_dims(self, var: var_mod.VARConfig, input_ids: torch.Tensor, warn=None) -> tuple[tuple[int, ...], str]:
         """The sink dims VAR (or the sink sets) use, and where they came from: the user's, the known ones of
-        LLaVA-1.5-7B/13B, or the finder's (run once per model, then kept). warn(message) receives what the finder
-        reports (default: printed on stderr)."""
+        LLaVA-1.5-7B/13B, or the finder's (run on this prompt's text; kept for the same text). warn(message) receives
+        what the finder reports (default: a warning)."""
         if var.sink_dims is not None:
             return var.sink_dims, "user"
-        if var.find_sink_dims not in self._found_dims:
-            self._found_dims[var.find_sink_dims] = var_mod.resolve_sink_dims(self.config, var, self.model, input_ids,
-                                                                             warn)
-        return self._found_dims[var.find_sink_dims]
+        key = (var.find_sink_dims, tuple(input_ids[0].tolist()))
+        if key not in self._found_dims:
+            self._found_dims[key] = var_mod.resolve_sink_dims(self.config, var, self.model, input_ids, warn)
+        return self._found_dims[key]
 
     def prepare(self, images, prompts, *, conv_mode: str = "vicuna_v1", image_aspect_ratio: str = "pad",
-                max_new_tokens: int = 128, var: var_mod.VARConfig | None = None, sink_config=None, capture=None,
-                mask=None, warn=None, prompt_tokenization: str = "llava") -> Request:
-        """Everything a generation needs, made once: ids left-padded to a common length, pixels, and the hooks —
-        the sink sets (when VAR, the capture or visual-sink masking reads them), VAR's state, the masking, the
-        capture (bound to this prompt). var: a VARConfig (None: plain LLaVA); sink_config: the τ and sink dims of the
-        sink sets when VAR is off (default VARConfig()'s); capture: a probe.Capture; mask: a probe.KeyMask."""
+                max_new_tokens: int = 128, var=None, methods=None, sink_config=None, capture=None, mask=None,
+                warn=None, prompt_tokenization: str = "llava") -> Request:
+        """Everything a generation needs, made once: ids left-padded to a common length, the images, each method's
+        contrast branch (if any) and per-call state, the masking and the capture (bound to this prompt).
+        methods: Method objects (methods/method.py); var: a VARConfig (True, a preset name) — the VAR method;
+        sink_config: the τ and sink dims of the sink sets when VAR is off (default VARConfig()'s); capture: a
+        probe.Capture; mask: a probe.KeyMask."""
         if len(images) != len(prompts) or not prompts:
             raise MinivarError(f"generate_batch needs as many images as prompts (got {len(images)} and {len(prompts)})")
         if capture is not None and len(prompts) > 1:
             raise MinivarError("a capture records one sample: run it with a single prompt")
-        rows = [self.prompt_ids(p, conv_mode, prompt_tokenization)[0] for p in prompts]
-        T = max(len(r) for r in rows)
-        pad_id = self.config.pad_token_id if self.config.pad_token_id is not None else 0
-        input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long, device=self.device)
-        attention_mask = torch.zeros(len(rows), T, dtype=torch.bool, device=self.device)
-        for b, r in enumerate(rows):                 # left padding keeps every prompt's last token at position T-1
-            input_ids[b, T - len(r):] = r
-            attention_mask[b, T - len(r):] = True
-        attention_mask = None if bool(attention_mask.all()) else attention_mask
-        pixel_values = torch.cat([self.pixels(img, image_aspect_ratio) for img in images])
-        # never run past the context the model was trained for
-        max_new_tokens = min(max_new_tokens, self.config.text.max_position_embeddings - T)
-        request = Request(input_ids, attention_mask, pixel_values, [r.tolist() for r in rows], max_new_tokens)
-        self.add_hooks(request, var=var, sink_config=sink_config, capture=capture, mask=mask, warn=warn)
+        methods = with_methods(methods, var)
+        for m in methods:
+            m.check(self)
+        ims = [self.image(img, image_aspect_ratio) for img in images]
+        rows = [self.prompt_ids(p, conv_mode, prompt_tokenization, im.num_tokens)[0].tolist()
+                for p, im in zip(prompts, ims)]
+        request = self._request(rows, ims, max_new_tokens, methods, warn, capture is not None)
+        self.add_hooks(request, methods=methods, sink_config=sink_config, capture=capture, mask=mask, warn=warn)
         return request
 
-    def add_hooks(self, request: Request, *, var=None, sink_config=None, capture=None, mask=None, warn=None,
-                  length: int | None = None) -> None:
-        """Make the request's hooks for its ids: Sinks, VARState, KeyMask, Capture (each only where asked for).
+    def _request(self, rows, ims, max_new_tokens, methods, warn, capture: bool, length: int | None = None) -> Request:
+        """The request of B prompt rows: with a method's contrast branch, its rows after the full branch's."""
+        input_ids, attention_mask = left_pad(rows, self.pad_id, self.device)
+        # never run past the context the model was trained for
+        max_new_tokens = min(max_new_tokens, self.config.text.max_position_embeddings - input_ids.shape[1])
+        request = Request(input_ids, attention_mask, ims, rows, max_new_tokens)
+        call = Call(self, input_ids, attention_mask, ims, length or input_ids.shape[1] + max_new_tokens, len(rows),
+                    warn=warn, capture=capture, shared=request.shared)
+        branching = [m for m in methods if type(m).branch is not Method.branch]
+        if len(branching) > 1:
+            raise MinivarError(f"{' and '.join(m.name for m in branching)} each add a contrast branch; use one")
+        branch = branching[0].branch(call) if branching else None
+        if branch is not None:
+            contrast = [b.input_ids for b in branch]
+            ids, mask = left_pad(rows + contrast, self.pad_id, self.device)
+            max_new_tokens = min(max_new_tokens, self.config.text.max_position_embeddings - ids.shape[1])
+            feats = [f for f in call.image_features()] + [b.image_features for b in branch if b.image_features is not None]
+            request = Request(ids, mask, ims, rows, max_new_tokens, branches=2, image_features=torch.cat(feats),
+                              shared=request.shared)
+            call = Call(self, ids, mask, ims, length or ids.shape[1] + max_new_tokens, len(rows), warn=warn,
+                        capture=capture, shared=request.shared, features=call.features)
+        elif call.features is not None:                 # a method computed the features already: keep them
+            request.image_features = torch.cat(call.features)
+        request.call = call
+        return request
+
+    def add_hooks(self, request: Request, *, methods=(), var=None, sink_config=None, capture=None, mask=None,
+                  warn=None, length: int | None = None) -> None:
+        """Start each method on the request (its hooks, in order), then the masking and the capture; the sink sets
+        (when VAR, the capture or visual-sink masking reads them) are made once and shared.
         length: the cache length (default: the prompt plus max_new_tokens)."""
+        call = request.call
+        if length is not None:
+            call.max_len = length
+        call.warn = warn
+        call.capture = capture is not None
+        for m in with_methods(methods, var):
+            run = m.start(call)
+            request.runs[m.name] = run
+            request.hooks.extend(run.hooks)
         t = self.config.text
-        ids, attention_mask = request.input_ids, request.attention_mask
-        image_mask = ids == self.config.image_token_index
-        wants_sinks = (var is not None or (mask is not None and mask.kind == "visual_sinks")
-                       or capture is not None)
-        if wants_sinks:
-            cfg = var if var is not None else (sink_config or var_mod.VARConfig())
-            cfg.validate(t.hidden_size, t.num_hidden_layers)
-            first = ids[:1] if attention_mask is None else ids[:1, attention_mask[0]]     # sample 0, unpadded
-            dims, request.sink_dims_source = self.sink_dims(cfg, first, warn)
-            request.sinks = var_mod.Sinks(dims, cfg.tau, t.num_hidden_layers, image_mask, attention_mask,
-                                          strict=cfg.rule == "official", layers=cfg.sink_layers(t.num_hidden_layers))
-        if var is not None:
-            length = length or ids.shape[1] + request.max_new_tokens
-            request.var_state = var_mod.VARState(var, request.sinks, max_len=length,
-                                                 keep_selections=capture is not None)
-            request.hooks.append(request.var_state)        # it updates the sink sets it shares with the others
-        elif request.sinks is not None:
-            request.hooks.append(request.sinks)
+        wants_sinks = (mask is not None and mask.kind == "visual_sinks") or capture is not None
+        if wants_sinks and "sinks" not in request.shared:
+            sinks, _ = var_mod.call_sinks(call, sink_config or var_mod.VARConfig())
+            request.hooks.append(sinks)
         if mask is not None:
-            request.hooks.append(mask.bind(image_mask, request.sinks))
+            request.hooks.append(mask.bind(call.image_mask, request.sinks))
         if capture is not None:
-            request.hooks.append(capture.bind(image_mask, sinks=request.sinks, var_state=request.var_state,
+            request.hooks.append(capture.bind(call.image_mask, sinks=request.sinks, var_state=request.var_state,
                                               n_layers=t.num_hidden_layers, n_heads=t.num_attention_heads))
 
     # -- outputs -------------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def logits(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None, *, attention_mask=None,
-               var: var_mod.VARConfig | None = None, hooks=()) -> torch.Tensor:
+    def logits(self, input_ids: torch.Tensor, pixel_values=None, *, attention_mask=None, var=None, methods=None,
+               hooks=()) -> torch.Tensor:
         """Logits [B, T, V] (fp32) for whole sequences, no cache; attention_mask [B, T] is 0 on left padding;
-        var: a VARConfig (a fresh VAR state is made for these ids); hooks: more hooks of your own (after VAR)."""
+        var / methods: their hooks act (a fresh state for these ids; a method's token choice does not apply to
+        scoring); hooks: more hooks of your own (after the methods')."""
         input_ids = input_ids.to(self.device)
-        px = pixel_values.to(self.device, self.dtype) if pixel_values is not None else None
+        images = None
+        if pixel_values is not None:
+            images = pixel_values if isinstance(pixel_values, list) else \
+                self.model.image_inputs(pixel_values.to(self.device, self.dtype))
         mask = attention_mask.to(self.device).bool() if attention_mask is not None else None
-        request = Request(input_ids, mask, px, [], 0)
-        if var is not None:
-            self.add_hooks(request, var=var, length=input_ids.shape[1])
-        return self.model(input_ids, px, attention_mask=mask, hooks=request.hooks + list(hooks))
+        request = Request(input_ids, mask, images or [], [], 0)
+        request.call = Call(self, input_ids, mask, images or [], input_ids.shape[1], input_ids.shape[0],
+                            shared=request.shared)
+        methods = with_methods(methods, var)
+        for m in methods:
+            m.check(self)
+        self.add_hooks(request, methods=methods, length=input_ids.shape[1])
+        return self.model(input_ids, images, attention_mask=mask, hooks=request.hooks + list(hooks))
 
     def generate(self, image, prompt: str, **kwargs) -> Result:
         """Answer `prompt` about `image` (a path or PIL image); the options are generate_batch's."""
@@ -205,20 +291,21 @@ class Pipeline:
 
     def generate_batch(self, images, prompts, *, max_new_tokens: int = 128, temperature: float = 0.0,
                        top_p: float = 1.0, seed: int | None = None, conv_mode: str = "vicuna_v1",
-                       image_aspect_ratio: str = "pad", var: var_mod.VARConfig | None = None, sink_config=None,
+                       image_aspect_ratio: str = "pad", var=None, methods=None, sink_config=None,
                        capture=None, mask=None, hooks=(), on_text=None, warn=None,
                        prompt_tokenization: str = "llava") -> list[Result]:
         """Several (image, prompt) pairs in one batch: prompts left-padded to a common length, each sample with its
-        own VAR state (sinks, image span, counters). Greedy results equal running them one by one.
+        own method state (VAR: sinks, image span, counters). Greedy results equal running them one by one.
 
-        var: a VARConfig to apply Visual Attention Redistribution (None: plain LLaVA). capture (probe.Capture) and
-        mask (probe.KeyMask): inspection, one sample only; sink_config: their τ / sink dims when VAR is off.
-        hooks: hooks of your own, called after minivar's. on_text(str) receives the text as it is generated
-        (a single prompt only). prompt_tokenization: "llava" or "official" (see prompt_ids)."""
+        methods: Method objects (VAR, your own; methods/method.py); var: a VARConfig (or True / a preset name) to
+        apply Visual Attention Redistribution. capture (probe.Capture) and mask (probe.KeyMask): inspection, one
+        sample only; sink_config: their τ / sink dims when VAR is off. hooks: hooks of your own, called after
+        minivar's. on_text(str) receives the text as it is generated (a single prompt only).
+        prompt_tokenization: "llava" or "official" (see prompt_ids)."""
         check_generation_args(max_new_tokens, temperature, top_p)
         request = self.prepare(images, prompts, conv_mode=conv_mode, image_aspect_ratio=image_aspect_ratio,
-                               max_new_tokens=max_new_tokens, var=var, sink_config=sink_config, capture=capture,
-                               mask=mask, warn=warn, prompt_tokenization=prompt_tokenization)
+                               max_new_tokens=max_new_tokens, var=var, methods=methods, sink_config=sink_config,
+                               capture=capture, mask=mask, warn=warn, prompt_tokenization=prompt_tokenization)
         return self.run(request, temperature=temperature, top_p=top_p, seed=seed, hooks=hooks, on_text=on_text)
 
     def run(self, request: Request, *, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
@@ -232,11 +319,12 @@ class Pipeline:
                 if piece:
                     on_text(piece)
 
-        gen: Generation = generate(self.model, request.input_ids, request.pixel_values,
+        images = None if request.image_features is not None else request.images
+        gen: Generation = generate(self.model, request.input_ids, images, image_features=request.image_features,
                                    max_new_tokens=request.max_new_tokens, eos_token_id=self.tokenizer.eos_id,
                                    temperature=temperature, top_p=top_p, seed=seed,
                                    attention_mask=request.attention_mask, hooks=request.hooks + list(hooks),
-                                   on_token=on_token)
+                                   on_token=on_token, branches=request.branches, choose=request.choose)
         if stream is not None:
             tail = stream.flush()        # bytes held back in case a multi-byte character was still incomplete
             if tail:
@@ -246,7 +334,7 @@ class Pipeline:
     @torch.inference_mode()
     def generate_many(self, image, prompts, *, max_new_tokens: int = 128, temperature: float = 0.0,
                       top_p: float = 1.0, seed: int | None = None, conv_mode: str = "vicuna_v1",
-                      image_aspect_ratio: str = "pad", var: var_mod.VARConfig | None = None, warn=None,
+                      image_aspect_ratio: str = "pad", var=None, methods=None, warn=None,
                       prompt_tokenization: str = "llava") -> list[Result]:
         """Several prompts about one image, the shared prefix computed once; one Result per prompt, equal to
         running each prompt alone (greedy).
@@ -254,15 +342,24 @@ class Pipeline:
         The vision tower runs once. The prompts' common prefix (system text, image, and whatever follows that all
         prompts share) is prefilled once, as a batch of one, and its keys and values are stored once
         (llama.SharedPrefixCache: the attention reads them as a key segment every question shares). The questions' own
-        tokens then run as one batch continuing at the same
-        positions — the shorter ones padded between the prefix and their text, so every question's tokens keep the
-        positions they have alone — and are decoded together. With VAR, each question has its own state; the prefix's
-        sink sets are found once and shared (VAR's rows and the sink scores of prefix positions depend on the prefix
-        alone: attention is causal)."""
+        tokens then run as one batch continuing at the same positions — the shorter ones padded between the prefix
+        and their text, so every question's tokens keep the positions they have alone — and are decoded together.
+        With VAR, each question has its own state; the prefix's sink sets are found once and shared (VAR's rows and
+        the sink scores of prefix positions depend on the prefix alone: attention is causal). A method with a
+        contrast branch runs the questions as one batch (generate_batch: both branches, no shared prefix)."""
         check_generation_args(max_new_tokens, temperature, top_p)
         if not prompts:
             raise MinivarError("generate_many needs at least one prompt")
-        rows = [self.prompt_ids(p, conv_mode, prompt_tokenization)[0].tolist() for p in prompts]
+        methods = with_methods(methods, var)
+        if any(type(m).branch is not Method.branch for m in methods):
+            return self.generate_batch([image] * len(prompts), list(prompts), max_new_tokens=max_new_tokens,
+                                       temperature=temperature, top_p=top_p, seed=seed, conv_mode=conv_mode,
+                                       image_aspect_ratio=image_aspect_ratio, methods=methods, warn=warn,
+                                       prompt_tokenization=prompt_tokenization)
+        for m in methods:
+            m.check(self)
+        im = self.image(image, image_aspect_ratio)
+        rows = [self.prompt_ids(p, conv_mode, prompt_tokenization, im.num_tokens)[0].tolist() for p in prompts]
         shortest = min(len(r) for r in rows)
         P = 0                    # the shared prefix; every prompt keeps at least one token of its own (its logits)
         while P < shortest - 1 and all(r[P] == rows[0][P] for r in rows):
@@ -270,32 +367,33 @@ class Pipeline:
         Q = max(len(r) for r in rows) - P
         T = P + Q
         B = len(rows)
-        pad_id = self.config.pad_token_id if self.config.pad_token_id is not None else 0
-        input_ids = torch.full((B, T), pad_id, dtype=torch.long, device=self.device)
-        attention_mask = torch.zeros(B, T, dtype=torch.bool, device=self.device)
-        for b, r in enumerate(rows):   # [prefix][padding][own tokens]: the own tokens end at T − 1 for everyone
-            input_ids[b, :P], input_ids[b, T - (len(r) - P):] = torch.tensor(r[:P]), torch.tensor(r[P:])
-            attention_mask[b, :P] = True
-            attention_mask[b, T - (len(r) - P):] = True
-        attention_mask = None if bool(attention_mask.all()) else attention_mask
+        # [prefix][padding][own tokens]: the own tokens end at T − 1 for everyone
+        own, own_mask = left_pad([r[P:] for r in rows], self.pad_id, self.device)
+        input_ids = torch.cat([torch.tensor(rows[0][:P], dtype=torch.long, device=self.device).expand(B, P), own], 1)
+        attention_mask = None
+        if own_mask is not None:
+            attention_mask = torch.cat([torch.ones(B, P, dtype=torch.bool, device=self.device), own_mask], 1)
         max_new_tokens = min(max_new_tokens, self.config.text.max_position_embeddings - T)
-        request = Request(input_ids, attention_mask, self.pixels(image, image_aspect_ratio), rows, max_new_tokens)
-        self.add_hooks(request, var=var, warn=warn)
+        request = Request(input_ids, attention_mask, [im] * B, rows, max_new_tokens)
+        request.call = Call(self, input_ids, attention_mask, [im] * B, T + max_new_tokens, B, warn=warn,
+                            shared=request.shared)
+        self.add_hooks(request, methods=methods, warn=warn)
         t0 = time.perf_counter()
-        features = self.model.image_features(request.pixel_values)                     # [1, N, D], once
-        in_prefix = int((input_ids[0, :P] == self.config.image_token_index).sum())
+        features = self.model.image_features([im])[0]                                  # [N, D], once
+        in_prefix = int(self.model.image_positions(input_ids[:1, :P]).sum())
         # the prefix's keys and values are stored once (a batch of one), each question's own positions per question
         prefix = KVCache(self.config.text, 1, max(P, 1), self.dtype, self.device)
         cache = SharedPrefixCache(prefix, P, KVCache(self.config.text, B, Q + max_new_tokens, self.dtype, self.device),
                                   self.config.text)
         if P:
-            self.model(input_ids[:1, :P], image_features=features[:, :in_prefix] if in_prefix else None, cache=prefix,
+            self.model(input_ids[:1, :P], image_features=features[:in_prefix] if in_prefix else None, cache=prefix,
                        hooks=request.hooks, output="hidden")                          # batch 1, once
         prefix_s = time.perf_counter() - t0
-        rest = features[:, in_prefix:].expand(B, -1, -1) if in_prefix < features.shape[1] else None
+        rest = features[in_prefix:].repeat(B, 1) if in_prefix < features.shape[0] else None
         gen = generate(self.model, input_ids[:, P:], None, image_features=rest, cache=cache, input_pos=P,
                        max_new_tokens=max_new_tokens, eos_token_id=self.tokenizer.eos_id, temperature=temperature,
-                       top_p=top_p, seed=seed, attention_mask=attention_mask, hooks=request.hooks)
+                       top_p=top_p, seed=seed, attention_mask=attention_mask, hooks=request.hooks,
+                       choose=request.choose)
         gen.prefill_s += prefix_s           # vision tower + shared prefix + the questions' own tokens
         results = self._results(request, gen)
         total = time.perf_counter() - t0
@@ -308,20 +406,22 @@ class Pipeline:
                   "decode_tokens": gen.decode_tokens, "decode_tokens_per_s": gen.decode_tokens_per_s}
         results = []
         for b, ids in enumerate(gen.output_ids):
-            report = None
-            if request.var_state is not None:
-                # the generated rows this sample fed to the model: each emitted token, except the last one when the
-                # sample stopped at max_new_tokens (rows of a sample that stopped before its batch are not counted)
-                fed = len(ids) if gen.finished[b] else max(len(ids) - 1, 0)
-                report = request.var_state.report(b, fed) | {"sink_dims_source": request.sink_dims_source}
+            # the generated rows this sample fed to the model: each emitted token, except the last one when the
+            # sample stopped at max_new_tokens (rows of a sample that stopped before its batch are not counted)
+            fed = len(ids) if gen.finished[b] else max(len(ids) - 1, 0)
+            reports = {}
+            for name, run in request.runs.items():
+                report = run.report(b, fed)
+                if report is not None:
+                    reports[name] = report
             results.append(Result(self.tokenizer.decode(ids), ids, request.prompt_ids[b], dict(timing),
-                                  gen.finished[b], report))
+                                  gen.finished[b], reports))
         return results
 
     def capture(self, image, prompt: str, *, layers=(), heads=None, attention=("before", "after"),
                 residuals: bool = False, head_stats: bool = False, rows: str = "all", decode: bool = False,
                 mask: str | None = None, mask_random: int = 0, mask_seed: int = 0, max_new_tokens: int = 1,
-                var: var_mod.VARConfig | None = None, **generate_kwargs):
+                var=None, **generate_kwargs):
         """Run `prompt` on `image` and return a probe.Capture holding only what was asked for (see probe.py):
         attention probabilities before/after VAR of `layers` × `heads` for `rows`, residual inputs, the sink sets
         of every layer (always); `.result` is the generation Result, `.masked` the KeyMask (if any). Nothing is
@@ -345,7 +445,16 @@ class Pipeline:
         return cap
 
 
-def load(model: str = checkpoint.DEFAULT_MODEL, *, device: str = "auto", dtype: str | torch.dtype = "auto",
+def check_tokenization(tokenization: str, conv_mode: str) -> None:
+    """The one check of `prompt_tokenization` (the official one rebuilds the released code's vicuna_v1 prompt)."""
+    if tokenization not in ("llava", "official"):
+        raise MinivarError(f"`prompt_tokenization` must be llava or official, got {tokenization!r}")
+    if tokenization == "official" and conv_mode != "vicuna_v1":
+        raise MinivarError("`prompt_tokenization` official rebuilds the released code's vicuna_v1 prompt; "
+                           f"it needs --conv-mode vicuna_v1, got {conv_mode}")
+
+
+def load(model: str = DEFAULT_MODEL, *, device: str = "auto", dtype: str | torch.dtype = "auto",
          weights_dir: str | Path | None = None) -> Pipeline:
     """Resolve (and if needed download) a checkpoint, load it strictly, and return a ready Pipeline."""
     dev = pick_device(device)

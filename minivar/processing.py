@@ -354,3 +354,57 @@ class StreamDecoder:
         new = text[len(self._printed):]
         self._printed = text
         return new
+
+
+# The LLaMA tokenizer's lone "▁" piece; the released VAR code hard-codes this id (src/stash.py:segment_prompt).
+SPACE_ID = 29871
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Prompt ids as the VAR authors' released code builds them (MICV-yonsei/VisAttnSink, 98e62d6)
+
+def official_prompt_ids(tokenizer, user_text: str, num_image_tokens: int, image_token_id: int, *,
+                        space_id: int = SPACE_ID) -> list[int]:
+    """The vicuna_v1 prompt's ids as the released code feeds them to the model.
+
+    Restates stash.py:MetadataStation.segment_prompt (lines 209-326; the 29871 filter at 232-241), whose ids
+    replace those mm_utils.py:tokenizer_image_token built (lines 203-212): the prompt "{SYSTEM} USER: <image>\\n{question} ASSISTANT:" is cut into five segments with str.split at
+    the first "USER", then the first "ASSISTANT" after it, then the first "<image>" —
+        system "{SYSTEM} ", role_0 "USER: ", image, inst_q "\\n{question} ", role_1 "ASSISTANT:"
+    — each text segment is tokenized on its own with add_special_tokens=False (so **no BOS**), and every `space_id`
+    (29871, the lone "▁") after the first one is dropped. The first is the one that ends the system segment; the
+    dropped ones include those the tokenizer puts before a digit or a non-ASCII character *inside* the question.
+    Faithfully, a question that itself contains "ASSISTANT" is cut there. The image segment becomes
+    num_image_tokens copies of image_token_id (the code puts one placeholder there and the model expands it).
+
+    tokenizer: minivar's processing.Tokenizer (its `tokenizers` object is used, with "<image>" typed by the user
+    kept as plain text, as the released code's slow LLaMA tokenizer does), or a `tokenizers.Tokenizer`.
+    """
+    if int(num_image_tokens) < 1:
+        raise MinivarError(f"num_image_tokens must be at least 1, got {num_image_tokens}")
+    tok = getattr(tokenizer, "_tok", tokenizer)
+    # The same string the code's conv_templates["vicuna_v1"] builds. The system text has no "USER", so the first
+    # "USER" is the role's, never the question's.
+    prompt = build_prompt(user_text, "vicuna_v1")
+    system, _, rest = prompt.partition("USER")
+    user, found, assistant_rest = ("USER" + rest).partition("ASSISTANT")
+    role_1 = "ASSISTANT" + assistant_rest if found else ""
+    role_0, _, inst_q = user.partition("<image>")          # the template's <image> comes before the question
+
+    ids: list[int] = []
+    space_seen = False
+    for name, text in (("system", system), ("role_0", role_0), ("image", None), ("inst_q", inst_q),
+                       ("role_1", role_1)):
+        if name == "image":
+            ids += [int(image_token_id)] * int(num_image_tokens)
+            continue
+        for t in tok.encode(text, add_special_tokens=False).ids:
+            if t == int(image_token_id):
+                raise MinivarError(f"the tokenizer turns prompt text into image token id {image_token_id}; "
+                                   "'<image>' must be a special token")
+            if t == space_id:
+                if space_seen:
+                    continue                               # every "▁" after the first is dropped
+                space_seen = True
+            ids.append(t)
+    return ids

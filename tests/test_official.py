@@ -28,7 +28,8 @@ from minivar.models.config import LlavaConfig, TextConfig, VisionConfig
 from minivar.errors import MinivarError
 from minivar.generate import generate
 from minivar.methods.hooks import Hook
-from minivar.methods.var_official import (OFFICIAL_DEFAULTS, official_layer_sets, official_prompt_ids, paper_equivalent,
+from minivar.processing import official_prompt_ids
+from minivar.methods.var_official import (OFFICIAL_DEFAULTS, official_layer_sets, paper_equivalent,
                               redistribute_official, select_heads_official, sink_sets_official)
 from minivar.processing import VICUNA_SYSTEM, Tokenizer
 from minivar.methods.var import VARConfig, VARState, Sinks, redistribute, select_heads, sink_scores, sink_sets
@@ -642,7 +643,9 @@ def test_official_config_defaults_report_and_presets():
     assert VARConfig.preset("general", rule="official", rho=0.3).rho == 0.3
     assert c.layer_set(32) == frozenset(range(2, 32)) and c.sink_layers(32) == frozenset(range(2, 32))
     assert VARConfig().sink_layers(32) is None and VARConfig().layer_set(32) == frozenset(range(31))
-    assert VARConfig(rule="official", layers=(0, 31)).layer_set(32) == frozenset({0, 31})
+    # issue 19: the released rule never touches layers 0 and 1 (no sinks are found there): a request for them
+    # reports what is touched
+    assert VARConfig(rule="official", layers=(0, 31)).layer_set(32) == frozenset({31})
     rep = official_state(VARConfig(rule="official", tau=TINY_TAU, rho=0.2, p=0.7)).report(0)
     assert (rep["rule"], rep["heads"], rep["rho"], rep["p"], rep["rho_paper"], rep["p_paper"]) == \
         ("official", "image-centric", 0.2, 0.7, 0.8, 0.3)

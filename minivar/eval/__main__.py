@@ -16,6 +16,7 @@ import json
 import sys
 from pathlib import Path
 
+from .. import DEFAULT_MODEL
 from ..errors import MinivarError, run_command
 
 BENCHMARK_NAMES = ("pope", "mme", "chair", "mmvp", "cvbench", "gqa")
@@ -38,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--data", nargs="+", required=True, type=Path, metavar="PATH", help="the benchmark's files or folder")
     r.add_argument("--images", type=Path, default=None, metavar="DIR", help="the image folder, where not in --data")
     r.add_argument("--out", required=True, type=Path, metavar="DIR", help="the run directory (created; resumed)")
-    r.add_argument("--model", default="llava-hf/llava-1.5-7b-hf",
+    r.add_argument("--model", default=DEFAULT_MODEL,
                    help="hub id, a local checkpoint directory, or 'demo' (tiny random, offline)")
     v = r.add_argument_group("VAR (as in run.py; --var without --var-preset takes the benchmark's preset)")
     v.add_argument("--var", action="store_true", help="apply VAR")

@@ -37,7 +37,7 @@ from ..errors import MinivarError
 
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.json"
-DEFAULT_MODEL = "llava-hf/llava-1.5-7b-hf"
+from .. import DEFAULT_MODEL
 ANSWER_SETTINGS = ("benchmark", "questions", "model", "device", "dtype", "var", "conv_mode", "image_aspect_ratio",
                    "max_new_tokens", "batch_size", "prompt_tokenization")
 FLAGS = {"benchmark": "BENCH", "questions": "the questions in --data", "model": "--model", "device": "--device",

@@ -14,7 +14,7 @@ input of layer ℓ; α the post-softmax attention probabilities (fp32).
                         α'_ij = α_ij + Ω·α_ij / Σ_{k∈I∖V} α_ik.  Rows still sum to 1.
 
 That is the paper's rule (VARConfig.rule = "paper", the default). VARConfig.rule = "official" runs the same hooks
-with the authors' released code's arithmetic instead (official.py: strict φ > τ, sinks only in layers 2..L−1, the
+with the authors' released code's arithmetic instead (var_official.py: strict φ > τ, sinks only in layers 2..L−1, the
 last layer modified, its rho/p conventions); VARConfig.heads = "all" redistributes on every head of the touched rows
 (the paper's ablation without head selection).
 
@@ -34,20 +34,51 @@ import torch.nn.functional as F
 
 from ..errors import MinivarError
 from .hooks import Hook
+from .method import Method, MethodRun
 
 PRESETS = {"general": 0.8, "hallucination": 0.5, "vision": 0.9}   # ρ per task family, from the paper
-# "paper": the rule as the paper writes it (this module); "official": as the authors' released code computes it
-# (official.py; docs/official-rule.md lists the differences).
-RULES = ("paper", "official")
 # "image-centric": the selected heads only; "all": every head of the touched rows (the paper's ablation)
 HEADS = ("image-centric", "all")
 
-# Massive-activation dims of the base LLMs (the paper's Table/appendix). Keyed by the decoder shape that identifies
-# them: (hidden, layers, heads, intermediate).
-KNOWN_SINK_DIMS = {
-    "llava-1.5-7b": ((4096, 32, 32, 11008), (1415, 2533)),
-    "llava-1.5-13b": ((5120, 40, 40, 13824), (2100, 4743)),
-}
+class Rule:
+    """A VAR rule: its conventions, its layers and its three steps (sink sets, head selection, redistribution).
+    The paper's rule is this class; the released code's is var_official.OfficialRule. VARConfig.rule names one."""
+    name = "paper"
+    default_rho = PRESETS["general"]
+
+    def paper_values(self, rho: float, p: float) -> tuple[float, float]:
+        """(ρ, p) in the paper's conventions."""
+        return rho, p
+
+    def preset_rho(self, paper_rho: float) -> float:
+        """A preset's ρ (paper convention) in this rule's convention."""
+        return paper_rho
+
+    def moved(self, p: float) -> float:
+        """The fraction of the sinks' attention moved to the image."""
+        return p
+
+    def sink_layers(self, n_layers: int) -> frozenset[int] | None:
+        """The layers whose residual input is scanned for sinks (None: every one)."""
+        return None
+
+    def layer_set(self, n_layers: int) -> frozenset[int]:
+        """The layers VAR may modify: every layer but the last."""
+        return frozenset(range(n_layers - 1))
+
+    def sink_sets(self, h, dims, tau, image, real):
+        return sink_sets(h, dims, tau, image, real)
+
+    def select_heads(self, probs, image, visual_sink, rows, cfg: "VARConfig"):
+        return select_heads(probs, image, visual_sink, rows, cfg.min_image_attention, cfg.rho)
+
+    def redistribute(self, probs, selected, sink, image, visual_sink, p):
+        return redistribute(probs, selected, sink, image, visual_sink, p)
+
+
+# "paper": the rule as the paper writes it (this module); "official": as the authors' released code computes it
+# (var_official.py registers it; docs/official-rule.md lists the differences).
+RULES: dict[str, Rule] = {"paper": Rule()}
 
 
 @dataclass(frozen=True)
@@ -68,12 +99,12 @@ class VARConfig:
     heads: str = "image-centric"         # "image-centric" | "all" (every head of the touched rows: an ablation)
 
     def __post_init__(self):
-        if self.rule not in RULES:
+        if self.rule not in RULES:   # (RULES fills when minivar.methods is imported, before any VARConfig exists)
             raise MinivarError(f"`VARConfig.rule` must be one of {', '.join(RULES)}, got {self.rule!r}")
         if self.heads not in HEADS:
             raise MinivarError(f"`VARConfig.heads` must be one of {', '.join(HEADS)}, got {self.heads!r}")
         if self.rho is None:             # the rule's own default, in its own convention
-            object.__setattr__(self, "rho", PRESETS["general"] if self.rule == "paper" else 0.5)
+            object.__setattr__(self, "rho", RULES[self.rule].default_rho)
         if self.sink_dims is not None:
             if isinstance(self.sink_dims, str) or not all(isinstance(d, int) for d in self.sink_dims):
                 raise MinivarError(f"VAR sink_dims must be a tuple of ints or None (find_sink_dims=True runs the "
@@ -95,35 +126,36 @@ class VARConfig:
             given["find_sink_dims"] = True
         preset = {}
         if name is not None:
-            official = given.get("rule") == "official"
-            preset["rho"] = round(1.0 - PRESETS[name], 12) if official else PRESETS[name]
+            rule = RULES.get(given.get("rule", "paper"))
+            preset["rho"] = rule.preset_rho(PRESETS[name]) if rule is not None else PRESETS[name]
         return VARConfig(**(preset | given))          # an explicit rho beats the preset
+
+    @property
+    def rule_impl(self) -> Rule:
+        return RULES[self.rule]
 
     @property
     def moved(self) -> float:
         """The fraction of the sinks' attention moved to the image (the paper's p), under either rule."""
-        return self.p if self.rule == "paper" else 1.0 - self.p
+        return self.rule_impl.moved(self.p)
 
     def paper_values(self) -> tuple[float, float]:
         """(ρ, p) in the paper's conventions: as given under rule="paper", (1 − rho, 1 − p) under "official"."""
-        from .var_official import paper_equivalent      # imported here: official.py builds on this module
-        return (self.rho, self.p) if self.rule == "paper" else paper_equivalent(self.rho, self.p)
+        return self.rule_impl.paper_values(self.rho, self.p)
 
     def sink_layers(self, n_layers: int) -> frozenset[int] | None:
         """The layers whose residual input is scanned for sinks: every one (None) under the paper's rule, 2..L−1
         under the released code's."""
-        from .var_official import official_layer_sets
-        return None if self.rule == "paper" else official_layer_sets(n_layers)[0]
+        return self.rule_impl.sink_layers(n_layers)
 
     def layer_set(self, n_layers: int) -> frozenset[int]:
-        """The layers VAR may modify: the configured ones, else the rule's — every layer but the last (paper), or
-        the layers with sink detection, 2..L−1, the last one included (the released code)."""
-        if self.layers is not None:
-            return frozenset(self.layers)
-        if self.rule == "paper":
-            return frozenset(range(n_layers - 1))
-        from .var_official import official_layer_sets
-        return official_layer_sets(n_layers)[1]
+        """The layers VAR modifies: the configured ones within those the rule can touch (the released code never
+        touches layers without sink detection), else the rule's — every layer but the last (paper), or the layers
+        with sink detection, 2..L−1, the last one included (the released code)."""
+        if self.layers is None:
+            return self.rule_impl.layer_set(n_layers)
+        reach = self.rule_impl.sink_layers(n_layers)
+        return frozenset(self.layers) if reach is None else frozenset(self.layers) & reach
 
     def validate(self, hidden_size: int | None = None, n_layers: int | None = None) -> "VARConfig":
         """Range checks; sink dims and layers are checked against the model when its sizes are given."""
@@ -156,11 +188,13 @@ def parse_sink_dims(text: str) -> tuple[int, ...] | str:
 
 
 def known_sink_dims(cfg) -> tuple[str, tuple[int, ...]] | None:
-    """Recognise LLaVA-1.5-7B/13B by name or by exact decoder shape; None for anything else."""
+    """Recognise a model whose sink dims its family knows (LLaVA-1.5-7B/13B) by name or by exact decoder shape;
+    None for anything else."""
+    from ..models.registry import family_of
     t = cfg.text
     shape = (t.hidden_size, t.num_hidden_layers, t.num_attention_heads, t.intermediate_size)
     name = cfg.name_or_path.lower()
-    for key, (known_shape, dims) in KNOWN_SINK_DIMS.items():
+    for key, (known_shape, dims) in family_of(cfg).known_sink_dims.items():
         if shape == known_shape and (key in name or t.vocab_size in (32000, 32064)):
             return key, dims
     return None
@@ -246,10 +280,12 @@ class Sinks(Hook):
 
     def __init__(self, sink_dims: tuple[int, ...], tau: float, n_layers: int, image_mask: torch.Tensor,
                  attention_mask: torch.Tensor | None = None, *, strict: bool = False,
-                 layers: frozenset[int] | None = None):
+                 layers: frozenset[int] | None = None, rule: Rule | None = None):
         """image_mask [B, T_prompt] bool: where the image tokens sit in each (padded) prompt; attention_mask
-        [B, T_prompt]: 0 on padding (never a sink), None when nothing is padded. strict: sinks where φ > τ (the
-        released code) instead of φ ≥ τ; layers: the layers scanned for sinks (None: all; the others have none)."""
+        [B, T_prompt]: 0 on padding (never a sink), None when nothing is padded. rule: whose sink test (default the
+        paper's φ ≥ τ; strict=True: the released code's φ > τ); layers: the layers scanned for sinks (None: all; the
+        others have none)."""
+        self.rule = rule or (RULES["official"] if strict else RULES["paper"])
         self.sink_dims, self.tau, self.n_layers = tuple(sink_dims), float(tau), n_layers
         self.strict, self.layers = strict, layers
         self.image = image_mask.bool()                                          # I  [B, T]
@@ -269,11 +305,8 @@ class Sinks(Hook):
             return
         cols = slice(rows.start, rows.start + n)
         # a batch-1 call on a B-sample state is a shared prefix (generate_many): the same rows for every sample
-        if self.strict:
-            from .var_official import sink_sets_official as find   # imported here: official.py builds on this module
-        else:
-            find = sink_sets
-        phi, sinks, vis = find(h[:, :n], self.sink_dims, self.tau, self.image[:, cols], self.real[:, cols])
+        phi, sinks, vis = self.rule.sink_sets(h[:, :n], self.sink_dims, self.tau, self.image[:, cols],
+                                              self.real[:, cols])
         self.phi[layer][:, cols], self.sinks[layer][:, cols], self.visual_sinks[layer][:, cols] = phi, sinks, vis
         self.has_visual_sink[layer] = self.has_visual_sink[layer] or bool(vis.any())   # a sync per prefill chunk
 
@@ -341,15 +374,11 @@ class VARState(Hook):
         if rows.start < T:                                        # prompt rows: padding rows are no one's rows
             real = self.sinks.real[:B, rows.start:min(rows.stop, T)]
             touched = touched & F.pad(real, (0, max(0, rows.stop - T)), value=True)
-        cfg = self.cfg
-        if cfg.rule == "official":
-            from .var_official import redistribute_official, select_heads_official   # official.py builds on this module
+        cfg, rule = self.cfg, self.cfg.rule_impl
         if cfg.heads == "all":                           # the ablation: every head of the touched rows
             selected = touched[:, None, :].expand(B, probs.shape[1], -1)
-        elif cfg.rule == "official":
-            selected = select_heads_official(probs, image, vis, touched, cfg.rho, cfg.min_image_attention)
         else:
-            selected = select_heads(probs, image, vis, touched, cfg.min_image_attention, cfg.rho)
+            selected = rule.select_heads(probs, image, vis, touched, cfg)
         self.counts["prefill"][:, layer] += (selected[..., :max(0, T - rows.start)]).sum(dim=(1, 2))
         if rows.stop > T:                      # generated rows: counted per row, so a report can stop at a sample's end
             first = max(rows.start, T)
@@ -359,9 +388,7 @@ class VARState(Hook):
             self.decode_rows[:, layer, first - T:rows.stop - T] += selected[..., first - rows.start:].sum(1)
         if self.selections is not None:
             self.selections.setdefault(layer, []).append((rows, selected))
-        if cfg.rule == "official":
-            return redistribute_official(probs, selected, sink, image, vis, cfg.p)
-        return redistribute(probs, selected, sink, image, vis, cfg.p)
+        return rule.redistribute(probs, selected, sink, image, vis, cfg.p)
 
     def _key_masks(self, layer: int, K: int):
         """(S^ℓ, I, V^ℓ) over the first K key positions, [B, K] each."""
@@ -440,3 +467,70 @@ def resolve_sink_dims(model_cfg, var_cfg: VARConfig, model=None, input_ids=None,
     if not dims:
         warn("minivar: no sink dims found, so no token counts as a visual sink")
     return dims, "finder"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# VAR as a method (method.py): its settings, its per-call hooks, its report
+
+class VAR(Method):
+    """VAR with one VARConfig: per call, the sink sets (shared with the capture and sink masking) and a VARState."""
+    name = "var"
+
+    def __init__(self, config: "VARConfig | None" = None):
+        self.config = as_var_config(config)
+
+    def settings(self) -> dict:
+        from dataclasses import asdict
+        return json_ready(asdict(self.config))
+
+    def check(self, pipeline) -> None:
+        t = pipeline.config.text
+        self.config.validate(t.hidden_size, t.num_hidden_layers)
+
+    def start(self, call) -> "VARRun":
+        sinks, source = call_sinks(call, self.config)
+        state = VARState(self.config, sinks, max_len=call.max_len, keep_selections=call.capture)
+        call.shared["var_state"] = state
+        return VARRun(state, source)
+
+
+class VARRun(MethodRun):
+    def __init__(self, state: VARState, sink_dims_source: str):
+        self.state, self.sink_dims_source = state, sink_dims_source
+        self.hooks = [state]                 # it updates the sink sets it shares with the capture and the masking
+
+    def report(self, b, generated_rows):
+        return self.state.report(b, generated_rows) | {"sink_dims_source": self.sink_dims_source}
+
+
+def call_sinks(call, cfg: VARConfig) -> tuple[Sinks, str]:
+    """The call's sink sets under `cfg`'s rule (τ, sink dims, sink test, layers), made once per call and shared by
+    VAR, the capture and sink masking (call.shared["sinks"]), and where the dims came from."""
+    if "sinks" not in call.shared:
+        t = call.pipeline.config.text
+        cfg.validate(t.hidden_size, t.num_hidden_layers)
+        ids, mask = call.input_ids, call.attention_mask
+        first = ids[:1] if mask is None else ids[:1, mask[0]]                   # sample 0, unpadded
+        dims, source = call.pipeline.sink_dims(cfg, first, call.warn)
+        call.shared["sinks"] = Sinks(dims, cfg.tau, t.num_hidden_layers, call.image_mask, mask,
+                                     rule=cfg.rule_impl, layers=cfg.sink_layers(t.num_hidden_layers))
+        call.shared["sink_dims_source"] = source
+    return call.shared["sinks"], call.shared["sink_dims_source"]
+
+
+def as_var_config(var) -> VARConfig:
+    """What `var=` may be: a VARConfig, True (the general preset) or a preset's name; anything else is a TypeError
+    naming the types accepted."""
+    if isinstance(var, VARConfig):
+        return var
+    if var is None or var is True:
+        return VARConfig()
+    if isinstance(var, str):
+        return VARConfig.preset(var)
+    raise TypeError(f"`var` must be a VARConfig, True or a preset name ({', '.join(PRESETS)}), "
+                    f"got {type(var).__name__}")
+
+
+def json_ready(d: dict) -> dict:
+    """Tuples as lists (as JSON reads them back), so a resume compares like with like."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}

@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import MinivarError
-from ..processing import build_prompt
+from . import var
 from .var import sink_scores
 
 # The released configuration A_exps/lv1.5_7b.yml, in the code's own conventions (rho: visual-sink share ceiling,
@@ -42,8 +42,6 @@ OFFICIAL_DEFAULTS = {"tau": 20.0, "rho": 0.5, "p": 0.6, "summ": 0.2}
 # src/logic/logic.py:LogicEngine.set_sink_select_layers: `range(num_hidden_layers)[2:]`.
 FIRST_SINK_LAYER = 2
 
-# The LLaMA tokenizer's lone "▁" piece; the released code hard-codes this id (src/stash.py:segment_prompt).
-SPACE_ID = 29871
 
 
 def paper_equivalent(rho: float, p: float) -> tuple[float, float]:
@@ -135,50 +133,37 @@ def redistribute_official(probs: torch.Tensor, selected: torch.Tensor, sink: tor
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Prompt ids as the released code builds them
+# The rule as one object (var.Rule): VARConfig(rule="official") finds it here
 
-def official_prompt_ids(tokenizer, user_text: str, num_image_tokens: int, image_token_id: int, *,
-                        space_id: int = SPACE_ID) -> list[int]:
-    """The vicuna_v1 prompt's ids as the released code feeds them to the model.
+class OfficialRule(var.Rule):
+    """The released code's rule: its conventions (rho a visual-sink ceiling, p the fraction kept), its layers, its
+    strict sink test, its head selection and redistribution."""
+    name = "official"
+    default_rho = OFFICIAL_DEFAULTS["rho"]
 
-    Restates stash.py:MetadataStation.segment_prompt (lines 209-326; the 29871 filter at 232-241), whose ids
-    replace those mm_utils.py:tokenizer_image_token built (lines 203-212): the prompt "{SYSTEM} USER: <image>\\n{question} ASSISTANT:" is cut into five segments with str.split at
-    the first "USER", then the first "ASSISTANT" after it, then the first "<image>" —
-        system "{SYSTEM} ", role_0 "USER: ", image, inst_q "\\n{question} ", role_1 "ASSISTANT:"
-    — each text segment is tokenized on its own with add_special_tokens=False (so **no BOS**), and every `space_id`
-    (29871, the lone "▁") after the first one is dropped. The first is the one that ends the system segment; the
-    dropped ones include those the tokenizer puts before a digit or a non-ASCII character *inside* the question.
-    Faithfully, a question that itself contains "ASSISTANT" is cut there. The image segment becomes
-    num_image_tokens copies of image_token_id (the code puts one placeholder there and the model expands it).
+    def paper_values(self, rho, p):
+        return paper_equivalent(rho, p)
 
-    tokenizer: minivar's processing.Tokenizer (its `tokenizers` object is used, with "<image>" typed by the user
-    kept as plain text, as the released code's slow LLaMA tokenizer does), or a `tokenizers.Tokenizer`.
-    """
-    if int(num_image_tokens) < 1:
-        raise MinivarError(f"num_image_tokens must be at least 1, got {num_image_tokens}")
-    tok = getattr(tokenizer, "_tok", tokenizer)
-    # The same string the code's conv_templates["vicuna_v1"] builds. The system text has no "USER", so the first
-    # "USER" is the role's, never the question's.
-    prompt = build_prompt(user_text, "vicuna_v1")
-    system, _, rest = prompt.partition("USER")
-    user, found, assistant_rest = ("USER" + rest).partition("ASSISTANT")
-    role_1 = "ASSISTANT" + assistant_rest if found else ""
-    role_0, _, inst_q = user.partition("<image>")          # the template's <image> comes before the question
+    def preset_rho(self, paper_rho):
+        return paper_equivalent(paper_rho, 0.0)[0]            # rho = 1 − ρ
 
-    ids: list[int] = []
-    space_seen = False
-    for name, text in (("system", system), ("role_0", role_0), ("image", None), ("inst_q", inst_q),
-                       ("role_1", role_1)):
-        if name == "image":
-            ids += [int(image_token_id)] * int(num_image_tokens)
-            continue
-        for t in tok.encode(text, add_special_tokens=False).ids:
-            if t == int(image_token_id):
-                raise MinivarError(f"the tokenizer turns prompt text into image token id {image_token_id}; "
-                                   "'<image>' must be a special token")
-            if t == space_id:
-                if space_seen:
-                    continue                               # every "▁" after the first is dropped
-                space_seen = True
-            ids.append(t)
-    return ids
+    def moved(self, p):
+        return 1.0 - p
+
+    def sink_layers(self, n_layers):
+        return official_layer_sets(n_layers)[0]
+
+    def layer_set(self, n_layers):
+        return official_layer_sets(n_layers)[1]
+
+    def sink_sets(self, h, dims, tau, image, real):
+        return sink_sets_official(h, dims, tau, image, real)
+
+    def select_heads(self, probs, image, visual_sink, rows, cfg):
+        return select_heads_official(probs, image, visual_sink, rows, cfg.rho, cfg.min_image_attention)
+
+    def redistribute(self, probs, selected, sink, image, visual_sink, p):
+        return redistribute_official(probs, selected, sink, image, visual_sink, p)
+
+
+var.RULES["official"] = OfficialRule()

@@ -72,6 +72,7 @@ LLAVA_VISION_DEFAULTS = {"hidden_size": 1024, "intermediate_size": 4096, "num_hi
 @dataclass(frozen=True)
 class LlavaConfig:
     """The whole model: vision tower, projector settings, decoder, and the image-token conventions."""
+    model_type = "llava"           # the family (models/registry.py); a class attribute, not a config field
     vision: VisionConfig
     text: TextConfig
     image_token_index: int = 32000

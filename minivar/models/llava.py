@@ -5,6 +5,8 @@ Module names equal the HF checkpoint names after the loader's normalisation (`vi
 """
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -15,6 +17,7 @@ from .images import ImageInput, square_image
 from ..errors import MinivarError
 from ..methods.hooks import as_hooks
 from .llama import KVCache, LlamaForCausalLM, causal_mask
+from .registry import Family, register
 
 
 class LlavaMultiModalProjector(nn.Module):
@@ -134,3 +137,47 @@ class Llava(nn.Module):
         if output != "logits":
             raise ValueError(f"output must be 'logits', 'last' or 'hidden', got {output!r}")
         return self.language_model.lm_head(h).float()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The family: checkpoint names, images, templates (models/registry.py)
+
+# Key layouts → minivar's names. Applied in order; each is (pattern, replacement).
+KEY_RULES = (
+    (r"^model\.language_model\.", "language_model.model."),   # 5.x in-memory: model.language_model.layers...
+    (r"^model\.(vision_tower|multi_modal_projector)\.", r"\1."),  # 5.x in-memory
+    (r"^lm_head\.", "language_model.lm_head."),                 # 5.x in-memory
+    (r"^vision_tower\.vision_model\.", "vision_tower."),         # llava-hf hub layout (4.x)
+    (r"^language_model\.(model\.)+", "language_model.model."),  # duplicated .model.model in some 5.x saves
+)
+
+
+def is_unused_key(key: str, cfg: LlavaConfig) -> bool:
+    """Tensors a llava-hf checkpoint carries that LLaVA never reads."""
+    if key.startswith("vision_tower.post_layernorm.") or key.endswith("rotary_emb.inv_freq"):
+        return True
+    if key == "vision_tower.embeddings.position_ids":
+        return True
+    m = re.match(r"vision_tower\.encoder\.layers\.(\d+)\.", key)
+    return bool(m) and cfg.vision_layers_used <= int(m.group(1)) < cfg.vision.num_hidden_layers
+
+
+def llava_image(img, cfg: LlavaConfig, image_aspect_ratio: str = "pad") -> ImageInput:
+    """A PIL image → LLaVA-1.5's one square image (pad: the original evaluation's; crop: llava-hf's processor)."""
+    from ..processing import preprocess
+    grid = cfg.vision.image_size // cfg.vision.patch_size
+    return square_image(preprocess(img, cfg.vision.image_size, image_aspect_ratio), grid,
+                        cls=cfg.vision_feature_select_strategy == "full")
+
+
+# LLaVA-1.5's base LLMs' massive-activation dims (the VAR paper), keyed by the decoder shape that identifies them:
+# (hidden, layers, heads, intermediate).
+KNOWN_SINK_DIMS = {
+    "llava-1.5-7b": ((4096, 32, 32, 11008), (1415, 2533)),
+    "llava-1.5-13b": ((5120, 40, 40, 13824), (2100, 4743)),
+}
+
+FAMILY = register(Family(
+    model_type="llava", name="LLaVA-1.5", config=LlavaConfig.from_hf, model=Llava, key_rules=KEY_RULES,
+    unused_key=is_unused_key, images=llava_image, conv_modes=("vicuna_v1", "llava_hf"), default_conv_mode="vicuna_v1",
+    known_sink_dims=KNOWN_SINK_DIMS))
