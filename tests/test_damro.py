@@ -13,7 +13,7 @@ from conftest import tiny_llava_config
 from minivar.errors import MinivarError
 from minivar.generate import generate
 from minivar.methods import damro
-from minivar.methods.contrastive import Branch, combine, contrastive_generate
+from minivar.methods.contrastive import PromptBranch, combine, contrastive_generate
 from minivar.methods.damro import DAMROConfig
 
 VOCAB, IMAGE_ID, PAD_ID = 261, 259, 260       # the demo's byte-level tokenizer
@@ -132,8 +132,8 @@ def minivar_damro(pipe, prompt, img, conv_mode, mode, cfg: DAMROConfig, steps, s
     px = pipe.pixels(img, mode)
     out = damro.outlier_image(pipe.model, px, cfg.topk)
     cd_ids, _ = damro.left_pad(damro.contrast_rows(ids.tolist(), IMAGE_ID, cfg.topk), PAD_ID)
-    tokens = contrastive_generate(pipe.model, Branch(ids, image_features=out.features),
-                                  Branch(cd_ids, image_features=out.outlier_features), alpha=cfg.alpha,
+    tokens = contrastive_generate(pipe.model, PromptBranch(ids, image_features=out.features),
+                                  PromptBranch(cd_ids, image_features=out.outlier_features), alpha=cfg.alpha,
                                   beta=cfg.beta, max_new_tokens=steps, eos_token_id=None,
                                   temperature=0.0 if seed is None else 1.0, seed=seed)
     return ids, px, cd_ids, out, tokens[0]
@@ -158,7 +158,14 @@ def test_damro_equals_the_released_arithmetic_on_transformers(pair, alpha, beta,
     ref_idx, ref_tokens = released_generate(ref, ids, px, cd_ids, alpha, beta, topk, 12, seed)
     assert out.outliers[0].tolist() == ref_idx
     assert len(set(ref_idx)) == topk and cd_ids.shape[1] == ids.shape[1] - 36 + topk
-    assert tokens == ref_tokens
+    assert tokens == ref_tokens                                   # the two-cache loop on minivar's model
+    # and the method on minivar's generation: both branches in one batched forward per step
+    result = pipe.generate(image(topk), "What is in the image?", methods=[damro.DAMRO(cfg)], conv_mode=conv_mode,
+                           image_aspect_ratio=mode, max_new_tokens=12, temperature=0.0 if seed is None else 1.0,
+                           seed=seed)
+    eos = pipe.tokenizer.eos_id
+    assert result.output_ids == (ref_tokens[:ref_tokens.index(eos)] if eos in ref_tokens else ref_tokens)
+    assert result.reports["damro"] == {"outliers": ref_idx, "alpha": alpha, "beta": beta, "topk": topk}
 
 
 def test_outlier_scores_and_projected_features_equal_transformers(pair):
@@ -337,28 +344,24 @@ def test_the_contrast_image_is_one_row_of_k_tokens_in_topk_order():
 
 @pytest.mark.parametrize("seed", [None, 42])
 def test_batched_branches_equal_the_branches_one_after_the_other(demo_pipe, seed):
-    """Both branches of two samples (prompts of different lengths) in one forward per step == each sample's two
-    branches with two caches."""
-    from minivar.methods.contrastive import batched_contrastive_generate
+    """The method on minivar's generation (both branches of two samples, prompts of different lengths, in one
+    forward per step) == each branch with its own cache, one forward each (contrastive_generate)."""
     pipe, cfg = demo_pipe, DAMROConfig.preset("mme")
     prompts = ["What is in the image?", "Describe the picture in detail, please."]
+    imgs = [image(s) for s in (1, 2)]
+    kw = dict(max_new_tokens=8, temperature=0.0 if seed is None else 1.0, seed=seed)
+    batched = pipe.generate_batch(imgs, prompts, methods=[damro.DAMRO(cfg)], **kw)
     rows = [pipe.prompt_ids(p)[0].tolist() for p in prompts]
-    px = torch.cat([pipe.pixels(image(s), "pad") for s in (1, 2)])
+    px = torch.cat([pipe.pixels(im, "pad") for im in imgs])
     out = damro.outlier_image(pipe.model, px, cfg.topk)
     image_id, pad = pipe.config.image_token_index, pipe.config.pad_token_id
     ids, mask = damro.left_pad(rows, pad)
     cd_ids, cd_mask = damro.left_pad(damro.contrast_rows(rows, image_id, cfg.topk), pad)
-    kw = dict(alpha=cfg.alpha, beta=cfg.beta, max_new_tokens=8, eos_token_id=None,
-              temperature=0.0 if seed is None else 1.0, seed=seed)
-    batched = batched_contrastive_generate(pipe.model, Branch(ids, image_features=out.features, attention_mask=mask),
-                                           Branch(cd_ids, image_features=out.outlier_features,
-                                                  attention_mask=cd_mask), **kw)
-    sequential = contrastive_generate(pipe.model, Branch(ids, image_features=out.features, attention_mask=mask),
-                                      Branch(cd_ids, image_features=out.outlier_features, attention_mask=cd_mask), **kw)
-    assert batched == sequential
+    sequential = contrastive_generate(pipe.model, PromptBranch(ids, image_features=out.features, attention_mask=mask),
+                                      PromptBranch(cd_ids, image_features=out.outlier_features, attention_mask=cd_mask),
+                                      alpha=cfg.alpha, beta=cfg.beta, eos_token_id=pipe.tokenizer.eos_id, **kw)
+    assert [r.output_ids for r in batched] == sequential
+    assert [r.reports["damro"]["outliers"] for r in batched] == out.outliers.tolist()
     if seed is None:                          # and each sample as it would run alone
         for b in range(2):
-            one, one_cd = torch.tensor([rows[b]]), damro.left_pad(damro.contrast_rows([rows[b]], image_id, cfg.topk), pad)[0]
-            alone = contrastive_generate(pipe.model, Branch(one, px[b:b + 1]),
-                                         Branch(one_cd, image_features=[out.outlier_features[b]]), **kw)
-            assert alone[0] == batched[b]
+            assert pipe.generate(imgs[b], prompts[b], methods=[damro.DAMRO(cfg)], **kw).output_ids == sequential[b]

@@ -5,7 +5,7 @@ import torch
 
 from minivar.errors import MinivarError
 from minivar.methods import vcd
-from minivar.methods.contrastive import Branch, contrastive_generate
+from minivar.methods.contrastive import PromptBranch, contrastive_generate
 from minivar.methods.vcd import VCDConfig
 
 
@@ -70,7 +70,7 @@ def test_vcd_loop_equals_the_released_loop_on_transformers(tmp_path):
     cfg = VCDConfig().validate()
     noised = vcd.noised_images(px, cfg.noise_step, seed=42)
     for seed in (None, 42):
-        got = contrastive_generate(mine, Branch(ids, px), Branch(ids, noised), alpha=cfg.alpha, beta=cfg.beta,
+        got = contrastive_generate(mine, PromptBranch(ids, px), PromptBranch(ids, noised), alpha=cfg.alpha, beta=cfg.beta,
                                    max_new_tokens=10, eos_token_id=None, temperature=0.0 if seed is None else 1.0,
                                    seed=seed)[0]
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -90,7 +90,7 @@ def test_vcd_loop_equals_the_released_loop_on_transformers(tmp_path):
         assert got == want
     # the test can fail: a strong contrast with the noised image does steer the answer
     from minivar.generate import generate
-    strong = contrastive_generate(mine, Branch(ids, px), Branch(ids, noised), alpha=4.0, beta=0.01,
+    strong = contrastive_generate(mine, PromptBranch(ids, px), PromptBranch(ids, noised), alpha=4.0, beta=0.01,
                                   max_new_tokens=10, eos_token_id=None)[0]
     assert strong != generate(mine, ids, px, max_new_tokens=10, eos_token_id=None).output_ids[0]
 
@@ -110,16 +110,23 @@ def test_defaults_are_the_released_script_defaults():
     assert VCDConfig().settings() == {"alpha": 1.0, "beta": 0.1, "noise_step": 500}
 
 
-def test_batched_branches_equal_the_branches_one_after_the_other(demo_pipe):
-    from minivar.methods.contrastive import batched_contrastive_generate, left_pad
+@pytest.mark.parametrize("seed", [None, 42])
+def test_batched_branches_equal_the_branches_one_after_the_other(demo_pipe, seed):
+    """VCD on minivar's generation (both branches, one forward per step) == the two-cache loop on the same noise."""
+    from PIL import Image
+
+    from minivar.methods.contrastive import left_pad
     pipe = demo_pipe
-    rows = [pipe.prompt_ids(p)[0].tolist() for p in ("What is it?", "Is there a dog in the image? Answer briefly.")]
-    ids, mask = left_pad(rows, pipe.config.pad_token_id)
+    prompts = ("What is it?", "Is there a dog in the image? Answer briefly.")
     g = torch.Generator().manual_seed(5)
-    px = torch.randn(2, 3, pipe.config.vision.image_size, pipe.config.vision.image_size, generator=g)
-    noised = vcd.noised_images(px, 500, seed=42)
-    kw = dict(alpha=1.0, beta=0.1, max_new_tokens=8, eos_token_id=None)
-    batched = batched_contrastive_generate(pipe.model, Branch(ids, px, attention_mask=mask),
-                                           Branch(ids, noised, attention_mask=mask), **kw)
-    assert batched == contrastive_generate(pipe.model, Branch(ids, px, attention_mask=mask),
-                                           Branch(ids, noised, attention_mask=mask), **kw)
+    imgs = [Image.fromarray((torch.rand(60, 90, 3, generator=g) * 255).to(torch.uint8).numpy()) for _ in range(2)]
+    kw = dict(max_new_tokens=8, temperature=0.0 if seed is None else 1.0, seed=seed)
+    batched = pipe.generate_batch(imgs, list(prompts), methods=[vcd.VCD(VCDConfig(), seed=seed)], **kw)
+    ids, mask = left_pad([pipe.prompt_ids(p)[0].tolist() for p in prompts], pipe.config.pad_token_id)
+    px = torch.cat([pipe.pixels(im) for im in imgs])
+    noised = vcd.noised_images(px, 500, seed=seed)
+    sequential = contrastive_generate(pipe.model, PromptBranch(ids, px, attention_mask=mask),
+                                      PromptBranch(ids, noised, attention_mask=mask), alpha=1.0, beta=0.1,
+                                      eos_token_id=pipe.tokenizer.eos_id, **kw)
+    assert [r.output_ids for r in batched] == sequential
+    assert batched[0].reports["vcd"] == {"alpha": 1.0, "beta": 0.1, "noise_step": 500}

@@ -15,6 +15,8 @@ is `p_full < β · max p_full` — the same set whether it is computed on logits
 full branch's logits wherever the token survives the cutoff, and its argmax always survives, so greedy α = 0 equals
 the base model.
 
+`ContrastiveRun` is the token choice both methods plug into minivar's generation (methods/method.py): the contrast
+branch's rows run in the same batched forward as the full branch's, and `choose` combines the two.
 `contrastive_generate` is the loop the released codes run — two forwards per step, two KV caches — written on
 minivar's model: the reference the batched generation is checked against.
 """
@@ -26,7 +28,8 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import MinivarError
-from ..generate import last_logits, new_cache, sample_next
+from ..generate import decode_step, new_cache, prefill, sample_next
+from .method import MethodRun
 
 
 def check_alpha_beta(alpha: float, beta: float, owner: str) -> None:
@@ -47,8 +50,21 @@ def combine(full: torch.Tensor, contrast: torch.Tensor, alpha: float, beta: floa
     return diffs.masked_fill(full < cutoff, -float("inf"))
 
 
+class ContrastiveRun(MethodRun):
+    """One call of a contrastive method: the combination rule as its token choice (needs the contrast branch)."""
+
+    def __init__(self, alpha: float, beta: float, name: str):
+        self.alpha, self.beta, self.name = alpha, beta, name
+        self.hooks = []
+
+    def choose(self, logits: torch.Tensor, contrast: torch.Tensor | None) -> torch.Tensor:
+        if contrast is None:
+            raise MinivarError(f"{self.name} needs its contrast branch, and this call has none")
+        return combine(logits, contrast, self.alpha, self.beta)
+
+
 @dataclass
-class Branch:
+class PromptBranch:
     """One branch of a batch of samples: its prompt ids [B, T] (left-padded where attention_mask [B, T] is 0), and
     its images (pixels [B, 3, S, S] or a list of ImageInput) or their projected features (a list of [N_b, D], one
     per image, N_b = that row's image tokens; or the rows [ΣN, D] in token order)."""
@@ -60,7 +76,7 @@ class Branch:
 
 
 @torch.inference_mode()
-def contrastive_generate(model, full: Branch, contrast: Branch, *, alpha: float, beta: float,
+def contrastive_generate(model, full: PromptBranch, contrast: PromptBranch, *, alpha: float, beta: float,
                          max_new_tokens: int = 128, eos_token_id: int | None = 2, temperature: float = 0.0,
                          top_p: float = 1.0, seed: int | None = None) -> list[list[int]]:
     """Generate with the contrastive rule, the released codes' way: each branch its own KV cache and its own
@@ -85,14 +101,14 @@ def contrastive_generate(model, full: Branch, contrast: Branch, *, alpha: float,
 
     def forward(i, ids, pos):
         br, cache, mask, _ = branches[i]
-        first = pos == 0
-        feats = br.image_features
-        if isinstance(feats, (list, tuple)):
-            feats = torch.cat(list(feats))
-        return last_logits(model, ids, br.images if first else None, image_features=feats if first else None,
-                           cache=cache, input_pos=pos,
-                           attention_mask=None if mask is None else mask[:, :pos + ids.shape[1]],
-                           hooks=br.hooks)[:, -1]
+        attention_mask = None if mask is None else mask[:, :pos + ids.shape[1]]
+        if pos == 0:
+            feats = br.image_features
+            feats = torch.cat(list(feats)) if isinstance(feats, (list, tuple)) else feats
+            return prefill(model, ids, br.images, image_features=feats, cache=cache, attention_mask=attention_mask,
+                           hooks=br.hooks)
+        return decode_step(model, ids[:, 0], cache=cache, position=pos, attention_mask=attention_mask,
+                           hooks=br.hooks)
 
     outputs: list[list[int]] = [[] for _ in range(B)]
     finished = [False] * B
@@ -125,64 +141,9 @@ def left_pad(rows: list[list[int]], pad_id: int, device=None) -> tuple[torch.Ten
     return ids, (None if bool(mask.all()) else mask)
 
 
-def _real_rows(br: Branch) -> list[list[int]]:
-    """A branch's prompts without their padding."""
-    if br.attention_mask is None:
-        return br.input_ids.tolist()
-    return [ids[m].tolist() for ids, m in zip(br.input_ids, br.attention_mask.bool())]
-
-
-def _feature_rows(model, br: Branch) -> list[torch.Tensor]:
-    """A branch's image features, one [N_b, D] per row (the tower runs here when the branch holds images)."""
-    if br.images is not None:
-        return list(model.image_features(br.images))
-    feats = br.image_features
-    if feats is None:
-        return []
-    if isinstance(feats, torch.Tensor) and feats.dim() == 2:
-        return [feats]                                # already the rows in token order
-    return list(feats)
-
-
-@torch.inference_mode()
-def batched_contrastive_generate(model, full: Branch, contrast: Branch, *, alpha: float, beta: float,
-                                 max_new_tokens: int = 128, eos_token_id: int | None = 2, temperature: float = 0.0,
-                                 top_p: float = 1.0, seed: int | None = None, hooks=None) -> list[list[int]]:
-    """`contrastive_generate` with both branches as rows of one batch: rows 0..B−1 the full prompts, B..2B−1 the
-    contrast prompts, left-padded to one length, one KV cache, one forward per step (each weight read once per
-    step instead of twice). Positions count each row's real tokens, so a row sees what it would see alone.
-    hooks: per-call hooks over the whole 2B-row batch."""
-    B = full.input_ids.shape[0]
-    if contrast.input_ids.shape[0] != B:
-        raise MinivarError(f"the contrast branch has {contrast.input_ids.shape[0]} rows for {B} samples")
-    device = full.input_ids.device
-    pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
-    ids, prompt_mask = left_pad(_real_rows(full) + _real_rows(contrast), pad_id, device)      # [2B, T]
-    T = ids.shape[1]
-    features = _feature_rows(model, full) + _feature_rows(model, contrast)
-    features = torch.cat(features) if features else None                                      # rows in token order
-    cache = new_cache(model, 2 * B, T + max_new_tokens, device)
-    mask = None
-    if prompt_mask is not None:
-        mask = torch.ones(2 * B, T + max_new_tokens, dtype=torch.bool, device=device)
-        mask[:, :T] = prompt_mask
-    generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
-    outputs: list[list[int]] = [[] for _ in range(B)]
-    finished = [False] * B
-    if max_new_tokens <= 0:
-        return outputs
-    logits = model(ids, image_features=features, cache=cache, input_pos=0,
-                   attention_mask=None if mask is None else mask[:, :T], hooks=hooks, output="last")   # [2B, V]
-    for step in range(max_new_tokens):
-        next_ids = sample_next(combine(logits[:B], logits[B:], alpha, beta), temperature, top_p, generator)
-        for b, t in enumerate(next_ids.tolist()):
-            if finished[b] or t == eos_token_id:
-                finished[b] = True
-            else:
-                outputs[b].append(t)
-        if all(finished) or step + 1 >= max_new_tokens:
-            break
-        pos = T + step
-        logits = model(torch.cat([next_ids, next_ids])[:, None], cache=cache, input_pos=pos,
-                       attention_mask=None if mask is None else mask[:, :pos + 1], hooks=hooks, output="last")
-    return outputs
+def call_rows(call) -> list[list[int]]:
+    """The full branch's prompts of a method call (methods/method.py's Call), without their padding."""
+    ids, mask = call.input_ids[:call.samples], call.attention_mask
+    if mask is None:
+        return ids.tolist()
+    return [row[m].tolist() for row, m in zip(ids, mask[:call.samples].bool())]

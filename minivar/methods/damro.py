@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from ..errors import MinivarError
 from ..models.config import VisionConfig
 from ..models.images import ImageInput, Panel
-from .contrastive import check_alpha_beta, left_pad  # noqa: F401  (left_pad: the contrast prompt's padding)
+from .contrastive import ContrastiveRun, call_rows, check_alpha_beta, left_pad  # noqa: F401  (left_pad: for callers)
+from .method import Branch, Method
 
 # The released scripts' settings (scrpits/run_generation.sh): POPE with InstructBLIP, CHAIR, MME and the
 # GPT-4V-aided evaluation with LLaVA-1.5.
@@ -195,3 +196,42 @@ def next_contrast_features(tile_outlier_features: torch.Tensor, image_newline: t
         raise MinivarError(f"LLaVA-NeXT outlier features must be [tiles, k, D], got {tuple(tile_outlier_features.shape)}")
     first = tile_outlier_features[0]
     return torch.cat([first, image_newline[None].to(first.device, first.dtype)], dim=0)
+
+
+class DAMRO(Method):
+    """DAMRO on minivar's generation: the contrast branch (k outlier tokens as the image) runs as rows of the same
+    batched forward as the full prompts; the token choice is contrastive.combine."""
+    name = "damro"
+
+    def __init__(self, config: DAMROConfig | None = None):
+        self.config = DAMROConfig() if config is None else config
+
+    def settings(self) -> dict:
+        return self.config.settings()
+
+    def check(self, pipeline) -> None:
+        self.config.validate(pipeline.config)
+
+    def branch(self, call) -> list[Branch]:
+        self.config.validate(call.model.config)
+        # one tower run gives both branches' images: the full features become the call's (not computed again)
+        out = outlier_image(call.model, call.images, self.config.topk)
+        call.features = out.features
+        call.shared["damro"] = out
+        rows = contrast_rows(call_rows(call), call.model.config.image_token_index, self.config.topk)
+        return [Branch(r, f) for r, f in zip(rows, out.outlier_features)]
+
+    def start(self, call) -> "DAMRORun":
+        return DAMRORun(self.config, call.shared.get("damro"))
+
+
+class DAMRORun(ContrastiveRun):
+    """One call's DAMRO: the combination rule, and each sample's outliers for its report."""
+
+    def __init__(self, config: DAMROConfig, outliers: OutlierImage | None):
+        super().__init__(config.alpha, config.beta, "DAMRO")
+        self.config, self.outliers = config, outliers
+
+    def report(self, b: int, generated_rows: int) -> dict:
+        found = None if self.outliers is None else self.outliers.outliers[b].tolist()
+        return {"outliers": found} | self.config.settings()

@@ -24,7 +24,9 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import MinivarError
-from .contrastive import check_alpha_beta
+from ..models.images import ImageInput
+from .contrastive import ContrastiveRun, call_rows, check_alpha_beta
+from .method import Branch, Method
 
 NUM_STEPS = 1000                  # the released schedule's length
 DEFAULT_NOISE_SEED = 0            # the noise generator's seed when the caller gives none (greedy runs)
@@ -85,3 +87,39 @@ def noised_images(pixel_values: torch.Tensor, noise_step: int, seed: int | None)
     return torch.cat([add_diffusion_noise(pixel_values[b:b + 1], noise_step,
                                           torch.Generator("cpu").manual_seed(image_noise_seed(seed, pixel_values[b])))
                       for b in range(pixel_values.shape[0])])
+
+
+class VCD(Method):
+    """VCD on minivar's generation: the contrast branch (the same prompt, the image noised) runs as rows of the same
+    batched forward as the full prompts; the token choice is contrastive.combine. seed: the noise's (--seed)."""
+    name = "vcd"
+
+    def __init__(self, config: VCDConfig | None = None, seed: int | None = None):
+        self.config = VCDConfig() if config is None else config
+        self.seed = seed
+
+    def settings(self) -> dict:
+        return self.config.settings()
+
+    def check(self, pipeline) -> None:
+        self.config.validate(pipeline.config)
+
+    def branch(self, call) -> list[Branch]:
+        self.config.validate()
+        noised = [ImageInput(noised_images(im.pixel_values[None], self.config.noise_step, self.seed)[0],
+                             im.num_tokens, im.panels, dict(im.meta)) for im in call.images]
+        call.image_features()              # the full branch's features, as without VCD (their own tower call)
+        feats = call.model.image_features(noised)
+        return [Branch(r, f) for r, f in zip(call_rows(call), feats)]
+
+    def start(self, call) -> ContrastiveRun:
+        return VCDRun(self.config)
+
+
+class VCDRun(ContrastiveRun):
+    def __init__(self, config: VCDConfig):
+        super().__init__(config.alpha, config.beta, "VCD")
+        self.config = config
+
+    def report(self, b: int, generated_rows: int) -> dict:
+        return self.config.settings()
