@@ -365,3 +365,52 @@ def test_batched_branches_equal_the_branches_one_after_the_other(demo_pipe, seed
     if seed is None:                          # and each sample as it would run alone
         for b in range(2):
             assert pipe.generate(imgs[b], prompts[b], methods=[damro.DAMRO(cfg)], **kw).output_ids == sequential[b]
+
+
+def test_damro_with_var_equals_var_acting_in_both_branches(demo_pipe):
+    """methods=[VAR, DAMRO] in one batched call == the two-cache loop with VAR's own state in each branch. k = all
+    patches (the contrast image is the image in outlier order), so the demo's planted visual sinks are in both."""
+    from minivar.demo import DEMO_SINK_DIMS
+    from minivar.methods.method import Call
+    from minivar.methods.var import VAR, VARConfig
+    pipe = demo_pipe
+    cfg = DAMROConfig(alpha=1.0, beta=0.1, topk=pipe.config.vision.num_patches)
+    var_cfg = VARConfig(sink_dims=DEMO_SINK_DIMS, rho=0.5)
+    img, prompt, n = image(3), "What is in the image?", 8
+    both = pipe.generate(img, prompt, methods=[VAR(var_cfg), damro.DAMRO(cfg)], max_new_tokens=n)
+    ids = pipe.prompt_ids(prompt)
+    im = pipe.image(img)
+    out = damro.outlier_image(pipe.model, [im], cfg.topk)
+    cd_ids = torch.tensor(damro.contrast_rows(ids.tolist(), pipe.config.image_token_index, cfg.topk))
+    hooks = [VAR(var_cfg).start(Call(pipe, r, None, [im], r.shape[1] + n, 1)).hooks for r in (ids, cd_ids)]
+    ref = contrastive_generate(pipe.model, PromptBranch(ids, image_features=out.features, hooks=hooks[0]),
+                               PromptBranch(cd_ids, image_features=out.outlier_features, hooks=hooks[1]),
+                               alpha=cfg.alpha, beta=cfg.beta, max_new_tokens=n, eos_token_id=pipe.tokenizer.eos_id)
+    assert both.output_ids == ref[0]
+    var_report = both.reports["var"]
+    assert sum(var_report["redistributed"]["prefill"]) + sum(var_report["redistributed"]["decode"]) > 0
+    # the test can fail: VAR does change the contrast branch's logits
+    fresh = VAR(var_cfg).start(Call(pipe, cd_ids, None, [im], cd_ids.shape[1], 1)).hooks
+    with torch.inference_mode():
+        plain = pipe.model(cd_ids, image_features=out.outlier_features[0], output="last")
+        with_var = pipe.model(cd_ids, image_features=out.outlier_features[0], hooks=fresh, output="last")
+    assert (plain - with_var).abs().max() > 1e-3
+    # ... and the batched prefill's two rows are each branch's own logits with VAR in it
+    request = pipe.prepare([img], [prompt], methods=[VAR(var_cfg), damro.DAMRO(cfg)], max_new_tokens=n)
+    assert request.branches == 2
+    with torch.inference_mode():
+        rows = pipe.model(request.input_ids, image_features=request.image_features,
+                          attention_mask=request.attention_mask, hooks=request.hooks, output="last")
+        alone = [pipe.model(r, image_features=f, output="last",
+                            hooks=VAR(var_cfg).start(Call(pipe, r, None, [im], r.shape[1], 1)).hooks)
+                 for r, f in ((ids, out.features[0]), (cd_ids, out.outlier_features[0]))]
+    assert (rows[0] - alone[0][0]).abs().max() <= 1e-4 and (rows[1] - alone[1][0]).abs().max() <= 1e-4
+
+
+def test_many_questions_on_one_image_equal_one_by_one(demo_pipe):
+    pipe, cfg = demo_pipe, DAMROConfig.preset("pope")
+    img, prompts = image(4), ["Is there a cat?", "What colour is the sky in this picture?"]
+    many = pipe.generate_many(img, prompts, methods=[damro.DAMRO(cfg)], max_new_tokens=6)
+    assert [r.output_ids for r in many] == \
+        [pipe.generate(img, p, methods=[damro.DAMRO(cfg)], max_new_tokens=6).output_ids for p in prompts]
+    assert many[0].reports["damro"]["outliers"] == many[1].reports["damro"]["outliers"]

@@ -130,3 +130,13 @@ def test_batched_branches_equal_the_branches_one_after_the_other(demo_pipe, seed
                                       eos_token_id=pipe.tokenizer.eos_id, **kw)
     assert [r.output_ids for r in batched] == sequential
     assert batched[0].reports["vcd"] == {"alpha": 1.0, "beta": 0.1, "noise_step": 500}
+
+
+def test_many_questions_on_one_image_equal_one_by_one(demo_pipe):
+    from PIL import Image
+    pipe = demo_pipe
+    img = Image.fromarray((torch.rand(50, 70, 3, generator=torch.Generator().manual_seed(2)) * 255).to(torch.uint8).numpy())
+    prompts = ["Is there a cat?", "What colour is the sky in this picture?"]
+    many = pipe.generate_many(img, prompts, methods=[vcd.VCD(seed=3)], max_new_tokens=6)
+    assert [r.output_ids for r in many] == \
+        [pipe.generate(img, p, methods=[vcd.VCD(seed=3)], max_new_tokens=6).output_ids for p in prompts]
