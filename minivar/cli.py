@@ -106,33 +106,17 @@ def var_config(args):
     """(the VARConfig the flags ask for, or None without --var; the sink rule — τ and sink dims — of the sinks the
     pictures and sink masking use). The VAR-only flags without --var are an error; --tau / --sink-dims without --var
     serve the pictures and masking alone."""
-    from minivar.errors import MinivarError
-    from minivar.methods.var import VARConfig, parse_sink_dims
-    sink_dims = parse_sink_dims(args.sink_dims) if args.sink_dims is not None else None
-    if not args.var:
-        var_only = {"--var-preset": args.var_preset, "--rho": args.rho, "--p": args.p,
-                    "--min-image-attention": args.min_image_attention, "--var-rule": args.var_rule,
-                    "--var-heads": args.var_heads, "--var-layers": args.var_layers}
-        given = [k for k, v in var_only.items() if v is not None]
-        if given:
-            raise MinivarError(f"{given[0]} only applies with --var")
-        rule_flags = [k for k, v in {"--tau": args.tau, "--sink-dims": args.sink_dims}.items() if v is not None]
-        if rule_flags and args.save_attention is None and not args.mask_visual_sinks:
-            raise MinivarError(f"{rule_flags[0]} only applies with --var, --save-attention or --mask-visual-sinks")
-        rule = VARConfig(**({"tau": args.tau} if args.tau is not None else {}), sink_dims=sink_dims)
-        return None, rule.validate()
-    layers = None
-    if args.var_layers is not None:
-        from minivar.inspection import parse_layer_range
-        lo, hi = parse_layer_range(args.var_layers, flag="--var-layers")
-        layers = tuple(range(lo, hi + 1))
-    # the official rule without --var-preset keeps the released code's defaults (rho 0.5), not the general preset
-    preset = args.var_preset or ("general" if args.var_rule in (None, "paper") else None)
-    cfg = VARConfig.preset(preset, tau=args.tau, rho=args.rho, p=args.p,   # --rho beats the preset
-                           min_image_attention=args.min_image_attention, sink_dims=sink_dims, rule=args.var_rule,
-                           heads=args.var_heads, layers=layers)
-    # The ranges that need no model are checked now, before the slow load (sink dims need the hidden size: later).
-    return cfg.validate(), cfg
+    methods, rule = method_settings(args)
+    from minivar.methods.options import var_of
+    return var_of(methods), rule
+
+
+def method_settings(args):
+    """(the methods the flags ask for, the pictures' sink rule): the translation minivar-eval and the lmms-eval
+    plugin share (methods/options.py)."""
+    from minivar.methods.options import VAR_OPTIONS, methods_from_options
+    opts = {k: getattr(args, k) for k in ("var",) + VAR_OPTIONS}
+    return methods_from_options(opts, sinks_used=args.save_attention is not None or args.mask_visual_sinks)
 
 
 def stop_reason(result, max_new_tokens: int, context: int) -> tuple[str, str]:

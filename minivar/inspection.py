@@ -8,25 +8,13 @@ import torch
 
 from .errors import MinivarError
 from .probe import Capture, KeyMask, KINDS
+from .methods.options import parse_layer_range  # noqa: F401  (where the layer-range syntax is written)
 from .methods.var import VARConfig, image_centric
 
 def default_layer_range(n_layers: int) -> tuple[int, int]:
     """Layers 10–12 of a 32-layer model (where the paper looks), scaled to other depths; inclusive."""
     lo = min(n_layers - 1, math.floor(10 * n_layers / 32 + 0.5))
     hi = min(n_layers - 1, max(lo, math.floor(12 * n_layers / 32 + 0.5)))
-    return lo, hi
-
-
-def parse_layer_range(text: str, n_layers: int | None = None, flag: str = "--attention-layers") -> tuple[int, int]:
-    """'10-12' or '11' → (10, 12) / (11, 11), checked against the model's depth when given."""
-    parts = text.strip().split("-")
-    if not 1 <= len(parts) <= 2 or not all(p.strip().isdigit() for p in parts):
-        raise MinivarError(f"{flag} '{text}' is not a layer or a range like 10-12")
-    lo, hi = int(parts[0]), int(parts[-1])
-    if lo > hi:
-        raise MinivarError(f"{flag} '{text}': {lo} > {hi}")
-    if n_layers is not None and hi >= n_layers:
-        raise MinivarError(f"{flag} '{text}': the model has layers 0..{n_layers - 1}")
     return lo, hi
 
 

@@ -79,25 +79,42 @@ def _int_list(name: str, value) -> tuple[int, ...] | str:
     return tuple(sorted({int(x) for x in parts}))
 
 
+# model arg → the option name the command line's flag has (methods/options.py); both spellings are accepted
+MODEL_ARG_OPTIONS = {"rule": "var_rule", "heads": "var_heads", "layers": "var_layers"}
+
+
 def var_config(var=False, var_preset=None, **fields):
-    """The VARConfig the model args ask for, or None without var=true. `fields` are VARConfig fields by name."""
+    """The VARConfig the model args ask for, or None without var=true. `fields` are VARConfig fields by name (or the
+    command line's option names: var_rule, var_heads, var_layers); the translation is the command line's."""
+    from .methods.options import VAR_OPTIONS, methods_from_options, var_of
     from .methods.var import VARConfig
-    known = {f.name for f in dataclasses.fields(VARConfig)}
+    known = {f.name for f in dataclasses.fields(VARConfig)} | set(MODEL_ARG_OPTIONS.values())
     unknown = sorted(set(fields) - known)
     if unknown:
         raise MinivarError(f"--model_args {unknown[0]}: not a minivar model arg or VAR setting "
                            f"(VAR settings: {', '.join(sorted(known))})")
     if not isinstance(var, bool):
         raise MinivarError(f"--model_args var={var!r} must be true or false")
+    opts = {"var": var, "var_preset": var_preset}
+    for name, value in fields.items():
+        name = MODEL_ARG_OPTIONS.get(name, name)
+        if name in ("sink_dims", "var_layers") and value is not None:
+            value = _int_list(name, value) if not (name == "var_layers" and _is_range(value)) else str(value)
+        if name == "find_sink_dims":             # find_sink_dims=true is --sink-dims auto
+            name, value = "sink_dims", ("auto" if value else None)
+        opts[name] = value
     if not var:
-        given = ["var_preset"] * (var_preset is not None) + sorted(fields)
-        if given:
-            raise MinivarError(f"--model_args {given[0]} only applies with var=true")
+        stray = [k for k in VAR_OPTIONS if opts.get(k) is not None]
+        if stray:
+            raise MinivarError(f"--model_args {stray[0]} only applies with var=true")
         return None
-    for name in ("sink_dims", "layers"):
-        if name in fields:
-            fields[name] = _int_list(name, fields[name])
-    return VARConfig.preset(var_preset or "general", **fields).validate()
+    methods, _ = methods_from_options(opts, spell=lambda k: f"--model_args {k}")
+    return var_of(methods)
+
+
+def _is_range(value) -> bool:
+    """The command line's layer syntax, A-B (or one layer)."""
+    return isinstance(value, str) and re.fullmatch(r"\s*\d+\s*-\s*\d+\s*", value) is not None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -105,29 +105,19 @@ def main(argv=None) -> int:
     return run_command(commands[args.command], args, "minivar: interrupted (rerun the same command to resume)")
 
 
+def method_settings(args, bench):
+    """The methods the flags ask for, built as run.py builds them (methods/options.py): --var without --var-preset
+    takes the paper's preset for the benchmark's family (hallucination ρ 0.5, vision ρ 0.9, general ρ 0.8), under
+    either rule (the released rule's rho = 1 − ρ); checked before the model loads."""
+    from minivar.methods.options import VAR_OPTIONS, methods_from_options
+    return methods_from_options({k: getattr(args, k) for k in ("var",) + VAR_OPTIONS},
+                                preset=bench.family or "general")[0]
+
+
 def var_settings(args, bench):
-    """The VARConfig the VAR flags ask for (None without --var), built as run.py builds it: VARConfig.preset with the
-    flags as overrides (an explicit --rho beats the preset) and parse_sink_dims, checked before the model loads.
-    --var without --var-preset takes the paper's preset for the benchmark's family (hallucination ρ 0.5, vision
-    ρ 0.9, general ρ 0.8)."""
-    from minivar.methods.var import VARConfig, parse_sink_dims
-    from minivar.inspection import parse_layer_range
-    flags = {"--var-preset": args.var_preset, "--tau": args.tau, "--rho": args.rho, "--p": args.p,
-             "--min-image-attention": args.min_image_attention, "--sink-dims": args.sink_dims,
-             "--var-rule": args.var_rule, "--var-heads": args.var_heads, "--var-layers": args.var_layers}
-    if not args.var:
-        given = [k for k, v in flags.items() if v is not None]
-        if given:
-            raise MinivarError(f"{given[0]} only applies with --var")
-        return None
-    sink_dims = parse_sink_dims(args.sink_dims) if args.sink_dims is not None else None
-    layers = None
-    if args.var_layers is not None:
-        lo, hi = parse_layer_range(args.var_layers, flag="--var-layers")
-        layers = tuple(range(lo, hi + 1))
-    return VARConfig.preset(args.var_preset or bench.family or "general", tau=args.tau, rho=args.rho, p=args.p,
-                            min_image_attention=args.min_image_attention, sink_dims=sink_dims, rule=args.var_rule,
-                            heads=args.var_heads, layers=layers).validate()
+    """The VARConfig the VAR flags ask for (None without --var)."""
+    from minivar.methods.options import var_of
+    return var_of(method_settings(args, bench))
 
 
 def cmd_run(args) -> int:

@@ -1,0 +1,76 @@
+"""Flags → methods, written once for the command line (`minivar`), the harness (`minivar-eval run`) and the
+lmms-eval plugin (`--model_args`). Each caller hands over its options by name (the flags' argparse dests) and how
+it spells an option in an error message, and gets back the methods to run plus the sink rule of the pictures.
+
+VAR's options: var, var_preset, tau, rho, p, min_image_attention, sink_dims, var_rule, var_heads, var_layers.
+The ρ without a preset, under either rule, is the task's preset (`minivar` and the plugin: general; the harness:
+the benchmark's family), in the rule's own convention (the released rule's rho = 1 − ρ). No torch is imported
+until a method is built.
+"""
+from __future__ import annotations
+
+from ..errors import MinivarError
+
+VAR_ONLY = ("var_preset", "rho", "p", "min_image_attention", "var_rule", "var_heads", "var_layers")
+SINK_RULE = ("tau", "sink_dims")            # also the sink sets of the pictures and of sink masking
+VAR_OPTIONS = VAR_ONLY + SINK_RULE
+
+
+def flag(dest: str) -> str:
+    """The command line's spelling of an option: var_rule → --var-rule."""
+    return "--" + dest.replace("_", "-")
+
+
+def parse_layer_range(text: str, n_layers: int | None = None, flag: str = "--attention-layers") -> tuple[int, int]:
+    """'10-12' or '11' → (10, 12) / (11, 11), checked against the model's depth when given."""
+    parts = str(text).strip().split("-")
+    if not 1 <= len(parts) <= 2 or not all(p.strip().isdigit() for p in parts):
+        raise MinivarError(f"{flag} '{text}' is not a layer or a range like 10-12")
+    lo, hi = int(parts[0]), int(parts[-1])
+    if lo > hi:
+        raise MinivarError(f"{flag} '{text}': {lo} > {hi}")
+    if n_layers is not None and hi >= n_layers:
+        raise MinivarError(f"{flag} '{text}': the model has layers 0..{n_layers - 1}")
+    return lo, hi
+
+
+def methods_from_options(opts: dict, *, preset: str = "general", spell=flag, sinks_used: bool = False):
+    """(the methods the options ask for, in order; the sink rule — a VARConfig holding τ and the sink dims — of the
+    sink sets the pictures and sink masking read). opts: option name → value (None / False: not given).
+    sinks_used: the caller draws pictures or masks sinks, so --tau / --sink-dims apply without --var."""
+    from .var import VAR, VARConfig, parse_sink_dims
+    given = {k: v for k, v in opts.items() if v is not None and v is not False}
+    sink_dims = given.get("sink_dims")
+    if isinstance(sink_dims, str):
+        sink_dims = parse_sink_dims(sink_dims)
+    elif sink_dims is not None:
+        sink_dims = tuple(sink_dims)
+    methods = []
+    if not given.get("var"):
+        stray = [k for k in VAR_ONLY if k in given]
+        if stray:
+            raise MinivarError(f"{spell(stray[0])} only applies with {spell('var')}")
+        rule_flags = [k for k in SINK_RULE if k in given]
+        if rule_flags and not sinks_used:
+            raise MinivarError(f"{spell(rule_flags[0])} only applies with {spell('var')}, --save-attention or "
+                               f"--mask-visual-sinks")
+        # the pictures' sinks: τ and dims as given ("auto" runs the finder, as it does for VAR)
+        return methods, VARConfig.preset(None, tau=given.get("tau"), sink_dims=sink_dims).validate()
+    layers = given.get("var_layers")
+    if isinstance(layers, str):
+        lo, hi = parse_layer_range(layers, flag=spell("var_layers"))
+        layers = tuple(range(lo, hi + 1))
+    elif layers is not None:
+        layers = tuple(sorted({int(x) for x in layers}))
+    cfg = VARConfig.preset(given.get("var_preset") or preset, tau=given.get("tau"), rho=given.get("rho"),
+                           p=given.get("p"), min_image_attention=given.get("min_image_attention"),
+                           sink_dims=sink_dims, rule=given.get("var_rule"), heads=given.get("var_heads"),
+                           layers=layers)
+    # the ranges that need no model are checked now, before the slow load (sink dims need the hidden size: later)
+    methods.append(VAR(cfg.validate()))
+    return methods, cfg
+
+
+def var_of(methods):
+    """The VARConfig among `methods` (None without VAR)."""
+    return next((m.config for m in methods if m.name == "var"), None)
