@@ -414,3 +414,20 @@ def test_many_questions_on_one_image_equal_one_by_one(demo_pipe):
     assert [r.output_ids for r in many] == \
         [pipe.generate(img, p, methods=[damro.DAMRO(cfg)], max_new_tokens=6).output_ids for p in prompts]
     assert many[0].reports["damro"]["outliers"] == many[1].reports["damro"]["outliers"]
+
+
+def test_options_build_the_method_or_one_error_naming_the_flag():
+    spell = lambda dest: "--" + dest.replace("_", "-")                         # noqa: E731
+    assert damro.from_options({"damro": False}, spell) is None
+    m = damro.from_options({"damro": True, "damro_preset": "chair", "damro_topk": 8}, spell)
+    assert m.name == "damro" and m.settings() == {"alpha": 1.5, "beta": 0.1, "topk": 8}
+    assert damro.from_options({"damro": True}, spell).settings() == DAMROConfig().settings()
+    for opts, flag in [({"damro_alpha": 1.0}, "--damro-alpha only applies with --damro"),
+                       ({"damro": True, "damro_beta": 0.0}, "--damro-beta must be in (0, 1]"),
+                       ({"damro": True, "damro_alpha": -1.0}, "--damro-alpha must be"),
+                       ({"damro": True, "damro_topk": 0}, "--damro-topk must be"),
+                       ({"damro": True, "damro_preset": "vqa"}, "--damro-preset name 'vqa'")]:
+        with pytest.raises(MinivarError, match=flag.replace("(", r"\(").replace(")", r"\)").replace("]", r"\]")):
+            damro.from_options(opts, spell)
+    with pytest.raises(MinivarError, match="more than the 16 image patches"):
+        damro.from_options({"damro": True, "damro_topk": 17}, spell).check(SimpleNamespace(config=tiny_llava_config()))

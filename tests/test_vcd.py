@@ -140,3 +140,16 @@ def test_many_questions_on_one_image_equal_one_by_one(demo_pipe):
     many = pipe.generate_many(img, prompts, methods=[vcd.VCD(seed=3)], max_new_tokens=6)
     assert [r.output_ids for r in many] == \
         [pipe.generate(img, p, methods=[vcd.VCD(seed=3)], max_new_tokens=6).output_ids for p in prompts]
+
+
+def test_options_build_the_method_or_one_error_naming_the_flag():
+    spell = lambda dest: "--" + dest.replace("_", "-")                         # noqa: E731
+    assert vcd.from_options({}, spell) is None
+    m = vcd.from_options({"vcd": True, "vcd_alpha": 0.5, "seed": 7}, spell)
+    assert m.settings() == {"alpha": 0.5, "beta": 0.1, "noise_step": 500, "noise_seed": 7} and m.seed == 7
+    assert vcd.VCD().settings()["noise_seed"] == vcd.DEFAULT_NOISE_SEED
+    for opts, msg in [({"vcd_beta": 0.2}, "--vcd-beta only applies with --vcd"),
+                      ({"vcd": True, "vcd_noise_step": 1000}, "--vcd-noise-step must be"),
+                      ({"vcd": True, "vcd_beta": 1.5}, "--vcd-beta must be")]:
+        with pytest.raises(MinivarError, match=msg):
+            vcd.from_options(opts, spell)

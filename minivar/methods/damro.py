@@ -235,3 +235,31 @@ class DAMRORun(ContrastiveRun):
     def report(self, b: int, generated_rows: int) -> dict:
         found = None if self.outliers is None else self.outliers.outliers[b].tolist()
         return {"outliers": found} | self.config.settings()
+
+
+# The command lines' options (argparse dests), for methods/options.py: --damro [--damro-alpha A] [--damro-beta B]
+# [--damro-topk K] [--damro-preset pope|chair|mme].
+OPTIONS = ("damro_alpha", "damro_beta", "damro_topk", "damro_preset")
+_FIELDS = {"alpha": "damro_alpha", "beta": "damro_beta", "topk": "damro_topk", "preset": "damro_preset"}
+
+
+def from_options(opts: dict, spell) -> DAMRO | None:
+    """The DAMRO method the options ask for (None without `damro`); ranges checked now, before the model loads (k
+    against the patch count: Method.check, after). spell(dest) → how the caller writes an option in errors."""
+    given = {k: v for k, v in opts.items() if v is not None and v is not False}
+    if not given.get("damro"):
+        stray = [k for k in OPTIONS if k in given]
+        if stray:
+            raise MinivarError(f"{spell(stray[0])} only applies with {spell('damro')}")
+        return None
+    try:
+        overrides = {"alpha": given.get("damro_alpha"), "beta": given.get("damro_beta"), "topk": given.get("damro_topk")}
+        preset = given.get("damro_preset")
+        cfg = DAMROConfig.preset(preset, **overrides) if preset is not None else \
+            DAMROConfig(**{k: v for k, v in overrides.items() if v is not None})
+        return DAMRO(cfg.validate())
+    except MinivarError as e:                         # `DAMROConfig.topk` → the caller's spelling of its option
+        message = str(e)
+        for field, dest in _FIELDS.items():
+            message = message.replace(f"`DAMROConfig.{field}`", spell(dest))
+        raise MinivarError(message) from None

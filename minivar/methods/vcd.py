@@ -99,7 +99,8 @@ class VCD(Method):
         self.seed = seed
 
     def settings(self) -> dict:
-        return self.config.settings()
+        # the noise's seed changes the answers even when decoding is greedy: part of what a resume must match
+        return self.config.settings() | {"noise_seed": DEFAULT_NOISE_SEED if self.seed is None else int(self.seed)}
 
     def check(self, pipeline) -> None:
         self.config.validate(pipeline.config)
@@ -123,3 +124,28 @@ class VCDRun(ContrastiveRun):
 
     def report(self, b: int, generated_rows: int) -> dict:
         return self.config.settings()
+
+
+# The command lines' options (argparse dests), for methods/options.py: --vcd [--vcd-alpha A] [--vcd-beta B]
+# [--vcd-noise-step N]; the noise is seeded by --seed (dest "seed").
+OPTIONS = ("vcd_alpha", "vcd_beta", "vcd_noise_step")
+
+
+def from_options(opts: dict, spell) -> VCD | None:
+    """The VCD method the options ask for (None without `vcd`), its ranges checked now. spell(dest) → how the caller
+    writes an option in errors."""
+    given = {k: v for k, v in opts.items() if v is not None and v is not False}
+    if not given.get("vcd"):
+        stray = [k for k in OPTIONS if k in given]
+        if stray:
+            raise MinivarError(f"{spell(stray[0])} only applies with {spell('vcd')}")
+        return None
+    try:
+        cfg = VCDConfig(**{f: given[d] for f, d in (("alpha", "vcd_alpha"), ("beta", "vcd_beta"),
+                                                    ("noise_step", "vcd_noise_step")) if d in given})
+        return VCD(cfg.validate(), seed=given.get("seed"))
+    except MinivarError as e:
+        message = str(e)
+        for field in ("alpha", "beta", "noise_step"):
+            message = message.replace(f"`VCDConfig.{field}`", spell("vcd_" + field))
+        raise MinivarError(message) from None
