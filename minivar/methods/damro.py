@@ -213,13 +213,26 @@ class DAMRO(Method):
         self.config.validate(pipeline.config)
 
     def branch(self, call) -> list[Branch]:
-        self.config.validate(call.model.config)
-        # one tower run gives both branches' images: the full features become the call's (not computed again)
-        out = outlier_image(call.model, call.images, self.config.topk)
-        call.features = out.features
-        call.shared["damro"] = out
-        rows = contrast_rows(call_rows(call), call.model.config.image_token_index, self.config.topk)
-        return [Branch(r, f) for r, f in zip(rows, out.outlier_features)]
+        model, k = call.model, self.config.topk
+        self.config.validate(model.config)
+        if hasattr(model, "image_newline"):
+            # LLaVA-NeXT as released: top-k per crop (each crop's own CLS row), the contrast image the base crop's k
+            # features + one image_newline; the full features packed from the same tower run (the family's pack)
+            full, contrast, found = [], [], []
+            for im in call.images:
+                out = outlier_image(model, im.pixel_values, k)             # the image's crops as the batch
+                full.append(model.pack(torch.stack(out.features), tuple(im.meta["image_size"])))
+                contrast.append(next_contrast_features(torch.stack(out.outlier_features), model.image_newline))
+                found.append(out.outliers[0])
+            n_tokens = k + 1
+        else:
+            # one tower run gives both branches' images
+            out = outlier_image(model, call.images, k)
+            full, contrast, found, n_tokens = out.features, out.outlier_features, list(out.outliers), k
+        call.features = full                     # the full branch's features: not computed again
+        call.shared["damro"] = found
+        rows = contrast_rows(call_rows(call), model.config.image_token_index, n_tokens)
+        return [Branch(r, f) for r, f in zip(rows, contrast)]
 
     def start(self, call) -> "DAMRORun":
         return DAMRORun(self.config, call.shared.get("damro"))
@@ -228,12 +241,12 @@ class DAMRO(Method):
 class DAMRORun(ContrastiveRun):
     """One call's DAMRO: the combination rule, and each sample's outliers for its report."""
 
-    def __init__(self, config: DAMROConfig, outliers: OutlierImage | None):
+    def __init__(self, config: DAMROConfig, outliers: list[torch.Tensor] | None):
         super().__init__(config.alpha, config.beta, "DAMRO")
-        self.config, self.outliers = config, outliers
+        self.config, self.outliers = config, outliers       # per sample [k] (LLaVA-NeXT: the base crop's)
 
     def report(self, b: int, generated_rows: int) -> dict:
-        found = None if self.outliers is None else self.outliers.outliers[b].tolist()
+        found = None if self.outliers is None else self.outliers[b].tolist()
         return {"outliers": found} | self.config.settings()
 
 
