@@ -431,3 +431,20 @@ def test_options_build_the_method_or_one_error_naming_the_flag():
             damro.from_options(opts, spell)
     with pytest.raises(MinivarError, match="more than the 16 image patches"):
         damro.from_options({"damro": True, "damro_topk": 17}, spell).check(SimpleNamespace(config=tiny_llava_config()))
+
+
+def test_outliers_and_visual_sinks_are_counted_on_the_same_patches(demo_pipe):
+    report = {"image_span": [10, 26], "visual_sinks": {"0": [], "1": [12, 20], "2": [12]}}
+    got = damro.outlier_sink_overlap([2, 5, 9], report)
+    assert got == {"outliers": [2, 5, 9], "visual_sink_patches": [2, 10], "overlap": [2], "count": 1,
+                   "per_layer": {"0": 0, "1": 1, "2": 1}}
+    # on the demo (visual sinks planted on some patches), k = all patches: every sink patch is an outlier
+    from minivar.demo import DEMO_SINK_DIMS
+    from minivar.methods.var import VAR, VARConfig
+    pipe = demo_pipe
+    n = pipe.config.vision.num_patches
+    r = pipe.generate(image(3), "What is it?", max_new_tokens=1,
+                      methods=[VAR(VARConfig(sink_dims=DEMO_SINK_DIMS)), damro.DAMRO(DAMROConfig(topk=n))])
+    both = damro.outlier_sink_overlap(r.reports["damro"]["outliers"], r.reports["var"])
+    assert both["count"] == len(both["visual_sink_patches"]) > 0
+    assert all(0 <= p < n for p in both["visual_sink_patches"])

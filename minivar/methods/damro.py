@@ -250,6 +250,21 @@ class DAMRORun(ContrastiveRun):
         return {"outliers": found} | self.config.settings()
 
 
+def outlier_sink_overlap(outliers: list[int], var_report: dict) -> dict:
+    """DAMRO's ViT outliers next to VAR's visual sinks of the same sample (the question "are the LLM's visual sinks
+    the ViT's high-attention outliers?"): both as patch indices (a sink's prompt position minus the image span's
+    start: LLaVA-1.5's image tokens are its patches in order; LLaVA-NeXT's first P² are the base crop's, where its
+    outliers are), the overlap over all layers and per layer. var_report: VAR's report (Result.reports["var"])."""
+    start = int(var_report["image_span"][0])
+    chosen = set(int(i) for i in outliers)
+    per_layer = {layer: sorted(chosen & {p - start for p in positions})
+                 for layer, positions in var_report["visual_sinks"].items()}
+    sinks = sorted({p - start for positions in var_report["visual_sinks"].values() for p in positions})
+    both = sorted(chosen & set(sinks))
+    return {"outliers": list(outliers), "visual_sink_patches": sinks, "overlap": both, "count": len(both),
+            "per_layer": {layer: len(v) for layer, v in per_layer.items()}}
+
+
 # The command lines' options (argparse dests), for methods/options.py: --damro [--damro-alpha A] [--damro-beta B]
 # [--damro-topk K] [--damro-preset pope|chair|mme].
 OPTIONS = ("damro_alpha", "damro_beta", "damro_topk", "damro_preset")
