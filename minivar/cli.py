@@ -144,6 +144,9 @@ def var_summary(report: dict) -> str:
                     f"(p {report['p_paper']:g} moved)")
     if report.get("heads") == "all":
         settings += ", every head"
+    if report.get("layers_not_touched"):
+        settings += (f"; layers {','.join(map(str, report['layers_not_touched']))} not touched: "
+                     f"{report['why']}")
     return (f"minivar: VAR: sinks per layer (visual+text) {' '.join(per_layer) or 'none'}; "
             f"{prefill + decode} (head, row) pairs redistributed ({prefill} in the prefill, {decode} while decoding); "
             f"sink dims {dims} ({report.get('sink_dims_source')}), τ {report['tau']:g}, " + settings)
@@ -156,13 +159,15 @@ def terminal_text(text: str) -> str:
                    else c for c in text)
 
 
-def main(argv=None) -> int:
+def main(argv=None, methods=()) -> int:
+    """The command line; `methods`: more Method objects (methods/method.py) to run after the flags' own — the
+    Python path to a method of your own."""
     args = build_parser().parse_args(argv)
     from minivar.errors import run_command
-    return run_command(run, args)
+    return run_command(lambda a: run(a, methods), args)
 
 
-def run(args) -> int:
+def run(args, extra_methods=()) -> int:
     import minivar
     from minivar import processing
     from minivar.errors import MinivarError
@@ -173,7 +178,12 @@ def run(args) -> int:
     check_generation_args(args.max_new_tokens, args.temperature, args.top_p)
     if not args.prompt.strip():
         raise MinivarError("--prompt is empty")
-    var, rule = var_config(args)
+    if args.max_new_tokens < 1:
+        raise MinivarError(f"--max-new-tokens must be ≥ 1, got {args.max_new_tokens}")
+    methods, rule = method_settings(args)
+    methods = methods + list(extra_methods)
+    from minivar.methods.options import var_of
+    var = var_of(methods)
     image = processing.load_image(args.image)
     inspection = RunInspection.from_args(args)       # --save-attention / --mask-*: None when not asked for
 
@@ -185,7 +195,7 @@ def run(args) -> int:
     capture, mask = inspection.hooks(llava, var) if inspection is not None else (None, None)
     notes = []
     request = llava.prepare([image], [args.prompt], conv_mode=args.conv_mode,
-                            image_aspect_ratio=args.image_aspect_ratio, max_new_tokens=args.max_new_tokens, var=var,
+                            image_aspect_ratio=args.image_aspect_ratio, max_new_tokens=args.max_new_tokens, methods=methods,
                             sink_config=rule if var is None else None, capture=capture, mask=mask,
                             warn=notes.append, prompt_tokenization=args.prompt_tokenization)
     print(f"minivar: loaded {args.model} in {llava.load_s:.2f}s on {llava.device} "
@@ -204,10 +214,13 @@ def run(args) -> int:
         print(flush=True)                 # the answer's line ends before the status lines (stderr) on a terminal
     t = out.timing
     stopped, why = stop_reason(out, args.max_new_tokens, llava.config.text.max_position_embeddings)
-    print(f"minivar: prefill {t['prefill_s']:.2f}s, decode {t['decode_tokens_per_s']:.2f} tok/s, "
-          f"{len(out.output_ids)} tokens, stopped {why}", file=sys.stderr)
-    if out.var is not None:
-        print(var_summary(out.var), file=sys.stderr)
+    # the prefill makes the first token; decode_tokens (--json's timing) are the ones after it
+    print(f"minivar: prefill {t['prefill_s']:.2f}s (incl. the first token), decode {t['decode_tokens_per_s']:.2f} "
+          f"tok/s ({t['decode_tokens']} token{'s' * (t['decode_tokens'] != 1)} after the first), "
+          f"{len(out.output_ids)} tokens, stopped {why}",
+          file=sys.stderr)
+    for name, report in out.reports.items():         # one status line per method
+        print(var_summary(report) if name == "var" else f"minivar: {name}: {json.dumps(report)}", file=sys.stderr)
     inspected = inspection.finish(llava, out, image, args.image_aspect_ratio, var, args.prompt,
                                   log=lambda msg: print(msg, file=sys.stderr)) if inspection is not None else {}
     if args.json:
@@ -215,8 +228,7 @@ def run(args) -> int:
                   "prompt_tokenization": args.prompt_tokenization,
                   "prompt_ids": out.prompt_ids, "output_ids": out.output_ids, "text": out.text,
                   "finished": out.finished, "stopped": stopped, "timing": t}
-        if out.var is not None:
-            record["var"] = out.var
+        record.update(out.reports)                    # "var", and every other method's report under its name
         record.update(inspected)                      # "masked", "pictures"
         print(json.dumps(record))
     return 0

@@ -58,7 +58,11 @@ def picture_numbers(capture: Capture, *, n_layers: int, n_heads: int, layer_rang
             sel = sel[b]
         else:                                          # VAR off: what its rule would select
             has_vis = layer in vis and bool(vis[layer][b].any())
-            sel = image_centric(a, ns, rule.min_image_attention, rule.rho) & (layer in var_layers and has_vis)
+            if rule.rule == "official":                # its convention: the visual-sink share ≤ rho (1e-6 left out)
+                sel = (a >= rule.min_image_attention) & ((a - ns) / a.clamp_min(1e-30) <= rule.rho) & (a > 0)
+            else:
+                sel = image_centric(a, ns, rule.min_image_attention, rule.rho)
+            sel = sel & (layer in var_layers and has_vis)
         image_attn.append([_r(x) for x in a.mean(-1).tolist()])
         ratio.append([_r(x) for x in r.mean(-1).tolist()])
         selected.append([_r(x) for x in sel.float().mean(-1).tolist()])
@@ -69,9 +73,11 @@ def picture_numbers(capture: Capture, *, n_layers: int, n_heads: int, layer_rang
         "image_size": image_size, "grid": grid, "image_span": [start, end],
         "n_layers": n_layers, "n_heads": n_heads,
         "sink_dims": list(capture.used_sink_dims), "tau": capture.used_tau,
-        "var": None if var is None else {"rho": var.rho, "p": var.p, "min_image_attention": var.min_image_attention,
-                                         "layers": sorted(var_layers)},
-        "selection_rule": {"rho": rule.rho, "min_image_attention": rule.min_image_attention,
+        "var": None if var is None else {"rule": var.rule, "rho": var.rho, "p": var.p,
+                                         "min_image_attention": var.min_image_attention, "layers": sorted(var_layers)},
+        # the rule in force, in its own convention: paper — rho a non-sink floor; official — rho a visual-sink
+        # ceiling, p the fraction kept (the released code's)
+        "selection_rule": {"rule": rule.rule, "rho": rule.rho, "min_image_attention": rule.min_image_attention,
                            "layers": sorted(var_layers)},
         "layer_range": list(layer_range),
         "answer_rows": capture.rows,

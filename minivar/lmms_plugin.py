@@ -280,14 +280,10 @@ class Minivar(lmms):
 
     def _logits(self, rows: list[list[int]], images) -> torch.Tensor:
         """Logits [B, T, V] (fp32) of left-padded id rows, one image each."""
-        T = max(len(r) for r in rows)
-        ids = torch.full((len(rows), T), self.pipeline.config.pad_token_id or 0, dtype=torch.long)
-        mask = torch.zeros(len(rows), T, dtype=torch.bool)
-        for b, r in enumerate(rows):
-            ids[b, T - len(r):] = torch.tensor(r)
-            mask[b, T - len(r):] = True
+        from .pipeline import left_pad
+        ids, mask = left_pad(rows, self.pipeline.pad_id, "cpu")
         pixels = torch.cat([self.pipeline.pixels(img, self.image_aspect_ratio) for img in images])
-        return self.pipeline.logits(ids, pixels, attention_mask=None if bool(mask.all()) else mask, var=self.var)
+        return self.pipeline.logits(ids, pixels, attention_mask=mask, var=self.var)
 
     # -- request plumbing ---------------------------------------------------------------------------------------
     def _image(self, doc_to_visual, doc_id, task, split):

@@ -377,9 +377,20 @@ def draw_heads(numbers: dict) -> Image.Image:
                    "then averaged over the answer",
                    f"prompt: {numbers.get('prompt', '')}"],
                   body,
-                  [f"Legend: white dot = image-centric head {who} (A >= {rule['min_image_attention']:g} and "
-                   f"r >= rho={rule['rho']:g}) on at least half of the answer tokens;",
-                   "only layers with visual sinks, never the last layer (the paper's rule)."])[0]
+                  rule_legend(rule, who))[0]
+
+
+def rule_legend(rule: dict, who: str) -> list[str]:
+    """The selection legend in the rule's own convention (attention.json's selection_rule)."""
+    layers = rule.get("layers") or []
+    span = f"layers {min(layers)}-{max(layers)}" if layers else "no layer"
+    if rule.get("rule") == "official":
+        return [f"Legend: white dot = head {who} (A >= {rule['min_image_attention']:g} and visual-sink share of A "
+                f"<= rho={rule['rho']:g}) on at least half of the answer tokens;",
+                f"only layers with visual sinks, {span}, the last layer included (the released code's rule)."]
+    return [f"Legend: white dot = image-centric head {who} (A >= {rule['min_image_attention']:g} and "
+            f"r >= rho={rule['rho']:g}) on at least half of the answer tokens;",
+            f"only layers with visual sinks, {span}, never the last layer (the paper's rule)."]
 
 
 def draw_phi(numbers: dict) -> Image.Image:

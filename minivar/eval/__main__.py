@@ -123,9 +123,12 @@ def var_settings(args, bench):
 def cmd_run(args) -> int:
     from . import harness
     bench = harness.get_benchmark(args.bench)
-    var = var_settings(args, bench)
+    from minivar.methods.options import var_of
+    methods = method_settings(args, bench)
+    var = var_of(methods)
     shard = harness.parse_shard(args.shard) if args.shard is not None else harness.torchrun_shard()
     result = harness.run(bench, args.data, args.out, images=args.images, model=args.model, var=var,
+                         methods=[m for m in methods if m.name != "var"],
                          conv_mode=args.conv_mode, image_aspect_ratio=args.image_aspect_ratio,
                          max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, limit=args.limit, shard=shard,
                          device=args.device, dtype=args.dtype, partial=args.partial,

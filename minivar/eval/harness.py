@@ -23,6 +23,7 @@ resumed run, a sharded run, a limited run and an uninterrupted run put every que
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import inspect
 import json
@@ -35,13 +36,15 @@ from pathlib import Path
 
 from ..errors import MinivarError
 
+from .. import DEFAULT_MODEL
+
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.json"
-from .. import DEFAULT_MODEL
-ANSWER_SETTINGS = ("benchmark", "questions", "model", "device", "dtype", "var", "conv_mode", "image_aspect_ratio",
-                   "max_new_tokens", "batch_size", "prompt_tokenization")
+ANSWER_SETTINGS = ("benchmark", "questions", "model", "device", "dtype", "var", "methods", "conv_mode",
+                   "image_aspect_ratio", "max_new_tokens", "batch_size", "prompt_tokenization")
 FLAGS = {"benchmark": "BENCH", "questions": "the questions in --data", "model": "--model", "device": "--device",
-         "dtype": "--dtype", "var": "VAR (--var and its flags)", "conv_mode": "--conv-mode",
+         "dtype": "--dtype", "var": "VAR (--var and its flags)",
+         "methods": "the methods besides VAR and their flags", "conv_mode": "--conv-mode",
          "image_aspect_ratio": "--image-aspect-ratio", "max_new_tokens": "--max-new-tokens",
          "batch_size": "--batch-size", "limit": "--limit", "prompt_tokenization": "--prompt-tokenization"}
 
@@ -277,6 +280,7 @@ class Generation:
     image_aspect_ratio: str
     var: object = None
     prompt_tokenization: str = "llava"          # or "official": the prompt ids as the VAR authors' code builds them
+    methods: tuple = ()                         # the methods besides VAR (methods/method.py), in order
 
 
 def answer_group(pipeline, image, prompts: list[str], settings: Generation) -> list:
@@ -284,7 +288,8 @@ def answer_group(pipeline, image, prompts: list[str], settings: Generation) -> l
     (system text + image) is computed once and the questions run on it as one batch (Pipeline.generate_many)."""
     return pipeline.generate_many(image, prompts, max_new_tokens=settings.max_new_tokens,
                                   conv_mode=settings.conv_mode, image_aspect_ratio=settings.image_aspect_ratio,
-                                  var=settings.var, prompt_tokenization=settings.prompt_tokenization)
+                                  var=settings.var, methods=list(settings.methods),
+                                  prompt_tokenization=settings.prompt_tokenization)
 
 
 class Progress:
@@ -340,6 +345,7 @@ def headline_of(bench, answered: list) -> float | None:
 # run
 
 def run(bench, data: list[Path], out: Path, *, images: Path | None = None, model: str = DEFAULT_MODEL, var=None,
+        methods=(),
         conv_mode: str | None = None, image_aspect_ratio: str | None = None, max_new_tokens: int | None = None,
         batch_size: int = 8, limit: int | None = None, shard: tuple[int, int] | None = None, device: str = "auto",
         dtype: str = "auto", partial: bool = False, log=stderr, load=None,
@@ -347,7 +353,8 @@ def run(bench, data: list[Path], out: Path, *, images: Path | None = None, model
     """Answer the benchmark's questions into `out` (see the module docstring); return {"bench", "n", "metrics"} once
     every question has an answer (with partial=True: the metrics of those answered so far), else None.
 
-    bench: a name (looked up in minivar.eval.benchmarks) or a Benchmark; var: a VARConfig or None; load: the model
+    bench: a name (looked up in minivar.eval.benchmarks) or a Benchmark; var: a VARConfig or None; methods: more
+    methods (Method objects; run.json records each one's settings under "methods"); load: the model
     loader (default minivar.load). Everything is checked before the model loads and before anything is written."""
     from dataclasses import asdict
 
@@ -362,7 +369,7 @@ def run(bench, data: list[Path], out: Path, *, images: Path | None = None, model
         raise MinivarError(f"--limit must be ≥ 1, got {limit}")
     gen = Generation(bench.max_new_tokens if max_new_tokens is None else max_new_tokens,
                      conv_mode or bench.conv_mode, image_aspect_ratio or bench.image_aspect_ratio, var,
-                     prompt_tokenization)
+                     prompt_tokenization, tuple(m for m in methods if m.name != "var"))
     if prompt_tokenization not in ("llava", "official"):
         raise MinivarError(f"--prompt-tokenization must be llava or official, got {prompt_tokenization!r}")
     if prompt_tokenization == "official" and gen.conv_mode != "vicuna_v1":
@@ -380,7 +387,9 @@ def run(bench, data: list[Path], out: Path, *, images: Path | None = None, model
                 "model": str(Path(model).resolve()) if Path(model).is_dir() else model,
                 "device": dev.type, "dtype": str(pick_dtype(dtype, dev)).replace("torch.", ""),
                 # as JSON will read it back (tuples become lists), so a resume compares like with like
-                "var": json.loads(json.dumps(asdict(var))) if var is not None else None, "conv_mode": gen.conv_mode,
+                "var": json.loads(json.dumps(asdict(var))) if var is not None else None,
+                "methods": ({m.name: json.loads(json.dumps(m.settings())) for m in gen.methods} or None),
+                "conv_mode": gen.conv_mode,
                 "image_aspect_ratio": gen.image_aspect_ratio, "max_new_tokens": gen.max_new_tokens,
                 "prompt_tokenization": gen.prompt_tokenization,
                 "batch_size": batch_size, "limit": limit, "decoding": "greedy",
@@ -395,7 +404,10 @@ def run(bench, data: list[Path], out: Path, *, images: Path | None = None, model
     if previous is None and out.is_dir() and answer_files(out):
         raise MinivarError(f"--out '{out}' holds answer files but no {RUN_FILE}: use another --out")
     if previous is not None:
-        diff = first_difference({k: previous.get(k) for k in ANSWER_SETTINGS}, {k: settings[k] for k in ANSWER_SETTINGS})
+        before = {k: previous.get(k) for k in ANSWER_SETTINGS}
+        if before["var"] is not None and previous.get("var_sink_dims_source") not in (None, "user"):
+            before["var"] = before["var"] | {"sink_dims": None}     # the dims it found, not dims it was given
+        diff = first_difference(before, {k: settings[k] for k in ANSWER_SETTINGS})
         if diff is not None:
             top = diff.split(".")[0]
             raise MinivarError(f"--out '{out}' holds a run with other settings: {diff} differs ({FLAGS[top]}); "
@@ -423,7 +435,13 @@ def run(bench, data: list[Path], out: Path, *, images: Path | None = None, model
             t = pipeline.config.text
             var.validate(t.hidden_size, t.num_hidden_layers)
             dims, source = pipeline.sink_dims(var, ids, warn=log)
-            settings["var_sink_dims"], settings["var_sink_dims_source"] = list(dims), source
+            # one place for the dims used: run.json's "var" (and every question runs with them, the finder once)
+            var = dataclasses.replace(var, sink_dims=tuple(dims), find_sink_dims=False)
+            gen = dataclasses.replace(gen, var=var)
+            settings["var"] = settings["var"] | {"sink_dims": list(dims)}
+            settings["var_sink_dims_source"] = source
+        for m in gen.methods:
+            m.check(pipeline)
 
     # From here on the directory is written.
     out.mkdir(parents=True, exist_ok=True)

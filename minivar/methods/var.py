@@ -405,9 +405,14 @@ class VARState(Hook):
         its batch; None: all)."""
         decode = self.decode_rows[b, :, :generated_rows].sum(-1)
         rho_paper, p_paper = self.cfg.paper_values()
+        asked = set(self.cfg.layers or ()) - set(self.layers)      # named layers the rule can never touch
+        untouched = {"layers_not_touched": sorted(asked),
+                     "why": "the released code's rule finds sinks (and so redistributes) only in layers "
+                            f"{min(self.cfg.rule_impl.sink_layers(self.sinks.n_layers) or {0})}.."
+                            f"{self.sinks.n_layers - 1}"} if asked else {}
         return ({"rule": self.cfg.rule, "heads": self.cfg.heads, "tau": self.cfg.tau, "rho": self.cfg.rho,
                  "p": self.cfg.p, "rho_paper": rho_paper, "p_paper": p_paper,
-                 "min_image_attention": self.cfg.min_image_attention, "layers": sorted(self.layers)}
+                 "min_image_attention": self.cfg.min_image_attention, "layers": sorted(self.layers)} | untouched
                 | self.sinks.report(b)
                 | {"redistributed": {"prefill": self.counts["prefill"][b].tolist(), "decode": decode.tolist()}})
 

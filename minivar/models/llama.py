@@ -1,14 +1,25 @@
 """LLaMA-2 / Vicuna decoder: RMSNorm, rotary embeddings, causal attention (with the hooks step), SwiGLU, KV cache.
 
+The attention's math is attention.py's ten lines (read it first); LlamaAttention.attend picks among the faster
+paths of attention_fast.py that give the same numbers. The caches keep one contract (Cache), and one DecoderCall
+carries a forward call's rows, RoPE tables, mask, cache and hooks through the layers.
+
 Shapes: B batch, T new tokens this call, S all key positions so far (cache + new), H heads, hd head dim.
 Parameter names are the HF ones (`model.layers.N.self_attn.q_proj`, ...), so a checkpoint loads by name.
 """
 from __future__ import annotations
 
+import abc
+from dataclasses import dataclass
+from typing import NamedTuple
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import attention_fast as fast
+from .attention import causal_mask  # noqa: F401  (llava.py builds its padding masks with it)
+from .attention_fast import across_samples  # noqa: F401  (the shared prefix's product; README names it here)
 from .config import TextConfig
 from ..errors import MinivarError
 
@@ -44,28 +55,63 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos[:, None] + rotated * sin[:, None]                   # cos/sin [B, T, hd] broadcast over heads
 
 
-class KVCache:
-    """Preallocated keys/values for every layer, written at the positions each call gives (gpt-fast's input_pos),
-    and the RoPE tables for its whole length (computed once per cache, not per step). Keys are stored
+class KV(NamedTuple):
+    """What a cache hands the attention for one layer of one call: every key/value position the call may attend to."""
+    k: torch.Tensor                   # [B, H_kv, S', hd]: positions S−S' … S−1 (S' = S unless `prefix` holds the first)
+    v: torch.Tensor                   # [B, H_kv, S', hd] (a transposed view where values_transposed)
+    prefix: tuple | None = None       # keys, values [1, H_kv, P, hd] of positions 0 … P−1, shared by every sample
+    values_transposed: bool = False   # v is stored [.., hd, S']: one query row is fastest as matrix-vector products
+
+
+class Cache(abc.ABC):
+    """The contract of a KV cache: what the decoder asks of one (KVCache and SharedPrefixCache keep it).
+
+        max_len                             how many positions it holds
+        rope(positions, rows) -> cos, sin   RoPE tables [B, T, hd] at RoPE positions `positions` [B, T] for a call
+                                            writing cache positions `rows`, from a table computed once per cache;
+                                            a MinivarError if `rows` run past max_len (checked once per call)
+        update(layer, k, v, start) -> KV    store k, v [B, H_kv, T, hd] at positions start … start+T−1 of `layer`;
+                                            return what the attention reads: positions 0 … start+T−1 (a KV)
+
+    A cache keeps no fill level: each call says where it writes (gpt-fast's input_pos)."""
+
+    def __init__(self, cfg: TextConfig, max_len: int, dtype: torch.dtype, device: torch.device | str):
+        self.max_len = max_len
+        self.cos, self.sin = rope_table(max_len, cfg.head_dim, cfg.rope_theta, dtype, device)
+
+    def check(self, rows: range):
+        """A MinivarError if a call writing cache positions `rows` does not fit."""
+        if rows.stop > self.max_len:
+            raise MinivarError(f"KV cache full: position {rows.stop - 1} is past its {self.max_len} positions")
+
+    def rope(self, positions: torch.Tensor, rows: range) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [B, T, hd] of LLaMA's RoPE at `positions` [B, T], for a call writing `rows`."""
+        self.check(rows)
+        return self.cos[positions], self.sin[positions]
+
+    @abc.abstractmethod
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int) -> KV:
+        """Store a call's keys/values of `layer` from position `start` on; return all it may attend to."""
+
+
+class KVCache(Cache):
+    """Preallocated keys/values for every layer, written at the positions each call gives. Keys are stored
     [L, B, H_kv, max_len, hd]. Values are stored the same way, or transposed ([L, B, H_kv, hd, max_len]) with
     `values_transposed`: a single query row's probs @ v is then, per head, hd contiguous dot products of length S —
     the form ATen's own matrix-vector kernel streams fastest, what a single prompt's CPU decode uses (generate.py
-    chooses). The cache keeps no fill level: the caller knows which positions it has written."""
+    chooses; attention_fast.written_out computes it)."""
 
     def __init__(self, cfg: TextConfig, batch: int, max_len: int, dtype: torch.dtype, device: torch.device | str,
                  values_transposed: bool = False):
+        super().__init__(cfg, max_len, dtype, device)
         L, H, hd = cfg.num_hidden_layers, cfg.n_kv_heads, cfg.head_dim
         # uninitialised: a call reads only the positions before its own end, all written by earlier calls
         self.k = torch.empty((L, batch, H, max_len, hd), dtype=dtype, device=device)
         self.values_transposed = values_transposed
         v_shape = (L, batch, H, hd, max_len) if values_transposed else (L, batch, H, max_len, hd)
         self.v = torch.empty(v_shape, dtype=dtype, device=device)
-        self.max_len = max_len
-        self.cos, self.sin = rope_table(max_len, cfg.head_dim, cfg.rope_theta, dtype, device)
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int):
-        """Store k/v [B, H_kv, T, hd] at positions start … start+T−1; return the keys/values of positions
-        0 … start+T−1 [B, H_kv, S, hd] (views of the cache; transposed values as a transposed view)."""
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int) -> KV:
         end = start + k.shape[2]
         self.k[layer, :, :, start:end] = k
         if self.values_transposed:
@@ -73,156 +119,106 @@ class KVCache:
         else:
             self.v[layer, :, :, start:end] = v
         if start == 0:
-            return k, v          # the first call: the fresh tensors are the same numbers, and contiguous
-        values = self.v[layer, ..., :end].transpose(-2, -1) if self.values_transposed else self.v[layer, :, :, :end]
-        return self.k[layer, :, :, :end], values
+            return KV(k, v)      # the first call: the fresh tensors are the same numbers, and contiguous
+        return self.read(layer, end)
 
-    def shared_prefix(self, layer: int):
-        """Keys and values every sample shares (see SharedPrefixCache); a plain cache has none."""
-        return None
-
-    def rope(self, positions: torch.Tensor, rows: range) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin [B, T] of RoPE positions `positions` for a call writing cache positions `rows` (checked here,
-        once per call: every layer then writes there)."""
-        if rows.stop > self.max_len:
-            raise MinivarError(f"KV cache full: position {rows.stop - 1} is past its {self.max_len} positions")
-        return self.cos[positions], self.sin[positions]
+    def read(self, layer: int, end: int) -> KV:
+        """Positions 0 … end−1 of `layer` as stored (views of the cache; transposed values as a transposed view)."""
+        if self.values_transposed:
+            return KV(self.k[layer, :, :, :end], self.v[layer, ..., :end].transpose(-2, -1), values_transposed=True)
+        return KV(self.k[layer, :, :, :end], self.v[layer, :, :, :end])
 
 
-class SharedPrefixCache(KVCache):
+class SharedPrefixCache(Cache):
     """A cache for B samples whose first P positions are the same tokens (several questions about one image): the
-    prefix's keys and values are stored once, in a batch-of-one cache filled by an earlier call, and only each
-    sample's own positions P, P+1, … are stored per sample. The attention reads the prefix as a second key segment."""
+    prefix's keys and values are stored once, in a batch-of-one KVCache filled by an earlier call, and only each
+    sample's own positions P, P+1, … are stored per sample, in a KVCache of batch B whose position 0 is position P.
+    update returns the prefix as KV.prefix: the attention reads it as a second key segment."""
 
     def __init__(self, prefix: KVCache, prefix_len: int, own: KVCache, cfg: TextConfig):
+        super().__init__(cfg, prefix_len + own.max_len, own.k.dtype, own.k.device)
         self.prefix, self.prefix_len, self.own = prefix, prefix_len, own
-        self.values_transposed = False
-        self.max_len = prefix_len + own.max_len
-        self.cos, self.sin = rope_table(self.max_len, cfg.head_dim, cfg.rope_theta, own.k.dtype, own.k.device)
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int):
-        """Store a call's own k/v at positions start … (start ≥ P); return the own positions' keys/values P … end−1."""
-        if start < self.prefix_len:
-            raise MinivarError(f"a shared-prefix cache writes from position {self.prefix_len} on, not {start}")
-        end = start - self.prefix_len + k.shape[2]
-        self.own.update(layer, k, v, start - self.prefix_len)
-        return self.own.k[layer, :, :, :end], self.own.v[layer, :, :, :end]
-
-    def shared_prefix(self, layer: int):
-        """The prefix's keys and values [1, H_kv, P, hd], the same for every sample."""
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int) -> KV:
+        """A call's own k/v at positions start … (start ≥ P) go to `own`; KV.k/v: positions P … end−1."""
         P = self.prefix_len
-        values = self.prefix.v[layer, ..., :P].transpose(-2, -1) if self.prefix.values_transposed else \
-            self.prefix.v[layer, :, :, :P]
-        return self.prefix.k[layer, :, :, :P], values
+        if start < P:
+            raise MinivarError(f"a shared-prefix cache writes from position {P} on, not {start}")
+        own = self.own.update(layer, k, v, start - P)
+        if P == 0:
+            return own
+        prefix = self.prefix.read(layer, P)
+        return own._replace(prefix=(prefix.k, prefix.v))
+
+
+@dataclass(frozen=True)
+class DecoderCall:
+    """One forward call of the decoder as every layer sees it: made once per call, passed down, never stored."""
+    rows: range                       # cache positions of the call's T tokens
+    cos: torch.Tensor                 # [B, T, hd] RoPE tables at the tokens' positions (the caller's rotary scheme)
+    sin: torch.Tensor
+    mask: torch.Tensor | None = None  # [B, 1, T, S] bool, True = may attend; None = plain causal, no padding
+    cache: Cache | None = None
+    hooks: object | None = None       # a methods.hooks.Hooks, or None
 
 
 class LlamaAttention(nn.Module):
     """Causal multi-head self-attention with rotary positions; hooks (VAR) act between its softmax and value product.
 
-    Which path runs: the fused SDPA kernel for the rows nobody needs probabilities of; the written-out path for the
-    rows a hook needs, and for a single prompt's decode row on transposed cached values (matrix-vector products)."""
+    The numbers are attention.attention's (read that first: scores, mask, fp32 softmax, hooks, @ v); `attend`
+    picks the fastest path of attention_fast.py that gives them. A family with other biases (Qwen2: q/k/v only)
+    passes qkv_bias / o_bias; cos/sin come with the DecoderCall, so its rotary positions are its own."""
 
-    def __init__(self, cfg: TextConfig, layer_idx: int):
+    def __init__(self, cfg: TextConfig, layer_idx: int, *, qkv_bias: bool | None = None, o_bias: bool | None = None):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.n_kv_heads, cfg.head_dim
-        d, hd, bias = cfg.hidden_size, cfg.head_dim, cfg.attention_bias
-        self.q_proj = nn.Linear(d, self.n_heads * hd, bias=bias)
-        self.k_proj = nn.Linear(d, self.n_kv * hd, bias=bias)
-        self.v_proj = nn.Linear(d, self.n_kv * hd, bias=bias)
-        self.o_proj = nn.Linear(self.n_heads * hd, d, bias=bias)
+        d, hd = cfg.hidden_size, cfg.head_dim
+        qkv_bias = cfg.attention_bias if qkv_bias is None else qkv_bias
+        o_bias = cfg.attention_bias if o_bias is None else o_bias
+        self.q_proj = nn.Linear(d, self.n_heads * hd, bias=qkv_bias)
+        self.k_proj = nn.Linear(d, self.n_kv * hd, bias=qkv_bias)
+        self.v_proj = nn.Linear(d, self.n_kv * hd, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * hd, d, bias=o_bias)
 
-    def forward(self, x, cos, sin, mask, rows: range, cache=None, hooks=None):
-        """x [B, T, D] at positions `rows`; mask [B, 1, T, S] bool (True = may attend) or None for plain causal
-        attention without padding; hooks: a hooks.Hooks or None."""
+    def forward(self, x: torch.Tensor, call: DecoderCall) -> torch.Tensor:
+        """x [B, T, D] at cache positions call.rows → [B, T, D]."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # [B, H, T, hd]
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)       # [B, H_kv, T, hd]
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        shared = None
-        if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v, rows.start)                      # [B, H_kv, S, hd]
-            shared = cache.shared_prefix(self.layer_idx)       # keys/values every sample shares (or None)
-        if self.n_kv != self.n_heads:                                                  # grouped-query attention
-            k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
-            v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
-            if shared is not None:
-                shared = tuple(t.repeat_interleave(self.n_heads // self.n_kv, dim=1) for t in shared)
+        q, k = apply_rope(q, call.cos, call.sin), apply_rope(k, call.cos, call.sin)
+        kv = call.cache.update(self.layer_idx, k, v, call.rows.start) if call.cache is not None else KV(k, v)
+        if self.n_kv != self.n_heads:     # grouped-query attention: each key/value head serves a group of heads
+            kv = repeat_kv(kv, self.n_heads // self.n_kv)
+        mask, hooks = call.mask, call.hooks
         if hooks is not None and hooks.masks_keys:
-            mask = hooks.key_mask(self.layer_idx, mask, rows)                          # e.g. sink removal
-        first = hooks.explicit_from(self.layer_idx, rows) if hooks is not None else None
-        # one row against transposed cached values (a single prompt's CPU decode step, see KVCache): written out,
-        # as matrix-vector products, is the faster way there
-        gemv = T == 1 and cache is not None and cache.values_transposed
-        if shared is not None:             # two key segments: written out (the fused kernel takes one key tensor)
-            out = self.attend_explicit(q, k, v, mask, rows, rows.start, hooks, shared)
-        elif first is None and not gemv:
-            out = attend_fused(q, k, v, mask)
-        else:
-            out = self.attend_explicit(q, k, v, mask, rows, rows.start if first is None else max(first, rows.start),
-                                       hooks)
+            mask = hooks.key_mask(self.layer_idx, mask, call.rows)                     # e.g. sink removal
+        out = self.attend(q, kv, mask, call.rows, hooks)      # [B, H, T, hd]: attention.attention's numbers
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
-    def attend_explicit(self, q, k, v, mask, rows: range, first: int, hooks=None, shared=None):
-        """Attention written out — scores, mask, fp32 softmax, hooks (VAR), @ v — for the rows from position
-        `first` on; the rows before it go through the fused kernel. shared: keys/values [1, H, P, hd] of positions
-        0 … P−1 that every sample shares (k, v then hold positions P …)."""
-        T = q.shape[2]
-        S = k.shape[2] + (shared[0].shape[2] if shared is not None else 0)
-        n_fused = first - rows.start
-        fused = None
-        if n_fused and mask is None and T == S:  # the prompt's first rows: the fused kernel's causal mode is right
-            fused = F.scaled_dot_product_attention(q[:, :, :n_fused], k, v, is_causal=True)
-        if mask is None and T > 1:               # plain causal (a single last row sees every key: no mask)
-            mask = causal_mask(T, S, q.device)
-        if n_fused and fused is None:
-            fused = F.scaled_dot_product_attention(q[:, :, :n_fused], k, v, attn_mask=mask[:, :, :n_fused])
-        q, mask = q[:, :, n_fused:], (mask[:, :, n_fused:] if mask is not None else None)
-        if q.shape[2] == 1:      # one query row: keys times the query vector, the form CPU kernels stream fastest
-            scores = (k @ q.transpose(-2, -1)).transpose(-2, -1)                       # (same numbers as q @ kᵀ)
-        else:
-            scores = q @ k.transpose(-2, -1)
-        if shared is not None:   # the shared prefix's keys come first: positions 0 … P−1
-            scores = torch.cat([across_samples(q, shared[0].transpose(-2, -1)), scores], dim=-1)
-        scores = (scores * self.head_dim ** -0.5).float()                              # [B, H, R, S]
-        if mask is not None:
-            scores = scores.masked_fill(~mask, torch.finfo(torch.float32).min)
-        probs = torch.softmax(scores, dim=-1)                                          # fp32 softmax, as HF
-        if hooks is not None:
-            probs = hooks.probs(self.layer_idx, probs, range(first, rows.stop), before=probs)   # VAR (var.py)
-        probs = probs.to(v.dtype)
-        if shared is None:
-            out = probs @ v                                                            # [B, H, R, hd]
-        else:
-            P = shared[0].shape[2]
-            out = across_samples(probs[..., :P], shared[1]) + probs[..., P:] @ v
-        return out if fused is None else torch.cat([fused, out], dim=2)
+    def attend(self, q: torch.Tensor, kv: KV, mask, rows: range, hooks=None) -> torch.Tensor:
+        """attention.attention(q, k, v, mask, layer, rows, hooks) with k, v all of kv's positions, by the fastest
+        path that gives its numbers (attention_fast.py): the one place that chooses."""
+        if kv.prefix is not None:         # two key segments: written out (the fused kernel takes one key tensor)
+            return fast.written_out(q, kv.k, kv.v, mask, self.layer_idx, rows, hooks, kv.prefix)
+        first = hooks.explicit_from(self.layer_idx, rows) if hooks is not None else None
+        if first is not None and first < rows.stop:       # a hook needs the probabilities from position `first` on
+            return self.attend_explicit(q, kv.k, kv.v, mask, rows, max(first, rows.start), hooks)
+        if q.shape[2] == 1 and kv.values_transposed:      # a single prompt's CPU decode row: matrix-vector products
+            return fast.written_out(q, kv.k, kv.v, mask, self.layer_idx, rows, hooks)
+        return fast.fused(q, kv.k, kv.v, mask)
+
+    def attend_explicit(self, q, k, v, mask, rows: range, first: int, hooks=None) -> torch.Tensor:
+        """The rows from position `first` on written out, where the hooks see their probabilities; the rows before
+        it through the fused kernel (attention_fast.split)."""
+        return fast.split(q, k, v, mask, self.layer_idx, rows, first, hooks)
 
 
-def across_samples(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a [B, H, T, K] @ b [1, H, K, N] → [B, H, T, N], b shared by every sample: the B·T rows in one product per
-    head (b is read once, not copied per sample as a broadcasting matmul would)."""
-    B, H, T, K = a.shape
-    out = a.transpose(0, 1).reshape(H, B * T, K) @ b[0]                               # [H, B·T, N]
-    return out.view(H, B, T, -1).transpose(0, 1)
-
-
-def causal_mask(T: int, S: int, device) -> torch.Tensor:
-    """[1, 1, T, S] bool: the T query rows are the last T of S positions; row i sees keys 0 … S−T+i."""
-    return torch.ones(T, S, dtype=torch.bool, device=device).tril(S - T)[None, None]
-
-
-def attend_fused(q, k, v, mask):
-    """The fused kernel (SDPA): same math as attend_explicit, no probabilities kept. mask None = plain causal."""
-    T, S = q.shape[2], k.shape[2]
-    if mask is None and T == S:          # its own causal mode, the fastest (it aligns the mask top-left: T == S)
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    if mask is None and T == 1:          # the last row sees every key
-        return F.scaled_dot_product_attention(q, k, v)
-    if mask is None:
-        mask = causal_mask(T, S, q.device)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+def repeat_kv(kv: KV, n: int) -> KV:
+    """Each key/value head repeated n times, next to itself ([B, H_kv, S, hd] → [B, H_kv·n, S, hd]), as HF."""
+    prefix = tuple(t.repeat_interleave(n, dim=1) for t in kv.prefix) if kv.prefix is not None else None
+    return kv._replace(k=kv.k.repeat_interleave(n, dim=1), v=kv.v.repeat_interleave(n, dim=1), prefix=prefix)
 
 
 class LlamaMLP(nn.Module):
@@ -240,43 +236,55 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)). qkv_bias / o_bias: see LlamaAttention."""
 
-    def __init__(self, cfg: TextConfig, layer_idx: int):
+    def __init__(self, cfg: TextConfig, layer_idx: int, *, qkv_bias: bool | None = None, o_bias: bool | None = None):
         super().__init__()
-        self.self_attn = LlamaAttention(cfg, layer_idx)
+        self.self_attn = LlamaAttention(cfg, layer_idx, qkv_bias=qkv_bias, o_bias=o_bias)
         self.mlp = LlamaMLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, rows, cache=None, hooks=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, rows, cache, hooks)
+    def forward(self, x: torch.Tensor, call: DecoderCall) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), call)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class LlamaModel(nn.Module):
-    """Embeddings → decoder layers → final norm. Returns the normed hidden states [B, T, D]."""
+    """Embeddings → decoder layers → final norm. Returns the normed hidden states [B, T, D].
 
-    def __init__(self, cfg: TextConfig):
+    layer(cfg, i) makes layer i (another family's block, e.g. LlamaDecoderLayer with other biases); a family with
+    other rotary positions overrides `rotary`, or makes its DecoderCall itself and calls `run`."""
+
+    def __init__(self, cfg: TextConfig, layer=LlamaDecoderLayer):
         super().__init__()
         self.cfg = cfg
         # _weight: skip nn.Embedding's random init; every weight comes from the checkpoint
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(layer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, positions, rows: range, mask, cache=None, hooks=None):
+    def forward(self, x, positions, rows: range, mask, cache: Cache | None = None, hooks=None) -> torch.Tensor:
         """x: input embeddings [B, T, D] of cache positions `rows`; positions [B, T]: each token's RoPE position
         (its index among the sample's real tokens); mask [B, 1, T, S] bool or None (causal, no padding)."""
+        cos, sin = self.rotary(positions, rows, cache, x.dtype)
+        return self.run(x, DecoderCall(rows, cos, sin, mask, cache, hooks))
+
+    def rotary(self, positions: torch.Tensor, rows: range, cache: Cache | None, dtype: torch.dtype):
+        """cos/sin [B, T, hd] of LLaMA's RoPE at `positions` [B, T] (the cache's table, computed once per cache)."""
         if cache is not None:
-            cos, sin = cache.rope(positions, rows)                                     # [B, T, hd]
-        else:
-            cos, sin = rope_table(int(positions.max()) + 1, self.cfg.head_dim, self.cfg.rope_theta, x.dtype, x.device)
-            cos, sin = cos[positions], sin[positions]
+            return cache.rope(positions, rows)
+        cos, sin = rope_table(int(positions.max()) + 1, self.cfg.head_dim, self.cfg.rope_theta, dtype,
+                              positions.device)
+        return cos[positions], sin[positions]
+
+    def run(self, x: torch.Tensor, call: DecoderCall) -> torch.Tensor:
+        """The layers and the final norm on input embeddings x [B, T, D], for a call whose cos/sin the caller made
+        (a family with its own rotary positions calls this directly)."""
         for i, layer in enumerate(self.layers):
-            if hooks is not None:
-                hooks.residual(i, x, rows)    # VAR reads its sink tokens off each layer's residual input h^ℓ
-            x = layer(x, cos, sin, mask, rows, cache, hooks)
+            if call.hooks is not None:
+                call.hooks.residual(i, x, call.rows)  # VAR reads its sink tokens off each layer's residual input h^ℓ
+            x = layer(x, call)
         return self.norm(x)
 
 
