@@ -448,3 +448,20 @@ def test_outliers_and_visual_sinks_are_counted_on_the_same_patches(demo_pipe):
     both = damro.outlier_sink_overlap(r.reports["damro"]["outliers"], r.reports["var"])
     assert both["count"] == len(both["visual_sink_patches"]) > 0
     assert all(0 <= p < n for p in both["visual_sink_patches"])
+
+
+def test_the_full_feature_strategy_gathers_as_released(tmp_path):
+    """vision_feature_select_strategy "full": the indices are over the patches but gather from CLS + patches (the
+    released quirk, restated): outliers and contrast features equal the released arithmetic."""
+    pytest.importorskip("transformers")
+    from minivar.checkpoint import load_model
+    ref = hf_tiny(seed=2, image_size=56, strategy="full")
+    ref.save_pretrained(tmp_path)
+    mine = load_model(tmp_path, torch.float32)
+    px = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(4))
+    out = damro.outlier_image(mine, px, 5)
+    with torch.inference_mode():
+        idx, feats = released_outliers(ref, px, 5)
+    assert torch.equal(out.outliers, idx)
+    assert (torch.stack(out.outlier_features) - feats).abs().max() <= 1e-5
+    assert out.features[0].shape[0] == 17                   # the full branch keeps CLS + 16 patches
