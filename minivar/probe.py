@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from .errors import MinivarError
 from .methods.hooks import Hook
-from .methods.var import image_span, image_sums
+from .methods.var import first_after_image, image_span, image_sums
 
 ROWS = ("all", "after_image", "answer")
 KINDS = ("before", "after")
@@ -94,7 +94,7 @@ class Capture(Hook):
         else:
             if self.image is None:
                 raise MinivarError("rows='after_image' needs bind() with the image mask")
-            first = max(rows.start, int(self.image_end.min()))
+            first = max(rows.start, first_after_image(self.image_end))
         return first if first < rows.stop else None
 
     # -- the hook interface -------------------------------------------------------------------------------------------

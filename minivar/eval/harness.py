@@ -358,7 +358,7 @@ def run(bench, data: list[Path], out: Path, *, images: Path | None = None, model
     loader (default minivar.load). Everything is checked before the model loads and before anything is written."""
     from dataclasses import asdict
 
-    from ..pipeline import check_generation_args, pick_device, pick_dtype
+    from ..pipeline import check_generation_args, check_tokenization, pick_device, pick_dtype
     from . import minivar_version
 
     bench = get_benchmark(bench)
@@ -370,11 +370,7 @@ def run(bench, data: list[Path], out: Path, *, images: Path | None = None, model
     gen = Generation(bench.max_new_tokens if max_new_tokens is None else max_new_tokens,
                      conv_mode or bench.conv_mode, image_aspect_ratio or bench.image_aspect_ratio, var,
                      prompt_tokenization, tuple(m for m in methods if m.name != "var"))
-    if prompt_tokenization not in ("llava", "official"):
-        raise MinivarError(f"--prompt-tokenization must be llava or official, got {prompt_tokenization!r}")
-    if prompt_tokenization == "official" and gen.conv_mode != "vicuna_v1":
-        raise MinivarError("--prompt-tokenization official rebuilds the released code's vicuna_v1 prompt; "
-                           f"it needs --conv-mode vicuna_v1, got {gen.conv_mode}")
+    check_tokenization(prompt_tokenization, gen.conv_mode)
     check_generation_args(gen.max_new_tokens, 0.0, 1.0)
     if gen.max_new_tokens < 1:           # an empty answer would still be scored (POPE reads it as "yes")
         raise MinivarError(f"--max-new-tokens must be ≥ 1 for a benchmark run, got {gen.max_new_tokens}")

@@ -229,6 +229,17 @@ def image_span(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return start, end
 
 
+def after_image(positions: torch.Tensor, image_end: torch.Tensor) -> torch.Tensor:
+    """The rows VAR reads and changes: positions [R] at or after each sample's image end ([B]) → [B, R] bool
+    (prompt rows after the image, and every generated row). The capture's rows="after_image" is the same rule."""
+    return positions[None, :] >= image_end[:, None]
+
+
+def first_after_image(image_end: torch.Tensor) -> int:
+    """The first position any sample's after_image rows start at (one host read per call)."""
+    return int(image_end.min())
+
+
 def select_heads(probs: torch.Tensor, image: torch.Tensor, visual_sink: torch.Tensor, rows: torch.Tensor,
                  min_image_attention: float, rho: float) -> torch.Tensor:
     """Image-centric (head, row) pairs [B, H, Q] of probs [B, H, Q, K].
@@ -341,7 +352,7 @@ class VARState(Hook):
         self.layers = cfg.layer_set(sinks.n_layers)
         B = sinks.image.shape[0]
         # prefill rows from the first position after the image on are VAR's to touch (every generated row too)
-        self.first_position = int(sinks.image_end.min())          # read once per call, not in every layer
+        self.first_position = first_after_image(sinks.image_end)   # read once per call, not in every layer
         dev = sinks.image.device
         self.counts = {"prefill": torch.zeros(B, sinks.n_layers, dtype=torch.long, device=dev)}
         self.decode_rows = torch.zeros(B, sinks.n_layers, 0, dtype=torch.long, device=dev)   # [B, L, generated row]
@@ -368,7 +379,7 @@ class VARState(Hook):
         B, K = probs.shape[0], probs.shape[-1]
         sink, image, vis = (m[:B] for m in self._key_masks(layer, K))   # B < samples: a shared prefix (see Sinks)
         positions = torch.arange(rows.start, rows.stop, device=probs.device)
-        touched = positions[None, :] >= self.sinks.image_end[:B, None]                # [B, R]
+        touched = after_image(positions, self.sinks.image_end[:B])                    # [B, R]
         touched = touched & vis.any(-1, keepdim=True)   # a sample without visual sinks in this layer is left alone
         T = self.sinks.prompt_len
         if rows.start < T:                                        # prompt rows: padding rows are no one's rows
