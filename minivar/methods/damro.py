@@ -1,6 +1,6 @@
 """DAMRO (Gong et al., EMNLP 2024: "DAMRO: Dive into the Attention Mechanism of LVLM to Reduce Object
 Hallucination"), as its released code computes it (github.com/coder-gx/DAMRO at 03008ac; docs/damro.md lists
-where the paper says otherwise).
+every place where minivar and the released code part ways).
 
   1. outliers   in the vision-encoder layer whose output LLaVA reads (vision_feature_layer −2: CLIP layer 22 of 24,
                 whose input is hidden_states[22]), the q_proj / k_proj outputs q, k [B, 577, C] over all tokens,
