@@ -44,8 +44,11 @@ def test_one_default_for_the_official_rule_without_a_preset():                  
     plugin_cfg = var_config(var=True, rule="official")
     args = build_parser().parse_args(["run", "gqa", "--data", "x", "--out", "y", "--var", "--var-rule", "official"])
     harness_cfg = var_settings(args, General())
-    assert cli_cfg == plugin_cfg == harness_cfg
-    assert cli_cfg.rho == pytest.approx(0.2)                 # the general preset's ρ 0.8, in the code's convention
+    # no task known (minivar, the plugin): the released configuration's rho 0.5 (the plugin said 0.2)
+    assert cli_cfg == plugin_cfg and cli_cfg.rho == 0.5
+    # a task known (the harness): its preset, in the code's convention (general ρ 0.8 → rho 0.2)
+    assert harness_cfg.rho == pytest.approx(0.2)
+    assert var_config(var=True).rho == var_of(methods_from_options({"var": True})[0]).rho == 0.8
 
 
 def test_var_true_or_a_preset_name_is_accepted(demo_pipe):                          # defect 7

@@ -3,9 +3,10 @@ lmms-eval plugin (`--model_args`). Each caller hands over its options by name (t
 it spells an option in an error message, and gets back the methods to run plus the sink rule of the pictures.
 
 VAR's options: var, var_preset, tau, rho, p, min_image_attention, sink_dims, var_rule, var_heads, var_layers.
-The ρ without a preset, under either rule, is the task's preset (`minivar` and the plugin: general; the harness:
-the benchmark's family), in the rule's own convention (the released rule's rho = 1 − ρ). No torch is imported
-until a method is built.
+One rule for ρ when no --var-preset is given: where minivar knows the task (the harness: the benchmark's family),
+the task's preset, in the rule's own convention (the released rule's rho = 1 − ρ); where it does not (`minivar`,
+the lmms-eval plugin), the rule's own default — the paper's general preset ρ 0.8, or the released code's
+configuration rho 0.5 (A_exps/lv1.5_7b.yml). No torch is imported until a method is built.
 """
 from __future__ import annotations
 
@@ -34,10 +35,11 @@ def parse_layer_range(text: str, n_layers: int | None = None, flag: str = "--att
     return lo, hi
 
 
-def methods_from_options(opts: dict, *, preset: str = "general", spell=flag, sinks_used: bool = False):
+def methods_from_options(opts: dict, *, preset: str | None = None, spell=flag, sinks_used: bool = False):
     """(the methods the options ask for, in order; the sink rule — a VARConfig holding τ and the sink dims — of the
     sink sets the pictures and sink masking read). opts: option name → value (None / False: not given).
-    sinks_used: the caller draws pictures or masks sinks, so --tau / --sink-dims apply without --var."""
+    preset: the task's preset (None: the rule's own default). sinks_used: the caller draws pictures or masks sinks,
+    so --tau / --sink-dims apply without --var."""
     from .var import VAR, VARConfig, parse_sink_dims
     given = {k: v for k, v in opts.items() if v is not None and v is not False}
     sink_dims = given.get("sink_dims")

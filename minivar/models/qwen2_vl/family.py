@@ -1,0 +1,35 @@
+"""Qwen2-VL and Qwen2.5-VL in the model-family registry (models/registry.py): config, model, key rules, images,
+the `qwen` template. One entry per config.json model_type; both share everything but the vision tower."""
+from __future__ import annotations
+
+from ...errors import MinivarError
+from ..registry import Family, register
+from .model import Qwen2VL, Qwen2VLConfig
+from .processing import preprocess_image
+
+# Checkpoint names → the model's (the hub's), applied in order; each is (pattern, replacement).
+KEY_RULES = (
+    (r"^model\.language_model\.", "model."),        # transformers 5.x in-memory: model.language_model.layers...
+    (r"^model\.visual\.", "visual."),                # transformers 5.x in-memory
+)
+IMAGE_MODES = ("smart_resize",)                     # the one way these models see an image
+
+
+def is_unused_key(key: str, cfg: Qwen2VLConfig) -> bool:
+    """Tensors a checkpoint may carry that the model never reads: rotary inverse-frequency buffers."""
+    return key.endswith("inv_freq")
+
+
+def qwen_image(img, cfg: Qwen2VLConfig, image_aspect_ratio: str | None = "smart_resize"):
+    """A PIL image → ImageInput: smart_resize within the checkpoint's min/max pixels, flattened patches."""
+    if image_aspect_ratio not in (None, *IMAGE_MODES):
+        raise MinivarError(f"`image_aspect_ratio` '{image_aspect_ratio}' is not one of Qwen2-VL's image modes "
+                           f"({', '.join(IMAGE_MODES)})")
+    return preprocess_image(img, cfg.image)
+
+
+for _model_type, _name in (("qwen2_vl", "Qwen2-VL"), ("qwen2_5_vl", "Qwen2.5-VL")):
+    register(Family(
+        model_type=_model_type, name=_name, config=Qwen2VLConfig.from_hf, model=Qwen2VL, key_rules=KEY_RULES,
+        unused_key=is_unused_key, images=qwen_image, conv_modes=("qwen",), default_conv_mode="qwen",
+        image_modes=IMAGE_MODES, has_cls=False))
