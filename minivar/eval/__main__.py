@@ -123,12 +123,40 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+RESUME = "rerun the same command to resume"
+
+
+class Terminated(Exception):
+    """SIGTERM (what Slurm and `timeout` send) arrived: ended like Ctrl-C, with exit code 143."""
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from .harness import cli_logging
     from .reproduce import cmd_reproduce
     commands = {"run": cmd_run, "score": cmd_score, "compare": cmd_compare, "download": cmd_download,
                 "reproduce": cmd_reproduce}
-    return run_command(commands[args.command], args, "minivar: interrupted (rerun the same command to resume)")
+
+    def work(a):
+        try:
+            return commands[a.command](a)
+        except Terminated:
+            print(f"minivar: terminated (SIGTERM): {RESUME}", file=sys.stderr)
+            return 143
+
+    def on_sigterm(signum, frame):
+        raise Terminated()
+
+    import signal
+    import threading
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if in_main else None
+    try:
+        with cli_logging():
+            return run_command(work, args, f"minivar: interrupted ({RESUME})")
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def method_settings(args, bench):
@@ -220,8 +248,9 @@ def cmd_compare(args) -> int:
 
 def cmd_download(args) -> int:
     from .download import download
-    download(args.bench, args.to)
-    return 0
+    # CHAIR and GQA have no hub copy: their sources are printed and nothing is downloaded, which a script must not
+    # take for success.
+    return 0 if download(args.bench, args.to, prog=prog_name()) is not None else 1
 
 
 def show(result: dict, as_json: bool) -> None:
