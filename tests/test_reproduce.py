@@ -222,3 +222,17 @@ def test_damro_runs_pass_its_settings(data_root, tmp_path):
     assert plan["pope"][0]["command"].endswith(sampled) and plan["mme"][0]["command"].endswith(sampled)
     assert plan["pope"][1]["command"].endswith(f"--damro --damro-alpha 0.5 --damro-beta 0.1 --damro-topk 4 {sampled}")
     assert plan["mme"][1]["command"].endswith(f"--damro --damro-alpha 2 --damro-beta 0.1 --damro-topk 10 {sampled}")
+
+
+def test_documented_eval_commands_parse():
+    """Every `minivar-eval ...` line of the README's and docs' bash blocks is one the command line accepts."""
+    import shlex
+
+    from minivar.eval.__main__ import build_parser
+    from test_readme import DOCS, blocks
+    found = [shlex.split(line, comments=True) for block in blocks("bash", DOCS)
+             for line in block.replace("\\\n", " ").splitlines()]
+    found = [words[1:] for words in found if words and words[0] == "minivar-eval"]
+    assert any(w[0] == "reproduce" for w in found)
+    for argv in found:
+        build_parser().parse_args(argv)            # an unknown or malformed flag exits 2
