@@ -161,3 +161,18 @@ def test_lmms_extra_agrees_with_the_docs(pyproject):
     for text in (doc, (REPO / "README.md").read_text(), (REPO / ".ci" / "run").read_text()):
         for command in re.findall(r"pip install[^\n&|;`]*lmms-eval[^\n&|;`]*", text):
             assert "--no-deps" in command, command
+
+
+def test_plugin_weights_dir_default_is_documented_as_it_is(tmp_path, monkeypatch):
+    """Issue 19, defect 17: docs/lmms-eval.md's `weights_dir` default is minivar's: `weights/` in a clone, the
+    user's cache (~/.cache/minivar) for an installed package, $MINIVAR_WEIGHTS over both."""
+    from minivar import checkpoint
+    row = next(line for line in (REPO / "docs" / "lmms-eval.md").read_text().splitlines()
+               if line.startswith("| `weights_dir`"))
+    monkeypatch.delenv("MINIVAR_WEIGHTS", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert checkpoint.default_weights_dir(tmp_path / "site-packages") == tmp_path / ".cache" / "minivar"
+    assert checkpoint.default_weights_dir(REPO) == REPO / "weights"
+    assert "`~/.cache/minivar` for an installed package" in row and "`weights/` in a clone" in row
+    assert "`$MINIVAR_WEIGHTS`" in row
