@@ -245,3 +245,21 @@ def test_chair_figures_say_they_are_not_comparable():
         assert rows, path
         for row in rows:
             assert "not comparable" in row, (path, row)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 9. The README: one current comparison with its command; history in docs/performance.md; nothing a user cannot act on
+
+def test_readme_states_one_current_comparison():
+    import re
+    readme = (REPO / "README.md").read_text()
+    perf = readme.split("## Performance", 1)[1].split("\n## ", 1)[0]
+    assert "python bench/bench.py" in perf
+    decode = [line for line in perf.splitlines() if line.startswith("| decode |")]
+    assert len(decode) == 1                                 # one comparison, not two contradicting tables
+    minivar_rates = set(re.findall(r"minivar (\d+(?:\.\d+)?) tok/s", perf)) | {decode[0].split("|")[2].strip()}
+    assert len(minivar_rates) == 1, minivar_rates
+    history = (DOCS / "performance.md").read_text()
+    assert "16.5 tok/s" in history and "16.5 tok/s" not in readme and "9.9 tok/s" not in readme
+    for remark in ("../shared", "this project's machine", "the project's machine", "morning", "on this VM"):
+        assert remark not in readme, remark
