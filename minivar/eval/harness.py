@@ -7,8 +7,10 @@ A run directory (--out) holds
     answers-I-of-N.jsonl   the same for shard I of N (0-based: --shard I/N, or torchrun's RANK/WORLD_SIZE)
     metrics.json           {"bench", "n", "metrics"}, written atomically once every question has an answer
 
-Resuming: running the same command again skips the questions already answered. A line cut off by a kill (no
-newline at its end) is dropped and its question asked again.
+Resuming: running the same command again skips the questions already answered, and says how many it kept. A line
+cut off by a kill (no newline at its end) is dropped and its question asked again (the resume says so). A run may
+grow to a larger --limit, never shrink: a smaller --limit on an existing run is refused (its metrics.json and the
+answers kept would describe different question sets).
 
 Which settings change answers (a resume must match them, else it is refused naming the setting): the benchmark,
 the questions (a fingerprint of ids, prompts and image keys: moving the data folder is fine, changing it is not),
