@@ -11,15 +11,13 @@ import subprocess
 import sys
 import time
 import warnings
-from pathlib import Path
 
 import pytest
 
 from conftest import assert_one_line_error
 from minivar.eval import harness
 from test_eval_benchmarks import write_mme, write_pope
-from test_eval_harness import (N_IMAGES, PER_IMAGE, REPO, answers, cli, make_b, make_data, run_args, snapshot,  # noqa: F401
-                               tiny)
+from test_eval_harness import N_IMAGES, PER_IMAGE, REPO, answers, cli, make_b, run_args, snapshot, tiny  # noqa: F401
 
 DOCS = REPO / "docs"
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import assert_one_line_error
-from minivar.eval import harness, reproduce
+from minivar.eval import reproduce
 from minivar.eval.compare import flatten
 from test_eval_benchmarks import cvbench_rows, write_gqa, write_image, write_jsonl, write_mme, write_mmvp, write_pope
 from test_eval_harness import cli
@@ -158,14 +158,12 @@ def test_dry_run_makes_nothing(data_root, tiny_checkpoint, demo_env, tmp_path):
     assert not out.exists()
     assert [p["benchmark"] for p in plan["found"]] == ["pope", "mmvp"] and plan["missing"] == []
     assert plan["limit"] == 2 and all(p["questions"] == 2 for p in plan["found"])
-    import torch
     from safetensors.torch import load_file
     assert plan["model_params"] == sum(t.numel() for t in load_file(tiny_checkpoint / "model.safetensors").values())
     for item in plan["found"]:
         base, var = item["runs"]
         assert base["estimated_s"] > 0 and var["estimated_s"] > base["estimated_s"]     # VAR costs more
         assert "--limit 2" in base["command"] and var["command"].endswith("--var")
-    assert torch.get_num_threads() >= 1
 
 
 def test_limit_is_said_loudly(data_root, tiny_checkpoint, tmp_path):
@@ -191,6 +189,10 @@ def test_bad_input_is_one_line(data_root, tmp_path):
     assert rc == 2 and stdout == "" and err.splitlines()[-1].startswith("minivar: error: no data")
     assert "llava_gqa_testdev_balanced.jsonl" in err.splitlines()[0]
     assert_one_line_error(*cli(["reproduce", "var", "--data-root", tmp_path / "nope", "--out", out]), "--data-root")
+    for flags, name in ((["--device", "tpu"], "tpu"), (["--batch-size", "0"], "--batch-size"),
+                        (["--max-new-tokens", "0"], "--max-new-tokens"), (["--shard", "3/2"], "--shard"),
+                        (["--limit", "0"], "--limit")):
+        assert_one_line_error(*cli(["reproduce", "var", "--data-root", data_root, "--out", out, *flags]), name)
     assert not out.exists()
 
 

@@ -120,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--to", type=Path, default=None, metavar="DIR", help="target folder (default data/BENCH)")
 
     reproduce.add_parser(sub)
+    p.run_parser = r            # reproduce checks which flags `run` takes (the methods this build has)
     return p
 
 

@@ -141,9 +141,12 @@ class Missing(Exception):
 
 def locate(bench: str, root: Path) -> tuple[list[Path], Path | None]:
     """(--data paths, --images folder) of `bench` under the data root, in the documented layout; Missing if absent."""
+    def missing(path: Path, what: str) -> Missing:
+        return Missing(f"{bench}: missing {path}; get it from {what.replace('DATA', str(root))}")
+
     def need(path: Path, what: str) -> Path:
         if not path.exists():
-            raise Missing(f"{bench}: missing {path}; get it from {what.replace('DATA', str(root))}")
+            raise missing(path, what)
         return path
 
     def shards(folder: Path) -> bool:
@@ -167,7 +170,7 @@ def locate(bench: str, root: Path) -> tuple[list[Path], Path | None]:
             return [folder / "MME_Benchmark_release_version"], None
         if folder.is_dir() and shards(folder):
             return [folder], None
-        need(folder / "MME_Benchmark_release_version", WHERE["mme"])
+        raise missing(folder / "MME_Benchmark_release_version", WHERE["mme"])
     if bench == "mmvp":
         folder = root / "mmvp"
         if folder.is_dir() and shards(folder):
@@ -179,7 +182,7 @@ def locate(bench: str, root: Path) -> tuple[list[Path], Path | None]:
         folder = root / "cvbench"
         if folder.is_dir() and (any(folder.glob("test*.parquet")) or any(folder.glob("test*.jsonl"))):
             return [folder], None
-        need(folder / "test_2d.parquet", WHERE["cvbench"])
+        raise missing(folder / "test_2d.parquet", WHERE["cvbench"])
     if bench == "gqa":
         folder = root / "gqa"
         files = [need(folder / name, WHERE["gqa"]) for name in ("llava_gqa_testdev_balanced.jsonl",
@@ -276,18 +279,28 @@ def check_method_available(paper: Paper, run_parser: argparse.ArgumentParser) ->
     except ImportError:
         found = False
     flags = {"--damro", "--damro-alpha", "--damro-beta", "--damro-topk", "--temperature", "--seed"}
+    # argparse has no public list of a parser's flags; _option_string_actions is the one it keeps itself
     if not found or not flags <= set(run_parser._option_string_actions):
         raise MinivarError("DAMRO is not available in this build (no minivar.methods.damro or no `run --damro` "
                            "flags): reproduce damro needs them")
 
 
+def check_run_flags(args) -> None:
+    """The flags every run shares, checked once up front (else each benchmark's run would fail alike)."""
+    from . import harness
+    from ..pipeline import pick_device, pick_dtype
+    if args.batch_size < 1:
+        raise MinivarError(f"--batch-size must be ≥ 1, got {args.batch_size}")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise MinivarError(f"--max-new-tokens must be ≥ 1 for a benchmark run, got {args.max_new_tokens}")
+    if args.shard is not None:
+        harness.parse_shard(args.shard)
+    pick_dtype(args.dtype, pick_device(harness.run_device(args.device)))
+
+
 def _run_parser() -> argparse.ArgumentParser:
     from .__main__ import build_parser
-    parser = build_parser()
-    for action in parser._subparsers._group_actions:
-        if "run" in getattr(action, "choices", {}):
-            return action.choices["run"]
-    raise AssertionError("the run subcommand is missing")       # a bug, not bad input
+    return build_parser().run_parser
 
 
 def cmd_reproduce(args) -> int:
@@ -304,8 +317,7 @@ def cmd_reproduce(args) -> int:
         raise MinivarError(f"--data-root '{root}' is not a directory")
     run_parser = _run_parser()
     check_method_available(paper, run_parser)
-    if args.shard is not None:
-        harness.parse_shard(args.shard)
+    check_run_flags(args)
     prog = prog_name()
 
     found, skipped = [], []
@@ -378,7 +390,7 @@ def make_table(args, paper: Paper, entries: list[Entry], skipped: list[dict]) ->
                                                                 f"(rerun to make the table when they are done)"})
             continue
         compared = compare_runs(harness.load_runs([dirs["base"]]), harness.load_runs([dirs["method"]]),
-                                args.resamples, 0)
+                                args.resamples, 0, log=harness.stderr)
         base, method = flatten(metrics["base"]["metrics"]), flatten(metrics["method"]["metrics"])
         for rep in entry.reported:
             ci = compared["metrics"].get(rep.metric, {}).get("ci95", [None, None])
@@ -491,7 +503,7 @@ def dry_run(args, paper: Paper, found, skipped, prog) -> int:
 
     from . import harness
     from ..pipeline import pick_device, pick_dtype
-    dev = pick_device(harness.run_device(args.device))
+    dev = pick_device(harness.run_device(args.device))      # checked in check_run_flags
     dtype_bytes = torch.tensor([], dtype=pick_dtype(args.dtype, dev)).element_size()
     params = model_params(args.model)
     plan = []
