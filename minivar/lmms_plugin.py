@@ -35,7 +35,7 @@ What the model does with each request (the LLaVA-1.5 evaluation protocol unless 
     The continuation is tokenized as part of the whole text after "ASSISTANT:" (" yes" becomes "▁yes");
   * VAR: `var=true` applies Visual Attention Redistribution to both; `var_preset=general|hallucination|vision` sets ρ
     (0.8 / 0.5 / 0.9), and every VARConfig field can be set by name: `tau`, `rho`, `p`, `min_image_attention`,
-    `sink_dims` (`[1415,2533]`, `1415;2533` or `auto`), `layers` (`[0,1,2]`, `0;1;2` or the command line's `0-2`), and any field VARConfig
+    `sink_dims` (`[1415,2533]`, `1415;2533` or `auto`), `layers` (`[0,1,2]` or `0;1;2`), and any field VARConfig
     gains later. VAR args without var=true are an error;
   * batching: `--batch_size N` runs N requests with the same generation settings together (left-padded, each with
     its own VAR state; greedy answers equal those run one by one). One process: no multi-GPU data parallelism.
@@ -67,25 +67,16 @@ def manifest():
 # Model args → settings (plain functions: testable without a model)
 
 def _int_list(name: str, value) -> tuple[int, ...] | str:
-    """`[1,2]`, `1;2`, `1 2` or a single number (lmms-eval has already turned "7" into 7) → (1, 2); for `layers`
-    also the command line's range `A-B` (`0-3`, or mixed: `0-3;7`)."""
-    example = "[0,1,2], 0;1;2 or 0-2" if name == "layers" else "[1415,2533] or 1415;2533"
+    """`[1,2]`, `1;2`, `1 2` or a single number (lmms-eval has already turned "7" into 7) → (1, 2)."""
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise MinivarError(f"--model_args {name}={value!r} is not a list of integers like {example}")
+        raise MinivarError(f"--model_args {name}={value!r} is not a list of integers like [1415,2533] or 1415;2533")
     text = str(value).strip().strip("[]()")
     if name == "sink_dims" and text == "auto":
         return "auto"
     parts = [x for x in re.split(r"[,;\s]+", text) if x]
-    pattern = r"\d+(-\d+)?" if name == "layers" else r"\d+"
-    if not parts or not all(re.fullmatch(pattern, x) for x in parts):
-        raise MinivarError(f"--model_args {name}={value!r} is not a list of integers like {example}")
-    numbers = set()
-    for x in parts:
-        lo, _, hi = x.partition("-")
-        if hi and int(lo) > int(hi):
-            raise MinivarError(f"--model_args {name}={value!r}: the range {x} runs backwards")
-        numbers.update(range(int(lo), int(hi or lo) + 1))
-    return tuple(sorted(numbers))
+    if not parts or not all(re.fullmatch(r"\d+", x) for x in parts):
+        raise MinivarError(f"--model_args {name}={value!r} is not a list of integers like [1415,2533] or 1415;2533")
+    return tuple(sorted({int(x) for x in parts}))
 
 
 # model arg → the option name the command line's flag has (methods/options.py); both spellings are accepted
