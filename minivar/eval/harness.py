@@ -488,6 +488,11 @@ def run(bench, data: list[Path], out: Path, *, images: Path | None = None, model
         for m in gen.methods:
             m.check(pipeline)
 
+    if pipeline is None and previous is not None and settings["var"] is not None \
+            and previous.get("var_sink_dims_source") not in (None, "user"):
+        # nothing left to answer, so no finder ran: keep the dims the answers were made with
+        settings["var"], settings["var_sink_dims_source"] = previous["var"], previous["var_sink_dims_source"]
+
     # From here on the directory is written.
     out.mkdir(parents=True, exist_ok=True)
     if previous is not None and previous.get("limit") != limit:
