@@ -31,6 +31,7 @@ from .errors import MinivarError
 
 MIN_SIDE = 512                      # every picture is at least this long on its longer side
 SINK_MARK = (255, 0, 255)           # visual-sink outline colour (never produced by the grey panels it is drawn on)
+MASK_MARK = (0, 255, 255)           # masked-patch outline colour (cyan: not in the inferno map the heat uses)
 INK = (25, 25, 25)
 GREY = (120, 120, 120)
 BACKGROUND = (255, 255, 255)
@@ -324,10 +325,16 @@ def draw_attention(numbers: dict, view: Image.Image) -> Image.Image:
     colour = linear(INFERNO, 0.0, vmax)
     base = _grey(view, side)
     names = {"before": "before VAR", "after": "after VAR"} if numbers.get("var") else {"before": "no VAR"}
+    masked = masked_patches(numbers)
     panels = []
     for k in kinds:
         values = [attn[k][r * grid:(r + 1) * grid] for r in range(grid)]
         over = Image.blend(base, heat(values, colour, cell, cell), 0.65)
+        d = ImageDraw.Draw(over)
+        for p in masked:
+            r, c = divmod(p, grid)
+            d.rectangle([c * cell, r * cell, c * cell + cell - 1, r * cell + cell - 1], outline=MASK_MARK,
+                        width=2 if cell >= 6 else 1)
         share = sum(attn[k])
         panels.append(axes(over, title=f"{names[k]}: {100 * share:.1f}% of the attention on the image",
                            xlabel="patch column", ylabel="patch row",
@@ -335,13 +342,34 @@ def draw_attention(numbers: dict, view: Image.Image) -> Image.Image:
     panels.append(colorbar(side, colour, 0.0, vmax, "mean attention probability per patch"))
     body, _ = stack(panels, horizontal=True, gap=20)
     lo, hi = numbers["layer_range"]
+    lines, legend = attention_text(numbers)
+    return figure(f"Attention of the answer over the image, layers {lo}-{hi}", lines, body, legend)[0]
+
+
+def attention_text(numbers: dict) -> tuple[list[str], list[str]]:
+    """The attention picture's lines above (what is averaged, prompt, answer) and its legend lines below."""
+    lo, hi = numbers["layer_range"]
+    panels = sum(numbers["attention"].get(k) is not None for k in ("before", "after"))
     lines = [f"mean over {numbers['n_heads']} heads of layers {lo}-{hi} and {len(numbers['answer_rows'])} "
-             f"answer-token rows (the rows that produce the answer); one shared colour scale",
+             f"answer-token rows (the rows that produce the answer)"
+             + ("; both panels on one colour scale" if panels > 1 else ""),
              f"prompt: {numbers.get('prompt', '')}", f"answer: {numbers.get('answer', '')}"]
+    legend = ["Legend: bright = much attention on that patch; the colour scale is on the right."]
     if numbers.get("masked"):
         lines.append(f"masked: {numbers['masked']['kind'].replace('_', ' ')}")
-    return figure(f"Attention of the answer over the image, layers {lo}-{hi}", lines, body,
-                  ["Legend: bright = much attention on that patch; the colour scale is on the right."])[0]
+        legend.append(f"cyan square = masked patch ({len(masked_patches(numbers))} in layers {lo}-{hi}): its key "
+                      f"was masked, so no attention can reach it.")
+    return lines, legend
+
+
+def masked_patches(numbers: dict) -> list[int]:
+    """The image patches whose keys were masked in the picture's layer range (a random mask: in every layer)."""
+    masked = numbers.get("masked") or {}
+    patches = masked.get("patches", [])
+    if isinstance(patches, dict):               # visual sinks: per layer
+        lo, hi = numbers["layer_range"]
+        return sorted({p for layer in range(lo, hi + 1) for p in patches.get(str(layer), [])})
+    return sorted(set(patches))
 
 
 def draw_heads(numbers: dict) -> Image.Image:
@@ -466,6 +494,22 @@ def _write_atomic(path: Path, write) -> None:
         raise
 
 
+def shareable_model_name(model: str) -> str:
+    """What attention.json records as the model, without this machine's paths where a name says it: a downloaded
+    checkpoint's hub id (its .hub-id file), a folder of the weights dir by its name (`demo`); any other local folder
+    as given (the user's own path)."""
+    from .checkpoint import SOURCE_FILE, WEIGHTS_DIR
+    path = Path(model)
+    if not path.is_absolute() or not path.is_dir():
+        return model
+    if (path / SOURCE_FILE).is_file():
+        return (path / SOURCE_FILE).read_text().strip() or model
+    try:
+        return path.resolve().relative_to(Path(WEIGHTS_DIR).resolve()).as_posix()
+    except ValueError:
+        return model
+
+
 def save(directory, numbers: dict, view: Image.Image) -> list[Path]:
     """Draw every picture (in memory first), then write the PNGs and attention.json into `directory`."""
     d = check_directory(directory)
@@ -473,6 +517,8 @@ def save(directory, numbers: dict, view: Image.Image) -> list[Path]:
     buf = io.BytesIO()
     view.save(buf, format="PNG", optimize=True)
     payload = dict(numbers, image_png_base64=base64.b64encode(buf.getvalue()).decode("ascii"))
+    if "model" in payload:
+        payload["model"] = shareable_model_name(payload["model"])
     text = json.dumps(payload, separators=(",", ":"))
     try:
         d.mkdir(parents=True, exist_ok=True)
@@ -494,9 +540,21 @@ def load_numbers(path) -> tuple[dict, Image.Image]:
     return numbers, view
 
 
+USAGE = "usage: python -m minivar.viz attention.json [OUT_DIR]"
+HELP = f"""{USAGE}
+
+Redraw the pictures of a --save-attention run from its attention.json (the numbers and the image as the model saw
+it) into OUT_DIR (default: the folder of attention.json; created if needed): visual_sinks_on_image.png,
+answer_attention_layers<lo>-<hi>.png, heads_image_attention.png, sink_scores_phi.png. Each file is written under a
+temporary name and renamed, so a failure leaves no half-written picture. See docs/pictures.md."""
+
+
 def main(argv=None) -> int:
     """Redraw the pictures from an attention.json: python -m minivar.viz attention.json [OUT_DIR]."""
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("-h", "--help"):
+        print(HELP)
+        return 0
     if not 1 <= len(argv) <= 2:
         print("minivar: error: expected an attention.json and at most an output folder "
               "(usage: python -m minivar.viz attention.json [OUT_DIR])", file=sys.stderr)

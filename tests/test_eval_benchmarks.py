@@ -397,10 +397,11 @@ def test_mme_bad_inputs(tmp_path):
     (root / "OCR" / "0001.txt").write_text("Is it? Please answer yes or no.\tYes\n")
     with pytest.raises(MinivarError, match=r"MME image OCR/0001\.jpg has 1 questions \(expected 2\)"):
         get("mme").read([root], need_images=False)
+    (root / "OCR" / "0001.txt").write_text("Is it? Please answer yes or no.\tYes\nIs it? Please answer yes or no.\tNo\n")
     import shutil
-    shutil.rmtree(root / "landmark")
-    with pytest.raises(MinivarError, match="MME subtask folder 'landmark' is missing"):
-        get("mme").read([root], need_images=False)
+    shutil.rmtree(root / "landmark")       # a subset of the subtasks runs, with a warning (tests/test_eval_trust.py)
+    with pytest.warns(UserWarning, match="landmark"):
+        assert len(get("mme").read([root], need_images=False)) == 26
     (tmp_path / "empty").mkdir()
     with pytest.raises(MinivarError, match="not an MME folder"):
         get("mme").read([tmp_path / "empty"])

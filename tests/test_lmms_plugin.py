@@ -88,6 +88,17 @@ def test_var_model_args():
     assert var_config(var=True, layers="[0,1,2]").layers == (0, 1, 2)
 
 
+def test_layers_take_the_command_lines_range_too():
+    """Issue 19, defect 17: `layers` accepts the CLI's `A-B` (`--var-layers 0-3`) as well as its own lists."""
+    for given in ("0-3", "0;1;2;3", "[0,1,2,3]", "0 1 2 3"):
+        assert var_config(var=True, layers=given).layers == (0, 1, 2, 3), given
+        assert var_config(var=True, var_layers=given).layers == (0, 1, 2, 3), given     # the CLI's option name
+    assert var_config(var=True, layers="2").layers == (2,)
+    for bad in ("3-1", "0-", "-2", "a-b", "0-1;2-3"):
+        with pytest.raises(MinivarError, match="layers"):
+            var_config(var=True, layers=bad)
+
+
 @pytest.mark.parametrize("args, names", [
     ({"var_preset": "general"}, ["var_preset", "var=true"]),
     ({"rho": 0.5}, ["rho", "var=true"]),

@@ -52,7 +52,7 @@ def test_the_commands_and_extras(pyproject):
     assert project["scripts"] == {"minivar": "minivar.cli:main", "minivar-eval": "minivar.eval.__main__:main"}
     assert project["entry-points"]["lmms_eval.models"] == {"minivar": "minivar.lmms_plugin:manifest"}
     extras = project["optional-dependencies"]
-    assert "lmms-eval==0.7.3" in extras["lmms"] and "transformers==5.23.0" in extras["test"]
+    assert "transformers==5.23.0" in extras["test"]     # the lmms extra: test_lmms_extra_agrees_with_the_docs
     assert {"pyarrow", "tqdm", "nltk"} <= set(extras["eval"])
     runtime = {re.split(r"[<>=!~ ]", d)[0] for d in project["dependencies"]}
     assert runtime == {"torch", "numpy", "safetensors", "tokenizers", "pillow", "huggingface-hub"}   # design rule
@@ -140,3 +140,39 @@ def test_no_tracked_file_is_git_ignored():
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == ""
+
+
+def requirement_lines(path: Path) -> list[str]:
+    return [re.sub(r"\s+", "", line.split("#")[0]) for line in path.read_text().splitlines()
+            if line.split("#")[0].strip()]
+
+
+def test_lmms_extra_agrees_with_the_docs(pyproject):
+    """Issue 19, defect 4: the `lmms` extra must not install lmms-eval with its dependency list (torch, torchvision,
+    ... would replace minivar's torch): it is what requirements-lmms.txt lists, and the documented install puts
+    lmms-eval on top with --no-deps."""
+    extra = [re.sub(r"\s+", "", d) for d in pyproject["project"]["optional-dependencies"]["lmms"]]
+    assert extra == requirement_lines(REPO / "requirements-lmms.txt")
+    names = {re.split(r"[<>=!~\[ ]", d)[0].lower() for d in extra}
+    assert not names & {"lmms-eval", "lmms_eval", "torch", "torchvision", "transformers", "tokenizers", "numpy"}
+    doc = (REPO / "docs" / "lmms-eval.md").read_text()
+    installs = [line for line in doc.splitlines() if line.startswith("pip install")]
+    assert any('".[lmms]"' in line and "pip install --no-deps lmms-eval==0.7.3" in line for line in installs)
+    for text in (doc, (REPO / "README.md").read_text(), (REPO / ".ci" / "run").read_text()):
+        for command in re.findall(r"pip install[^\n&|;`]*lmms-eval[^\n&|;`]*", text):
+            assert "--no-deps" in command, command
+
+
+def test_plugin_weights_dir_default_is_documented_as_it_is(tmp_path, monkeypatch):
+    """Issue 19, defect 17: docs/lmms-eval.md's `weights_dir` default is minivar's: `weights/` in a clone, the
+    user's cache (~/.cache/minivar) for an installed package, $MINIVAR_WEIGHTS over both."""
+    from minivar import checkpoint
+    row = next(line for line in (REPO / "docs" / "lmms-eval.md").read_text().splitlines()
+               if line.startswith("| `weights_dir`"))
+    monkeypatch.delenv("MINIVAR_WEIGHTS", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert checkpoint.default_weights_dir(tmp_path / "site-packages") == tmp_path / ".cache" / "minivar"
+    assert checkpoint.default_weights_dir(REPO) == REPO / "weights"
+    assert "`~/.cache/minivar` for an installed package" in row and "`weights/` in a clone" in row
+    assert "`$MINIVAR_WEIGHTS`" in row

@@ -282,3 +282,64 @@ def test_a_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
     assert [f.name for f in files] == ["visual_sinks_on_image.png"]        # complete files only, no temp names
     monkeypatch.setattr(Image.Image, "save", real_save)
     check_picture(files[0])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Issue 19 (defects 8 and 17): help, legends, shareable numbers, the docs' command
+
+def test_viz_help(capsys):
+    assert viz.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python -m minivar.viz attention.json [OUT_DIR]") and "Redraw" in out
+    import subprocess
+    import sys
+    got = subprocess.run([sys.executable, "-m", "minivar.viz", "-h"], capture_output=True, text=True, cwd=REPO)
+    assert got.returncode == 0 and got.stdout.startswith("usage:") and got.stderr == ""
+
+
+def test_masked_patches_have_a_legend_entry_and_marks():
+    numbers = synthetic_numbers(var=False)
+    view = synthetic_view()
+    plain = np.asarray(viz.draw_attention(numbers, view))
+    assert not np.all(plain == viz.MASK_MARK, axis=-1).any()
+    numbers["masked"] = {"kind": "visual_sinks", "patches": {"1": [3, 40], "2": [40, 575], "5": [7]}}
+    lines, legend = viz.attention_text(numbers)
+    assert any(line.startswith("cyan square = masked patch (3 in layers 1-2)") for line in legend)
+    marked = np.asarray(viz.draw_attention(numbers, view))
+    assert np.all(marked == viz.MASK_MARK, axis=-1).sum() > 3 * 4 * 14     # three patch outlines, ≥ 1 px wide
+    numbers["masked"] = {"kind": "random_image_tokens", "n": 2, "seed": 0, "patches": [5, 9]}
+    assert "(2 in layers 1-2)" in viz.attention_text(numbers)[1][1]
+
+
+def test_one_panel_has_no_shared_scale():
+    one = viz.attention_text(synthetic_numbers(var=False))[0][0]
+    two = viz.attention_text(synthetic_numbers(var=True))[0][0]
+    assert "shared" not in one and "both panels" not in one
+    assert "both panels on one colour scale" in two
+
+
+def test_attention_json_names_no_machine_path(demo_env, tmp_path):
+    committed = json.loads((REPO / "docs" / "img" / "attention.json").read_text())
+    strings = [v for v in committed.values() if isinstance(v, str) and v != committed["image_png_base64"]]
+    assert committed["model"] == "demo" and not any(s.startswith("/") or ":\\" in s for s in strings)
+    assert viz.shareable_model_name(str(demo_env / "demo")) == "demo"          # a folder of the weights dir
+    hub = tmp_path / "llava-1.5-7b-hf"
+    hub.mkdir()
+    (hub / ".hub-id").write_text("llava-hf/llava-1.5-7b-hf\n")
+    assert viz.shareable_model_name(str(hub)) == "llava-hf/llava-1.5-7b-hf"
+    assert viz.shareable_model_name(str(tmp_path)) == str(tmp_path)            # the user's own folder, as given
+    assert viz.shareable_model_name("demo") == "demo"
+
+
+def test_the_documented_picture_command_writes_no_tracked_file():
+    import re
+    import shutil
+    import subprocess
+    text = (REPO / "docs" / "pictures.md").read_text()
+    targets = re.findall(r"--save-attention\s+(\S+)", text.split("```bash", 1)[1].split("```", 1)[0])
+    assert targets
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    for target in targets:
+        tracked = subprocess.run(["git", "ls-files", "--", target], capture_output=True, text=True, cwd=REPO).stdout
+        assert tracked == "", (target, tracked)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -20,6 +21,14 @@ from .. import DEFAULT_MODEL
 from ..errors import MinivarError, run_command
 
 BENCHMARK_NAMES = ("pope", "mme", "chair", "mmvp", "cvbench", "gqa")
+MODEL_HELP = (f"hub id, a local checkpoint directory, or 'demo' (tiny random, offline); default {DEFAULT_MODEL}, "
+              f"a 14 GB download on first use")
+MAX_NEW_TOKENS_HELP = "POPE, MME, GQA 128; CHAIR, MMVP, CV-Bench 512"
+LIMIT_HELP = ("only the first N questions, in the order the data files list them (a quick check; a finished run "
+              "never shrinks: a smaller --limit on it is refused)")
+DEVICE_HELP = ("auto (default: cuda if there is one, else cpu) | cpu | cuda | cuda:K; under torchrun auto and cuda "
+               "mean cuda:LOCAL_RANK where CUDA is available, and auto means cpu where it is not")
+DTYPE_HELP = "auto (default: float16 on CUDA, bfloat16 on CPU) | float32 | float16 | bfloat16"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -28,10 +37,18 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def prog_name(argv0: str | None = None) -> str:
+    """The command as the user typed it, for usage lines and hints: `minivar-eval` (the installed script) or
+    `python -m minivar.eval` (anything else: `-m` makes argv[0] this file's path)."""
+    name = os.path.basename(sys.argv[0] if argv0 is None else argv0)
+    return "minivar-eval" if name.startswith("minivar-eval") else "python -m minivar.eval"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m minivar.eval", allow_abbrev=False,
+    from . import reproduce
+    p = _Parser(prog=prog_name(), allow_abbrev=False,
                 description="Evaluate LLaVA-1.5 (with or without VAR) on POPE, MME, CHAIR, MMVP, CV-Bench, GQA.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{run,score,compare,download}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{run,score,compare,download,reproduce}")
 
     r = sub.add_parser("run", allow_abbrev=False, help="answer a benchmark's questions into a run directory",
                        description="Answer a benchmark's questions into --out (resumable: rerun the same command).")
@@ -39,8 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--data", nargs="+", required=True, type=Path, metavar="PATH", help="the benchmark's files or folder")
     r.add_argument("--images", type=Path, default=None, metavar="DIR", help="the image folder, where not in --data")
     r.add_argument("--out", required=True, type=Path, metavar="DIR", help="the run directory (created; resumed)")
-    r.add_argument("--model", default=DEFAULT_MODEL,
-                   help="hub id, a local checkpoint directory, or 'demo' (tiny random, offline)")
+    r.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
     v = r.add_argument_group("VAR (as in run.py; --var without --var-preset takes the benchmark's preset)")
     v.add_argument("--var", action="store_true", help="apply VAR")
     v.add_argument("--var-preset", choices=["general", "hallucination", "vision"], default=None,
@@ -58,18 +74,22 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--var-layers", metavar="A-B", default=None,
                    help="the layers VAR may modify (default: the rule's, paper 0..L−2, official 2..L−1)")
     g = r.add_argument_group("generation (default: the benchmark's LLaVA-1.5 evaluation settings; greedy)")
-    g.add_argument("--conv-mode", choices=["vicuna_v1", "llava_hf"], default=None)
-    g.add_argument("--image-aspect-ratio", choices=["pad", "crop"], default=None)
-    g.add_argument("--max-new-tokens", type=int, default=None)
+    g.add_argument("--conv-mode", choices=["vicuna_v1", "llava_hf"], default=None,
+                   help="prompt template: vicuna_v1 (LLaVA-1.5's evaluation, the default) or llava_hf (the hub "
+                        "model card's)")
+    g.add_argument("--image-aspect-ratio", choices=["pad", "crop"], default=None,
+                   help="pad: pad to square with the CLIP mean colour (LLaVA-1.5's, the default); crop: centre crop")
+    g.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
+                   help=f"most tokens per answer (default: the benchmark's, {MAX_NEW_TOKENS_HELP})")
     g.add_argument("--prompt-tokenization", choices=["llava", "official"], default="llava",
                    help="llava (default) or official: the prompt ids as the VAR authors' released code builds them")
     e = r.add_argument_group("execution")
     e.add_argument("--batch-size", type=int, default=8, help="questions about one image answered together (default 8)")
-    e.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N questions")
+    e.add_argument("--limit", type=int, default=None, metavar="N", help=LIMIT_HELP)
     e.add_argument("--shard", default=None, metavar="I/N",
                    help="run part I of N (0-based; split by image); under torchrun RANK/WORLD_SIZE give it")
-    e.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:K (under torchrun auto and cuda mean cuda:LOCAL_RANK)")
-    e.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto")
+    e.add_argument("--device", default="auto", help=DEVICE_HELP)
+    e.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto", help=DTYPE_HELP)
     e.add_argument("--json", action="store_true", help="print the metrics as one JSON object when the run is complete")
     e.add_argument("--partial", action="store_true", help="print the metrics of the answers so far even if incomplete")
 
@@ -78,31 +98,66 @@ def build_parser() -> argparse.ArgumentParser:
                                    "file in LLaVA's or the VAR code's format.")
     s.add_argument("runs", nargs="*", type=Path, metavar="RUN_DIR")
     s.add_argument("--bench", default=None, help="score --answers FILE against --data of this benchmark")
-    s.add_argument("--data", nargs="+", type=Path, default=None, metavar="PATH")
+    s.add_argument("--data", nargs="+", type=Path, default=None, metavar="PATH",
+                   help="with --bench: the benchmark's files or folder, as `run --data` takes them")
     s.add_argument("--questions", type=Path, default=None, metavar="FILE",
                    help="the question file the answers were made from (POPE: llava_pope_test.jsonl)")
-    s.add_argument("--answers", type=Path, default=None, metavar="FILE")
+    s.add_argument("--answers", type=Path, default=None, metavar="FILE",
+                   help="with --bench: the answer file to score (LLaVA's model_vqa_loader or the VAR code's format)")
     s.add_argument("--json", action="store_true", help="print one JSON object {bench, n, metrics}")
     s.add_argument("--partial", action="store_true", help="score an incomplete run's answers")
 
     c = sub.add_parser("compare", allow_abbrev=False, help="compare two runs (paired bootstrap intervals)",
-                       description="B − A for every metric, with a 95%% paired-bootstrap interval.")
+                       description="B − A for every metric, with a 95% paired-bootstrap interval.")
     c.add_argument("run_a", type=Path, metavar="RUN_DIR_A")
     c.add_argument("run_b", type=Path, metavar="RUN_DIR_B")
-    c.add_argument("--resamples", type=int, default=1000)
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    c.add_argument("--seed", type=int, default=0, help="the bootstrap's random seed (default 0)")
     c.add_argument("--json", action="store_true", help="print one JSON object")
 
     d = sub.add_parser("download", allow_abbrev=False, help="fetch a benchmark's hub copy into data/BENCH")
     d.add_argument("bench", metavar="BENCH", help=f"one of {', '.join(BENCHMARK_NAMES)}")
     d.add_argument("--to", type=Path, default=None, metavar="DIR", help="target folder (default data/BENCH)")
+
+    reproduce.add_parser(sub)
+    p.run_parser = r            # reproduce checks which flags `run` takes (the methods this build has)
     return p
+
+
+RESUME = "rerun the same command to resume"
+
+
+class Terminated(Exception):
+    """SIGTERM (what Slurm and `timeout` send) arrived: ended like Ctrl-C, with exit code 143."""
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    commands = {"run": cmd_run, "score": cmd_score, "compare": cmd_compare, "download": cmd_download}
-    return run_command(commands[args.command], args, "minivar: interrupted (rerun the same command to resume)")
+    from .harness import cli_logging
+    from .reproduce import cmd_reproduce
+    commands = {"run": cmd_run, "score": cmd_score, "compare": cmd_compare, "download": cmd_download,
+                "reproduce": cmd_reproduce}
+
+    def work(a):
+        try:
+            return commands[a.command](a)
+        except Terminated:
+            print(f"minivar: terminated (SIGTERM): {RESUME}", file=sys.stderr)
+            return 143
+
+    def on_sigterm(signum, frame):
+        raise Terminated()
+
+    import signal
+    import threading
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if in_main else None
+    try:
+        with cli_logging():
+            return run_command(work, args, f"minivar: interrupted ({RESUME})")
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def method_settings(args, bench):
@@ -121,6 +176,15 @@ def var_settings(args, bench):
 
 
 def cmd_run(args) -> int:
+    result = execute_run(args)
+    if result is not None:
+        show(result, args.json)
+    return 0
+
+
+def execute_run(args) -> dict | None:
+    """What `run` does with its parsed flags, without printing the result: harness.run's return value.
+    (`reproduce` makes its runs through here, so they are exactly the runs `run` makes.)"""
     from . import harness
     bench = harness.get_benchmark(args.bench)
     from minivar.methods.options import var_of
@@ -133,9 +197,7 @@ def cmd_run(args) -> int:
                          max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, limit=args.limit, shard=shard,
                          device=args.device, dtype=args.dtype, partial=args.partial,
                          prompt_tokenization=args.prompt_tokenization)
-    if result is not None:
-        show(result, args.json)
-    return 0
+    return result
 
 
 def cmd_score(args) -> int:
@@ -172,7 +234,8 @@ def cmd_compare(args) -> int:
     if args.json:
         print(json.dumps(result))
         return 0
-    print(f"{result['bench']}: {result['n']} questions, {result['answers_changed']} answers changed; "
+    changed = result["answers_changed"]
+    print(f"{result['bench']}: {result['n']} questions, {changed} answer{'' if changed == 1 else 's'} changed; "
           f"B − A with 95% paired-bootstrap intervals ({result['resamples']} resamples, seed {result['seed']})")
     print(f"  A = {result['a']}\n  B = {result['b']}")
     width = max(len(k) for k in result["metrics"]) if result["metrics"] else 6
@@ -186,8 +249,9 @@ def cmd_compare(args) -> int:
 
 def cmd_download(args) -> int:
     from .download import download
-    download(args.bench, args.to)
-    return 0
+    # CHAIR and GQA have no hub copy: their sources are printed and nothing is downloaded, which a script must not
+    # take for success.
+    return 0 if download(args.bench, args.to, prog=prog_name()) is not None else 1
 
 
 def show(result: dict, as_json: bool) -> None:

@@ -29,14 +29,15 @@ OFFICIAL_ONLY = {
 }
 
 
-def download(bench: str, to: Path | None = None, snapshot=None, log=None) -> Path | None:
+def download(bench: str, to: Path | None = None, snapshot=None, log=None,
+             prog: str = "python -m minivar.eval") -> Path | None:
     """Download `bench`'s hub copy into `to` (default data/<bench>) and return it; None for CHAIR and GQA, whose
-    sources are printed instead (log: where messages go, default stderr). snapshot: huggingface_hub's
-    snapshot_download (a parameter for tests)."""
+    sources are printed instead (log: where messages go, default the harness's logger). snapshot: huggingface_hub's
+    snapshot_download (a parameter for tests); prog: the command named in the hint printed at the end."""
     if log is None:
         from .harness import stderr as log
     if bench in OFFICIAL_ONLY:
-        log(OFFICIAL_ONLY[bench] + ".")
+        log(OFFICIAL_ONLY[bench] + "; nothing was downloaded.")
         return None
     if bench not in HUB_COPIES:
         known = ", ".join(sorted(HUB_COPIES) + sorted(OFFICIAL_ONLY))
@@ -58,7 +59,7 @@ def download(bench: str, to: Path | None = None, snapshot=None, log=None) -> Pat
     if not target.is_dir() or not any(p.is_file() and ".cache" not in p.parts for p in target.rglob("*")):
         _forget(target, fresh)
         raise MinivarError(f"could not download '{repo_id}' (no files arrived); {hint}")
-    log(f"{what}: in {target}. Run it with: python -m minivar.eval run {bench} --data {target} --out runs/{bench}")
+    log(f"{what}: in {target}. Run it with: {prog} run {bench} --data {target} --out runs/{bench}")
     return target
 
 

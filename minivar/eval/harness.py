@@ -7,8 +7,10 @@ A run directory (--out) holds
     answers-I-of-N.jsonl   the same for shard I of N (0-based: --shard I/N, or torchrun's RANK/WORLD_SIZE)
     metrics.json           {"bench", "n", "metrics"}, written atomically once every question has an answer
 
-Resuming: running the same command again skips the questions already answered. A line cut off by a kill (no
-newline at its end) is dropped and its question asked again.
+Resuming: running the same command again skips the questions already answered, and says how many it kept. A line
+cut off by a kill (no newline at its end) is dropped and its question asked again (the resume says so). A run may
+grow to a larger --limit, never shrink: a smaller --limit on an existing run is refused (its metrics.json and the
+answers kept would describe different question sets).
 
 Which settings change answers (a resume must match them, else it is refused naming the setting): the benchmark,
 the questions (a fingerprint of ids, prompts and image keys: moving the data folder is fine, changing it is not),
@@ -27,10 +29,12 @@ import dataclasses
 import hashlib
 import inspect
 import json
+import logging
 import os
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,8 +53,38 @@ FLAGS = {"benchmark": "BENCH", "questions": "the questions in --data", "model": 
          "batch_size": "--batch-size", "limit": "--limit", "prompt_tokenization": "--prompt-tokenization"}
 
 
+LOG = logging.getLogger("minivar.eval")
+
+
 def stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    """A progress or status message: logged (logger "minivar.eval", level INFO) without its "minivar: " prefix.
+    From Python nothing is printed unless logging is configured; the command line (__main__) prints them on stderr
+    as "minivar: ..." (see `cli_logging`)."""
+    LOG.info(message.removeprefix("minivar: "))
+
+
+class cli_logging:
+    """While a command line runs: the harness's messages on (the current) stderr as "minivar: <message>", and
+    Python warnings from minivar as "minivar: warning: <message>"; both restored afterwards."""
+
+    def __enter__(self):
+        self.handler = logging.StreamHandler(sys.stderr)
+        self.handler.setFormatter(logging.Formatter("minivar: %(message)s"))
+        self.level, self.propagate = LOG.level, LOG.propagate
+        LOG.addHandler(self.handler)
+        LOG.setLevel(logging.INFO)
+        LOG.propagate = False
+        self.showwarning = warnings.showwarning
+        warnings.showwarning = lambda message, *a, **k: print(f"minivar: warning: {message}", file=sys.stderr,
+                                                               flush=True)
+        return self
+
+    def __exit__(self, *exc):
+        self.handler.flush()
+        LOG.removeHandler(self.handler)
+        LOG.setLevel(self.level)
+        LOG.propagate = self.propagate
+        warnings.showwarning = self.showwarning
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -169,9 +203,15 @@ def torchrun_shard(env=os.environ) -> tuple[int, int] | None:
     return parse_shard(f"{env['RANK']}/{env['WORLD_SIZE']}")
 
 
-def run_device(device: str, env=os.environ) -> str:
-    """--device auto (or cuda) under torchrun means this process's GPU, cuda:LOCAL_RANK."""
+def run_device(device: str, env=os.environ, cuda: bool | None = None) -> str:
+    """--device auto (or cuda) under torchrun means this process's GPU, cuda:LOCAL_RANK; where there is no CUDA
+    (`cuda`: whether there is, default torch's answer) auto means the CPU, as it does without torchrun."""
     if device in ("auto", "cuda") and "WORLD_SIZE" in env and "LOCAL_RANK" in env:
+        if cuda is None:
+            import torch
+            cuda = torch.cuda.is_available()
+        if device == "auto" and not cuda:
+            return "cpu"
         return f"cuda:{int(env['LOCAL_RANK'])}"
     return device
 
@@ -409,6 +449,11 @@ def run(bench, data: list[Path], out: Path, *, images: Path | None = None, model
             top = diff.split(".")[0]
             raise MinivarError(f"--out '{out}' holds a run with other settings: {diff} differs ({FLAGS[top]}); "
                                f"rerun with the same settings to resume it, or use another --out")
+    if previous is not None and len(selected_ids(questions, limit)) < len(selected_ids(questions, previous.get("limit"))):
+        was = "no --limit" if previous.get("limit") is None else f"--limit {previous['limit']}"
+        raise MinivarError(f"--out '{out}' holds a run of {len(selected_ids(questions, previous.get('limit')))} "
+                           f"questions ({was}): --limit {limit} would shrink it; a run never shrinks: rerun with "
+                           f"{was}, or use another --out for the smaller run")
     known = {q.question_id for q in questions}
     mine_file = answers_file(out, shard)
     done = read_answers(mine_file, known) if mine_file.is_file() else {}
@@ -441,13 +486,24 @@ def run(bench, data: list[Path], out: Path, *, images: Path | None = None, model
         for m in gen.methods:
             m.check(pipeline)
 
+    if pipeline is None and previous is not None and settings["var"] is not None \
+            and previous.get("var_sink_dims_source") not in (None, "user"):
+        # nothing left to answer, so no finder ran: keep the dims the answers were made with
+        settings["var"], settings["var_sink_dims_source"] = previous["var"], previous["var_sink_dims_source"]
+
     # From here on the directory is written.
     out.mkdir(parents=True, exist_ok=True)
     if previous is not None and previous.get("limit") != limit:
         (out / METRICS_FILE).unlink(missing_ok=True)     # it scored another selection of questions
     write_json_atomic(out / RUN_FILE, (previous or {}) | settings)
     if mine_file.is_file():
+        torn = not mine_file.read_bytes().endswith(b"\n") and mine_file.stat().st_size > 0
         read_answers(mine_file, known, repair=True)     # drop a line cut off by a kill
+        if previous is not None:
+            log(f"minivar: resuming {out}: kept the {len(done)} answers in {mine_file.name}"
+                + ("; dropped a line cut off by a kill (its question is asked again)" if torn else "")
+                + f"; {sum(q.question_id in wanted and q.question_id not in done for g in todo_groups for q in g)} "
+                  f"questions to answer")
 
     if todo_groups:
         by_id = {q.question_id: q for q in questions}

@@ -43,9 +43,17 @@ def read_jsonl(path: Path) -> list[tuple[int, dict]]:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise MinivarError(f"{path}:{lineno}: not a JSON object ({e.msg})") from None
+            if line.lstrip().startswith("["):
+                raise MinivarError(f"{path}:{lineno}: a JSON array; this file must be JSON Lines, one JSON object "
+                                   f"per line") from None
+            raise MinivarError(f"{path}:{lineno}: not a JSON object ({e.msg}); this file must be JSON Lines, one "
+                               f"JSON object per line") from None
+        if isinstance(obj, list):
+            raise MinivarError(f"{path}:{lineno}: a JSON array; this file must be JSON Lines, one JSON object per "
+                               f"line")
         if not isinstance(obj, dict):
-            raise MinivarError(f"{path}:{lineno}: not a JSON object")
+            raise MinivarError(f"{path}:{lineno}: not a JSON object; this file must be JSON Lines, one JSON object "
+                               f"per line")
         rows.append((lineno, obj))
     return rows
 
