@@ -8,9 +8,10 @@ __version__ = "0.1.0"        # the one place it is written: pyproject.toml reads
 __all__ = ["DEFAULT_MODEL", "MinivarError", "__version__", "load"]
 
 
-def load(model: str = DEFAULT_MODEL, *, device: str = "auto", dtype="auto", weights_dir=None):
+def load(model: str = DEFAULT_MODEL, *, device: str = "auto", dtype="auto", weights_dir=None, image_options=None):
     """Resolve a checkpoint (a local directory, a hub id, or "demo"), load it strictly and return a ready
     minivar.pipeline.Pipeline. device: auto | cpu | cuda; dtype: auto (fp16 on CUDA, bf16 on CPU) | float32 |
-    float16 | bfloat16. (torch is imported here, on first use, so `import minivar` stays light.)"""
+    float16 | bfloat16; image_options: the family's image settings (Qwen2-VL: min_pixels, max_pixels). (torch is
+    imported here, on first use, so `import minivar` stays light.)"""
     from .pipeline import load as _load
-    return _load(model, device=device, dtype=dtype, weights_dir=weights_dir)
+    return _load(model, device=device, dtype=dtype, weights_dir=weights_dir, image_options=image_options)

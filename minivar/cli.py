@@ -17,6 +17,7 @@ import unicodedata
 
 
 from minivar import DEFAULT_MODEL  # (minivar/__init__.py imports no torch)
+from minivar.flags import CONV_MODES, IMAGE_MODES, add_contrastive_flags  # (no torch either)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -49,11 +50,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when sampling (default: 1.0)")
     p.add_argument("--seed", type=int, default=None,
                    help="seed for sampling and --mask-random-image-tokens (default: none for sampling, 0 for masking)")
-    p.add_argument("--conv-mode", choices=["vicuna_v1", "llava_hf"], default="vicuna_v1",
+    p.add_argument("--conv-mode", choices=CONV_MODES, default=None,
                    help="prompt template: vicuna_v1 = LLaVA-1.5's evaluation, with its system prompt; llava_hf = the "
-                        "llava-hf model card's (default: vicuna_v1)")
-    p.add_argument("--image-aspect-ratio", choices=["pad", "crop"], default="pad",
-                   help="pad: LLaVA-1.5 evaluation; crop: llava-hf processor (default: pad)")
+                        "llava-hf model card's; mistral_instruct = LLaVA-NeXT-Mistral's; qwen = Qwen2-VL's Instruct "
+                        "chat (default: the model's own: vicuna_v1, mistral_instruct for LLaVA-NeXT-Mistral, qwen "
+                        "for Qwen2-VL / Qwen2.5-VL)")
+    p.add_argument("--image-aspect-ratio", choices=IMAGE_MODES, default=None,
+                   help="pad: LLaVA-1.5 evaluation; crop: llava-hf processor; anyres: LLaVA-NeXT's tiles; "
+                        "smart_resize: Qwen2-VL's (default: the model's own: pad, anyres, smart_resize)")
+    p.add_argument("--min-pixels", type=int, default=None,
+                   help="Qwen2-VL / Qwen2.5-VL: the fewest pixels an image is resized to (default: the checkpoint's "
+                        "preprocessor_config.json)")
+    p.add_argument("--max-pixels", type=int, default=None,
+                   help="Qwen2-VL / Qwen2.5-VL: the most pixels an image is resized to, which caps its tokens at "
+                        "max_pixels / 784 (default: the checkpoint's preprocessor_config.json; the hub's 12,845,056 "
+                        "allows 16,384 tokens)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto = cuda if available)")
     p.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto",
                    help="default: auto = float16 on CUDA, bfloat16 on CPU")
@@ -86,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="all: every head of the touched rows, the paper's ablation (default: image-centric)")
     v.add_argument("--var-layers", metavar="A-B", default=None,
                    help="the layers VAR may modify (default: the rule's, paper 0..L−2, official 2..L−1)")
+    add_contrastive_flags(p)
     i = p.add_argument_group("looking inside (pictures, sink removal; see docs/pictures.md)")
     i.add_argument("--save-attention", metavar="DIR", default=None,
                    help="write PNG pictures of sinks and attention, and their numbers (attention.json), into DIR "
@@ -107,15 +119,15 @@ def var_config(args):
     pictures and sink masking use). The VAR-only flags without --var are an error; --tau / --sink-dims without --var
     serve the pictures and masking alone."""
     methods, rule = method_settings(args)
-    from minivar.methods.options import var_of
+    from minivar.flags import var_of
     return var_of(methods), rule
 
 
 def method_settings(args):
     """(the methods the flags ask for, the pictures' sink rule): the translation minivar-eval and the lmms-eval
-    plugin share (methods/options.py)."""
-    from minivar.methods.options import VAR_OPTIONS, methods_from_options
-    opts = {k: getattr(args, k) for k in ("var",) + VAR_OPTIONS}
+    plugin share (flags.py)."""
+    from minivar.flags import DAMRO_OPTIONS, VAR_OPTIONS, VCD_OPTIONS, methods_from_options
+    opts = {k: getattr(args, k) for k in ("var", "seed") + VAR_OPTIONS + DAMRO_OPTIONS + VCD_OPTIONS}
     return methods_from_options(opts, sinks_used=args.save_attention is not None or args.mask_visual_sinks)
 
 
@@ -182,12 +194,13 @@ def run(args, extra_methods=()) -> int:
         raise MinivarError(f"--max-new-tokens must be ≥ 1, got {args.max_new_tokens}")
     methods, rule = method_settings(args)
     methods = methods + list(extra_methods)
-    from minivar.methods.options import var_of
+    from minivar.flags import var_of
     var = var_of(methods)
     image = processing.load_image(args.image)
     inspection = RunInspection.from_args(args)       # --save-attention / --mask-*: None when not asked for
 
-    llava = minivar.load(args.model, device=args.device, dtype=args.dtype)
+    llava = minivar.load(args.model, device=args.device, dtype=args.dtype,
+                         image_options={"min_pixels": args.min_pixels, "max_pixels": args.max_pixels})
     # The request is prepared once, before any status line: what depends on the model (its context length, hidden
     # size, VAR's sink dims — the finder may run now) is checked there, so bad input of any kind gives exactly one
     # line on stderr. The finder's report is printed after the status line. Without --var, the sink sets of the
@@ -195,7 +208,8 @@ def run(args, extra_methods=()) -> int:
     capture, mask = inspection.hooks(llava, var) if inspection is not None else (None, None)
     notes = []
     request = llava.prepare([image], [args.prompt], conv_mode=args.conv_mode,
-                            image_aspect_ratio=args.image_aspect_ratio, max_new_tokens=args.max_new_tokens, methods=methods,
+                            image_aspect_ratio=args.image_aspect_ratio, max_new_tokens=args.max_new_tokens,
+                            methods=methods,
                             sink_config=rule if var is None else None, capture=capture, mask=mask,
                             warn=notes.append, prompt_tokenization=args.prompt_tokenization)
     print(f"minivar: loaded {args.model} in {llava.load_s:.2f}s on {llava.device} "
@@ -221,7 +235,8 @@ def run(args, extra_methods=()) -> int:
           file=sys.stderr)
     for name, report in out.reports.items():         # one status line per method
         print(var_summary(report) if name == "var" else f"minivar: {name}: {json.dumps(report)}", file=sys.stderr)
-    inspected = inspection.finish(llava, out, image, args.image_aspect_ratio, var, args.prompt,
+    image_mode = args.image_aspect_ratio or llava.family.default_image_mode
+    inspected = inspection.finish(llava, out, image, image_mode, var, args.prompt,
                                   log=lambda msg: print(msg, file=sys.stderr)) if inspection is not None else {}
     if args.json:
         record = {"model": str(llava.directory), "device": str(llava.device), "dtype": str(llava.dtype).replace("torch.", ""),

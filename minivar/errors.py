@@ -22,6 +22,11 @@ FLAGS = {
     "VARConfig.min_image_attention": "--min-image-attention", "VARConfig.sink_dims": "--sink-dims",
     "VARConfig.layers": "--var-layers", "VARConfig.rule": "--var-rule", "VARConfig.heads": "--var-heads",
     "VARConfig.preset": "--var-preset", "KeyMask": "--mask-random-image-tokens",
+    "conv_mode": "--conv-mode", "image_aspect_ratio": "--image-aspect-ratio",
+    "min_pixels": "--min-pixels", "max_pixels": "--max-pixels",
+    "DAMROConfig.alpha": "--damro-alpha", "DAMROConfig.beta": "--damro-beta", "DAMROConfig.topk": "--damro-topk",
+    "DAMROConfig.preset": "--damro-preset", "VCDConfig.alpha": "--vcd-alpha", "VCDConfig.beta": "--vcd-beta",
+    "VCDConfig.noise_step": "--vcd-noise-step",
 }
 
 

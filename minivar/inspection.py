@@ -8,7 +8,7 @@ import torch
 
 from .errors import MinivarError
 from .probe import Capture, KeyMask, KINDS
-from .methods.options import parse_layer_range  # noqa: F401  (where the layer-range syntax is written)
+from .flags import parse_layer_range  # noqa: F401  (where the layer-range syntax is written)
 from .methods.var import VARConfig, image_centric
 
 def default_layer_range(n_layers: int) -> tuple[int, int]:

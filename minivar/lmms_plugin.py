@@ -79,14 +79,14 @@ def _int_list(name: str, value) -> tuple[int, ...] | str:
     return tuple(sorted({int(x) for x in parts}))
 
 
-# model arg → the option name the command line's flag has (methods/options.py); both spellings are accepted
+# model arg → the option name the command line's flag has (flags.py); both spellings are accepted
 MODEL_ARG_OPTIONS = {"rule": "var_rule", "heads": "var_heads", "layers": "var_layers"}
 
 
 def var_config(var=False, var_preset=None, **fields):
     """The VARConfig the model args ask for, or None without var=true. `fields` are VARConfig fields by name (or the
     command line's option names: var_rule, var_heads, var_layers); the translation is the command line's."""
-    from .methods.options import VAR_OPTIONS, methods_from_options, var_of
+    from .flags import VAR_OPTIONS, methods_from_options, var_of
     from .methods.var import VARConfig
     known = {f.name for f in dataclasses.fields(VARConfig)} | set(MODEL_ARG_OPTIONS.values())
     unknown = sorted(set(fields) - known)
@@ -243,7 +243,11 @@ class Minivar(lmms):
             raise MinivarError(f"--model_args max_new_tokens={max_new_tokens!r} must be a whole number ≥ 0")
         if not isinstance(apply_until, bool):
             raise MinivarError(f"--model_args apply_until={apply_until!r} must be true or false")
+        from .flags import DAMRO_OPTIONS, VCD_OPTIONS, contrastive_methods
+        contrastive = {k: var_fields.pop(k) for k in list(var_fields) if k in DAMRO_OPTIONS + VCD_OPTIONS + ("seed",)}
         self.var = var_config(var, var_preset, **var_fields)
+        # DAMRO / VCD (damro=true damro_preset=pope ..., vcd=true ...): the command line's translation
+        self.methods = contrastive_methods(contrastive, spell=lambda k: f"--model_args {k}")
         self.conv_mode, self.image_aspect_ratio = conv_mode, image_aspect_ratio
         self.max_new_tokens, self.apply_until = max_new_tokens, apply_until
         self.batch_size_per_gpu = int(batch_size)      # max_batch_size is only for batch_size=auto: unused
@@ -263,7 +267,8 @@ class Minivar(lmms):
         vision tower and prefix once); the others run as one left-padded batch (generate_batch)."""
         import hashlib
         kwargs = dict(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, seed=s.seed,
-                      conv_mode=self.conv_mode, image_aspect_ratio=self.image_aspect_ratio, var=self.var)
+                      conv_mode=self.conv_mode, image_aspect_ratio=self.image_aspect_ratio, var=self.var,
+                      methods=self.methods)
         groups: dict[tuple, list[int]] = {}
         for i, img in enumerate(images):
             groups.setdefault((img.size, img.mode, hashlib.sha1(img.tobytes()).hexdigest()), []).append(i)
@@ -322,6 +327,10 @@ class Minivar(lmms):
         return out
 
     def loglikelihood(self, requests) -> list:
+        if self.methods:          # DAMRO / VCD change how a token is chosen, not a continuation's likelihood
+            raise MinivarError(f"{' and '.join(m.name.upper() for m in self.methods)} act on generation only: "
+                               f"this task's loglikelihood requests would be scored without them; drop "
+                               f"{', '.join(m.name + '=true' for m in self.methods)} for it")
         jobs = []                                     # (prompt ids, continuation ids, image) per request
         for req in requests:
             if len(req.args) != 6:

@@ -472,13 +472,18 @@ def check_tokenization(tokenization: str, conv_mode: str) -> None:
 
 
 def load(model: str = DEFAULT_MODEL, *, device: str = "auto", dtype: str | torch.dtype = "auto",
-         weights_dir: str | Path | None = None) -> Pipeline:
-    """Resolve (and if needed download) a checkpoint, load it strictly, and return a ready Pipeline."""
+         weights_dir: str | Path | None = None, image_options: dict | None = None) -> Pipeline:
+    """Resolve (and if needed download) a checkpoint, load it strictly, and return a ready Pipeline.
+    image_options: the family's image settings to override (Qwen2-VL: min_pixels, max_pixels); None values keep
+    the checkpoint's."""
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
     directory = checkpoint.resolve(model, Path(weights_dir) if weights_dir else None)
     t0 = time.perf_counter()
     cfg = checkpoint.read_config(directory)
+    options = {k: v for k, v in (image_options or {}).items() if v is not None}
+    if options:
+        cfg = family_of(cfg).with_image_options(cfg, **options)
     tokenizer = family_of(cfg).make_tokenizer(directory, cfg)             # its tokenizer.json
     net = checkpoint.load_model(directory, dt, dev, cfg)
     if dev.type == "cuda":

@@ -307,8 +307,15 @@ def test_the_cli_lists_what_the_package_accepts():
     from minivar.methods import var
     from minivar.pipeline import DTYPES
     actions = {a.dest: a for a in cli.build_parser()._actions}
-    assert tuple(actions["conv_mode"].choices) == processing.CONV_MODES
-    assert tuple(actions["image_aspect_ratio"].choices) == processing.IMAGE_MODES
+    # every registered family's templates and image modes (LLaVA-1.5's are processing's), and nothing else
+    from minivar.models.registry import FAMILIES, family_for
+    family_for("llava")                                          # the built-in families register themselves
+    assert set(processing.CONV_MODES) <= set(actions["conv_mode"].choices)
+    assert set(processing.IMAGE_MODES) <= set(actions["image_aspect_ratio"].choices)
+    assert set(actions["conv_mode"].choices) == {c for f in FAMILIES.values() for c in f.conv_modes}
+    assert set(actions["image_aspect_ratio"].choices) == {m for f in FAMILIES.values() for m in f.image_modes}
+    from minivar.methods import damro
+    assert set(actions["damro_preset"].choices) == set(damro.PRESETS)
     assert set(actions["dtype"].choices) == {"auto", *DTYPES}
     assert set(actions["var_preset"].choices) == set(var.PRESETS)
     assert actions["model"].default == checkpoint.DEFAULT_MODEL

@@ -6,7 +6,7 @@ from PIL import Image
 
 import minivar
 from conftest import assert_one_line_error, run_cli
-from minivar.methods.options import methods_from_options, var_of
+from minivar.flags import methods_from_options, var_of
 from minivar.methods.var import VARConfig
 
 IMAGE = "assets/example.jpg"

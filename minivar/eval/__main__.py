@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from .. import DEFAULT_MODEL
+from ..flags import CONV_MODES, IMAGE_MODES, add_contrastive_flags
 from ..errors import MinivarError, run_command
 
 BENCHMARK_NAMES = ("pope", "mme", "chair", "mmvp", "cvbench", "gqa")
@@ -74,15 +75,23 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--var-layers", metavar="A-B", default=None,
                    help="the layers VAR may modify (default: the rule's, paper 0..L−2, official 2..L−1)")
     g = r.add_argument_group("generation (default: the benchmark's LLaVA-1.5 evaluation settings; greedy)")
-    g.add_argument("--conv-mode", choices=["vicuna_v1", "llava_hf"], default=None,
-                   help="prompt template: vicuna_v1 (LLaVA-1.5's evaluation, the default) or llava_hf (the hub "
-                        "model card's)")
-    g.add_argument("--image-aspect-ratio", choices=["pad", "crop"], default=None,
-                   help="pad: pad to square with the CLIP mean colour (LLaVA-1.5's, the default); crop: centre crop")
+    g.add_argument("--conv-mode", choices=CONV_MODES, default=None,
+                   help="prompt template: vicuna_v1 (LLaVA-1.5's evaluation), llava_hf (the hub model card's), "
+                        "mistral_instruct (LLaVA-NeXT-Mistral's), qwen (Qwen2-VL's) (default: the benchmark's "
+                        "vicuna_v1 where the model speaks it, else the model's own)")
+    g.add_argument("--image-aspect-ratio", choices=IMAGE_MODES, default=None,
+                   help="pad: pad to square with the CLIP mean colour (LLaVA-1.5's, the default); crop: centre crop; "
+                        "anyres (LLaVA-NeXT) and smart_resize (Qwen2-VL): those families' own, their default")
+    g.add_argument("--temperature", type=float, default=0.0,
+                   help="0 = greedy, as LLaVA-1.5's evaluation (default); > 0 samples (DAMRO's scripts: 1)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when sampling (default: 1.0)")
+    g.add_argument("--seed", type=int, default=None,
+                   help="seed of the sampling (per batch of questions) and of VCD's noise (default: none; VCD: 0)")
     g.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
                    help=f"most tokens per answer (default: the benchmark's, {MAX_NEW_TOKENS_HELP})")
     g.add_argument("--prompt-tokenization", choices=["llava", "official"], default="llava",
                    help="llava (default) or official: the prompt ids as the VAR authors' released code builds them")
+    add_contrastive_flags(r)
     e = r.add_argument_group("execution")
     e.add_argument("--batch-size", type=int, default=8, help="questions about one image answered together (default 8)")
     e.add_argument("--limit", type=int, default=None, metavar="N", help=LIMIT_HELP)
@@ -161,17 +170,18 @@ def main(argv=None) -> int:
 
 
 def method_settings(args, bench):
-    """The methods the flags ask for, built as run.py builds them (methods/options.py): --var without --var-preset
+    """The methods the flags ask for, built as run.py builds them (flags.py): --var without --var-preset
     takes the paper's preset for the benchmark's family (hallucination ρ 0.5, vision ρ 0.9, general ρ 0.8), under
     either rule (the released rule's rho = 1 − ρ); checked before the model loads."""
-    from minivar.methods.options import VAR_OPTIONS, methods_from_options
-    return methods_from_options({k: getattr(args, k) for k in ("var",) + VAR_OPTIONS},
+    from minivar.flags import DAMRO_OPTIONS, VAR_OPTIONS, VCD_OPTIONS, methods_from_options
+    return methods_from_options({k: getattr(args, k) for k in ("var", "seed") + VAR_OPTIONS + DAMRO_OPTIONS
+                                 + VCD_OPTIONS},
                                 preset=bench.family or "general")[0]
 
 
 def var_settings(args, bench):
     """The VARConfig the VAR flags ask for (None without --var)."""
-    from minivar.methods.options import var_of
+    from minivar.flags import var_of
     return var_of(method_settings(args, bench))
 
 
@@ -187,7 +197,7 @@ def execute_run(args) -> dict | None:
     (`reproduce` makes its runs through here, so they are exactly the runs `run` makes.)"""
     from . import harness
     bench = harness.get_benchmark(args.bench)
-    from minivar.methods.options import var_of
+    from minivar.flags import var_of
     methods = method_settings(args, bench)
     var = var_of(methods)
     shard = harness.parse_shard(args.shard) if args.shard is not None else harness.torchrun_shard()
@@ -196,7 +206,8 @@ def execute_run(args) -> dict | None:
                          conv_mode=args.conv_mode, image_aspect_ratio=args.image_aspect_ratio,
                          max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, limit=args.limit, shard=shard,
                          device=args.device, dtype=args.dtype, partial=args.partial,
-                         prompt_tokenization=args.prompt_tokenization)
+                         prompt_tokenization=args.prompt_tokenization, temperature=args.temperature,
+                         top_p=args.top_p, seed=args.seed)
     return result
 
 

@@ -45,10 +45,11 @@ from .. import DEFAULT_MODEL
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.json"
 ANSWER_SETTINGS = ("benchmark", "questions", "model", "device", "dtype", "var", "methods", "conv_mode",
-                   "image_aspect_ratio", "max_new_tokens", "batch_size", "prompt_tokenization")
+                   "image_aspect_ratio", "max_new_tokens", "batch_size", "prompt_tokenization", "decoding")
 FLAGS = {"benchmark": "BENCH", "questions": "the questions in --data", "model": "--model", "device": "--device",
          "dtype": "--dtype", "var": "VAR (--var and its flags)",
          "methods": "the methods besides VAR and their flags", "conv_mode": "--conv-mode",
+         "decoding": "--temperature / --top-p / --seed",
          "image_aspect_ratio": "--image-aspect-ratio", "max_new_tokens": "--max-new-tokens",
          "batch_size": "--batch-size", "limit": "--limit", "prompt_tokenization": "--prompt-tokenization"}
 
@@ -321,6 +322,16 @@ class Generation:
     var: object = None
     prompt_tokenization: str = "llava"          # or "official": the prompt ids as the VAR authors' code builds them
     methods: tuple = ()                         # the methods besides VAR (methods/method.py), in order
+    temperature: float = 0.0                    # 0: greedy (LLaVA-1.5's evaluation); DAMRO's scripts sample at 1
+    top_p: float = 1.0
+    seed: int | None = None                     # seeds each batch's sampling (a batch is the same on every resume)
+
+    @property
+    def decoding(self):
+        """run.json's "decoding": "greedy", or the sampling settings."""
+        if self.temperature <= 0:
+            return "greedy"
+        return {"temperature": self.temperature, "top_p": self.top_p, "seed": self.seed}
 
 
 def answer_group(pipeline, image, prompts: list[str], settings: Generation) -> list:
@@ -329,7 +340,8 @@ def answer_group(pipeline, image, prompts: list[str], settings: Generation) -> l
     return pipeline.generate_many(image, prompts, max_new_tokens=settings.max_new_tokens,
                                   conv_mode=settings.conv_mode, image_aspect_ratio=settings.image_aspect_ratio,
                                   var=settings.var, methods=list(settings.methods),
-                                  prompt_tokenization=settings.prompt_tokenization)
+                                  prompt_tokenization=settings.prompt_tokenization, temperature=settings.temperature,
+                                  top_p=settings.top_p, seed=settings.seed)
 
 
 class Progress:
@@ -389,7 +401,8 @@ def run(bench, data: list[Path], out: Path, *, images: Path | None = None, model
         conv_mode: str | None = None, image_aspect_ratio: str | None = None, max_new_tokens: int | None = None,
         batch_size: int = 8, limit: int | None = None, shard: tuple[int, int] | None = None, device: str = "auto",
         dtype: str = "auto", partial: bool = False, log=stderr, load=None,
-        prompt_tokenization: str = "llava") -> dict | None:
+        prompt_tokenization: str = "llava", temperature: float = 0.0, top_p: float = 1.0,
+        seed: int | None = None) -> dict | None:
     """Answer the benchmark's questions into `out` (see the module docstring); return {"bench", "n", "metrics"} once
     every question has an answer (with partial=True: the metrics of those answered so far), else None.
 
@@ -410,9 +423,9 @@ def run(bench, data: list[Path], out: Path, *, images: Path | None = None, model
     default_conv, default_image = model_eval_settings(model, bench)
     gen = Generation(bench.max_new_tokens if max_new_tokens is None else max_new_tokens,
                      conv_mode or default_conv, image_aspect_ratio or default_image, var,
-                     prompt_tokenization, tuple(m for m in methods if m.name != "var"))
+                     prompt_tokenization, tuple(m for m in methods if m.name != "var"), temperature, top_p, seed)
     check_tokenization(prompt_tokenization, gen.conv_mode)
-    check_generation_args(gen.max_new_tokens, 0.0, 1.0)
+    check_generation_args(gen.max_new_tokens, temperature, top_p)
     if gen.max_new_tokens < 1:           # an empty answer would still be scored (POPE reads it as "yes")
         raise MinivarError(f"--max-new-tokens must be ≥ 1 for a benchmark run, got {gen.max_new_tokens}")
     if var is not None:
@@ -429,7 +442,7 @@ def run(bench, data: list[Path], out: Path, *, images: Path | None = None, model
                 "conv_mode": gen.conv_mode,
                 "image_aspect_ratio": gen.image_aspect_ratio, "max_new_tokens": gen.max_new_tokens,
                 "prompt_tokenization": gen.prompt_tokenization,
-                "batch_size": batch_size, "limit": limit, "decoding": "greedy",
+                "batch_size": batch_size, "limit": limit, "decoding": gen.decoding,
                 "data": data_files(data), "images": str(Path(images).resolve()) if images is not None else None,
                 "minivar_version": minivar_version()}
 

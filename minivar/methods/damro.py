@@ -265,7 +265,7 @@ def outlier_sink_overlap(outliers: list[int], var_report: dict) -> dict:
             "per_layer": {layer: len(v) for layer, v in per_layer.items()}}
 
 
-# The command lines' options (argparse dests), for methods/options.py: --damro [--damro-alpha A] [--damro-beta B]
+# The command lines' options (argparse dests), for flags.py: --damro [--damro-alpha A] [--damro-beta B]
 # [--damro-topk K] [--damro-preset pope|chair|mme].
 OPTIONS = ("damro_alpha", "damro_beta", "damro_topk", "damro_preset")
 _FIELDS = {"alpha": "damro_alpha", "beta": "damro_beta", "topk": "damro_topk", "preset": "damro_preset"}

@@ -126,7 +126,7 @@ class VCDRun(ContrastiveRun):
         return self.config.settings()
 
 
-# The command lines' options (argparse dests), for methods/options.py: --vcd [--vcd-alpha A] [--vcd-beta B]
+# The command lines' options (argparse dests), for flags.py: --vcd [--vcd-alpha A] [--vcd-beta B]
 # [--vcd-noise-step N]; the noise is seeded by --seed (dest "seed").
 OPTIONS = ("vcd_alpha", "vcd_beta", "vcd_noise_step")
 

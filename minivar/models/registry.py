@@ -33,6 +33,14 @@ class Family:
     tokenizer: Callable | None = None
     # a checkpoint with tied embeddings stores one matrix: (the lm_head's name, the embedding's name it copies)
     tied: tuple[str, str] = ("language_model.lm_head.weight", "language_model.model.embed_tokens.weight")
+    # (config, **options) → the config with the user's image settings (--min-pixels / --max-pixels); None: none
+    image_options: Callable | None = None
+
+    def with_image_options(self, cfg, **options):
+        if self.image_options is None:
+            names = ", ".join(f"--{k.replace('_', '-')}" for k in options)
+            raise MinivarError(f"{names} applies to Qwen2-VL / Qwen2.5-VL, not to {self.name}")
+        return self.image_options(cfg, **options)
 
     def conv_mode_for(self, cfg) -> str:
         """The template a checkpoint speaks by default (LLaVA-NeXT's Mistral variant: its own, from the config)."""

@@ -10,7 +10,14 @@ configuration rho 0.5 (A_exps/lv1.5_7b.yml). No torch is imported until a method
 """
 from __future__ import annotations
 
-from ..errors import MinivarError
+from .errors import MinivarError
+
+# every method's options (the argparse dests); add_contrastive_flags writes DAMRO's and VCD's flags once for both
+# command lines
+DAMRO_OPTIONS = ("damro", "damro_alpha", "damro_beta", "damro_topk", "damro_preset")
+VCD_OPTIONS = ("vcd", "vcd_alpha", "vcd_beta", "vcd_noise_step")
+CONV_MODES = ("vicuna_v1", "llava_hf", "mistral_instruct", "qwen")      # every family's templates (registry)
+IMAGE_MODES = ("pad", "crop", "anyres", "smart_resize")                # every family's image modes (registry)
 
 VAR_ONLY = ("var_preset", "rho", "p", "min_image_attention", "var_rule", "var_heads", "var_layers")
 SINK_RULE = ("tau", "sink_dims")            # also the sink sets of the pictures and of sink masking
@@ -40,8 +47,12 @@ def methods_from_options(opts: dict, *, preset: str | None = None, spell=flag, s
     sink sets the pictures and sink masking read). opts: option name → value (None / False: not given).
     preset: the task's preset (None: the rule's own default). sinks_used: the caller draws pictures or masks sinks,
     so --tau / --sink-dims apply without --var."""
-    from .var import VAR, VARConfig, parse_sink_dims
+    from .methods.var import VAR, VARConfig, parse_sink_dims
     given = {k: v for k, v in opts.items() if v is not None and v is not False}
+    if not given.get("var"):
+        stray = [k for k in VAR_ONLY if k in given]
+        if stray:
+            raise MinivarError(f"{spell(stray[0])} only applies with {spell('var')}")
     sink_dims = given.get("sink_dims")
     if isinstance(sink_dims, str):
         sink_dims = parse_sink_dims(sink_dims)
@@ -49,15 +60,13 @@ def methods_from_options(opts: dict, *, preset: str | None = None, spell=flag, s
         sink_dims = tuple(sink_dims)
     methods = []
     if not given.get("var"):
-        stray = [k for k in VAR_ONLY if k in given]
-        if stray:
-            raise MinivarError(f"{spell(stray[0])} only applies with {spell('var')}")
         rule_flags = [k for k in SINK_RULE if k in given]
         if rule_flags and not sinks_used:
             raise MinivarError(f"{spell(rule_flags[0])} only applies with {spell('var')}, --save-attention or "
                                f"--mask-visual-sinks")
         # the pictures' sinks: τ and dims as given ("auto" runs the finder, as it does for VAR)
-        return methods, VARConfig.preset(None, tau=given.get("tau"), sink_dims=sink_dims).validate()
+        return contrastive_methods(opts, spell), VARConfig.preset(None, tau=given.get("tau"),
+                                                                  sink_dims=sink_dims).validate()
     layers = given.get("var_layers")
     if isinstance(layers, str):
         lo, hi = parse_layer_range(layers, flag=spell("var_layers"))
@@ -70,7 +79,40 @@ def methods_from_options(opts: dict, *, preset: str | None = None, spell=flag, s
                            layers=layers)
     # the ranges that need no model are checked now, before the slow load (sink dims need the hidden size: later)
     methods.append(VAR(cfg.validate()))
-    return methods, cfg
+    return methods + contrastive_methods(opts, spell), cfg
+
+
+def contrastive_methods(opts: dict, spell=flag) -> list:
+    """DAMRO and VCD as the options ask for them (each None without its switch); they run with VAR or alone, not
+    with each other (each adds a contrast branch). `seed` (the run's) seeds VCD's noise."""
+    from .methods import damro, vcd
+    found = [m for m in (damro.from_options(opts, spell), vcd.from_options(opts, spell)) if m is not None]
+    if len(found) > 1:
+        raise MinivarError(f"{spell('damro')} and {spell('vcd')} each add a contrast branch: use one of them")
+    return found
+
+
+def add_contrastive_flags(parser) -> None:
+    """DAMRO's and VCD's flags (the same for `minivar` and `minivar-eval run`)."""
+    d = parser.add_argument_group("DAMRO (the ViT's outlier tokens, contrastive decoding; docs/damro.md)")
+    d.add_argument("--damro", action="store_true", help="apply DAMRO (default: off)")
+    d.add_argument("--damro-preset", choices=["pope", "chair", "mme"], default=None,
+                   help="the released scripts' settings: pope α 0.5 k 4, chair α 1.5 k 4, mme α 2 k 10, β 0.1 "
+                        "(default: mme's)")
+    d.add_argument("--damro-alpha", type=float, default=None, metavar="A",
+                   help="contrast strength α ≥ 0, overrides the preset (default: 2)")
+    d.add_argument("--damro-beta", type=float, default=None, metavar="B",
+                   help="plausibility cutoff β in (0, 1] (default: 0.1)")
+    d.add_argument("--damro-topk", type=int, default=None, metavar="K",
+                   help="outlier tokens kept in the contrast image (default: 10)")
+    c = parser.add_argument_group("VCD (contrastive decoding against a noised image)")
+    c.add_argument("--vcd", action="store_true", help="apply VCD (default: off)")
+    c.add_argument("--vcd-alpha", type=float, default=None, metavar="A", help="contrast strength α ≥ 0 (default: 1)")
+    c.add_argument("--vcd-beta", type=float, default=None, metavar="B",
+                   help="plausibility cutoff β in (0, 1] (default: 0.1)")
+    c.add_argument("--vcd-noise-step", type=int, default=None, metavar="N",
+                   help="forward-diffusion step of the noised image, 0..999 of 1000 (default: 500); the noise is "
+                        "seeded by --seed (default 0) and the image's pixels")
 
 
 def var_of(methods):
