@@ -108,6 +108,7 @@ class Request:
     max_new_tokens: int                           # capped at the model's context
     branches: int = 1
     image_features: torch.Tensor | None = None    # feature rows of every row's image tokens (None: from images)
+    row_images: list | None = None                # every row's image, where the family's positions need them
     runs: dict = field(default_factory=dict)      # method name → its MethodRun
     shared: dict = field(default_factory=dict)    # the sink sets VAR, the capture and masking share
     hooks: list = field(default_factory=list)     # in call order: the methods', masking, capture, then the caller's
@@ -248,6 +249,8 @@ class Pipeline:
             feats = [f for f in call.image_features()] + [b.image_features for b in branch if b.image_features is not None]
             request = Request(ids, mask, ims, rows, max_new_tokens, branches=2, image_features=torch.cat(feats),
                               shared=request.shared)
+            if hasattr(self.model, "positions") and all(b.image is not None for b in branch):
+                request.row_images = list(ims) + [b.image for b in branch]      # M-RoPE reads the grids
             call = Call(self, ids, mask, ims, length or ids.shape[1] + max_new_tokens, len(rows), warn=warn,
                         capture=capture, shared=request.shared, features=call.features)
         elif call.features is not None:                 # a method computed the features already: keep them
@@ -336,7 +339,7 @@ class Pipeline:
                 if piece:
                     on_text(piece)
 
-        images = None if request.image_features is not None else request.images
+        images = request.images if request.image_features is None else request.row_images
         gen: Generation = generate(self.model, request.input_ids, images, image_features=request.image_features,
                                    max_new_tokens=request.max_new_tokens, eos_token_id=self.stop_ids,
                                    temperature=temperature, top_p=top_p, seed=seed,

@@ -24,9 +24,12 @@ from ..errors import MinivarError
 
 @dataclass
 class Branch:
-    """One sample's second branch: its prompt ids and the feature rows [N, D] of its image tokens (in order)."""
+    """One sample's second branch: its prompt ids, the feature rows [N, D] of its image tokens (in order), and the
+    image they came from when it is one (VCD's noised image: a family whose positions depend on the image's grid,
+    Qwen2-VL's M-RoPE, reads it)."""
     input_ids: list[int]
     image_features: torch.Tensor | None
+    image: object = None                 # models.images.ImageInput or None
 
 
 class MethodRun:

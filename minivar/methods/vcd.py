@@ -111,7 +111,7 @@ class VCD(Method):
                              im.num_tokens, im.panels, dict(im.meta)) for im in call.images]
         call.image_features()              # the full branch's features, as without VCD (their own tower call)
         feats = call.model.image_features(noised)
-        return [Branch(r, f) for r, f in zip(call_rows(call), feats)]
+        return [Branch(r, f, im) for r, f, im in zip(call_rows(call), feats, noised)]
 
     def start(self, call) -> ContrastiveRun:
         return VCDRun(self.config)
