@@ -26,7 +26,7 @@ a row get their own sinks; whether a row is in the prompt or generated follows f
 from __future__ import annotations
 
 import re
-import sys
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -464,8 +464,9 @@ class _ResidualRecorder(Hook):
 
 
 def resolve_sink_dims(model_cfg, var_cfg: VARConfig, model=None, input_ids=None, warn=None):
-    """Which sink dims to use, and where they came from: the user's list, the known table, or the finder."""
-    warn = warn or (lambda msg: print(msg, file=sys.stderr))
+    """Which sink dims to use, and where they came from: the user's list, the known table, or the finder.
+    warn(message): where the finder's notes go (the command lines print them; default: a Python warning)."""
+    warn = warn or (lambda msg: warnings.warn(msg.removeprefix("minivar: "), stacklevel=4))
     if var_cfg.sink_dims is not None:
         return var_cfg.sink_dims, "user"
     if not var_cfg.find_sink_dims:
