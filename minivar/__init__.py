@@ -1,8 +1,7 @@
 """minivar: LLaVA-1.5 in plain PyTorch, with Visual Attention Redistribution (VAR) built into its attention."""
 from .errors import MinivarError
 
-# The checkpoint every command loads when --model is not given (LLaVA-1.5-7B, a 14.1 GB download): written once, here.
-DEFAULT_MODEL = "llava-hf/llava-1.5-7b-hf"
+from .defaults import DEFAULT_MODEL
 
 __version__ = "0.1.0"        # the one place it is written: pyproject.toml reads it from here
 __all__ = ["DEFAULT_MODEL", "MinivarError", "__version__", "load"]

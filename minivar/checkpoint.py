@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from . import DEFAULT_MODEL  # noqa: F401  (the one place it is written is minivar/__init__.py)
+from .defaults import DEFAULT_MODEL  # noqa: F401  (written once, in defaults.py)
 from .errors import MinivarError
 from .models import llava
 from .models.registry import family_for, family_of

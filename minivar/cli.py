@@ -16,7 +16,7 @@ import textwrap
 import unicodedata
 
 
-from minivar import DEFAULT_MODEL  # (minivar/__init__.py imports no torch)
+from minivar.defaults import DEFAULT_MODEL
 from minivar.flags import CONV_MODES, IMAGE_MODES, add_contrastive_flags  # (no torch either)
 
 

@@ -49,7 +49,7 @@ import torch
 from lmms_eval.api.instance import GenerationResult, TokenCounts
 from lmms_eval.api.model import lmms
 
-from . import DEFAULT_MODEL
+from .defaults import DEFAULT_MODEL
 from .errors import MinivarError
 
 MODEL_ID = "minivar"

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from . import DEFAULT_MODEL, checkpoint, processing
+from . import checkpoint, processing
+from .defaults import DEFAULT_MODEL
 from .errors import MinivarError
 from .generate import Generation, check_context, generate, new_cache
 from .methods import var as var_mod

@@ -17,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-from .. import DEFAULT_MODEL
+from ..defaults import DEFAULT_MODEL
 from ..flags import CONV_MODES, IMAGE_MODES, add_contrastive_flags
 from ..errors import MinivarError, run_command
 

@@ -40,7 +40,7 @@ from pathlib import Path
 
 from ..errors import MinivarError
 
-from .. import DEFAULT_MODEL
+from ..defaults import DEFAULT_MODEL
 
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.json"
