@@ -164,6 +164,20 @@ def var_summary(report: dict) -> str:
             f"sink dims {dims} ({report.get('sink_dims_source')}), τ {report['tau']:g}, " + settings)
 
 
+def method_summary(name: str, report: dict) -> str:
+    """One status line per method: VAR's own; DAMRO's outliers and settings; VCD's; another method's report."""
+    if name == "var":
+        return var_summary(report)
+    if name == "damro":
+        outliers = ",".join(map(str, report["outliers"] or []))
+        return (f"minivar: DAMRO: ViT outlier patches {outliers} (k {report['topk']}) as the contrast image, "
+                f"α {report['alpha']:g}, β {report['beta']:g}")
+    if name == "vcd":
+        return (f"minivar: VCD: the image noised to diffusion step {report['noise_step']} as the contrast image, "
+                f"α {report['alpha']:g}, β {report['beta']:g}")
+    return f"minivar: {name}: {json.dumps(report)}"
+
+
 def terminal_text(text: str) -> str:
     """Generated text made safe for a terminal: control characters (ESC, BEL, CR, C1 ...) other than newline and tab
     are shown escaped (\\x1b), so a model's output cannot move the cursor, recolour or retitle the terminal."""
@@ -234,7 +248,7 @@ def run(args, extra_methods=()) -> int:
           f"{len(out.output_ids)} tokens, stopped {why}",
           file=sys.stderr)
     for name, report in out.reports.items():         # one status line per method
-        print(var_summary(report) if name == "var" else f"minivar: {name}: {json.dumps(report)}", file=sys.stderr)
+        print(method_summary(name, report), file=sys.stderr)
     image_mode = args.image_aspect_ratio or llava.family.default_image_mode
     inspected = inspection.finish(llava, out, image, image_mode, var, args.prompt,
                                   log=lambda msg: print(msg, file=sys.stderr)) if inspection is not None else {}

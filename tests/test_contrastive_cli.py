@@ -29,7 +29,7 @@ def test_damro_flags_give_the_methods_answer_and_report(demo_env, demo_pipe):
     expected = demo_pipe.generate(IMAGE, PROMPT, max_new_tokens=3, conv_mode="llava_hf",
                                   methods=[DAMRO(DAMROConfig.preset("pope"))])
     assert record["output_ids"] == expected.output_ids and damro == expected.reports["damro"]
-    assert "minivar: damro:" in err                        # one status line per method
+    assert f"minivar: DAMRO: ViT outlier patches {','.join(map(str, damro['outliers']))} (k 4)" in err
     record, _ = json_run("--damro", "--damro-preset", "pope", "--damro-alpha", "1.5", "--damro-topk", "6")
     assert (record["damro"]["alpha"], record["damro"]["topk"]) == (1.5, 6)      # a flag beats the preset
 
