@@ -17,7 +17,22 @@ from minivar.eval.compare import flatten
 from test_eval_benchmarks import cvbench_rows, write_gqa, write_image, write_jsonl, write_mme, write_mmvp, write_pope
 from test_eval_harness import cli
 
-HAS_DAMRO = importlib.util.find_spec("minivar.methods.damro") is not None
+
+
+def damro_runs() -> bool:
+    """Whether this build can make DAMRO runs: minivar.methods.damro and `run --damro ...` (reproduce's own check)."""
+    from minivar.errors import MinivarError
+    from minivar.eval.__main__ import build_parser
+    if importlib.util.find_spec("minivar.methods.damro") is None:
+        return False
+    try:
+        reproduce.check_method_available(reproduce.PAPERS["damro"], build_parser().run_parser)
+    except MinivarError:
+        return False
+    return True
+
+
+HAS_DAMRO = damro_runs()
 
 
 def make_root(root: Path) -> Path:
@@ -206,14 +221,14 @@ def test_var_settings_follow_the_harness_presets():
     assert [e.bench for e in reproduce.PAPERS["var"].entries] == ["pope", "chair", "mme", "gqa", "mmvp", "cvbench"]
 
 
-@pytest.mark.skipif(HAS_DAMRO, reason="minivar.methods.damro exists: the DAMRO runs are tested instead")
+@pytest.mark.skipif(HAS_DAMRO, reason="this build makes DAMRO runs: they are tested instead")
 def test_damro_unavailable_is_one_line(data_root, tmp_path):
     line = assert_one_line_error(*cli(["reproduce", "damro", "--data-root", data_root, "--out", tmp_path / "d"]))
     assert "DAMRO is not available in this build" in line
     assert not (tmp_path / "d").exists()
 
 
-@pytest.mark.skipif(not HAS_DAMRO, reason="minivar.methods.damro is not in this build")
+@pytest.mark.skipif(not HAS_DAMRO, reason="no DAMRO runs in this build (minivar.methods.damro and run --damro ...)")
 def test_damro_runs_pass_its_settings(data_root, tmp_path):
     rc, stdout, err = cli(["reproduce", "damro", "--data-root", data_root, "--out", tmp_path / "d", "--device", "cpu",
                            "--dry-run", "--json"])

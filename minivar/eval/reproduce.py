@@ -278,11 +278,13 @@ def check_method_available(paper: Paper, run_parser: argparse.ArgumentParser) ->
         found = importlib.util.find_spec("minivar.methods.damro") is not None
     except ImportError:
         found = False
-    flags = {"--damro", "--damro-alpha", "--damro-beta", "--damro-topk", "--temperature", "--seed"}
+    flags = ("--damro", "--damro-alpha", "--damro-beta", "--damro-topk", "--temperature", "--seed")
     # argparse has no public list of a parser's flags; _option_string_actions is the one it keeps itself
-    if not found or not flags <= set(run_parser._option_string_actions):
-        raise MinivarError("DAMRO is not available in this build (no minivar.methods.damro or no `run --damro` "
-                           "flags): reproduce damro needs them")
+    absent = [f for f in flags if f not in run_parser._option_string_actions]
+    if not found or absent:
+        lacking = "no minivar.methods.damro" if not found else f"`run` has no {' '.join(absent)}"
+        raise MinivarError(f"DAMRO is not available in this build ({lacking}): reproduce damro needs the method "
+                           f"and its run flags")
 
 
 def check_run_flags(args) -> None:
