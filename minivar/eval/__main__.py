@@ -128,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("bench", metavar="BENCH", help=f"one of {', '.join(BENCHMARK_NAMES)}")
     d.add_argument("--to", type=Path, default=None, metavar="DIR", help="target folder (default data/BENCH)")
 
-    reproduce.add_parser(sub)
+    reproduce.add_parser(sub, {"model": MODEL_HELP, "device": DEVICE_HELP, "dtype": DTYPE_HELP}, r, execute_run,
+                         prog_name)
     p.run_parser = r            # reproduce checks which flags `run` takes (the methods this build has)
     return p
 
@@ -143,7 +144,7 @@ class Terminated(Exception):
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from .harness import cli_logging
-    from .reproduce import cmd_reproduce
+    from .reproduce import cmd_reproduce  # noqa: E402
     commands = {"run": cmd_run, "score": cmd_score, "compare": cmd_compare, "download": cmd_download,
                 "reproduce": cmd_reproduce}
 

@@ -194,9 +194,10 @@ def locate(bench: str, root: Path) -> tuple[list[Path], Path | None]:
 # ---------------------------------------------------------------------------------------------------------------
 # The command line
 
-def add_parser(sub) -> argparse.ArgumentParser:
-    """The `reproduce` subcommand on __main__'s subparsers."""
-    from .__main__ import DEVICE_HELP, DTYPE_HELP, MODEL_HELP
+def add_parser(sub, helps: dict, run_parser: argparse.ArgumentParser, execute_run, prog_name) -> argparse.ArgumentParser:
+    """The `reproduce` subcommand on __main__'s subparsers. __main__ hands over what reproduce builds on — run's
+    help texts (helps: model, device, dtype), run's parser and run's own code — so this module never imports it."""
+    MODEL_HELP, DEVICE_HELP, DTYPE_HELP = helps["model"], helps["device"], helps["dtype"]
     r = sub.add_parser("reproduce", allow_abbrev=False, help="a paper's evaluation end to end: base and method runs, "
                                                              "then one table against the published figures",
                        description="Run a paper's benchmarks found under --data-root, base and method, into --out "
@@ -226,6 +227,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true", help="print the table as one JSON object")
     r.add_argument("--dry-run", action="store_true",
                    help="make nothing: list the runs, the data found or missing, and an estimated time per run")
+    # run's parser and code travel with the parsed arguments (cmd_reproduce reads them)
+    r.set_defaults(run_parser=run_parser, execute_run=execute_run, prog_name=prog_name)
     return r
 
 
@@ -300,14 +303,9 @@ def check_run_flags(args) -> None:
     pick_dtype(args.dtype, pick_device(harness.run_device(args.device)))
 
 
-def _run_parser() -> argparse.ArgumentParser:
-    from .__main__ import build_parser
-    return build_parser().run_parser
-
-
 def cmd_reproduce(args) -> int:
     from . import harness
-    from .__main__ import execute_run, prog_name
+    execute_run, prog_name, run_parser = args.execute_run, args.prog_name, args.run_parser
     paper = PAPERS[args.paper]
     entries = selected(paper, args.benchmarks)
     if args.limit is not None and args.limit < 1:
@@ -317,7 +315,6 @@ def cmd_reproduce(args) -> int:
     root = Path(args.data_root)
     if not root.is_dir():
         raise MinivarError(f"--data-root '{root}' is not a directory")
-    run_parser = _run_parser()
     check_method_available(paper, run_parser)
     check_run_flags(args)
     prog = prog_name()
@@ -346,7 +343,7 @@ def cmd_reproduce(args) -> int:
             for setting in ("base", "method"):
                 argv = run_argv(args, entry, setting, data, images)
                 harness.stderr(f"minivar: {prog} {' '.join(_quote(a) for a in argv)}")
-                execute_run(_parse_run(argv))
+                execute_run(run_parser.parse_args(argv[1:]))
             done.append(entry)
         except MinivarError as e:
             from ..errors import for_command_line
@@ -360,11 +357,6 @@ def cmd_reproduce(args) -> int:
     else:
         print_table(table)
     return 1 if failed else 0
-
-
-def _parse_run(argv: list[str]):
-    from .__main__ import build_parser
-    return build_parser().parse_args(argv)
 
 
 def _quote(arg: str) -> str:
