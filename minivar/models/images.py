@@ -35,6 +35,8 @@ class ImageInput:
     meta: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        # a family may give plain (name, rows, cols[, newline]) tuples: the same panels
+        self.panels = tuple(p if isinstance(p, Panel) else Panel(*p) for p in self.panels)
         if sum(p.num_tokens for p in self.panels) != self.num_tokens:
             raise ValueError(f"panels hold {sum(p.num_tokens for p in self.panels)} tokens, not {self.num_tokens}")
 
