@@ -559,19 +559,20 @@ def draw_damro(numbers: dict, view) -> Image.Image:
     cell = panel_cell(p, v)
     cls = dam["cls_attention"]
     grid = [cls[r * p["cols"]:(r + 1) * p["cols"]] for r in range(p["rows"])]
-    vmax = nice_max(max(cls))
-    colour = linear(INFERNO, 0.0, vmax)
+    # from the smallest score up: CLS attention is nearly flat over most patches, the outliers stand out
+    vmin, vmax = min(cls), max(cls)
+    colour = linear(INFERNO, vmin, vmax)
     out_cells = [divmod(o, p["cols"]) for o in dam["outliers"]]
     over = Image.blend(_on_view(v, p, cell, True), heat(grid, colour, cell, cell), 0.65)
     _outline(ImageDraw.Draw(over), out_cells, cell, OUTLIER_MARK)
     both = _on_view(v, p, cell, True)
     d = ImageDraw.Draw(both)
     _outline(d, [divmod(s, p["cols"]) for s in overlap["visual_sink_patches"]], cell, SINK_MARK)
-    _outline(d, out_cells, cell, OUTLIER_MARK, inset=3 if cell >= 10 else 0)
+    _outline(d, out_cells, cell, OUTLIER_MARK, inset=2 if cell >= 10 else 0)      # inside a sink's square
     ticks = dict(xticks=_grid_ticks(p["cols"], cell), yticks=_grid_ticks(p["rows"], cell))
     panels = [axes(over, title=f"{p['name']}: CLS attention, vision layer {dam['layer']}", xlabel="patch column",
                    ylabel="patch row", **ticks)[0],
-              colorbar(over.height, colour, 0.0, vmax, "CLS attention (DAMRO's score)"),
+              colorbar(over.height, colour, vmin, vmax, "CLS attention (DAMRO's score)"),
               axes(both, title=f"outliers and visual sinks: {overlap['count']} shared", xlabel="patch column",
                    ylabel="patch row", **ticks)[0]]
     body, _ = stack(panels, horizontal=True, gap=20)

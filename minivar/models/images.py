@@ -7,14 +7,14 @@ pictures draw each token at the (panel, row, column) that `token_layout` gives.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
 
-@dataclass(frozen=True)
-class Panel:
+class Panel(NamedTuple):
     """A rectangle of image tokens in the token order: `rows` × `cols` tokens, row by row; with `newline`, one
-    extra token (LLaVA-NeXT's image_newline) closes each row."""
+    extra token (LLaVA-NeXT's image_newline) closes each row. A named tuple: equal to (name, rows, cols, newline)."""
     name: str
     rows: int
     cols: int
