@@ -588,6 +588,31 @@ def draw_damro(numbers: dict, view) -> Image.Image:
          "(phi >= tau in at least one layer); both = shared (attention.json: damro_var_overlap)."])[0]
 
 
+def draw_cls_layers(cls_by_layer: dict, view: Image.Image, rows: int, cols: int, outliers=()) -> Image.Image:
+    """The vision tower's CLS attention per layer (probe.vision_cls_attention, one crop: {layer: N values}, as
+    lists or anything with tolist()) as heat maps over `view`, one per layer on a shared colour scale; `outliers`
+    (patch indices) outlined green on every map."""
+    values = {int(layer): list(v.tolist() if hasattr(v, "tolist") else v) for layer, v in cls_by_layer.items()}
+    if not values or any(len(v) != rows * cols for v in values.values()):
+        raise MinivarError(f"draw_cls_layers: every layer needs {rows}x{cols} = {rows * cols} values")
+    vmin = min(min(v) for v in values.values())
+    vmax = max(max(v) for v in values.values())
+    colour = linear(INFERNO, vmin, vmax)
+    p = {"rows": rows, "cols": cols}
+    cell = panel_cell(p, view)
+    base = _on_view(view, p, cell, True)
+    items = []
+    for layer, v in sorted(values.items()):
+        over = Image.blend(base, heat([v[r * cols:(r + 1) * cols] for r in range(rows)], colour, cell, cell), 0.65)
+        _outline(ImageDraw.Draw(over), [divmod(o, cols) for o in outliers], cell, OUTLIER_MARK)
+        items.append((over, f"vision layer {layer}"))
+    body, _ = _grid_figure([items], per_row=4)
+    body, _ = stack([body, colorbar(min(body.height, 320), colour, vmin, vmax, "CLS attention")], horizontal=True)
+    return figure("CLS attention of the vision tower, per layer",
+                  ["the CLS token's attention to each patch (DAMRO's full-width score, or the mean of heads)"],
+                  body, ["Legend: bright = much CLS attention; green square = an outlier given."] if outliers else [])[0]
+
+
 def draw_heads(numbers: dict) -> Image.Image:
     heads = numbers["heads"]
     L, H = numbers["n_layers"], numbers["n_heads"]
