@@ -263,3 +263,25 @@ def test_vision_cls_refused_without_cls(qwen_dir, tmp_path):
     pipe = minivar.load(str(qwen_dir), dtype="float32", device="cpu")
     with pytest.raises(MinivarError, match="no CLS token"):
         vision_cls_attention(pipe, image_file(tmp_path, CASES["qwen"]))
+
+
+def test_masked_tokens_land_on_their_cells(qwen_dir, tmp_path):
+    img = image_file(tmp_path, CASES["qwen"])
+    record, numbers = run(qwen_dir, img, tmp_path / "m", "--sink-dims", "5", "--mask-random-image-tokens", "2")
+    offsets = record["masked"]["patches"]
+    assert len(offsets) == 2 and numbers["masked"]["patches"] == offsets
+    cols = numbers["panels"][0]["cols"]
+    assert viz.panel_marks(numbers, offsets) == [{(o // cols, o % cols) for o in offsets}]
+    with Image.open(tmp_path / "m" / viz.file_names(numbers)["attention"]) as pic:
+        arr = np.asarray(pic.convert("RGB"))
+    ys, xs = np.nonzero((arr == np.array(viz.MASK_MARK, dtype=arr.dtype)).all(-1))
+    # exactly the outlines of the two cells, wherever the plot sits: its origin from the top-left-most mark
+    cell = viz.panel_cell(numbers["panels"][0], viz.load_numbers(tmp_path / "m" / "attention.json")[1][0])
+    cells = [(o // cols, o % cols) for o in offsets]
+    x0 = xs.min() - min(c for _, c in cells) * cell
+    y0 = ys.min() - min(r for r, _ in cells) * cell
+    boxes = [(x0 + c * cell, y0 + r * cell, x0 + (c + 1) * cell - 1, y0 + (r + 1) * cell - 1) for r, c in cells]
+    for bx0, by0, bx1, by1 in boxes:
+        for x, y in ((bx0, by0), (bx1, by0), (bx0, by1), (bx1, by1)):
+            assert tuple(arr[y, x]) == viz.MASK_MARK
+    assert all(any(b[0] <= x <= b[2] and b[1] <= y <= b[3] for b in boxes) for x, y in zip(xs, ys))
