@@ -10,6 +10,7 @@ from .errors import MinivarError
 from .probe import Capture, KeyMask, KINDS
 from .flags import parse_layer_range  # noqa: F401  (where the layer-range syntax is written)
 from .methods.var import VARConfig, image_centric
+from .models.images import Panel, token_layout
 
 def default_layer_range(n_layers: int) -> tuple[int, int]:
     """Layers 10–12 of a 32-layer model (where the paper looks), scaled to other depths; inclusive."""
@@ -29,15 +30,48 @@ def _r(x: float) -> float:
     return float(f"{x:.5g}")
 
 
+def as_panels(panels) -> tuple[Panel, ...]:
+    """An ImageInput's panels as Panel objects (a family may give plain (name, rows, cols, newline) tuples)."""
+    return tuple(p if isinstance(p, Panel) else Panel(*p) for p in panels)
+
+
+def layout_numbers(panels, n_tokens: int) -> dict:
+    """attention.json's layout: each panel with the span offset of its first token, the offsets of the newline
+    tokens (LLaVA-NeXT's image_newline: image tokens, not drawn on the image), and `grid` — the side of the one square
+    panel when the image is exactly that (LLaVA-1.5), else None."""
+    panels = as_panels(panels)
+    if sum(p.num_tokens for p in panels) != n_tokens:
+        raise MinivarError(f"the image has {n_tokens} tokens but its panels hold "
+                           f"{sum(p.num_tokens for p in panels)}: cannot draw it")
+    out, first = [], 0
+    for p in panels:
+        out.append({"name": p.name, "rows": p.rows, "cols": p.cols, "newline": p.newline, "first": first})
+        first += p.num_tokens
+    newlines = [i for i, cell in enumerate(token_layout(panels)) if cell is None]
+    only = panels[0] if len(panels) == 1 else None
+    grid = only.rows if only is not None and only.rows == only.cols and not only.newline else None
+    return {"panels": out, "newline_tokens": newlines, "grid": grid}
+
+
+def token_cells(panels) -> list[list[int] | None]:
+    """[panel, row, col] of every image token (span offset order); None for a newline token."""
+    return [None if c is None else list(c) for c in token_layout(as_panels(panels))]
+
+
 def picture_numbers(capture: Capture, *, n_layers: int, n_heads: int, layer_range: tuple[int, int],
-                    var: VARConfig | None, image_size: int, b: int = 0) -> dict:
+                    var: VARConfig | None, image_size: int, b: int = 0, panels=None) -> dict:
     """The numbers behind the pictures, JSON-ready, from a Capture run with rows="answer", head_stats=True and the
-    attention of `layer_range` (see RunInspection.probe). Sample b."""
+    attention of `layer_range` (see RunInspection.probe). Sample b. panels: the image's layout (its ImageInput's
+    panels, from the family); None: one square grid (LLaVA-1.5's 24×24)."""
     start, end = capture.image_span(b)
     n_img = end - start
-    grid = math.isqrt(n_img)
-    if n_img == 0 or grid * grid != n_img:
-        raise MinivarError(f"the image has {n_img} tokens, not a square patch grid: cannot draw it")
+    if panels is None:
+        grid = math.isqrt(n_img)
+        if n_img == 0 or grid * grid != n_img:
+            raise MinivarError(f"the image has {n_img} tokens, not a square patch grid: cannot draw it")
+        panels = (Panel("image", grid, grid),)
+    layout = layout_numbers(panels, n_img)
+    cells = token_cells(panels)
     rule = var if var is not None else VARConfig()
     var_layers = rule.layer_set(n_layers)
     vis = capture.visual_sinks
@@ -68,9 +102,10 @@ def picture_numbers(capture: Capture, *, n_layers: int, n_heads: int, layer_rang
         selected.append([_r(x) for x in sel.float().mean(-1).tolist()])
     phi = [[_r(x) for x in capture.phi[layer][b, start:end].tolist()] for layer in range(n_layers)] if capture.phi else []
     sinks = {str(layer): (torch.nonzero(v[b, start:end]).flatten().tolist()) for layer, v in sorted(vis.items())}
+    sink_cells = {layer: [cells[i] for i in offsets if cells[i] is not None] for layer, offsets in sinks.items()}
     return {
         "version": 1,
-        "image_size": image_size, "grid": grid, "image_span": [start, end],
+        "image_size": image_size, "grid": layout["grid"], "image_span": [start, end],
         "n_layers": n_layers, "n_heads": n_heads,
         "sink_dims": list(capture.used_sink_dims), "tau": capture.used_tau,
         "var": None if var is None else {"rule": var.rule, "rho": var.rho, "p": var.p,
@@ -87,6 +122,10 @@ def picture_numbers(capture: Capture, *, n_layers: int, n_heads: int, layer_rang
         "visual_sinks": sinks,                       # layer → patch indices
         "sink_ranges": [list(r) for r in sink_layer_ranges(n_layers)],
         "masked": capture.masked.report(b) if getattr(capture, "masked", None) else None,
+        # the layout (docs/pictures.md): which panel, row and column each image token is drawn at
+        "panels": layout["panels"],                  # [{name, rows, cols, newline, first}] in token order
+        "newline_tokens": layout["newline_tokens"],  # span offsets of newline tokens (never drawn)
+        "visual_sink_cells": sink_cells,             # layer → [panel, row, col] of its visual sinks (no newlines)
     }
 
 
@@ -165,14 +204,81 @@ class RunInspection:
             from . import viz
             self.check_pictures_possible(len(self.capture.rows))      # none when the generation made no call
             t = llava.config.text
+            family = llava.family
+            im = family.images(image, llava.config, image_aspect_ratio)     # the layout the tokens were drawn from
             numbers = picture_numbers(self.capture, n_layers=t.num_hidden_layers, n_heads=t.num_attention_heads,
-                                      layer_range=self.layer_range, var=var, image_size=llava.config.vision.image_size)
+                                      layer_range=self.layer_range, var=var, image_size=view_size(llava.config),
+                                      panels=im.panels)
             numbers.update(model=str(llava.directory), prompt=prompt, answer=result.text,
                            image_aspect_ratio=image_aspect_ratio)
-            from .processing import model_image
-            view = model_image(image, llava.config.vision.image_size, image_aspect_ratio)   # what the model saw
-            paths = viz.save(self.directory, numbers, view)
+            views = family_views(family, image, llava.config, image_aspect_ratio, im)      # what the model saw
+            damro = (getattr(result, "reports", None) or {}).get("damro")
+            if damro is not None and damro.get("outliers") is not None:
+                numbers.update(damro_numbers(llava.model, im, numbers, damro))
+                out["damro_var_overlap"] = numbers["damro_var_overlap"]
+                if log:
+                    o = numbers["damro_var_overlap"]
+                    log(f"minivar: DAMRO's {len(o['outliers'])} ViT outliers and VAR's "
+                        f"{len(o['visual_sink_patches'])} visual-sink patches share {o['count']}")
+            # LLaVA-1.5 (one square grid): the one image, as before; other layouts: one view per panel
+            paths = viz.save(self.directory, numbers, views[-1] if numbers["grid"] is not None else list(views))
             out["pictures"] = [str(p) for p in paths]
             if log:
                 log(f"minivar: wrote {len(paths)} files to {self.directory}")
         return out
+
+
+def view_size(cfg) -> int:
+    """attention.json's image_size: the CLIP side (336) for the LLaVA families, else 0 (the views carry sizes)."""
+    vision = getattr(cfg, "vision", None)
+    return int(getattr(vision, "image_size", 0) or 0)
+
+
+def family_views(family, image, cfg, image_aspect_ratio, image_input) -> tuple:
+    """The image each panel covers, as the model saw it (Family.view); None for a panel with nothing to draw."""
+    if family.view is None:
+        raise MinivarError(f"{family.name} has no picture view (Family.view): cannot draw its pictures")
+    views = tuple(family.view(image, cfg, image_aspect_ratio, image_input))
+    if len(views) != len(image_input.panels):
+        raise MinivarError(f"{family.name}'s view gives {len(views)} images for {len(image_input.panels)} panels")
+    return views
+
+
+def damro_panel(panels: list[dict], n_patches: int) -> int:
+    """The panel DAMRO's outliers index: LLaVA-NeXT's base crop, else the one patch grid of n_patches tokens."""
+    for i, p in enumerate(panels):
+        if p["name"] == "base":
+            return i
+    for i, p in enumerate(panels):
+        if p["rows"] * p["cols"] == n_patches and not p["newline"] and p["name"] != "CLS":
+            return i
+    raise MinivarError(f"no panel of the image holds DAMRO's {n_patches} patches")
+
+
+def outlier_overlap(outliers: list[int], numbers: dict, panel: int) -> dict:
+    """DAMRO's ViT outliers (patch indices of `panel`, row-major) next to the visual sinks VAR's rule found there
+    (the sets the pictures show), over all layers and per layer: attention.json's / --json's damro_var_overlap."""
+    cols = numbers["panels"][panel]["cols"]
+    per_layer = {layer: sorted({r * cols + c for p, r, c in cells if p == panel})
+                 for layer, cells in numbers["visual_sink_cells"].items()}
+    chosen = [int(i) for i in outliers]
+    sinks = sorted(set().union(*per_layer.values())) if per_layer else []
+    both = sorted(set(chosen) & set(sinks))
+    return {"panel": numbers["panels"][panel]["name"], "outliers": chosen, "visual_sink_patches": sinks,
+            "overlap": both, "count": len(both),
+            "per_layer": {layer: len(set(chosen) & set(v)) for layer, v in per_layer.items()}}
+
+
+def damro_numbers(model, image_input, numbers: dict, damro_report: dict) -> dict:
+    """attention.json's DAMRO part: the CLS attention of the CLIP layer DAMRO scores (over its crop: LLaVA-1.5's
+    image, LLaVA-NeXT's base), the outliers the run used, and their overlap with the visual sinks."""
+    from .methods.damro import outlier_layer, vision_cls_attention
+    layer = outlier_layer(model.config)
+    px = image_input.pixel_values
+    px = px[None] if px.ndim == 3 else px[:1]                  # LLaVA-NeXT: the crops; the base is the first
+    weight = next(model.parameters())
+    cls = vision_cls_attention(model, px.to(weight.device, weight.dtype), layers=[layer])[layer][0].float()
+    panel = damro_panel(numbers["panels"], int(cls.numel()))
+    return {"damro": {"layer": layer, "panel": panel, "cls_attention": [_r(x) for x in cls.tolist()],
+                      "outliers": list(damro_report["outliers"]), "topk": damro_report.get("topk")},
+            "damro_var_overlap": outlier_overlap(damro_report["outliers"], numbers, panel)}

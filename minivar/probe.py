@@ -289,3 +289,17 @@ def _cat_rows(chunks: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([F.pad(c, (0, S - c.shape[-1])) for c in chunks], dim=2)
 
 
+
+
+def vision_cls_attention(pipeline, image, *, layers=None, heads: bool = False,
+                         image_aspect_ratio: str | None = None) -> dict[int, torch.Tensor]:
+    """The vision tower's CLS attention per layer for one image, through a loaded Pipeline: {CLIP layer: [crops, N]}
+    — DAMRO's full-width score (methods.damro.cls_attention), or with heads=True {layer: [crops, H, N]}, the
+    layer's own heads. crops: 1 for LLaVA-1.5; LLaVA-NeXT's base crop first, then its tiles. layers: CLIP layer
+    indices (default every layer the model runs). A family without a CLS token (Qwen2-VL) is refused."""
+    from .methods.damro import vision_cls_attention as cls_attention
+    if not pipeline.family.has_cls:
+        raise MinivarError(f"{pipeline.family.name}'s vision tower has no CLS token: no CLS attention to show")
+    px = pipeline.image(image, image_aspect_ratio).pixel_values
+    return {layer: t.float().cpu() for layer, t in
+            cls_attention(pipeline.model, px[None] if px.ndim == 3 else px, layers, heads).items()}

@@ -10,6 +10,12 @@ The pictures (file names in FILES):
   answer_attention_layers{lo}-{hi}.png    answer-token attention over the patch grid on the image (before/after VAR)
   heads_image_attention.png           layers × heads: image attention, non-sink ratio, image-centric selection
   sink_scores_phi.png                 φ of every image token in every layer
+  damro_outliers.png                  with DAMRO: the ViT's CLS attention with its k outliers, and the outliers next
+                                      to the visual sinks (their overlap counted)
+
+The layout comes from the model family (attention.json's "panels"): LLaVA-1.5 one 24×24 grid over the 336-px
+image; LLaVA-NeXT the base crop's grid, then the unpadded tile grid (its newline tokens are not drawn); Qwen2-VL
+the merged-patch grid over the smart-resized image. Each panel is drawn over its own view of the image.
 
 Text is ASCII only: pillow's default font (Aileron) has no Greek letters, so φ/τ/ρ are spelled phi/tau/rho.
 """
@@ -36,8 +42,9 @@ INK = (25, 25, 25)
 GREY = (120, 120, 120)
 BACKGROUND = (255, 255, 255)
 NUMBERS_FILE = "attention.json"
+OUTLIER_MARK = (0, 200, 0)          # DAMRO's ViT outliers (green: in neither the inferno map nor the grey image)
 FILES = {"sinks": "visual_sinks_on_image.png", "attention": "answer_attention_layers{lo}-{hi}.png",
-         "heads": "heads_image_attention.png", "phi": "sink_scores_phi.png"}
+         "heads": "heads_image_attention.png", "phi": "sink_scores_phi.png", "damro": "damro_outliers.png"}
 
 # colour maps as a few stops, linearly interpolated (matplotlib's viridis / inferno, sampled)
 VIRIDIS = [(68, 1, 84), (71, 44, 122), (59, 81, 139), (44, 113, 142), (33, 144, 141), (39, 173, 129),
@@ -372,6 +379,240 @@ def masked_patches(numbers: dict) -> list[int]:
     return sorted(set(patches))
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Layouts of several panels, or of one that is not square (LLaVA-NeXT, Qwen2-VL): every value of an image token is
+# drawn at its (panel, row, column); newline tokens are listed apart (attention.json's newline_tokens), never drawn.
+
+def panels_of(numbers: dict) -> list[dict]:
+    """attention.json's panels; an older file (one square grid, no "panels") as that one panel."""
+    if numbers.get("panels"):
+        return numbers["panels"]
+    g = numbers["grid"]
+    return [{"name": "image", "rows": g, "cols": g, "newline": False, "first": 0}]
+
+
+def token_cells(numbers: dict) -> list[tuple[int, int, int] | None]:
+    """(panel, row, col) of every image token in span order; None for a newline token."""
+    out = []
+    for i, p in enumerate(panels_of(numbers)):
+        for r in range(p["rows"]):
+            out.extend((i, r, c) for c in range(p["cols"]))
+            if p["newline"]:
+                out.append(None)
+    return out
+
+
+def panel_values(numbers: dict, values) -> list[list[list[float]]]:
+    """Per-token values (span order) → one rows × cols grid per panel (newline tokens dropped)."""
+    grids = [[[0.0] * p["cols"] for _ in range(p["rows"])] for p in panels_of(numbers)]
+    for v, cell in zip(values, token_cells(numbers)):
+        if cell is not None:
+            grids[cell[0]][cell[1]][cell[2]] = v
+    return grids
+
+
+def panel_marks(numbers: dict, offsets) -> list[set[tuple[int, int]]]:
+    """Span offsets (sinks, masked tokens) → per panel the (row, col) cells to mark (newline tokens dropped)."""
+    cells = token_cells(numbers)
+    marks = [set() for _ in panels_of(numbers)]
+    for i in offsets:
+        if 0 <= i < len(cells) and cells[i] is not None:
+            marks[cells[i][0]].add(cells[i][1:])
+    return marks
+
+
+def as_views(numbers: dict, view) -> list:
+    """One view (an image, or None) per panel: a list as saved, or the one image for every panel."""
+    if isinstance(view, (list, tuple)):
+        return list(view)
+    return [view] * len(panels_of(numbers))
+
+
+def drawable(numbers: dict, views) -> list[int]:
+    return [i for i, p in enumerate(panels_of(numbers)) if views[i] is not None and p["rows"] and p["cols"]]
+
+
+def panel_cell(p: dict, view: Image.Image) -> int:
+    """Pixels per token cell: the view's own (14 for CLIP, 28 for Qwen's merged patches), at least 240 px a side."""
+    return max(view.width // p["cols"], 240 // max(p["rows"], p["cols"]), 1)
+
+
+def _on_view(view: Image.Image, p: dict, cell: int, grey: bool) -> Image.Image:
+    size = (p["cols"] * cell, p["rows"] * cell)
+    im = view.convert("L").convert("RGB") if grey else view.convert("RGB")
+    return im.resize(size, Image.Resampling.BICUBIC)
+
+
+def _outline(d: ImageDraw.ImageDraw, cells, cell: int, colour, inset: int = 0) -> None:
+    for r, c in cells:
+        d.rectangle([c * cell + inset, r * cell + inset, c * cell + cell - 1 - inset, r * cell + cell - 1 - inset],
+                    outline=colour, width=2 if cell >= 6 else 1)
+
+
+def _grid_figure(items, per_row: int = 3):
+    """items: rows of (plot, title) → the framed body and the plot origin of every item in it (row-major)."""
+    rows, plot_xy = [], []
+    for group in items:
+        for i in range(0, len(group), per_row):
+            framed = [axes(im, title=t) for im, t in group[i:i + per_row]]
+            row, offs = stack([f for f, _ in framed], horizontal=True)
+            rows.append(row)
+            plot_xy.append([(ox + f[1][0], oy + f[1][1]) for (ox, oy), f in zip(offs, framed)])
+    body, row_offs = stack(rows, horizontal=False, gap=12)
+    return body, [(rx + px, ry + py) for (rx, ry), row in zip(row_offs, plot_xy) for px, py in row]
+
+
+def _sinks_panels(numbers: dict, views):
+    tau, dims = numbers["tau"], numbers["sink_dims"]
+    panels = panels_of(numbers)
+    items, where = [], []                          # where: (panel, layer range index or None, cell) per item
+    for i in drawable(numbers, views):
+        p, view = panels[i], views[i]
+        cell = panel_cell(p, view)
+        group = [(_on_view(view, p, cell, False), f"{p['name']}: as the model saw it ({view.width}x{view.height})")]
+        where.append((i, None, cell))
+        for j, (lo, hi) in enumerate(numbers["sink_ranges"]):
+            offsets = {o for layer in range(lo, hi + 1) for o in numbers["visual_sinks"].get(str(layer), [])}
+            marks = panel_marks(numbers, offsets)[i]
+            im = _on_view(view, p, cell, True)
+            _outline(ImageDraw.Draw(im), marks, cell, SINK_MARK)
+            name = f"layer {lo}" if lo == hi else f"layers {lo}-{hi}"
+            group.append((im, f"{p['name']}, {name}: {len(marks)} sink{'s' if len(marks) != 1 else ''}"))
+            where.append((i, j, cell))
+        items.append(group)
+    body, origins = _grid_figure(items, per_row=len(numbers["sink_ranges"]) + 1 if len(items) > 1 else 3)
+    newline = len(numbers.get("newline_tokens") or [])
+    fig, (bx, by) = figure(
+        "Visual sink tokens on the image",
+        [f"image tokens with sink score phi >= tau={tau:g} in at least one layer of the range "
+         f"(sink dims {', '.join(map(str, dims)) or 'none'}); one row per panel: "
+         + ", ".join(f"{p['name']} {p['rows']}x{p['cols']}" for p in panels),
+         f"prompt: {numbers.get('prompt', '')}"],
+        body,
+        ["Legend: magenta square = visual sink (one square = one image token); grey = the same view."]
+        + ([f"{newline} newline tokens (one after each tile row) are not drawn: attention.json lists them "
+            f"(newline_tokens)."] if newline else []))
+    return fig, [((bx + x, by + y), w) for (x, y), w in zip(origins, where)]
+
+
+class PanelLayout:
+    """Where the sinks picture put things in a multi-panel layout: per item its top-left pixel, its panel, its layer
+    range (None: the input view) and the pixels per token cell."""
+
+    def __init__(self, items):
+        self.items = items
+
+    def item(self, panel: int, layer_range: int | None) -> int:
+        return next(k for k, (_, (p, j, _)) in enumerate(self.items) if p == panel and j == layer_range)
+
+    def box(self, item: int, row: int, col: int) -> tuple[int, int, int, int]:
+        (x, y), (_, _, cell) = self.items[item]
+        return x + col * cell, y + row * cell, x + (col + 1) * cell - 1, y + (row + 1) * cell - 1
+
+
+def panel_layout(numbers: dict, views) -> PanelLayout:
+    return PanelLayout(_sinks_panels(numbers, as_views(numbers, views))[1])
+
+
+def _attention_panels(numbers: dict, views) -> Image.Image:
+    attn = numbers["attention"]
+    kinds = [k for k in ("before", "after") if attn.get(k) is not None]
+    vmax = nice_max(max(max(attn[k] or [0.0]) for k in kinds))
+    colour = linear(INFERNO, 0.0, vmax)
+    names = {"before": "before VAR", "after": "after VAR"} if numbers.get("var") else {"before": "no VAR"}
+    masked = panel_marks(numbers, masked_patches(numbers))
+    panels = panels_of(numbers)
+    rows = []
+    for i in drawable(numbers, views):
+        p, view = panels[i], views[i]
+        cell = panel_cell(p, view)
+        base = _on_view(view, p, cell, True)
+        row = []
+        for k in kinds:
+            grid = panel_values(numbers, attn[k])[i]
+            over = Image.blend(base, heat(grid, colour, cell, cell), 0.65)
+            _outline(ImageDraw.Draw(over), masked[i], cell, MASK_MARK)
+            share = sum(v for line in grid for v in line)
+            row.append(axes(over, title=f"{p['name']}, {names[k]}: {100 * share:.1f}% of the attention",
+                            xlabel="token column", ylabel="token row",
+                            xticks=_grid_ticks(p["cols"], cell), yticks=_grid_ticks(p["rows"], cell))[0])
+        rows.append(stack(row, horizontal=True, gap=20)[0])
+    column, _ = stack(rows, horizontal=False, gap=12)
+    bar = colorbar(min(column.height, 480), colour, 0.0, vmax, "mean attention probability per token")
+    body, _ = stack([column, bar], horizontal=True, gap=20)
+    lo, hi = numbers["layer_range"]
+    lines, legend = attention_text(numbers)
+    if numbers.get("newline_tokens"):
+        nl = sum(attn[kinds[0]][o] for o in numbers["newline_tokens"] if o < len(attn[kinds[0]]))
+        legend.append(f"{len(numbers['newline_tokens'])} newline tokens are not drawn ({100 * nl:.1f}% of the "
+                      f"attention, {names[kinds[0]]}).")
+    return figure(f"Attention of the answer over the image, layers {lo}-{hi}", lines, body, legend)[0]
+
+
+def draw_damro(numbers: dict, view) -> Image.Image:
+    """DAMRO's picture: the CLS attention of the ViT layer DAMRO scores, over the crop it scores (LLaVA-1.5: the
+    image; LLaVA-NeXT: the base), its k outliers outlined green; then the outliers next to the visual sinks."""
+    dam, overlap = numbers["damro"], numbers["damro_var_overlap"]
+    i = dam["panel"]
+    p = panels_of(numbers)[i]
+    v = as_views(numbers, view)[i]
+    cell = panel_cell(p, v)
+    cls = dam["cls_attention"]
+    grid = [cls[r * p["cols"]:(r + 1) * p["cols"]] for r in range(p["rows"])]
+    # from the smallest score up: CLS attention is nearly flat over most patches, the outliers stand out
+    vmin, vmax = min(cls), max(cls)
+    colour = linear(INFERNO, vmin, vmax)
+    out_cells = [divmod(o, p["cols"]) for o in dam["outliers"]]
+    over = Image.blend(_on_view(v, p, cell, True), heat(grid, colour, cell, cell), 0.65)
+    _outline(ImageDraw.Draw(over), out_cells, cell, OUTLIER_MARK)
+    both = _on_view(v, p, cell, True)
+    d = ImageDraw.Draw(both)
+    _outline(d, [divmod(s, p["cols"]) for s in overlap["visual_sink_patches"]], cell, SINK_MARK)
+    _outline(d, out_cells, cell, OUTLIER_MARK, inset=2 if cell >= 10 else 0)      # inside a sink's square
+    ticks = dict(xticks=_grid_ticks(p["cols"], cell), yticks=_grid_ticks(p["rows"], cell))
+    panels = [axes(over, title=f"{p['name']}: CLS attention, vision layer {dam['layer']}", xlabel="patch column",
+                   ylabel="patch row", **ticks)[0],
+              colorbar(over.height, colour, vmin, vmax, "CLS attention (DAMRO's score)"),
+              axes(both, title=f"outliers and visual sinks: {overlap['count']} shared", xlabel="patch column",
+                   ylabel="patch row", **ticks)[0]]
+    body, _ = stack(panels, horizontal=True, gap=20)
+    return figure(
+        "DAMRO's ViT outliers and VAR's visual sinks",
+        [f"CLS row of softmax(q k^T / sqrt(C)) of vision layer {dam['layer']} over all patches (full width, no "
+         f"head split): DAMRO's outlier score; its top-{len(dam['outliers'])} are the outliers",
+         f"{overlap['count']} of {len(dam['outliers'])} outliers are visual sinks in some layer "
+         f"({len(overlap['visual_sink_patches'])} visual-sink patches on this panel)",
+         f"prompt: {numbers.get('prompt', '')}"],
+        body,
+        ["Legend: green square = DAMRO outlier (top-k CLS attention); magenta square = visual sink "
+         "(phi >= tau in at least one layer); both = shared (attention.json: damro_var_overlap)."])[0]
+
+
+def draw_cls_layers(cls_by_layer: dict, view: Image.Image, rows: int, cols: int, outliers=()) -> Image.Image:
+    """The vision tower's CLS attention per layer (probe.vision_cls_attention, one crop: {layer: N values}, as
+    lists or anything with tolist()) as heat maps over `view`, one per layer on a shared colour scale; `outliers`
+    (patch indices) outlined green on every map."""
+    values = {int(layer): list(v.tolist() if hasattr(v, "tolist") else v) for layer, v in cls_by_layer.items()}
+    if not values or any(len(v) != rows * cols for v in values.values()):
+        raise MinivarError(f"draw_cls_layers: every layer needs {rows}x{cols} = {rows * cols} values")
+    vmin = min(min(v) for v in values.values())
+    vmax = max(max(v) for v in values.values())
+    colour = linear(INFERNO, vmin, vmax)
+    p = {"rows": rows, "cols": cols}
+    cell = panel_cell(p, view)
+    base = _on_view(view, p, cell, True)
+    items = []
+    for layer, v in sorted(values.items()):
+        over = Image.blend(base, heat([v[r * cols:(r + 1) * cols] for r in range(rows)], colour, cell, cell), 0.65)
+        _outline(ImageDraw.Draw(over), [divmod(o, cols) for o in outliers], cell, OUTLIER_MARK)
+        items.append((over, f"vision layer {layer}"))
+    body, _ = _grid_figure([items], per_row=4)
+    body, _ = stack([body, colorbar(min(body.height, 320), colour, vmin, vmax, "CLS attention")], horizontal=True)
+    return figure("CLS attention of the vision tower, per layer",
+                  ["the CLS token's attention to each patch (DAMRO's full-width score, or the mean of heads)"],
+                  body, ["Legend: bright = much CLS attention; green square = an outlier given."] if outliers else [])[0]
+
+
 def draw_heads(numbers: dict) -> Image.Image:
     heads = numbers["heads"]
     L, H = numbers["n_layers"], numbers["n_heads"]
@@ -429,11 +670,17 @@ def draw_phi(numbers: dict) -> Image.Image:
     vmax = max(max(max(row) for row in phi), tau * 1.25)
     colour = phi_colours(vmax, tau)
     plot = heat(phi, colour, cw, ch)
-    step = grid * 4 if N >= grid * 8 else grid
+    if grid is not None:
+        step = grid * 4 if N >= grid * 8 else grid
+        xlabel = f"image token (patch index, row-major, {grid} per patch row)"
+    else:                                          # several panels / not square: span order, panel by panel
+        step = max(1, N // 8)
+        xlabel = "image token (span order: " + ", then ".join(
+            f"{p['name']} {p['rows']}x{p['cols']}{' + newlines' if p['newline'] else ''}"
+            for p in panels_of(numbers)) + ")"
     xt = [(i * cw + cw // 2, str(i)) for i in range(0, N, step)]
     yt = [(l * ch + ch // 2, str(l)) for l in range(0, L, max(1, L // 8))]
-    framed = axes(plot, title=None, xlabel=f"image token (patch index, row-major, {grid} per patch row)",
-                  ylabel="layer", xticks=xt, yticks=yt)[0]
+    framed = axes(plot, title=None, xlabel=xlabel, ylabel="layer", xticks=xt, yticks=yt)[0]
     bar = colorbar(max(plot.height, 160), colour, 0.0, vmax, "sink score phi",
                    ticks=[0.0, vmax], marks=[(tau, f"tau={tau:g}")])
     body, _ = stack([framed, bar], horizontal=True, gap=10)
@@ -450,13 +697,21 @@ def file_names(numbers: dict) -> dict[str, str]:
     return {k: v.format(lo=lo, hi=hi) for k, v in FILES.items()}
 
 
-def draw_all(numbers: dict, view: Image.Image) -> dict[str, Image.Image]:
-    """{file name: picture} for every picture the numbers allow."""
+def draw_all(numbers: dict, view) -> dict[str, Image.Image]:
+    """{file name: picture} for every picture the numbers allow. view: the image as the model saw it (one square
+    grid: LLaVA-1.5), or one view per panel (attention.json's panels)."""
     names = file_names(numbers)
-    out = {names["sinks"]: draw_sinks(numbers, view), names["attention"]: draw_attention(numbers, view),
-           names["heads"]: draw_heads(numbers)}
+    if numbers.get("grid") is not None:            # one square grid over one image: LLaVA-1.5's pictures
+        one = next(v for v in as_views(numbers, view) if v is not None)
+        out = {names["sinks"]: draw_sinks(numbers, one), names["attention"]: draw_attention(numbers, one)}
+    else:
+        views = as_views(numbers, view)
+        out = {names["sinks"]: _sinks_panels(numbers, views)[0], names["attention"]: _attention_panels(numbers, views)}
+    out[names["heads"]] = draw_heads(numbers)
     if numbers.get("phi"):
         out[names["phi"]] = draw_phi(numbers)
+    if numbers.get("damro"):
+        out[names["damro"]] = draw_damro(numbers, view)
     return out
 
 
@@ -514,9 +769,11 @@ def save(directory, numbers: dict, view: Image.Image) -> list[Path]:
     """Draw every picture (in memory first), then write the PNGs and attention.json into `directory`."""
     d = check_directory(directory)
     pictures = draw_all(numbers, view)
-    buf = io.BytesIO()
-    view.save(buf, format="PNG", optimize=True)
-    payload = dict(numbers, image_png_base64=base64.b64encode(buf.getvalue()).decode("ascii"))
+    if isinstance(view, (list, tuple)):            # one view per panel (None: a panel not drawn)
+        views = [None if v is None else _png_base64(v) for v in view]
+        payload = dict(numbers, views_png_base64=views, image_png_base64=next(v for v in views if v is not None))
+    else:
+        payload = dict(numbers, image_png_base64=_png_base64(view))
     if "model" in payload:
         payload["model"] = shareable_model_name(payload["model"])
     text = json.dumps(payload, separators=(",", ":"))
@@ -533,10 +790,22 @@ def save(directory, numbers: dict, view: Image.Image) -> list[Path]:
     return paths
 
 
-def load_numbers(path) -> tuple[dict, Image.Image]:
-    """attention.json → (numbers, the image as the model saw it)."""
+def _png_base64(im: Image.Image) -> str:
+    buf = io.BytesIO()
+    im.save(buf, format="PNG", optimize=True)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _png(text: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(text))).convert("RGB")
+
+
+def load_numbers(path):
+    """attention.json → (numbers, the image as the model saw it — or, for a layout of panels, one view per panel)."""
     numbers = json.loads(Path(path).read_text())
-    view = Image.open(io.BytesIO(base64.b64decode(numbers.pop("image_png_base64")))).convert("RGB")
+    view = _png(numbers.pop("image_png_base64"))
+    if "views_png_base64" in numbers:
+        return numbers, [None if v is None else _png(v) for v in numbers.pop("views_png_base64")]
     return numbers, view
 
 
@@ -545,7 +814,8 @@ HELP = f"""{USAGE}
 
 Redraw the pictures of a --save-attention run from its attention.json (the numbers and the image as the model saw
 it) into OUT_DIR (default: the folder of attention.json; created if needed): visual_sinks_on_image.png,
-answer_attention_layers<lo>-<hi>.png, heads_image_attention.png, sink_scores_phi.png. Each file is written under a
+answer_attention_layers<lo>-<hi>.png, heads_image_attention.png, sink_scores_phi.png (and damro_outliers.png
+after a --damro run). Each file is written under a
 temporary name and renamed, so a failure leaves no half-written picture. See docs/pictures.md."""
 
 

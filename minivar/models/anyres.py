@@ -95,3 +95,18 @@ def process_image(img: Image.Image, cfg: LlavaNextConfig) -> ImageInput:
     size = (img.height, img.width)
     return ImageInput(pixel_values=pixels, num_tokens=count_image_tokens(size, cfg), panels=panels(size, cfg),
                       meta={"image_size": size})
+
+
+def tile_view(img: Image.Image, cfg: LlavaNextConfig) -> tuple[Image.Image, Image.Image | None]:
+    """What the two panels cover, as the model saw it: the base crop (S×S), and the tiles put back together into the
+    padded canvas and cut to the rows/columns the unpadding keeps (one patch = patch_size px); None when the
+    unpadding keeps no row (an extreme aspect ratio)."""
+    pieces = crops(img, cfg)
+    S, p = cfg.vision.image_size, cfg.vision.patch_size
+    (n_rows, n_cols), (rows, cols) = anyres_layout((img.height, img.width), cfg)
+    canvas = Image.new("RGB", (n_cols * S, n_rows * S))
+    for i, tile in enumerate(pieces[1:]):
+        canvas.paste(tile, ((i % n_cols) * S, (i // n_cols) * S))
+    if rows.stop <= rows.start or cols.stop <= cols.start:
+        return pieces[0], None
+    return pieces[0], canvas.crop((cols.start * p, rows.start * p, cols.stop * p, rows.stop * p))

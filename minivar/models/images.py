@@ -7,14 +7,14 @@ pictures draw each token at the (panel, row, column) that `token_layout` gives.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
 
-@dataclass(frozen=True)
-class Panel:
+class Panel(NamedTuple):
     """A rectangle of image tokens in the token order: `rows` × `cols` tokens, row by row; with `newline`, one
-    extra token (LLaVA-NeXT's image_newline) closes each row."""
+    extra token (LLaVA-NeXT's image_newline) closes each row. A named tuple: equal to (name, rows, cols, newline)."""
     name: str
     rows: int
     cols: int
@@ -35,6 +35,8 @@ class ImageInput:
     meta: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        # a family may give plain (name, rows, cols[, newline]) tuples: the same panels
+        self.panels = tuple(p if isinstance(p, Panel) else Panel(*p) for p in self.panels)
         if sum(p.num_tokens for p in self.panels) != self.num_tokens:
             raise ValueError(f"panels hold {sum(p.num_tokens for p in self.panels)} tokens, not {self.num_tokens}")
 

@@ -170,6 +170,13 @@ def llava_image(img, cfg: LlavaConfig, image_aspect_ratio: str = "pad") -> Image
                         cls=cfg.vision_feature_select_strategy == "full")
 
 
+def llava_view(img, cfg: LlavaConfig, image_aspect_ratio: str, image_input: ImageInput) -> tuple:
+    """Family.view: the padded/cropped S×S image the grid covers (processing.model_image); no view for a CLS panel."""
+    from ..processing import model_image
+    view = model_image(img, cfg.vision.image_size, image_aspect_ratio)
+    return tuple(None if p.name == "CLS" else view for p in image_input.panels)
+
+
 # LLaVA-1.5's base LLMs' massive-activation dims (the VAR paper), keyed by the decoder shape that identifies them:
 # (hidden, layers, heads, intermediate).
 KNOWN_SINK_DIMS = {
@@ -180,4 +187,4 @@ KNOWN_SINK_DIMS = {
 FAMILY = register(Family(
     model_type="llava", name="LLaVA-1.5", config=LlavaConfig.from_hf, model=Llava, key_rules=KEY_RULES,
     unused_key=is_unused_key, images=llava_image, conv_modes=("vicuna_v1", "llava_hf"), default_conv_mode="vicuna_v1",
-    known_sink_dims=KNOWN_SINK_DIMS))
+    known_sink_dims=KNOWN_SINK_DIMS, view=llava_view))

@@ -388,6 +388,13 @@ def next_image(img, cfg: LlavaNextConfig, image_aspect_ratio: str = "anyres"):
     return process_image(img, cfg)
 
 
+def next_view(img, cfg: LlavaNextConfig, image_aspect_ratio: str, image_input):
+    """Family.view: the base crop (the whole image squashed to S×S) and the tiles' canvas cut to the unpadded region
+    the tile grid's tokens cover (anyres.tile_view)."""
+    from .anyres import tile_view
+    return tile_view(img, cfg)
+
+
 def load_llava_next(directory, dtype: torch.dtype = torch.float32, device="cpu", cfg: LlavaNextConfig | None = None):
     """The model, strictly (checkpoint.load_model through this family's entry): every tensor used once, none
     missing (image_newline included), shapes as the config says."""
@@ -409,4 +416,4 @@ FAMILY = register(Family(
     model_type="llava_next", name="LLaVA-NeXT", config=config_from_checkpoint, model=LlavaNext, key_rules=KEY_RULES,
     unused_key=is_unused_key, images=next_image, conv_modes=("vicuna_v1", "llava_hf", "mistral_instruct"),
     # per checkpoint: LlavaNextConfig.default_conv_mode (mistral_instruct for the Mistral variant)
-    default_conv_mode="vicuna_v1", image_modes=("anyres",), known_sink_dims=KNOWN_SINK_DIMS))
+    default_conv_mode="vicuna_v1", image_modes=("anyres",), known_sink_dims=KNOWN_SINK_DIMS, view=next_view))

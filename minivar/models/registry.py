@@ -35,6 +35,9 @@ class Family:
     tied: tuple[str, str] = ("language_model.lm_head.weight", "language_model.model.embed_tokens.weight")
     # (config, **options) → the config with the user's image settings (--min-pixels / --max-pixels); None: none
     image_options: Callable | None = None
+    # (PIL image, config, image_aspect_ratio, its ImageInput) → one PIL image per panel: the pixels that panel's
+    # tokens cover, as the model saw them (None: a panel not drawn); the pictures draw each panel over its view
+    view: Callable | None = None
 
     def with_image_options(self, cfg, **options):
         if self.image_options is None:

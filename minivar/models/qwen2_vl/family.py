@@ -29,6 +29,12 @@ def qwen_image(img, cfg: Qwen2VLConfig, image_aspect_ratio: str | None = "smart_
     return preprocess_image(img, cfg.image)
 
 
+def qwen_view(img, cfg: Qwen2VLConfig, image_aspect_ratio, image_input) -> tuple:
+    """Family.view: the smart_resized image the merged-patch grid covers (one merged token = 28×28 px)."""
+    from .processing import model_image
+    return (model_image(img, cfg.image),)
+
+
 def with_pixels(cfg: Qwen2VLConfig, min_pixels: int | None = None, max_pixels: int | None = None) -> Qwen2VLConfig:
     """The config with the user's pixel bounds (--min-pixels / --max-pixels), checked."""
     from dataclasses import replace
@@ -40,4 +46,4 @@ for _model_type, _name in (("qwen2_vl", "Qwen2-VL"), ("qwen2_5_vl", "Qwen2.5-VL"
         model_type=_model_type, name=_name, config=Qwen2VLConfig.from_hf, model=Qwen2VL, key_rules=KEY_RULES,
         unused_key=is_unused_key, images=qwen_image, conv_modes=("qwen",), default_conv_mode="qwen",
         image_modes=IMAGE_MODES, has_cls=False, tokenizer=QwenTokenizer, image_options=with_pixels,
-        tied=("lm_head.weight", "model.embed_tokens.weight")))
+        tied=("lm_head.weight", "model.embed_tokens.weight"), view=qwen_view))

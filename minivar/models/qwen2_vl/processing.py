@@ -29,20 +29,12 @@ from PIL import Image
 
 from ...errors import MinivarError
 from ...processing import to_rgb
+from ..images import ImageInput, Panel  # noqa: F401  (ImageInput: for callers)
 
 # OpenAI CLIP's normalisation constants (Qwen2-VL's preprocessor_config.json gives these).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 MAX_ASPECT_RATIO = 200
-
-
-@dataclass
-class ImageInput:
-    """One image, ready for a model family (the family interface's type; the lead unifies it in models/images.py)."""
-    pixel_values: torch.Tensor   # Qwen2-VL: flattened patches [grid_h·grid_w, C·tp·p·p], float32
-    num_tokens: int              # LLM tokens this image becomes (grid_t·grid_h·grid_w / merge²)
-    panels: tuple                # ((name, rows, cols, newline), ...): one panel of merged tokens, no newline tokens
-    meta: dict                   # {"grid_thw": (t, h, w), "image_size": (H, W) as given, "resized_size": (h, w)}
 
 
 @dataclass(frozen=True)
@@ -204,7 +196,7 @@ def preprocess_image(img: Image.Image, cfg: QwenImageConfig = QwenImageConfig(),
     return ImageInput(
         pixel_values=patches,
         num_tokens=gh * gw // (m * m),
-        panels=(("image", gh // m, gw // m, False),),
+        panels=(Panel("image", gh // m, gw // m),),
         meta={"grid_thw": (1, gh, gw), "image_size": size, "resized_size": (resized.height, resized.width)},
     )
 
