@@ -366,17 +366,21 @@ class Pipeline:
         tokens then run as one batch continuing at the same positions — the shorter ones padded between the prefix
         and their text, so every question's tokens keep the positions they have alone — and are decoded together.
         With VAR, each question has its own state; the prefix's sink sets are found once and shared (VAR's rows and
-        the sink scores of prefix positions depend on the prefix alone: attention is causal). A method with a
-        contrast branch runs the questions as one batch (generate_batch: both branches, no shared prefix)."""
+        the sink scores of prefix positions depend on the prefix alone: attention is causal).
+
+        A method with a contrast branch (DAMRO, VCD) gets its branch once, for the image (Method.branch on a call of
+        one sample): the contrast prompt's prefix (the same text with DAMRO's k image tokens, or VCD's noised image)
+        is prefilled once beside the full one (a batch of two prefixes, the shorter left-padded), and both branches
+        of every question decode together, one forward per step. Where the branch changes more than the shared
+        prefix (an image after the questions' common part, a family whose positions read the image grid) the
+        questions run as one batch (generate_batch: both branches, no shared prefix)."""
         check_generation_args(max_new_tokens, temperature, top_p)
         if not prompts:
             raise MinivarError("generate_many needs at least one prompt")
         methods = with_methods(methods, var)
-        if any(type(m).branch is not Method.branch for m in methods):
-            return self.generate_batch([image] * len(prompts), list(prompts), max_new_tokens=max_new_tokens,
-                                       temperature=temperature, top_p=top_p, seed=seed, conv_mode=conv_mode,
-                                       image_aspect_ratio=image_aspect_ratio, methods=methods, warn=warn,
-                                       prompt_tokenization=prompt_tokenization)
+        branching = [m for m in methods if type(m).branch is not Method.branch]
+        if len(branching) > 1:
+            raise MinivarError(f"{' and '.join(m.name for m in branching)} each add a contrast branch; use one")
         for m in methods:
             m.check(self)
         im = self.image(image, image_aspect_ratio)
@@ -385,42 +389,91 @@ class Pipeline:
         P = 0                    # the shared prefix; every prompt keeps at least one token of its own (its logits)
         while P < shortest - 1 and all(r[P] == rows[0][P] for r in rows):
             P += 1
-        Q = max(len(r) for r in rows) - P
-        T = P + Q
         B = len(rows)
-        # [prefix][padding][own tokens]: the own tokens end at T − 1 for everyone
-        own, own_mask = left_pad([r[P:] for r in rows], self.pad_id, self.device)
-        input_ids = torch.cat([torch.tensor(rows[0][:P], dtype=torch.long, device=self.device).expand(B, P), own], 1)
-        attention_mask = None
-        if own_mask is not None:
-            attention_mask = torch.cat([torch.ones(B, P, dtype=torch.bool, device=self.device), own_mask], 1)
-        max_new_tokens = min(max_new_tokens, self.config.text.max_position_embeddings - T)
-        request = Request(input_ids, attention_mask, [im] * B, rows, max_new_tokens)
-        request.call = Call(self, input_ids, attention_mask, [im] * B, T + max_new_tokens, B, warn=warn,
-                            shared=request.shared)
-        self.add_hooks(request, methods=methods, warn=warn)
         t0 = time.perf_counter()
-        features = self.model.image_features([im])[0]                                  # [N, D], once
-        in_prefix = int(self.model.image_positions(input_ids[:1, :P]).sum())
-        # the prefix's keys and values are stored once (a batch of one), each question's own positions per question
-        prefix = new_cache(self.model, 1, max(P, 1), self.device, self.dtype, values_transposed=False)
-        own_cache = new_cache(self.model, B, Q + max_new_tokens, self.device, self.dtype, values_transposed=False)
-        cache = SharedPrefixCache(prefix, P, own_cache, self.config.text)
-        if P:
-            self.model(input_ids[:1, :P], image_features=features[:in_prefix] if in_prefix else None, cache=prefix,
-                       hooks=request.hooks, output="hidden")                          # batch 1, once
+        shared: dict = {}
+        prefixes = [rows[0][:P]]                       # one prefix per branch (G of them), each shared by B rows
+        prefix_features = None                         # the prefixes' image feature rows, in token order
+        call_features = None
+        if branching:
+            contrast = self._contrast_prefix(branching[0], rows, P, im, max_new_tokens, warn, shared)
+            if contrast is None:
+                return self.generate_batch([image] * B, list(prompts), max_new_tokens=max_new_tokens,
+                                           temperature=temperature, top_p=top_p, seed=seed, conv_mode=conv_mode,
+                                           image_aspect_ratio=image_aspect_ratio, methods=methods, warn=warn,
+                                           prompt_tokenization=prompt_tokenization)
+            contrast_prefix, contrast_features, call_features = contrast
+            features = call_features[0]
+            prefixes.append(contrast_prefix)
+            feats = [features] + ([contrast_features] if contrast_features is not None else [])
+            prefix_features, rest = torch.cat(feats), None
+        else:
+            features = self.model.image_features([im])[0]                              # [N, D], once
+        G = len(prefixes)
+        in_prefix = int(self.model.image_positions(torch.tensor([rows[0][:P]], dtype=torch.long)).sum())
+        if not branching:
+            prefix_features = features[:in_prefix] if in_prefix else None
+            rest = features[in_prefix:].repeat(B, 1) if in_prefix < features.shape[0] else None
+        # [prefix (left-padded to the longest of the G)][padding][own tokens]: the own tokens end at T − 1 for every
+        # row; rows branch-major (branch g: rows g·B … g·B + B − 1), as generate's branches
+        prefix_ids, prefix_mask = left_pad(prefixes, self.pad_id, self.device)           # [G, Pm]
+        Pm = prefix_ids.shape[1] if P else 0
+        own, own_mask = left_pad([r[P:] for r in rows] * G, self.pad_id, self.device)    # [G·B, Q]
+        Q = own.shape[1]
+        T = Pm + Q
+        input_ids = torch.cat([prefix_ids[:, :Pm].repeat_interleave(B, 0), own], 1)     # [G·B, T]
+        attention_mask = None
+        if own_mask is not None or (prefix_mask is not None and Pm):
+            ones = torch.ones(G * B, T, dtype=torch.bool, device=self.device)
+            attention_mask = ones
+            if prefix_mask is not None and Pm:
+                attention_mask[:, :Pm] = prefix_mask.repeat_interleave(B, 0)
+            if own_mask is not None:
+                attention_mask[:, Pm:] = own_mask
+        max_new_tokens = min(max_new_tokens, self.config.text.max_position_embeddings - T)
+        request = Request(input_ids, attention_mask, [im] * B, rows, max_new_tokens, branches=G, shared=shared)
+        request.call = Call(self, input_ids, attention_mask, [im] * B, T + max_new_tokens, B, warn=warn,
+                            shared=request.shared, features=call_features)
+        self.add_hooks(request, methods=methods, warn=warn)
+        # the prefixes' keys and values are stored once (a batch of G), each question's own positions per row
+        prefix = new_cache(self.model, G, max(Pm, 1), self.device, self.dtype, values_transposed=False)
+        own_cache = new_cache(self.model, G * B, Q + max_new_tokens, self.device, self.dtype, values_transposed=False)
+        cache = SharedPrefixCache(prefix, Pm, own_cache, self.config.text)
+        if Pm:
+            self.model(prefix_ids, image_features=prefix_features, cache=prefix,
+                       attention_mask=prefix_mask, hooks=request.hooks, output="hidden")    # batch G, once
         prefix_s = time.perf_counter() - t0
-        rest = features[in_prefix:].repeat(B, 1) if in_prefix < features.shape[0] else None
-        gen = generate(self.model, input_ids[:, P:], None, image_features=rest, cache=cache, input_pos=P,
+        gen = generate(self.model, input_ids[:, Pm:], None, image_features=rest, cache=cache, input_pos=Pm,
                        max_new_tokens=max_new_tokens, eos_token_id=self.stop_ids, temperature=temperature,
                        top_p=top_p, seed=seed, attention_mask=attention_mask, hooks=request.hooks,
-                       choose=request.choose)
+                       branches=G, choose=request.choose)
         gen.prefill_s += prefix_s           # vision tower + shared prefix + the questions' own tokens
         results = self._results(request, gen)
         total = time.perf_counter() - t0
         for r in results:
             r.timing.update(prefix_tokens=P, questions=B, total_s=total)
         return results
+
+    def _contrast_prefix(self, method: Method, rows, P: int, im: ImageInput, max_new_tokens: int, warn, shared):
+        """The contrast branch of generate_many's image, made once (`method.branch` on a call of one sample, the
+        first question): (the contrast prompt's part before the questions' own tokens, its image feature rows,
+        the full branch's image features), or None where the branch cannot share a prefix — the image is not all
+        in the shared prefix, the contrast prompt differs after it, or the family's positions read the image grid
+        (Qwen2-VL's M-RoPE takes each row's image)."""
+        image_rows = self.model.image_positions(torch.tensor([rows[0]], dtype=torch.long))[0]
+        if hasattr(self.model, "positions") or not P or bool(image_rows[P:].any()):
+            return None
+        call = Call(self, torch.tensor([rows[0]], dtype=torch.long, device=self.device), None, [im],
+                    len(rows[0]) + max_new_tokens, 1, warn=warn, shared=shared)
+        (branch,) = method.branch(call)
+        ids, own = list(branch.input_ids), rows[0][P:]
+        P2 = len(ids) - len(own)                        # the contrast prompt's prefix: all but the own tokens
+        in_prefix = int(self.model.image_positions(torch.tensor([ids[:P2]], dtype=torch.long)).sum()) if P2 > 0 else 0
+        n_features = 0 if branch.image_features is None else branch.image_features.shape[0]
+        in_all = int(self.model.image_positions(torch.tensor([ids], dtype=torch.long)).sum())
+        if P2 < 1 or ids[P2:] != own or in_prefix != n_features or in_prefix != in_all:
+            return None
+        return ids[:P2], branch.image_features, call.image_features()
 
     def _results(self, request: Request, gen: Generation) -> list[Result]:
         timing = {"load_s": self.load_s, "prefill_s": gen.prefill_s, "decode_s": gen.decode_s,

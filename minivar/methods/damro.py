@@ -235,7 +235,10 @@ class DAMRO(Method):
         return [Branch(r, f) for r, f in zip(rows, contrast)]
 
     def start(self, call) -> "DAMRORun":
-        return DAMRORun(self.config, call.shared.get("damro"))
+        found = call.shared.get("damro")
+        if found is not None and len(found) == 1 < call.samples:
+            found = found * call.samples      # generate_many: one image, its branch made once for every question
+        return DAMRORun(self.config, found)
 
 
 class DAMRORun(ContrastiveRun):

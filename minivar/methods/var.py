@@ -315,9 +315,13 @@ class Sinks(Hook):
         if n <= 0 or (self.layers is not None and layer not in self.layers):
             return
         cols = slice(rows.start, rows.start + n)
-        # a batch-1 call on a B-sample state is a shared prefix (generate_many): the same rows for every sample
-        phi, sinks, vis = self.rule.sink_sets(h[:, :n], self.sink_dims, self.tau, self.image[:, cols],
-                                              self.real[:, cols])
+        # a batch-G call on a B-sample state (G < B) is a shared prefix (generate_many): row g holds the same rows
+        # for the g-th of G equal groups of samples (G = 1: every sample; G = 2: a contrastive call's branches)
+        step = self.image.shape[0] // h.shape[0]
+        phi, sinks, vis = self.rule.sink_sets(h[:, :n], self.sink_dims, self.tau, self.image[::step, cols],
+                                              self.real[::step, cols])
+        if 1 < step < self.image.shape[0]:
+            phi, sinks, vis = (t.repeat_interleave(step, 0) for t in (phi, sinks, vis))
         self.phi[layer][:, cols], self.sinks[layer][:, cols], self.visual_sinks[layer][:, cols] = phi, sinks, vis
         self.has_visual_sink[layer] = self.has_visual_sink[layer] or bool(vis.any())   # a sync per prefill chunk
 
@@ -377,20 +381,23 @@ class VARState(Hook):
         if not self.active(layer):
             return probs
         B, K = probs.shape[0], probs.shape[-1]
-        sink, image, vis = (m[:B] for m in self._key_masks(layer, K))   # B < samples: a shared prefix (see Sinks)
+        # B < samples: a shared prefix, row g for the g-th of B equal groups of samples (see Sinks): their first rows
+        step = self.sinks.image.shape[0] // B
+        sink, image, vis = (m[::step] for m in self._key_masks(layer, K))
         positions = torch.arange(rows.start, rows.stop, device=probs.device)
-        touched = after_image(positions, self.sinks.image_end[:B])                    # [B, R]
+        touched = after_image(positions, self.sinks.image_end[::step])                # [B, R]
         touched = touched & vis.any(-1, keepdim=True)   # a sample without visual sinks in this layer is left alone
         T = self.sinks.prompt_len
         if rows.start < T:                                        # prompt rows: padding rows are no one's rows
-            real = self.sinks.real[:B, rows.start:min(rows.stop, T)]
+            real = self.sinks.real[::step, rows.start:min(rows.stop, T)]
             touched = touched & F.pad(real, (0, max(0, rows.stop - T)), value=True)
         cfg, rule = self.cfg, self.cfg.rule_impl
         if cfg.heads == "all":                           # the ablation: every head of the touched rows
             selected = touched[:, None, :].expand(B, probs.shape[1], -1)
         else:
             selected = rule.select_heads(probs, image, vis, touched, cfg)
-        self.counts["prefill"][:, layer] += (selected[..., :max(0, T - rows.start)]).sum(dim=(1, 2))
+        prefill = selected[..., :max(0, T - rows.start)].sum(dim=(1, 2))                # [B]
+        self.counts["prefill"][:, layer] += prefill.repeat_interleave(step) if step > 1 else prefill
         if rows.stop > T:                      # generated rows: counted per row, so a report can stop at a sample's end
             first = max(rows.start, T)
             if self.decode_rows.shape[-1] < rows.stop - T:     # room for every generated row (once per call)

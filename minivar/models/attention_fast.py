@@ -9,7 +9,8 @@ case LlamaAttention.attend sends here — that method is the one place that choo
     written_out     the reference's steps with faster products: one query row as keys × query vector (the
                     matrix-vector form CPU kernels stream fastest; on values cached transposed, see llama.KVCache,
                     probs @ v is one too), and a shared prefix (llama.SharedPrefixCache) as a second key segment read
-                    once for every sample (`across_samples`)
+                    once for every sample (`across_samples`) — or one prefix per branch (contrastive decoding: the
+                    full prompt's and the contrast prompt's), each read once for its branch's samples
 
 Shapes: B batch, H heads, T query rows, S key positions, hd head dim; k, v here already have H heads.
 """
@@ -54,8 +55,9 @@ def split(q, k, v, mask, layer: int, rows: range, first: int, hooks) -> torch.Te
 
 def written_out(q, k, v, mask, layer: int, rows: range, hooks=None, prefix=None) -> torch.Tensor:
     """attention()'s steps, its two products in faster forms: one query row as k @ qᵀ (then probs @ v on values
-    cached transposed is a matrix-vector product too), and with `prefix` — keys/values [1, H, P, hd] of positions
-    0 … P−1, the same for every sample; k, v then hold positions P … S−1 — a second key segment read once."""
+    cached transposed is a matrix-vector product too), and with `prefix` — keys/values [G, H, P, hd] of positions
+    0 … P−1, prefix g shared by the g-th of G equal groups of samples (G = 1: every sample; G = 2: a contrastive
+    call's two branches, branch-major rows); k, v then hold positions P … S−1 — a second key segment read once."""
     if q.shape[2] == 1:          # one query row: keys times the query vector, the form CPU kernels stream fastest
         scores = (k @ q.transpose(-2, -1)).transpose(-2, -1)                       # (same numbers as q @ kᵀ)
     else:
@@ -78,8 +80,15 @@ def written_out(q, k, v, mask, layer: int, rows: range, hooks=None, prefix=None)
 
 
 def across_samples(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a [B, H, T, K] @ b [1, H, K, N] → [B, H, T, N], b shared by every sample: the B·T rows in one product per
-    head (b is read once, not copied per sample as a broadcasting matmul would)."""
+    """a [B, H, T, K] @ b [G, H, K, N] → [B, H, T, N], b[g] shared by the g-th of G equal groups of samples (rows
+    g·B/G … (g+1)·B/G − 1): each group's rows in one product per head (b is read once, not copied per sample as a
+    broadcasting matmul would)."""
     B, H, T, K = a.shape
-    out = a.transpose(0, 1).reshape(H, B * T, K) @ b[0]                               # [H, B·T, N]
-    return out.view(H, B, T, -1).transpose(0, 1)
+    G = b.shape[0]
+    if G == 1:                   # one prefix for every sample: one [B·T, K] @ [K, N] product per head
+        out = a.transpose(0, 1).reshape(H, B * T, K) @ b[0]                           # [H, B·T, N]
+        return out.view(H, B, T, -1).transpose(0, 1)
+    n = B // G
+    grouped = a.view(G, n, H, T, K).transpose(1, 2).reshape(G, H, n * T, K)            # [G, H, n·T, K]
+    out = grouped @ b                                                                  # [G, H, n·T, N]
+    return out.view(G, H, n, T, -1).transpose(1, 2).reshape(B, H, T, -1)

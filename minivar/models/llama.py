@@ -59,7 +59,8 @@ class KV(NamedTuple):
     """What a cache hands the attention for one layer of one call: every key/value position the call may attend to."""
     k: torch.Tensor                   # [B, H_kv, S', hd]: positions S−S' … S−1 (S' = S unless `prefix` holds the first)
     v: torch.Tensor                   # [B, H_kv, S', hd] (a transposed view where values_transposed)
-    prefix: tuple | None = None       # keys, values [1, H_kv, P, hd] of positions 0 … P−1, shared by every sample
+    prefix: tuple | None = None       # keys, values [G, H_kv, P, hd] of positions 0 … P−1: prefix g shared by the
+                                      # g-th of G equal groups of samples (G = 1: every sample)
     values_transposed: bool = False   # v is stored [.., hd, S']: one query row is fastest as matrix-vector products
 
 
@@ -133,10 +134,18 @@ class SharedPrefixCache(Cache):
     """A cache for B samples whose first P positions are the same tokens (several questions about one image): the
     prefix's keys and values are stored once, in a batch-of-one KVCache filled by an earlier call, and only each
     sample's own positions P, P+1, … are stored per sample, in a KVCache of batch B whose position 0 is position P.
-    update returns the prefix as KV.prefix: the attention reads it as a second key segment."""
+    update returns the prefix as KV.prefix: the attention reads it as a second key segment.
+
+    A prefix cache of batch G > 1 holds G prefixes, prefix g shared by the g-th of G equal groups of the B samples
+    (rows g·B/G … (g+1)·B/G − 1): contrastive decoding's two branches, each with its own prompt prefix (DAMRO: k
+    image tokens, VCD: the noised image). Prefixes of different lengths are left-padded to P in their cache; the
+    attention mask hides the padding, as it hides any row's."""
 
     def __init__(self, prefix: KVCache, prefix_len: int, own: KVCache, cfg: TextConfig):
         super().__init__(cfg, prefix_len + own.max_len, own.k.dtype, own.k.device)
+        G, B = prefix.k.shape[1], own.k.shape[1]
+        if B % G:
+            raise MinivarError(f"a shared-prefix cache of {G} prefixes needs a multiple of {G} samples, got {B}")
         self.prefix, self.prefix_len, self.own = prefix, prefix_len, own
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int) -> KV:
