@@ -85,10 +85,10 @@ def needs_rows(kind):
 def reference_attend(self, q, kv, mask, rows, hooks=None):
     """LlamaAttention.attend as the reference alone: a shared prefix becomes each sample's own first positions."""
     k, v = kv.k, kv.v
-    if kv.prefix is not None:
-        B = q.shape[0]
-        k = torch.cat([kv.prefix[0].expand(B, -1, -1, -1), k], dim=2)
-        v = torch.cat([kv.prefix[1].expand(B, -1, -1, -1), v], dim=2)
+    if kv.prefix is not None:         # G prefixes, prefix g the first positions of the g-th group of samples
+        n = q.shape[0] // kv.prefix[0].shape[0]
+        k = torch.cat([kv.prefix[0].repeat_interleave(n, 0), k], dim=2)
+        v = torch.cat([kv.prefix[1].repeat_interleave(n, 0), v], dim=2)
     return attention(q, k, v, mask, self.layer_idx, rows, hooks)
 
 
@@ -264,6 +264,77 @@ def test_shared_prefix_equals_a_plain_cache_holding_the_prefix(model, kind, padd
                 assert_close(s.seen[key], p.seen[key], key)
 
 
+P2 = 4                         # the second prefix's length (left-padded to P in its cache), as DAMRO's contrast prompt
+
+
+def two_prefix_case(shared: bool, padded: bool, prefix_padded: bool):
+    """Two prefixes (a contrastive call's branches: rows 0-2 read prefix 0, rows 3-5 prefix 1; the second shorter
+    when prefix_padded, left-padded to P), then the six rows' own tokens and three decode steps — on a
+    SharedPrefixCache of two prefixes, or on a plain cache holding each row's prefix."""
+    def case(model, hooks):
+        own = OWN if padded else (max(OWN),) * 3
+        Q = max(own)
+        prefix_ids, own_ids = tokens(2, P, 8), tokens(6, Q, 9)
+        prefix_mask = torch.ones(2, P, dtype=torch.bool)
+        if prefix_padded:
+            prefix_mask[1, :P - P2] = False
+            prefix_ids = prefix_ids.masked_fill(~prefix_mask, model.config.pad_token_id)
+        mask = torch.ones(6, P + Q, dtype=torch.bool)
+        mask[:, :P] = prefix_mask.repeat_interleave(3, 0)
+        for b, n in enumerate(own * 2):                # [prefix][padding][own tokens], as Pipeline.generate_many
+            mask[b, P:P + Q - n] = False
+        own_ids = own_ids.masked_fill(~mask[:, P:], model.config.pad_token_id)
+        masked = padded or prefix_padded
+        cfg = model.config.text
+        if shared:
+            prefix = KVCache(cfg, 2, P, torch.float32, "cpu")
+            model(prefix_ids, cache=prefix, attention_mask=prefix_mask if prefix_padded else None, hooks=hooks)
+            cache = SharedPrefixCache(prefix, P, KVCache(cfg, 6, Q + 3, torch.float32, "cpu"), cfg)
+        else:
+            cache = KVCache(cfg, 6, P + Q + 3, torch.float32, "cpu")
+            model(prefix_ids.repeat_interleave(3, 0), cache=cache, hooks=hooks,
+                  attention_mask=mask[:, :P] if prefix_padded else None)
+        out = [model(own_ids, cache=cache, input_pos=P, attention_mask=mask if masked else None, hooks=hooks)]
+        for position in range(P + Q, P + Q + 3):
+            mask = torch.cat([mask, torch.ones(6, 1, dtype=torch.bool)], dim=1)
+            out.append(model(tokens(6, 1, position), cache=cache, input_pos=position,
+                             attention_mask=mask if masked else None, hooks=hooks))
+        return out
+    return case
+
+
+@pytest.mark.parametrize("kind", HOOKS)
+@pytest.mark.parametrize("padded", [False, True], ids=["same-length", "padded"])
+@pytest.mark.parametrize("prefix_padded", [False, True], ids=["equal-prefixes", "shorter-second-prefix"])
+def test_two_prefixes(model, kind, padded, prefix_padded):
+    """A prefix per branch (across_samples with G = 2) equals the reference on each row's own prefix, and a plain
+    cache holding each row's prefix: the same logits, the same probabilities of the own rows."""
+    # the prefixes' own call writes out its last row, FIRST, as a matrix-vector product (as test_shared_prefix)
+    paths = {"split", "one_row", "prefix"} if needs_rows(kind) else {"fused", "prefix"}
+    assert_same_run(two_prefix_case(True, padded, prefix_padded), model, kind, paths)
+    shared_hooks, plain_hooks = make_hooks(kind), make_hooks(kind)
+    with torch.inference_mode():
+        shared = two_prefix_case(True, padded, prefix_padded)(model, shared_hooks)
+        plain = two_prefix_case(False, padded, prefix_padded)(model, plain_hooks)
+    for i, (a, b) in enumerate(zip(shared, plain)):
+        assert_close(a, b, f"call {i}")
+    for s, p in zip(shared_hooks, plain_hooks):
+        if isinstance(s, NeedsRows):
+            own = [key for key in p.seen if key[1] >= P]
+            assert own and own == [key for key in s.seen if key[1] >= P]
+            for key in own:
+                assert_close(s.seen[key], p.seen[key], key)
+
+
+def test_across_samples_with_groups():
+    """across_samples: G = 1 and G = 2 equal the broadcasting product of each row with its group's matrix."""
+    a = torch.randn(6, 3, 2, 5)
+    for G in (1, 2, 3):
+        b = torch.randn(G, 3, 5, 4)
+        expected = a @ b.repeat_interleave(6 // G, 0)
+        assert torch.allclose(attention_fast.across_samples(a, b), expected, atol=1e-6)
+
+
 def test_the_test_hooks_change_what_they_should(model):
     """The hooks above are not idle: the key mask and the probability change move the logits (the latter only
     from FIRST on); the reading hook changes nothing."""
@@ -301,6 +372,8 @@ def test_caches_keep_one_contract(model):
     got = shared.update(0, k[:, :, :2], v[:, :, :2], 3)          # own positions 3, 4
     assert torch.equal(got.k, k[:, :, :2]) and torch.equal(got.prefix[0], k[:1, :, :3])
     assert torch.equal(got.prefix[1], v[:1, :, :3])
+    with pytest.raises(MinivarError, match="of 2 prefixes needs a multiple of 2 samples, got 3"):
+        SharedPrefixCache(KVCache(cfg, 2, 3, torch.float32, "cpu"), 3, KVCache(cfg, 3, 5, torch.float32, "cpu"), cfg)
     with pytest.raises(MinivarError, match="writes from position 3 on, not 2"):
         shared.update(0, k[:, :, :1], v[:, :, :1], 2)
     positions = torch.arange(8).expand(2, 8)

@@ -1,0 +1,123 @@
+"""Many questions about one image with a contrast branch (Pipeline.generate_many with DAMRO or VCD): each branch's
+prefix (the full prompt's image, DAMRO's k outlier tokens, VCD's noised image) computed once, both branches of
+every question decoded together — the answers and reports those of running each question alone (greedy, fp32, the
+demo checkpoint: 4 layers, 576 image tokens)."""
+from pathlib import Path
+
+import pytest
+
+import minivar.pipeline as pipeline_mod
+from minivar import demo
+from minivar.methods.contrastive import ContrastiveRun, call_rows
+from minivar.methods.damro import DAMRO, DAMROConfig
+from minivar.methods.hooks import Hook
+from minivar.methods.method import Branch, Method
+from minivar.methods.var import VAR, VARConfig
+from minivar.methods.vcd import VCD, VCDConfig
+
+IMAGE = Path(__file__).resolve().parents[1] / "assets" / "example.jpg"
+QUESTIONS = ["Is there a dog in the image?", "Is there a cat?", "What colour is the sky?", "Is there a cat?"]
+N_NEW = 6
+VAR_CFG = VARConfig.preset("general", sink_dims=demo.DEMO_SINK_DIMS)
+METHODS = {
+    "damro": lambda: [DAMRO(DAMROConfig(alpha=1.0, beta=0.1, topk=4))],
+    "damro-k10-a2": lambda: [DAMRO(DAMROConfig(alpha=2.0, beta=0.2, topk=10))],
+    "vcd": lambda: [VCD(VCDConfig(), seed=3)],
+    "var+damro": lambda: [VAR(VAR_CFG), DAMRO(DAMROConfig(alpha=1.0, topk=4))],
+    "var+vcd": lambda: [VAR(VAR_CFG), VCD(VCDConfig(alpha=0.5, noise_step=300), seed=1)],
+}
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_contrastive_shared_prefix_equals_one_by_one(demo_pipe, name):
+    many = demo_pipe.generate_many(IMAGE, QUESTIONS, max_new_tokens=N_NEW, methods=METHODS[name]())
+    alone = [demo_pipe.generate(IMAGE, q, max_new_tokens=N_NEW, methods=METHODS[name]()) for q in QUESTIONS]
+    assert all("prefix_tokens" in m.timing for m in many)          # the shared path ran, not generate_batch's
+    assert many[0].timing["prefix_tokens"] > 576
+    assert [m.output_ids for m in many] == [a.output_ids for a in alone]
+    assert [m.text for m in many] == [a.text for a in alone]
+    assert [m.prompt_ids for m in many] == [a.prompt_ids for a in alone]
+    assert [m.finished for m in many] == [a.finished for a in alone]
+    assert [m.reports for m in many] == [a.reports for a in alone]      # DAMRO's outliers, VCD's settings, VAR's
+    method = "damro" if "damro" in name else "vcd"
+    assert all(method in m.reports for m in many)
+    if "damro" in name:
+        assert len(many[0].reports["damro"]["outliers"]) == many[0].reports["damro"]["topk"]
+    if "var" in name:
+        assert sum(many[0].var["redistributed"]["prefill"]) > 0 and sum(many[0].var["redistributed"]["decode"]) > 0
+
+
+def test_the_contrast_branch_changes_the_answers(demo_pipe):
+    """The shared contrast prefix is not idle: DAMRO's answers differ from the base model's, α = 0 gives them back."""
+    base = [r.output_ids for r in demo_pipe.generate_many(IMAGE, QUESTIONS, max_new_tokens=N_NEW)]
+    damro = demo_pipe.generate_many(IMAGE, QUESTIONS, max_new_tokens=N_NEW, methods=[DAMRO(DAMROConfig(topk=4))])
+    assert [r.output_ids for r in damro] != base
+    zero = demo_pipe.generate_many(IMAGE, QUESTIONS, max_new_tokens=N_NEW,
+                                   methods=[DAMRO(DAMROConfig(alpha=0.0, topk=4))])
+    assert [r.output_ids for r in zero] == base
+
+
+class CountRows(Hook):
+    """Each forward call's (batch, rows) at layer 0."""
+
+    def __init__(self, seen):
+        self.seen = seen
+
+    def residual(self, layer, h, rows):
+        if layer == 0:
+            self.seen.append((h.shape[0], len(rows)))
+
+
+@pytest.mark.parametrize("name,towers", [("damro", 1), ("vcd", 2)])
+def test_each_prefix_is_computed_once(demo_pipe, monkeypatch, name, towers):
+    """The vision tower runs once per image (DAMRO: one run gives both images; VCD: the image and its noised copy),
+    the two prefixes run once as a batch of two, then every question's two branches run as one batch per step."""
+    calls = []
+    handle = demo_pipe.model.vision_tower.register_forward_hook(lambda *a: calls.append(1))
+    seen = []
+    real_add = pipeline_mod.Pipeline.add_hooks
+
+    def add_and_count(self, request, **kw):
+        real_add(self, request, **kw)
+        request.hooks.append(CountRows(seen))
+
+    monkeypatch.setattr(pipeline_mod.Pipeline, "add_hooks", add_and_count)
+    try:
+        out = demo_pipe.generate_many(IMAGE, QUESTIONS, max_new_tokens=2, methods=METHODS[name]())
+    finally:
+        handle.remove()
+    P = out[0].timing["prefix_tokens"]
+    assert len(calls) == towers
+    own = max(len(r.prompt_ids) for r in out) - P
+    B = len(QUESTIONS)
+    assert seen[0] == (2, P)                        # both prefixes once (the contrast one left-padded to P)
+    assert seen[1] == (2 * B, own)                  # the questions' own tokens, both branches, one batch
+    assert seen[2:] == [(2 * B, 1)]                 # one decoding step for all 2B rows
+
+
+class QuestionContrast(Method):
+    """A contrast branch that changes the question (one text token before the answer), not the shared prefix."""
+    name = "question_contrast"
+
+    def branch(self, call):
+        return [Branch(r[:-3] + [100] + r[-2:], f) for r, f in zip(call_rows(call), call.image_features())]
+
+    def start(self, call):
+        return ContrastiveRun(1.0, 0.1, "question_contrast")
+
+
+def test_a_branch_that_changes_the_questions_runs_as_one_batch(demo_pipe, monkeypatch):
+    """Where the contrast branch differs after the shared prefix, generate_many runs generate_batch (both branches,
+    no shared prefix) — the same answers as one by one."""
+    asked = []
+    real = pipeline_mod.Pipeline.generate_batch
+
+    def spy(self, images, prompts, **kw):
+        asked.append(len(prompts))
+        return real(self, images, prompts, **kw)
+
+    monkeypatch.setattr(pipeline_mod.Pipeline, "generate_batch", spy)
+    many = demo_pipe.generate_many(IMAGE, QUESTIONS[:2], max_new_tokens=3, methods=[QuestionContrast()])
+    assert asked == [2] and "prefix_tokens" not in many[0].timing
+    alone = [demo_pipe.generate(IMAGE, q, max_new_tokens=3, methods=[QuestionContrast()]) for q in QUESTIONS[:2]]
+    assert [m.output_ids for m in many] == [a.output_ids for a in alone]
