@@ -46,6 +46,32 @@ def test_many_questions_benchmark_runs_end_to_end(tmp_path, llama_tokenizer_path
     assert "shared prefix" in proc.stdout
 
 
+def test_contrastive_benchmark_runs_end_to_end(tmp_path):
+    """bench_contrastive.py on a tiny checkpoint: base, DAMRO, VCD (and DAMRO as released, with transformers) timed,
+    every ratio there; in fp32 minivar's DAMRO picks the released structure's tokens."""
+    cmd = [sys.executable, str(REPO / "bench" / "bench_contrastive.py"), "--make", "tiny", "--quick", "--dtype",
+           "float32", "--checkpoint", str(tmp_path / "ckpt")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("BENCH_CD_JSON ")]
+    assert len(lines) == 1
+    report = json.loads(lines[0][len("BENCH_CD_JSON "):])
+    has_hf = importlib.util.find_spec("transformers") is not None
+    variants = {"base", "damro", "vcd"} | ({"damro_released"} if has_hf else set())
+    assert set(report["median"]) == variants and set(report["runs"]) == variants
+    for v in variants:
+        assert len(report["runs"][v]) == report["repeats"] == 2
+        assert report["median"][v]["prefill_s"] > 0 and report["median"][v]["decode_tok_s"] > 0
+        assert len(report["tokens"][v]) == report["new_tokens"] + 1
+    for key in ("damro_decode_ratio", "vcd_decode_ratio", "damro_prefill_ratio"):
+        assert report["ratios"][key] > 0, key
+    assert report["tokens"]["damro"] != report["tokens"]["base"]          # the contrast branch acted
+    assert "DAMRO prefill / base" in proc.stdout                          # the readable table
+    if has_hf:
+        assert report["ratios"]["damro_end_to_end_speedup"] > 0
+        assert report["same_tokens_as_released"] is True
+
+
 def test_bandwidth_reads_exactly_the_weights_a_decode_step_reads():
     sys.path.insert(0, str(REPO / "bench"))
     import torch
