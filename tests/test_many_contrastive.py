@@ -121,3 +121,44 @@ def test_a_branch_that_changes_the_questions_runs_as_one_batch(demo_pipe, monkey
     assert asked == [2] and "prefix_tokens" not in many[0].timing
     alone = [demo_pipe.generate(IMAGE, q, max_new_tokens=3, methods=[QuestionContrast()]) for q in QUESTIONS[:2]]
     assert [m.output_ids for m in many] == [a.output_ids for a in alone]
+
+
+class IdTokenizer:
+    """A tokenizer for the tiny LLaVA-NeXT checkpoint (whose vocabulary is 300 ids, no tokenizer.json): a prompt is
+    test_llava_next's prompt ids (BOS, text, the image's tokens, text) followed by one id per word of the question."""
+    eos_id = 2
+    stop_ids = None
+
+    def encode_prompt(self, prompt, conv_mode, n_image):
+        from test_llava_next import prompt_ids
+        return prompt_ids(n_image).tolist() + [3 + sum(map(ord, w)) % 270 for w in prompt.split()]
+
+    def decode(self, ids):
+        return " ".join(map(str, ids))
+
+
+def test_llava_next_damro_shares_the_prefix(tmp_path_factory):
+    """LLaVA-NeXT's contrast image (the base crop's k outliers + one image_newline) as the second prefix: generate_many
+    equals one by one, the tower once, both prefixes once."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("minivar.models.llava_next")
+    import torch
+    from minivar.pipeline import Pipeline
+    from test_llava_next import image, load_llava_next, make_reference, save
+    d = save(make_reference("llama"), tmp_path_factory.mktemp("next_many"), "hub")
+    model = load_llava_next(d)
+    pipe = Pipeline(model, IdTokenizer(), d, torch.device("cpu"), torch.float32, 0.0)
+    img, questions = image("wide"), ["is there a dog", "is there a cat", "what colour"]
+    for method in (lambda: [DAMRO(DAMROConfig(alpha=1.0, topk=3))], lambda: [VCD(VCDConfig(), seed=2)]):
+        calls = []
+        handle = model.vision_tower.register_forward_hook(lambda *a: calls.append(1))
+        try:
+            many = pipe.generate_many(img, questions, max_new_tokens=5, methods=method(), image_aspect_ratio="anyres")
+        finally:
+            handle.remove()
+        alone = [pipe.generate(img, q, max_new_tokens=5, methods=method(), image_aspect_ratio="anyres")
+                 for q in questions]
+        assert "prefix_tokens" in many[0].timing
+        assert [m.output_ids for m in many] == [a.output_ids for a in alone]
+        assert [m.reports for m in many] == [a.reports for a in alone]
+        assert len(calls) == (1 if isinstance(method()[0], DAMRO) else 2)
