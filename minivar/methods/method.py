@@ -4,7 +4,10 @@ A `Method` holds settings only. For each generate call minivar gives it a `Call`
 the model) and the method may
 
   1. `branch(call)`: add a second branch per sample (contrastive decoding: the same prompt with a changed image);
-     the branches of all samples then run as one batch, one forward per step, weights read once;
+     the branches of all samples then run as one batch, one forward per step, weights read once. Many questions
+     about one image (Pipeline.generate_many) call it once, on a call of one sample (the first question): a branch
+     that changes only the shared prefix (the image) is then every question's, its prefix computed once; what
+     `branch` records in `call.shared` is then that one sample's (DAMRO's start gives it to every question);
   2. `start(call)` → a `MethodRun`, the call's state: `hooks` that act inside every forward call (methods/hooks.py)
      and `choose(logits, contrast)` that changes the next-token logits before the token is picked;
   3. `run.report(b, generated_rows)`: what it did for sample b (the `--json` key `method.name`).
