@@ -310,8 +310,8 @@ class Pipeline:
         return self.generate_batch([image], [prompt], **kwargs)[0]
 
     def generate_batch(self, images, prompts, *, max_new_tokens: int = 128, temperature: float = 0.0,
-                       top_p: float = 1.0, seed: int | None = None, conv_mode: str = "vicuna_v1",
-                       image_aspect_ratio: str = "pad", var=None, methods=None, sink_config=None,
+                       top_p: float = 1.0, seed: int | None = None, conv_mode: str | None = None,
+                       image_aspect_ratio: str | None = None, var=None, methods=None, sink_config=None,
                        capture=None, mask=None, hooks=(), on_text=None, warn=None,
                        prompt_tokenization: str = "llava") -> list[Result]:
         """Several (image, prompt) pairs in one batch: prompts left-padded to a common length, each sample with its
@@ -353,8 +353,8 @@ class Pipeline:
 
     @torch.inference_mode()
     def generate_many(self, image, prompts, *, max_new_tokens: int = 128, temperature: float = 0.0,
-                      top_p: float = 1.0, seed: int | None = None, conv_mode: str = "vicuna_v1",
-                      image_aspect_ratio: str = "pad", var=None, methods=None, warn=None,
+                      top_p: float = 1.0, seed: int | None = None, conv_mode: str | None = None,
+                      image_aspect_ratio: str | None = None, var=None, methods=None, warn=None,
                       prompt_tokenization: str = "llava") -> list[Result]:
         """Several prompts about one image, the shared prefix computed once; one Result per prompt, equal to
         running each prompt alone (greedy).
