@@ -148,3 +148,182 @@ def test_cli_answers_with_the_family_defaults_as_transformers_does(request, imag
     assert pipe.tokenizer.decode(rec["prompt_ids"]).startswith("USER: ")
     assert_one_line_error(*run_cli(["--model", model_dir, "--image", images["wide"][1], "--prompt", PROMPT,
                                     "--device", "cpu", "--image-aspect-ratio", "pad"]), "pad", "anyres")
+
+
+def test_cli_and_api_sample_alike_seeded(vicuna_dir, pipe, images):
+    img, path = images["square"]
+    args = ("--temperature", "0.9", "--top-p", "0.95", "--seed", "7")
+    a, _ = cli_json(vicuna_dir, path, *args, n=10)
+    b, _ = cli_json(vicuna_dir, path, *args, n=10)
+    api = pipe.generate(img, PROMPT, max_new_tokens=10, temperature=0.9, top_p=0.95, seed=7)
+    greedy = pipe.generate(img, PROMPT, max_new_tokens=10)
+    assert a["output_ids"] == b["output_ids"] == api.output_ids != greedy.output_ids
+    other = pipe.generate(img, PROMPT, max_new_tokens=10, temperature=0.9, top_p=0.95, seed=8)
+    assert other.output_ids != api.output_ids
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The Python API: batches of images with different token counts, the shared prefix, the capture
+
+def var_config(**kw):
+    from minivar.methods.var import VARConfig
+    return VARConfig(**({"tau": TAU, "sink_dims": DIMS} | kw))
+
+
+@pytest.mark.parametrize("with_var", [False, True])
+def test_batch_of_different_token_counts_equals_one_by_one(pipe, images, with_var):
+    names = list(SIZES)
+    imgs = [images[n][0] for n in names]
+    prompts = [PROMPT, "Describe it.", "Is there a cat?", "What colour is the sky, and why is it so?"]
+    counts = [pipe.image(i).num_tokens for i in imgs]
+    assert len(set(counts)) == len(counts)                 # four token counts in one batch
+    var = var_config() if with_var else None
+    batch = pipe.generate_batch(imgs, prompts, max_new_tokens=8, var=var)
+    alone = [pipe.generate(i, p, max_new_tokens=8, var=var) for i, p in zip(imgs, prompts)]
+    assert [r.output_ids for r in batch] == [r.output_ids for r in alone]
+    assert len({tuple(r.output_ids) for r in alone}) >= 3  # the images (and prompts) matter
+    if with_var:
+        assert [r.var for r in batch] == [r.var for r in alone]
+        assert all(sum(r.var["redistributed"]["prefill"]) > 0 for r in alone)
+
+
+@pytest.mark.parametrize("with_var", [False, True])
+def test_generate_many_equals_one_by_one(pipe, images, with_var):
+    """One image, questions sharing the prefix (template, image and more text), for each token count."""
+    prompts = ["Is there a cat?", "Is there a dog in the picture?", "Is there", "What is this?"]
+    var = var_config() if with_var else None
+    for name in ("wide", "tiny"):
+        img = images[name][0]
+        many = pipe.generate_many(img, prompts, max_new_tokens=6, var=var)
+        alone = [pipe.generate(img, p, max_new_tokens=6, var=var) for p in prompts]
+        assert [r.output_ids for r in many] == [r.output_ids for r in alone], name
+        assert many[0].timing["prefix_tokens"] > pipe.image(img).num_tokens      # the image is in the prefix
+        if with_var:
+            assert [r.var for r in many] == [r.var for r in alone]
+
+
+def test_capture_records_every_image_position(pipe, images):
+    img = images["wide"][0]
+    n = pipe.image(img).num_tokens
+    cap = pipe.capture(img, PROMPT, layers=[0, 2], heads=[1], residuals=True, var=var_config())
+    T = len(cap.result.prompt_ids)
+    assert cap.attention_probs[0]["before"].shape == (1, 1, T, T)
+    assert cap.residuals[2].shape == (1, T, 128)
+    start = cap.result.prompt_ids.index(IMG)
+    assert cap.result.var["image_span"] == [start, start + n]
+    vis = cap.visual_sinks[1][0].nonzero().flatten().tolist()
+    assert vis == cap.result.var["visual_sinks"]["1"] and vis and all(start <= j < start + n for j in vis)
+    assert not torch.equal(cap.attention_probs[0]["before"], cap.attention_probs[0]["after"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# VAR on NeXT: the image span is base + tiles + newlines; reports against a loop-level re-statement of design.md §3
+
+def loop_phi(h, dims):
+    """φ_j = max_{d∈D} |h_j[d]| / sqrt(mean_k h_j[k]² + 1e-6), one token at a time (fp32 → Python floats)."""
+    out = []
+    for row in h.double().tolist():
+        rms = (sum(x * x for x in row) / len(row) + 1e-6) ** 0.5
+        out.append(max(abs(row[d]) for d in dims) / rms)
+    return out
+
+
+def loop_var(before, sinks, image, rows, *, rho, p, mia):
+    """design.md §3.4–5 on one layer's probabilities [H, R, K] for query rows `rows` (absolute positions): the
+    selected (head, row) pairs and the probabilities after, row by row."""
+    after = before.clone().double()
+    selected = []
+    vis = [j for j in sinks if j in image]
+    for h in range(before.shape[0]):
+        for r_i, i in enumerate(rows):
+            a = before[h, r_i].double().tolist()
+            A = sum(a[j] for j in image if j < len(a))
+            non_sink = [j for j in image if j not in vis and j < len(a)]
+            r = sum(a[j] for j in non_sink) / A if A > 0 else 0.0
+            if not (A >= mia and r >= rho):
+                continue
+            selected.append((h, i))
+            budget = p * sum(a[j] for j in sinks if j < len(a))
+            base = sum(a[j] for j in non_sink)
+            for j in sinks:
+                after[h, r_i, j] = (1 - p) * a[j]
+            for j in non_sink:
+                after[h, r_i, j] = a[j] + budget * a[j] / base
+    return selected, after
+
+
+def test_var_reports_equal_the_loop_level_restatement(pipe, images):
+    """Planted sinks in every crop: VAR's sinks, visual sinks, image span, selected pairs (prefill and decode) and
+    the redistributed probabilities equal the loop of design.md §3, with the image span I = every image position
+    (base, tiles and the newline tokens, as the released VAR code has it for v1.6)."""
+    img = images["wide"][0]
+    im = pipe.image(img)
+    cfg = var_config(rho=0.5)
+    cap = pipe.capture(img, PROMPT, layers="all", residuals=True, decode=True, var=cfg, max_new_tokens=4)
+    rep, ids = cap.result.var, cap.result.prompt_ids
+    T, L = len(ids), pipe.config.text.num_hidden_layers
+    image = [j for j, t in enumerate(ids) if t == IMG]
+    assert len(image) == im.num_tokens and image == list(range(image[0], image[0] + im.num_tokens))
+    assert rep["image_span"] == [image[0], image[-1] + 1]
+    newlines = [image[0] + k for k, where in enumerate(token_layout_of(im)) if where is None]
+    assert len(newlines) == im.panels[1].rows and set(newlines) <= set(image)
+    planted = {image[0] + p for p in SINK_PATCHES}                         # the base crop's planted patches
+    fed = len(cap.result.output_ids) - 1                                  # generated rows fed back (no EOS here)
+    assert fed == 3
+    total = {"prefill": [0] * L, "decode": [0] * L}
+    for layer in range(L):
+        phi = loop_phi(cap.residuals[layer][0, :T], DIMS)
+        sinks = [j for j in range(T) if phi[j] >= TAU]
+        assert rep["sinks"][str(layer)] == sinks
+        assert rep["visual_sinks"][str(layer)] == [j for j in sinks if j in image]
+        assert planted <= set(sinks) and 0 in sinks and not set(newlines) & set(sinks)   # BOS; newlines never
+        assert any(j >= image[0] + 16 for j in rep["visual_sinks"][str(layer)])    # tile sinks too
+        probs = cap.attention_probs[layer]
+        rows = list(range(image[-1] + 1, T + fed))                          # after the image, prompt and decode
+        before, after = probs["before"][0][:, image[-1] + 1:], probs["after"][0][:, image[-1] + 1:]
+        if layer == L - 1:                                                 # never touched
+            assert torch.equal(before, after)
+            continue
+        selected, want = loop_var(before, sinks, set(image), rows, rho=cfg.rho, p=cfg.p, mia=cfg.min_image_attention)
+        assert (after.double() - want).abs().max() <= 1e-5
+        total["prefill"][layer] = sum(i < T for _, i in selected)
+        total["decode"][layer] = sum(i >= T for _, i in selected)
+    assert rep["redistributed"] == total
+    assert min(total["prefill"][:L - 1]) > 0 and min(total["decode"][:L - 1]) > 0
+
+
+def token_layout_of(im):
+    from minivar.models.images import token_layout
+    return token_layout(im.panels)
+
+
+def test_known_sink_dims_of_the_vicuna_variants_and_the_finder_for_mistral(mistral_dir, images):
+    """The vicuna variants' decoders are LLaVA-1.5's (Vicuna-1.5 7B/13B): its dims, as the released VAR code
+    assumes. Mistral's are unknown: the finder runs (here it finds the planted dims)."""
+    from minivar.methods.var import known_sink_dims
+    from minivar.models.llava_next import LlavaNextConfig as C
+    from test_llava_next import real_config
+    vicuna = replace(real_config("llama"), name_or_path="llava-hf/llava-v1.6-vicuna-7b-hf")
+    assert known_sink_dims(vicuna) == ("llava-v1.6-vicuna-7b", (1415, 2533))
+    t13 = replace(vicuna.text, hidden_size=5120, num_hidden_layers=40, num_attention_heads=40,
+                  intermediate_size=13824)
+    assert known_sink_dims(replace(vicuna, text=t13, name_or_path="x/llava-v1.6-vicuna-13b-hf"))[1] == (2100, 4743)
+    mistral = real_config("mistral")
+    assert isinstance(mistral, C) and known_sink_dims(replace(mistral, name_or_path="llava-v1.6-mistral-7b")) is None
+    rec, err = cli_json(mistral_dir, images["tall"][1], "--var", "--tau", str(TAU))
+    assert rec["var"]["sink_dims_source"] == "finder" and tuple(rec["var"]["sink_dims"]) == DIMS
+    assert "sink-dim finder found dims [11, 77]" in err
+    assert sum(rec["var"]["redistributed"]["prefill"]) > 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DAMRO through the command line
+
+def test_damro_on_the_command_line(vicuna_dir, pipe, images):
+    from minivar.methods.damro import DAMRO, DAMROConfig
+    img, path = images["tall"]
+    rec, err = cli_json(vicuna_dir, path, "--damro", "--damro-topk", "4", "--damro-alpha", "1.0", n=8)
+    api = pipe.generate(img, PROMPT, max_new_tokens=8, methods=[DAMRO(DAMROConfig(alpha=1.0, topk=4))])
+    plain = pipe.generate(img, PROMPT, max_new_tokens=8)
+    assert rec["output_ids"] == api.output_ids != plain.output_ids
+    assert rec["damro"] == api.reports["damro"] and "minivar: damro:" in err
