@@ -320,7 +320,8 @@ class Pipeline:
         methods: Method objects (VAR, your own; methods/method.py); var: a VARConfig (or True / a preset name) to
         apply Visual Attention Redistribution. capture (probe.Capture) and mask (probe.KeyMask): inspection, one
         sample only; sink_config: their τ / sink dims when VAR is off. hooks: hooks of your own, called after
-        minivar's. on_text(str) receives the text as it is generated (a single prompt only).
+        minivar's. on_text(str) receives the text as it is generated (a single prompt only). conv_mode /
+        image_aspect_ratio: None → the family's own (LLaVA-1.5: vicuna_v1, pad; Qwen2-VL: qwen, smart_resize).
         prompt_tokenization: "llava" or "official" (see prompt_ids)."""
         check_generation_args(max_new_tokens, temperature, top_p)
         request = self.prepare(images, prompts, conv_mode=conv_mode, image_aspect_ratio=image_aspect_ratio,
