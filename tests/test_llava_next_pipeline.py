@@ -327,3 +327,95 @@ def test_damro_on_the_command_line(vicuna_dir, pipe, images):
     plain = pipe.generate(img, PROMPT, max_new_tokens=8)
     assert rec["output_ids"] == api.output_ids != plain.output_ids
     assert rec["damro"] == api.reports["damro"] and "minivar: damro:" in err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# minivar-eval on the harness's benchmarks (the real formats, as the eval tests write them)
+
+def bench_data(bench, root: Path):
+    """(--data and --images arguments, --limit) of a benchmark's real-format files written into root; the images
+    rewritten at sizes with different token counts."""
+    import test_eval_benchmarks as eb
+    if bench == "pope":
+        eb.write_pope(root)
+        args, limit = [root / "coco_pope_adversarial.json", root / "coco_pope_random.json", "--images",
+                       root / "val2014"], None
+    elif bench == "mme":
+        args, limit = [eb.write_mme(root / "MME_Benchmark_release_version")], 4
+    elif bench == "gqa":
+        args, limit = [eb.write_gqa(root)], None
+    elif bench == "mmvp":
+        args, limit = [eb.write_mmvp(root / "MMVP")], None
+    elif bench == "cvbench":
+        two, three = eb.cvbench_rows()
+        for name, rows in (("test_2d", two[:3]), ("test_3d", three)):
+            eb.write_jsonl(root / f"{name}.jsonl", rows)
+            for r in rows:
+                eb.write_image(root / r["filename"])
+        args, limit = [root], None
+    else:                                           # chair: the annotation fixtures, a val2014 folder
+        from test_eval_chair import FIXTURES, IDS
+        for i in IDS:
+            eb.write_image(root / "val2014" / f"COCO_val2014_{i:012d}.jpg")
+        args, limit = [FIXTURES / "instances_val2014.json", FIXTURES / "captions_val2014.json",
+                       FIXTURES / "image_ids.txt", "--images", root / "val2014"], None
+    files = sorted(p for p in root.rglob("*") if p.suffix in (".jpg", ".png"))
+    for k, path in enumerate(files):
+        w, h = list(SIZES.values())[k % len(SIZES)]
+        picture(w, h, seed=k).save(path, format="JPEG" if path.suffix == ".jpg" else "PNG")
+    return args, limit
+
+
+def question_image(bench, args, question_id):
+    from minivar.eval.benchmarks import get
+    data = [a for a in args if a != "--images"]
+    images = args[args.index("--images") + 1] if "--images" in args else None
+    if images is not None:
+        data.remove(images)
+    questions = get(bench).read([Path(d) for d in data], images=images)
+    return next(q for q in questions if q.question_id == question_id).load_image()
+
+
+@pytest.mark.parametrize("bench", ["pope", "mme", "gqa", "mmvp", "cvbench", "chair"])
+def test_eval_runs_every_benchmark(vicuna_dir, tmp_path, bench):
+    """`minivar-eval run` on NeXT: the benchmark's template as the vicuna variants speak it, anyres (run.json says
+    so), and an answer equals the command line's for the same question."""
+    from test_eval_harness import answers, cli
+    if bench == "chair":
+        from minivar.eval.benchmarks.chair import nltk_lemmatizer
+        try:
+            nltk_lemmatizer()("a dog")
+        except Exception as e:                  # noqa: BLE001  (NLTK or its data not installed)
+            pytest.skip(f"CHAIR needs NLTK with its data: {e}")
+    args, limit = bench_data(bench, tmp_path / "data")
+    out = tmp_path / "run"
+    argv = ["run", bench, "--data", *args, "--out", out, "--model", vicuna_dir, "--device", "cpu", "--dtype",
+            "float32", "--max-new-tokens", "3", "--batch-size", "4", "--json"]
+    rc, stdout, err = cli(argv + (["--limit", str(limit)] if limit else []))
+    assert rc == 0, err
+    result = json.loads(stdout)
+    recs = answers(out / "answers.jsonl")
+    assert result["n"] == len(recs) >= 2
+    run = json.loads((out / "run.json").read_text())
+    assert (run["conv_mode"], run["image_aspect_ratio"]) == ("vicuna_v1", "anyres")
+    rec = recs[-1]
+    image = tmp_path / "question.png"            # the question's image as the benchmark reads it, losslessly
+    question_image(bench, args, rec["question_id"]).save(image)
+    single, _ = cli_json(vicuna_dir, image, prompt=rec["prompt"], n=3)
+    assert single["output_ids"] == rec["output_ids"]
+
+
+def test_eval_on_the_mistral_variant_records_its_template(mistral_dir, tmp_path):
+    from test_eval_harness import answers, cli
+    args, _ = bench_data("pope", tmp_path / "data")
+    out = tmp_path / "run"
+    rc, stdout, err = cli(["run", "pope", "--data", *args, "--out", out, "--model", mistral_dir, "--device", "cpu",
+                           "--dtype", "float32", "--max-new-tokens", "3", "--var", "--tau", str(TAU), "--json"])
+    assert rc == 0, err
+    run = json.loads((out / "run.json").read_text())
+    assert (run["conv_mode"], run["image_aspect_ratio"]) == ("mistral_instruct", "anyres")
+    assert run["var_sink_dims_source"] == "finder" and run["var"]["sink_dims"] == list(DIMS)
+    rec = answers(out / "answers.jsonl")[0]
+    single, _ = cli_json(mistral_dir, tmp_path / "data" / "val2014" / rec["image"], "--var", "--var-preset",
+                         "hallucination", "--tau", str(TAU), "--sink-dims", "11,77", prompt=rec["prompt"], n=3)
+    assert single["output_ids"] == rec["output_ids"]
