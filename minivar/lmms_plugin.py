@@ -9,11 +9,13 @@ metadata declares `minivar = "minivar.lmms_plugin:manifest"` there, and lmms-eva
 ModelManifest that points at the `Minivar` class below. No fork of lmms-eval, no environment variable.
 
 What the model does with each request (the LLaVA-1.5 evaluation protocol unless a model arg says otherwise):
-  * prompt: the task's context as the user turn of the `vicuna_v1` template, image first
-    ("{system} USER: <image>\\n{context} ASSISTANT:"); `<image>` placeholders inside the context are removed, since
-    LLaVA-1.5 takes one image and minivar always puts it first (as LLaVA's own evaluation scripts do);
-  * image: exactly one per request, padded to a square (`image_aspect_ratio=pad`); a request with no image or with
-    several (text-only questions, multi-image or video tasks) is refused with a MinivarError naming task and doc;
+  * prompt: the task's context as the user turn of the model's own template (`conv_mode`; LLaVA-1.5 and the vicuna
+    variants of LLaVA-NeXT: `vicuna_v1`, "{system} USER: <image>\\n{context} ASSISTANT:"; LLaVA-NeXT-Mistral:
+    `mistral_instruct`), image first; `<image>` placeholders inside the context are removed, since minivar takes
+    one image and always puts it first (as LLaVA's own evaluation scripts do);
+  * image: exactly one per request, in the model's own image mode (`image_aspect_ratio`; LLaVA-1.5: padded to a
+    square, `pad`; LLaVA-NeXT: `anyres` tiles, whose token count depends on the image); a request with no image or
+    with several (text-only questions, multi-image or video tasks) is refused with a MinivarError naming task and doc;
   * generation (generate_until), from the task's generation_kwargs:
       - greedy unless `do_sample` is true (without `do_sample`, temperature > 0 samples, as in LLaVA's scripts);
         sampling uses `temperature` (default 1.0) and `top_p` (default 1.0), seeded by `seed` if given;
@@ -197,18 +199,23 @@ class ContinuationEncoder:
     "ASSISTANT:" is "▁yes"), as lm-evaluation-harness does it.
     """
 
-    def __init__(self, tokenizer, conv_mode: str, num_image_tokens: int):
+    def __init__(self, tokenizer, conv_mode: str, num_image_tokens: int | None = None):
         from tokenizers import Tokenizer
         self.tokenizer, self.conv_mode, self.num_image_tokens = tokenizer, conv_mode, num_image_tokens
         # our own handle on the same tokenizer.json, set up as minivar's Tokenizer sets up its own
         self.raw = Tokenizer.from_file(str(tokenizer.path))
         self.raw.encode_special_tokens = True
 
-    def __call__(self, text: str, continuation: str) -> tuple[list[int], list[int]]:
+    def __call__(self, text: str, continuation: str, num_image_tokens: int | None = None) -> tuple[list[int], list[int]]:
+        """num_image_tokens: this request's image's (LLaVA-NeXT: each image has its own; None: the one given at
+        construction, a family with a fixed count)."""
         from . import processing
         if not continuation:
             raise MinivarError("loglikelihood with an empty continuation")
-        prompt = self.tokenizer.encode_prompt(text, self.conv_mode, self.num_image_tokens)
+        n = num_image_tokens if num_image_tokens is not None else self.num_image_tokens
+        if n is None:
+            raise MinivarError("loglikelihood needs the image's token count (num_image_tokens)")
+        prompt = self.tokenizer.encode_prompt(text, self.conv_mode, n)
         after = processing.build_prompt(text, self.conv_mode).split(processing.IMAGE_PLACEHOLDER, 1)[1]
         tail = self.raw.encode(after, add_special_tokens=False).ids
         whole = self.raw.encode(after + continuation, add_special_tokens=False).ids
@@ -225,18 +232,18 @@ class Minivar(lmms):
     is_simple = True
 
     def __init__(self, pretrained: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto",
-                 weights_dir: str | None = None, batch_size=1, max_batch_size=None, conv_mode: str = "vicuna_v1",
-                 image_aspect_ratio: str = "pad", max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+                 weights_dir: str | None = None, batch_size=1, max_batch_size=None, conv_mode: str | None = None,
+                 image_aspect_ratio: str | None = None, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
                  apply_until: bool = False, var: bool = False, var_preset: str | None = None, **var_fields) -> None:
         super().__init__()
-        from . import processing
+        from .flags import CONV_MODES, IMAGE_MODES
         from .pipeline import load
-        # everything checkable before the (slow) load is checked first
-        if conv_mode not in processing.CONV_MODES:
-            raise MinivarError(f"--model_args conv_mode={conv_mode!r} is not one of {', '.join(processing.CONV_MODES)}")
-        if image_aspect_ratio not in processing.IMAGE_MODES:
+        # everything checkable before the (slow) load is checked first (None: the model's own, known after it)
+        if conv_mode is not None and conv_mode not in CONV_MODES:
+            raise MinivarError(f"--model_args conv_mode={conv_mode!r} is not one of {', '.join(CONV_MODES)}")
+        if image_aspect_ratio is not None and image_aspect_ratio not in IMAGE_MODES:
             raise MinivarError(f"--model_args image_aspect_ratio={image_aspect_ratio!r} is not one of "
-                               f"{', '.join(processing.IMAGE_MODES)}")
+                               f"{', '.join(IMAGE_MODES)}")
         if not str(batch_size).isdigit() or int(batch_size) < 1:
             raise MinivarError(f"--batch_size {batch_size!r}: minivar needs a whole number ≥ 1 (no 'auto')")
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
@@ -248,14 +255,20 @@ class Minivar(lmms):
         self.var = var_config(var, var_preset, **var_fields)
         # DAMRO / VCD (damro=true damro_preset=pope ..., vcd=true ...): the command line's translation
         self.methods = contrastive_methods(contrastive, spell=lambda k: f"--model_args {k}")
-        self.conv_mode, self.image_aspect_ratio = conv_mode, image_aspect_ratio
         self.max_new_tokens, self.apply_until = max_new_tokens, apply_until
         self.batch_size_per_gpu = int(batch_size)      # max_batch_size is only for batch_size=auto: unused
         self.pipeline = load(str(pretrained), device=str(device), dtype=str(dtype), weights_dir=weights_dir)
-        cfg = self.pipeline.config
+        cfg, family = self.pipeline.config, self.pipeline.family
+        # the family's own template and image mode unless asked for, and only ones the family has
+        self.conv_mode = conv_mode or family.conv_mode_for(cfg)
+        self.image_aspect_ratio = image_aspect_ratio or family.default_image_mode
+        for name, value, allowed in (("conv_mode", self.conv_mode, family.conv_modes),
+                                     ("image_aspect_ratio", self.image_aspect_ratio, family.image_modes)):
+            if value not in allowed:
+                raise MinivarError(f"--model_args {name}={value!r} is not one of {family.name}'s: {', '.join(allowed)}")
         if self.var is not None:
             self.var.validate(cfg.text.hidden_size, cfg.text.num_hidden_layers)
-        self.encode_pair = ContinuationEncoder(self.pipeline.tokenizer, conv_mode, cfg.num_image_tokens)
+        self.encode_pair = ContinuationEncoder(self.pipeline.tokenizer, self.conv_mode)
 
     @property
     def batch_size(self) -> int:
@@ -284,11 +297,10 @@ class Minivar(lmms):
         return out
 
     def _logits(self, rows: list[list[int]], images) -> torch.Tensor:
-        """Logits [B, T, V] (fp32) of left-padded id rows, one image each."""
+        """Logits [B, T, V] (fp32) of left-padded id rows, one image (models.images.ImageInput) each."""
         from .pipeline import left_pad
         ids, mask = left_pad(rows, self.pipeline.pad_id, "cpu")
-        pixels = torch.cat([self.pipeline.pixels(img, self.image_aspect_ratio) for img in images])
-        return self.pipeline.logits(ids, pixels, attention_mask=mask, var=self.var)
+        return self.pipeline.logits(ids, list(images), attention_mask=mask, var=self.var)
 
     # -- request plumbing ---------------------------------------------------------------------------------------
     def _image(self, doc_to_visual, doc_id, task, split):
@@ -340,12 +352,13 @@ class Minivar(lmms):
             continuation = target if isinstance(target, str) else target(self.task_dict[task][split][doc_id])
             if not isinstance(continuation, str):
                 raise MinivarError(f"task {task}, doc {doc_id}: loglikelihood target {continuation!r} is not a string")
-            prompt, cont = self.encode_pair(user_text(context), continuation)
+            image = self.pipeline.image(self._image(doc_to_visual, doc_id, task, split), self.image_aspect_ratio)
+            prompt, cont = self.encode_pair(user_text(context), continuation, image.num_tokens)
             limit = self.pipeline.config.text.max_position_embeddings
             if len(prompt) + len(cont) > limit:
                 raise MinivarError(f"task {task}, doc {doc_id}: prompt + continuation are {len(prompt) + len(cont)} "
                                    f"tokens, over the model's context of {limit}")
-            jobs.append((prompt, cont, self._image(doc_to_visual, doc_id, task, split)))
+            jobs.append((prompt, cont, image))
         out = [None] * len(jobs)
         bar = self._progress(len(jobs), "loglikelihood")
         for batch in batches([0] * len(jobs), [len(p) + len(c) for p, c, _ in jobs], self.batch_size):

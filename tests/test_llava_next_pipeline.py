@@ -419,3 +419,64 @@ def test_eval_on_the_mistral_variant_records_its_template(mistral_dir, tmp_path)
     single, _ = cli_json(mistral_dir, tmp_path / "data" / "val2014" / rec["image"], "--var", "--var-preset",
                          "hallucination", "--tau", str(TAU), "--sink-dims", "11,77", prompt=rec["prompt"], n=3)
     assert single["output_ids"] == rec["output_ids"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The lmms-eval plugin
+
+@pytest.fixture(scope="module")
+def lmms_model(vicuna_dir):
+    pytest.importorskip("lmms_eval")
+    from minivar.lmms_plugin import Minivar
+    return Minivar(pretrained=str(vicuna_dir), device="cpu", dtype="float32", batch_size=4)
+
+
+def lmms_requests(kind, docs, items):
+    from test_lmms_plugin import requests
+    return requests(kind, "t", items)
+
+
+def test_lmms_generate_until_with_images_of_different_token_counts(lmms_model, images):
+    lm = lmms_model
+    assert (lm.conv_mode, lm.image_aspect_ratio) == ("vicuna_v1", "anyres")
+    docs = [{"name": n} for n in SIZES] + [{"name": "wide"}]          # two questions about one picture too
+    lm.task_dict = {"t": {"test": docs}}
+    contexts = ["<image>\nWhat is it?", "Describe it.", "Is there a cat?", "What colour?", "Is it wide?"]
+    reqs = lmms_requests("generate_until", docs, [(c, lambda d: [images[d["name"]][0]], {"max_new_tokens": 5})
+                                                 for c in contexts])
+    out = lm.generate_until(reqs)
+    for doc, context, o in zip(docs, contexts, out):
+        direct = lm.pipeline.generate(images[doc["name"]][0], context.replace("<image>\n", ""), max_new_tokens=5)
+        assert o.text == direct.text.strip()
+        assert o.token_counts.input_tokens == len(direct.prompt_ids)
+    assert len({o.token_counts.input_tokens for o in out}) == 4
+
+
+def test_lmms_loglikelihood_counts_each_images_own_tokens(lmms_model, images):
+    """Each request's prompt holds its own image's token count; the loss equals the pipeline's logits on it."""
+    lm = lmms_model
+    docs = [{"name": n} for n in SIZES]
+    lm.task_dict = {"t": {"test": docs}}
+    items = [("Is there a cat?", lambda d: [images[d["name"]][0]], c) for c in (" yes", " no", " maybe", " yes")]
+    out = [r.text for r in lm.loglikelihood(lmms_requests("loglikelihood", docs, items))]
+    for doc, (q, _, c), (loss, greedy) in zip(docs, items, out):
+        im = lm.pipeline.image(images[doc["name"]][0])
+        prompt, cont = lm.encode_pair(q, c, im.num_tokens)
+        assert prompt.count(IMG) == im.num_tokens
+        logits = lm.pipeline.logits(torch.tensor([prompt + cont]), [im])[0]
+        logp = torch.log_softmax(logits[len(prompt) - 1:-1], -1)
+        assert loss == pytest.approx(-logp[range(len(cont)), cont].sum().item(), abs=1e-4)
+        assert greedy == bool((logp.argmax(-1) == torch.tensor(cont)).all())
+    assert len({round(loss, 4) for loss, _ in out}) == len(out)
+
+
+def test_lmms_defaults_follow_the_family(mistral_dir):
+    pytest.importorskip("lmms_eval")
+    from minivar.errors import MinivarError
+    from minivar.lmms_plugin import Minivar
+    lm = Minivar(pretrained=str(mistral_dir), device="cpu", dtype="float32")
+    assert (lm.conv_mode, lm.image_aspect_ratio) == ("mistral_instruct", "anyres")
+    with pytest.raises(MinivarError, match="image_aspect_ratio='pad' is not one of LLaVA-NeXT's: anyres"):
+        Minivar(pretrained=str(mistral_dir), device="cpu", image_aspect_ratio="pad")
+    with pytest.raises(MinivarError, match="conv_mode='qwen' is not one of LLaVA-NeXT's"):
+        Minivar(pretrained=str(mistral_dir), device="cpu", conv_mode="qwen")
