@@ -8,14 +8,15 @@ lmms-eval (0.7.3) finds plugin models through the Python entry-point group `lmms
 metadata declares `minivar = "minivar.lmms_plugin:manifest"` there, and lmms-eval calls `manifest()` for the
 ModelManifest that points at the `Minivar` class below. No fork of lmms-eval, no environment variable.
 
-What the model does with each request (the LLaVA-1.5 evaluation protocol unless a model arg says otherwise):
-  * prompt: the task's context as the user turn of the model's own template (`conv_mode`; LLaVA-1.5 and the vicuna
-    variants of LLaVA-NeXT: `vicuna_v1`, "{system} USER: <image>\\n{context} ASSISTANT:"; LLaVA-NeXT-Mistral:
-    `mistral_instruct`), image first; `<image>` placeholders inside the context are removed, since minivar takes
-    one image and always puts it first (as LLaVA's own evaluation scripts do);
-  * image: exactly one per request, in the model's own image mode (`image_aspect_ratio`; LLaVA-1.5: padded to a
-    square, `pad`; LLaVA-NeXT: `anyres` tiles, whose token count depends on the image); a request with no image or
-    with several (text-only questions, multi-image or video tasks) is refused with a MinivarError naming task and doc;
+What the model does with each request (the LLaVA-1.5 evaluation protocol unless a model arg says otherwise; other
+families get their own template and image mode by default, `conv_mode` / `image_aspect_ratio` unset — Qwen2-VL /
+Qwen2.5-VL: `qwen`, `smart_resize`; LLaVA-NeXT: `vicuna_v1` (Mistral: `mistral_instruct`), `anyres`; these two
+give each image its own token count):
+  * prompt: the task's context as the user turn of the `vicuna_v1` template, image first
+    ("{system} USER: <image>\\n{context} ASSISTANT:"); `<image>` placeholders inside the context are removed, since
+    LLaVA-1.5 takes one image and minivar always puts it first (as LLaVA's own evaluation scripts do);
+  * image: exactly one per request, padded to a square (`image_aspect_ratio=pad`); a request with no image or with
+    several (text-only questions, multi-image or video tasks) is refused with a MinivarError naming task and doc;
   * generation (generate_until), from the task's generation_kwargs:
       - greedy unless `do_sample` is true (without `do_sample`, temperature > 0 samples, as in LLaVA's scripts);
         sampling uses `temperature` (default 1.0) and `top_p` (default 1.0), seeded by `seed` if given;
@@ -200,6 +201,8 @@ class ContinuationEncoder:
     """
 
     def __init__(self, tokenizer, conv_mode: str, num_image_tokens: int | None = None):
+        """num_image_tokens: the family's fixed count (LLaVA-1.5's 576); None where each image has its own (Qwen2-VL:
+        give it per call)."""
         from tokenizers import Tokenizer
         self.tokenizer, self.conv_mode, self.num_image_tokens = tokenizer, conv_mode, num_image_tokens
         # our own handle on the same tokenizer.json, set up as minivar's Tokenizer sets up its own
@@ -207,16 +210,15 @@ class ContinuationEncoder:
         self.raw.encode_special_tokens = True
 
     def __call__(self, text: str, continuation: str, num_image_tokens: int | None = None) -> tuple[list[int], list[int]]:
-        """num_image_tokens: this request's image's (LLaVA-NeXT: each image has its own; None: the one given at
-        construction, a family with a fixed count)."""
         from . import processing
         if not continuation:
             raise MinivarError("loglikelihood with an empty continuation")
-        n = num_image_tokens if num_image_tokens is not None else self.num_image_tokens
-        if n is None:
-            raise MinivarError("loglikelihood needs the image's token count (num_image_tokens)")
+        n = self.num_image_tokens if num_image_tokens is None else num_image_tokens
         prompt = self.tokenizer.encode_prompt(text, self.conv_mode, n)
-        after = processing.build_prompt(text, self.conv_mode).split(processing.IMAGE_PLACEHOLDER, 1)[1]
+        if hasattr(self.tokenizer, "prompt_tail"):      # a template with special tokens after the image (Qwen2-VL)
+            after = self.tokenizer.prompt_tail(text, self.conv_mode)
+        else:
+            after = processing.build_prompt(text, self.conv_mode).split(processing.IMAGE_PLACEHOLDER, 1)[1]
         tail = self.raw.encode(after, add_special_tokens=False).ids
         whole = self.raw.encode(after + continuation, add_special_tokens=False).ids
         if prompt[len(prompt) - len(tail):] != tail or whole[:len(tail)] != tail or len(whole) == len(tail):
@@ -238,7 +240,7 @@ class Minivar(lmms):
         super().__init__()
         from .flags import CONV_MODES, IMAGE_MODES
         from .pipeline import load
-        # everything checkable before the (slow) load is checked first (None: the model's own, known after it)
+        # everything checkable before the (slow) load is checked first (None: the model family's own, after it)
         if conv_mode is not None and conv_mode not in CONV_MODES:
             raise MinivarError(f"--model_args conv_mode={conv_mode!r} is not one of {', '.join(CONV_MODES)}")
         if image_aspect_ratio is not None and image_aspect_ratio not in IMAGE_MODES:
@@ -259,16 +261,23 @@ class Minivar(lmms):
         self.batch_size_per_gpu = int(batch_size)      # max_batch_size is only for batch_size=auto: unused
         self.pipeline = load(str(pretrained), device=str(device), dtype=str(dtype), weights_dir=weights_dir)
         cfg, family = self.pipeline.config, self.pipeline.family
-        # the family's own template and image mode unless asked for, and only ones the family has
+        # the family's own template and image mode unless given (LLaVA-1.5: vicuna_v1, pad; Qwen2-VL: qwen,
+        # smart_resize), and a given one must be the family's
         self.conv_mode = conv_mode or family.conv_mode_for(cfg)
         self.image_aspect_ratio = image_aspect_ratio or family.default_image_mode
         for name, value, allowed in (("conv_mode", self.conv_mode, family.conv_modes),
                                      ("image_aspect_ratio", self.image_aspect_ratio, family.image_modes)):
             if value not in allowed:
-                raise MinivarError(f"--model_args {name}={value!r} is not one of {family.name}'s: {', '.join(allowed)}")
+                raise MinivarError(f"--model_args {name}={value!r} is not one of {family.name}'s "
+                                   f"({', '.join(allowed)})")
         if self.var is not None:
             self.var.validate(cfg.text.hidden_size, cfg.text.num_hidden_layers)
-        self.encode_pair = ContinuationEncoder(self.pipeline.tokenizer, self.conv_mode)
+        # a fixed image token count where the family has one; loglikelihood gives each image's own
+        try:
+            fixed = getattr(cfg, "num_image_tokens", None)
+        except MinivarError:          # LLaVA-NeXT's config refuses the question: its count depends on the image
+            fixed = None
+        self.encode_pair = ContinuationEncoder(self.pipeline.tokenizer, self.conv_mode, fixed)
 
     @property
     def batch_size(self) -> int:
@@ -297,9 +306,10 @@ class Minivar(lmms):
         return out
 
     def _logits(self, rows: list[list[int]], images) -> torch.Tensor:
-        """Logits [B, T, V] (fp32) of left-padded id rows, one image (models.images.ImageInput) each."""
+        """Logits [B, T, V] (fp32) of left-padded id rows, one image each."""
         from .pipeline import left_pad
         ids, mask = left_pad(rows, self.pipeline.pad_id, "cpu")
+        # ImageInputs, not stacked pixels: images of different sizes (Qwen2-VL) each keep their own grid
         return self.pipeline.logits(ids, list(images), attention_mask=mask, var=self.var)
 
     # -- request plumbing ---------------------------------------------------------------------------------------
@@ -353,7 +363,7 @@ class Minivar(lmms):
             if not isinstance(continuation, str):
                 raise MinivarError(f"task {task}, doc {doc_id}: loglikelihood target {continuation!r} is not a string")
             image = self.pipeline.image(self._image(doc_to_visual, doc_id, task, split), self.image_aspect_ratio)
-            prompt, cont = self.encode_pair(user_text(context), continuation, image.num_tokens)
+            prompt, cont = self.encode_pair(user_text(context), continuation, image.num_tokens)   # its own count
             limit = self.pipeline.config.text.max_position_embeddings
             if len(prompt) + len(cont) > limit:
                 raise MinivarError(f"task {task}, doc {doc_id}: prompt + continuation are {len(prompt) + len(cont)} "

@@ -248,7 +248,7 @@ def test_loglikelihood_is_the_summed_loss_of_the_continuation(lm):
             for (q, c), i in zip(pairs, owner)]
     out = [r.text for r in lm.loglikelihood(reqs)]      # GenerationResult-wrapped pairs (see the plugin)
     for (q, c), i, (loss, greedy) in zip(pairs, owner, out):
-        prompt, cont = lm.encode_pair(q, c, lm.pipeline.image(fixture_image(docs[i])).num_tokens)
+        prompt, cont = lm.encode_pair(q, c)
         logits = lm.pipeline.logits(torch.tensor([prompt + cont]), lm.pipeline.pixels(fixture_image(docs[i])))[0]
         logp = torch.log_softmax(logits[len(prompt) - 1:-1], -1)
         assert loss == pytest.approx(-logp[range(len(cont)), cont].sum().item(), abs=1e-3)
