@@ -64,8 +64,8 @@ def inputs(cfg: LlavaNextConfig):
     rgb = np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)
     image = process_image(Image.fromarray(rgb), cfg)
     g = torch.Generator().manual_seed(0)
-    ids = torch.cat([torch.tensor([1]), torch.randint(100, 30000, (35,), generator=g),
-                     torch.full((image.num_tokens,), cfg.image_token_index), torch.randint(100, 30000, (12,), generator=g)])
+    text = torch.randint(100, 30000, (47,), generator=g)
+    ids = torch.cat([torch.tensor([1]), text[:35], torch.full((image.num_tokens,), cfg.image_token_index), text[35:]])
     return ids[None], image, image.pixel_values[None], torch.tensor([[h, w]])
 
 
@@ -117,7 +117,7 @@ def worker(args) -> dict:
                 return prefill, n / max(total - prefill, 1e-9), out[0, ids.shape[1]:].tolist()
 
             res["transformers_tokens"] = hf_run()[2]          # warm-up; the tokens
-        times = {"minivar": {"prefill_s": [], "decode_tok_s": []}, "transformers": {"prefill_s": [], "decode_tok_s": []}}
+        times = {who: {"prefill_s": [], "decode_tok_s": []} for who in ("minivar", "transformers")}
         for i in range(args.repeats):
             for who in (("minivar", "transformers") if i % 2 == 0 else ("transformers", "minivar")):
                 if who == "minivar":
@@ -191,7 +191,8 @@ def main(argv=None) -> int:
 
 def print_table(r: dict) -> None:
     hf = r.get("transformers")
-    print(f"\nminivar LLaVA-NeXT benchmark — {r['date']}, {r['cpu']}, torch {r['torch']}, {r['device']}, {r['dtype']}")
+    print(f"\nminivar LLaVA-NeXT benchmark — {r['date']}, {r['cpu']}, torch {r['torch']}, {r['device']}, "
+          f"{r['dtype']}")
     print(f"checkpoint {r['checkpoint']} ({r['checkpoint_gb']:.2f} GB); a {IMAGE_SIZE[1]}×{IMAGE_SIZE[0]} image: "
           f"{r['image_tokens']} image tokens, {r['prompt_tokens']} prompt tokens; medians of {r['repeats']} "
           f"alternating repeats\n")

@@ -17,15 +17,16 @@ from conftest import assert_one_line_error, run_cli, to_hub_key, write_checkpoin
 from minivar import demo  # noqa: E402
 from minivar.models.config import TextConfig, VisionConfig  # noqa: E402
 from minivar.models.llava_next import LlavaNext, LlavaNextConfig, count_image_tokens  # noqa: E402
-from test_llava_next import PINPOINTS, S, hf_inputs, hf_processor, image, picture  # noqa: E402,F401
+from test_llava_next import PINPOINTS, S, hf_inputs, picture  # noqa: E402
 
 IMG, PAD = 259, 260                         # the demo tokenizer's <image> and <pad>
 DIMS = (11, 77)                             # (text sink dim, visual sink dim) planted
 COMMON = 3
-TAU = 5.0                                   # hidden 128: one massive dim caps φ at √128 ≈ 11.3 (τ = 20 is out of reach)
+TAU = 5.0                                   # hidden 128: one massive dim caps φ at √128 ≈ 11.3 < 20
 SINK_PATCHES = (5, 10)                      # patch indices of the 4×4 grid of every crop: base and tiles alike
 PROMPT = "What is in the image?"
-SIZES = {"wide": (150, 70), "tall": (60, 130), "square": (120, 120), "tiny": (9, 7)}   # w, h: 4 token counts
+# w, h: four token counts
+SIZES = {"wide": (150, 70), "tall": (60, 130), "square": (120, 120), "tiny": (9, 7)}
 
 
 def next_config(text: str = "llama") -> LlavaNextConfig:
@@ -431,7 +432,7 @@ def lmms_model(vicuna_dir):
     return Minivar(pretrained=str(vicuna_dir), device="cpu", dtype="float32", batch_size=4)
 
 
-def lmms_requests(kind, docs, items):
+def lmms_requests(kind, items):
     from test_lmms_plugin import requests
     return requests(kind, "t", items)
 
@@ -442,7 +443,7 @@ def test_lmms_generate_until_with_images_of_different_token_counts(lmms_model, i
     docs = [{"name": n} for n in SIZES] + [{"name": "wide"}]          # two questions about one picture too
     lm.task_dict = {"t": {"test": docs}}
     contexts = ["<image>\nWhat is it?", "Describe it.", "Is there a cat?", "What colour?", "Is it wide?"]
-    reqs = lmms_requests("generate_until", docs, [(c, lambda d: [images[d["name"]][0]], {"max_new_tokens": 5})
+    reqs = lmms_requests("generate_until", [(c, lambda d: [images[d["name"]][0]], {"max_new_tokens": 5})
                                                  for c in contexts])
     out = lm.generate_until(reqs)
     for doc, context, o in zip(docs, contexts, out):
@@ -458,7 +459,7 @@ def test_lmms_loglikelihood_counts_each_images_own_tokens(lmms_model, images):
     docs = [{"name": n} for n in SIZES]
     lm.task_dict = {"t": {"test": docs}}
     items = [("Is there a cat?", lambda d: [images[d["name"]][0]], c) for c in (" yes", " no", " maybe", " yes")]
-    out = [r.text for r in lm.loglikelihood(lmms_requests("loglikelihood", docs, items))]
+    out = [r.text for r in lm.loglikelihood(lmms_requests("loglikelihood", items))]
     for doc, (q, _, c), (loss, greedy) in zip(docs, items, out):
         im = lm.pipeline.image(images[doc["name"]][0])
         prompt, cont = lm.encode_pair(q, c, im.num_tokens)
