@@ -171,8 +171,15 @@ def var_config(**kw):
     return VARConfig(**({"tau": TAU, "sink_dims": DIMS} | kw))
 
 
-@pytest.mark.parametrize("with_var", [False, True])
-def test_batch_of_different_token_counts_equals_one_by_one(pipe, images, with_var):
+@pytest.fixture(scope="module")
+def mistral_pipe(mistral_dir):
+    import minivar
+    return minivar.load(str(mistral_dir), device="cpu", dtype="float32")
+
+
+@pytest.mark.parametrize("variant, with_var", [("vicuna", False), ("vicuna", True), ("mistral", True)])
+def test_batch_of_different_token_counts_equals_one_by_one(request, images, variant, with_var):
+    pipe = request.getfixturevalue("pipe" if variant == "vicuna" else "mistral_pipe")
     names = list(SIZES)
     imgs = [images[n][0] for n in names]
     prompts = [PROMPT, "Describe it.", "Is there a cat?", "What colour is the sky, and why is it so?"]
