@@ -58,22 +58,23 @@ SHAPES = {
 INIT_VERSION = 2          # bump when the random weights' rule changes: checkpoints made before are made again
 
 
-def make_checkpoint(kind: str, dtype: str, directory: Path) -> Path:
-    """A random LLaVA checkpoint of the given shape in the llava-hf hub layout, written once and reused."""
+def make_checkpoint(kind: str, dtype: str, directory: Path, shapes: dict | None = None) -> Path:
+    """A random checkpoint of the given shape (`shapes`, default SHAPES: LLaVA-1.5's; bench_next.py passes its
+    LLaVA-NeXT ones) in the llava-hf hub layout, written once and reused."""
     from safetensors.torch import save_file
 
     from minivar.demo import random_tensor
-    from minivar.models.llava import Llava
+    from minivar.models.registry import family_of
     marker = directory / ".bench-checkpoint"        # what made it: a checkpoint made by an older rule is made again
     made_by = f"minivar bench, shape {kind}, init {INIT_VERSION}\n"
     if (directory / "config.json").is_file() and (not marker.is_file() or marker.read_text() == made_by):
         return directory                          # made earlier by this rule, or a checkpoint of the user's own
     for old in directory.glob("*.safetensors"):
         old.unlink()
-    cfg = SHAPES[kind]
+    cfg = (shapes or SHAPES)[kind]
     directory.mkdir(parents=True, exist_ok=True)
     with torch.device("meta"):
-        model = Llava(cfg)
+        model = family_of(cfg).model(cfg)           # the config's family: Llava, LlavaNext
     g = torch.Generator().manual_seed(0)
     shard, shard_bytes, index, n = {}, 0, {}, 0
 

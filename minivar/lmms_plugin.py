@@ -8,7 +8,10 @@ lmms-eval (0.7.3) finds plugin models through the Python entry-point group `lmms
 metadata declares `minivar = "minivar.lmms_plugin:manifest"` there, and lmms-eval calls `manifest()` for the
 ModelManifest that points at the `Minivar` class below. No fork of lmms-eval, no environment variable.
 
-What the model does with each request (the LLaVA-1.5 evaluation protocol unless a model arg says otherwise):
+What the model does with each request (the LLaVA-1.5 evaluation protocol unless a model arg says otherwise; other
+families get their own template and image mode by default, `conv_mode` / `image_aspect_ratio` unset — Qwen2-VL /
+Qwen2.5-VL: `qwen`, `smart_resize`; LLaVA-NeXT: `vicuna_v1` (Mistral: `mistral_instruct`), `anyres`; these two
+give each image its own token count):
   * prompt: the task's context as the user turn of the `vicuna_v1` template, image first
     ("{system} USER: <image>\\n{context} ASSISTANT:"); `<image>` placeholders inside the context are removed, since
     LLaVA-1.5 takes one image and minivar always puts it first (as LLaVA's own evaluation scripts do);
@@ -197,19 +200,25 @@ class ContinuationEncoder:
     "ASSISTANT:" is "▁yes"), as lm-evaluation-harness does it.
     """
 
-    def __init__(self, tokenizer, conv_mode: str, num_image_tokens: int):
+    def __init__(self, tokenizer, conv_mode: str, num_image_tokens: int | None = None):
+        """num_image_tokens: the family's fixed count (LLaVA-1.5's 576); None where each image has its own (Qwen2-VL:
+        give it per call)."""
         from tokenizers import Tokenizer
         self.tokenizer, self.conv_mode, self.num_image_tokens = tokenizer, conv_mode, num_image_tokens
         # our own handle on the same tokenizer.json, set up as minivar's Tokenizer sets up its own
         self.raw = Tokenizer.from_file(str(tokenizer.path))
         self.raw.encode_special_tokens = True
 
-    def __call__(self, text: str, continuation: str) -> tuple[list[int], list[int]]:
+    def __call__(self, text: str, continuation: str, num_image_tokens: int | None = None) -> tuple[list[int], list[int]]:
         from . import processing
         if not continuation:
             raise MinivarError("loglikelihood with an empty continuation")
-        prompt = self.tokenizer.encode_prompt(text, self.conv_mode, self.num_image_tokens)
-        after = processing.build_prompt(text, self.conv_mode).split(processing.IMAGE_PLACEHOLDER, 1)[1]
+        n = self.num_image_tokens if num_image_tokens is None else num_image_tokens
+        prompt = self.tokenizer.encode_prompt(text, self.conv_mode, n)
+        if hasattr(self.tokenizer, "prompt_tail"):      # a template with special tokens after the image (Qwen2-VL)
+            after = self.tokenizer.prompt_tail(text, self.conv_mode)
+        else:
+            after = processing.build_prompt(text, self.conv_mode).split(processing.IMAGE_PLACEHOLDER, 1)[1]
         tail = self.raw.encode(after, add_special_tokens=False).ids
         whole = self.raw.encode(after + continuation, add_special_tokens=False).ids
         if prompt[len(prompt) - len(tail):] != tail or whole[:len(tail)] != tail or len(whole) == len(tail):
@@ -225,18 +234,18 @@ class Minivar(lmms):
     is_simple = True
 
     def __init__(self, pretrained: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto",
-                 weights_dir: str | None = None, batch_size=1, max_batch_size=None, conv_mode: str = "vicuna_v1",
-                 image_aspect_ratio: str = "pad", max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+                 weights_dir: str | None = None, batch_size=1, max_batch_size=None, conv_mode: str | None = None,
+                 image_aspect_ratio: str | None = None, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
                  apply_until: bool = False, var: bool = False, var_preset: str | None = None, **var_fields) -> None:
         super().__init__()
-        from . import processing
+        from .flags import CONV_MODES, IMAGE_MODES
         from .pipeline import load
-        # everything checkable before the (slow) load is checked first
-        if conv_mode not in processing.CONV_MODES:
-            raise MinivarError(f"--model_args conv_mode={conv_mode!r} is not one of {', '.join(processing.CONV_MODES)}")
-        if image_aspect_ratio not in processing.IMAGE_MODES:
+        # everything checkable before the (slow) load is checked first (None: the model family's own, after it)
+        if conv_mode is not None and conv_mode not in CONV_MODES:
+            raise MinivarError(f"--model_args conv_mode={conv_mode!r} is not one of {', '.join(CONV_MODES)}")
+        if image_aspect_ratio is not None and image_aspect_ratio not in IMAGE_MODES:
             raise MinivarError(f"--model_args image_aspect_ratio={image_aspect_ratio!r} is not one of "
-                               f"{', '.join(processing.IMAGE_MODES)}")
+                               f"{', '.join(IMAGE_MODES)}")
         if not str(batch_size).isdigit() or int(batch_size) < 1:
             raise MinivarError(f"--batch_size {batch_size!r}: minivar needs a whole number ≥ 1 (no 'auto')")
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
@@ -248,14 +257,27 @@ class Minivar(lmms):
         self.var = var_config(var, var_preset, **var_fields)
         # DAMRO / VCD (damro=true damro_preset=pope ..., vcd=true ...): the command line's translation
         self.methods = contrastive_methods(contrastive, spell=lambda k: f"--model_args {k}")
-        self.conv_mode, self.image_aspect_ratio = conv_mode, image_aspect_ratio
         self.max_new_tokens, self.apply_until = max_new_tokens, apply_until
         self.batch_size_per_gpu = int(batch_size)      # max_batch_size is only for batch_size=auto: unused
         self.pipeline = load(str(pretrained), device=str(device), dtype=str(dtype), weights_dir=weights_dir)
-        cfg = self.pipeline.config
+        cfg, family = self.pipeline.config, self.pipeline.family
+        # the family's own template and image mode unless given (LLaVA-1.5: vicuna_v1, pad; Qwen2-VL: qwen,
+        # smart_resize), and a given one must be the family's
+        self.conv_mode = conv_mode or family.conv_mode_for(cfg)
+        self.image_aspect_ratio = image_aspect_ratio or family.default_image_mode
+        for name, value, allowed in (("conv_mode", self.conv_mode, family.conv_modes),
+                                     ("image_aspect_ratio", self.image_aspect_ratio, family.image_modes)):
+            if value not in allowed:
+                raise MinivarError(f"--model_args {name}={value!r} is not one of {family.name}'s "
+                                   f"({', '.join(allowed)})")
         if self.var is not None:
             self.var.validate(cfg.text.hidden_size, cfg.text.num_hidden_layers)
-        self.encode_pair = ContinuationEncoder(self.pipeline.tokenizer, conv_mode, cfg.num_image_tokens)
+        # a fixed image token count where the family has one; loglikelihood gives each image's own
+        try:
+            fixed = getattr(cfg, "num_image_tokens", None)
+        except MinivarError:          # LLaVA-NeXT's config refuses the question: its count depends on the image
+            fixed = None
+        self.encode_pair = ContinuationEncoder(self.pipeline.tokenizer, self.conv_mode, fixed)
 
     @property
     def batch_size(self) -> int:
@@ -287,8 +309,8 @@ class Minivar(lmms):
         """Logits [B, T, V] (fp32) of left-padded id rows, one image each."""
         from .pipeline import left_pad
         ids, mask = left_pad(rows, self.pipeline.pad_id, "cpu")
-        pixels = torch.cat([self.pipeline.pixels(img, self.image_aspect_ratio) for img in images])
-        return self.pipeline.logits(ids, pixels, attention_mask=mask, var=self.var)
+        # ImageInputs, not stacked pixels: images of different sizes (Qwen2-VL) each keep their own grid
+        return self.pipeline.logits(ids, list(images), attention_mask=mask, var=self.var)
 
     # -- request plumbing ---------------------------------------------------------------------------------------
     def _image(self, doc_to_visual, doc_id, task, split):
@@ -340,12 +362,13 @@ class Minivar(lmms):
             continuation = target if isinstance(target, str) else target(self.task_dict[task][split][doc_id])
             if not isinstance(continuation, str):
                 raise MinivarError(f"task {task}, doc {doc_id}: loglikelihood target {continuation!r} is not a string")
-            prompt, cont = self.encode_pair(user_text(context), continuation)
+            image = self.pipeline.image(self._image(doc_to_visual, doc_id, task, split), self.image_aspect_ratio)
+            prompt, cont = self.encode_pair(user_text(context), continuation, image.num_tokens)   # its own count
             limit = self.pipeline.config.text.max_position_embeddings
             if len(prompt) + len(cont) > limit:
                 raise MinivarError(f"task {task}, doc {doc_id}: prompt + continuation are {len(prompt) + len(cont)} "
                                    f"tokens, over the model's context of {limit}")
-            jobs.append((prompt, cont, self._image(doc_to_visual, doc_id, task, split)))
+            jobs.append((prompt, cont, image))
         out = [None] * len(jobs)
         bar = self._progress(len(jobs), "loglikelihood")
         for batch in batches([0] * len(jobs), [len(p) + len(c) for p, c, _ in jobs], self.batch_size):

@@ -311,8 +311,8 @@ class Pipeline:
         return self.generate_batch([image], [prompt], **kwargs)[0]
 
     def generate_batch(self, images, prompts, *, max_new_tokens: int = 128, temperature: float = 0.0,
-                       top_p: float = 1.0, seed: int | None = None, conv_mode: str = "vicuna_v1",
-                       image_aspect_ratio: str = "pad", var=None, methods=None, sink_config=None,
+                       top_p: float = 1.0, seed: int | None = None, conv_mode: str | None = None,
+                       image_aspect_ratio: str | None = None, var=None, methods=None, sink_config=None,
                        capture=None, mask=None, hooks=(), on_text=None, warn=None,
                        prompt_tokenization: str = "llava") -> list[Result]:
         """Several (image, prompt) pairs in one batch: prompts left-padded to a common length, each sample with its
@@ -321,7 +321,8 @@ class Pipeline:
         methods: Method objects (VAR, your own; methods/method.py); var: a VARConfig (or True / a preset name) to
         apply Visual Attention Redistribution. capture (probe.Capture) and mask (probe.KeyMask): inspection, one
         sample only; sink_config: their τ / sink dims when VAR is off. hooks: hooks of your own, called after
-        minivar's. on_text(str) receives the text as it is generated (a single prompt only).
+        minivar's. on_text(str) receives the text as it is generated (a single prompt only). conv_mode /
+        image_aspect_ratio: None → the family's own (LLaVA-1.5: vicuna_v1, pad; Qwen2-VL: qwen, smart_resize).
         prompt_tokenization: "llava" or "official" (see prompt_ids)."""
         check_generation_args(max_new_tokens, temperature, top_p)
         request = self.prepare(images, prompts, conv_mode=conv_mode, image_aspect_ratio=image_aspect_ratio,
@@ -354,8 +355,8 @@ class Pipeline:
 
     @torch.inference_mode()
     def generate_many(self, image, prompts, *, max_new_tokens: int = 128, temperature: float = 0.0,
-                      top_p: float = 1.0, seed: int | None = None, conv_mode: str = "vicuna_v1",
-                      image_aspect_ratio: str = "pad", var=None, methods=None, warn=None,
+                      top_p: float = 1.0, seed: int | None = None, conv_mode: str | None = None,
+                      image_aspect_ratio: str | None = None, var=None, methods=None, warn=None,
                       prompt_tokenization: str = "llava") -> list[Result]:
         """Several prompts about one image, the shared prefix computed once; one Result per prompt, equal to
         running each prompt alone (greedy).

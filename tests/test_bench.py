@@ -31,6 +31,27 @@ def test_benchmark_runs_end_to_end(tmp_path):
         assert report["same_tokens_as_transformers"] is True
 
 
+def test_next_benchmark_runs_end_to_end(tmp_path):
+    """bench_next.py on a tiny NeXT checkpoint (a 672×672 image: the reference's 2,928 image tokens): every figure
+    is there, both implementations ran each repeat, and (fp32) their greedy tokens are equal."""
+    cmd = [sys.executable, str(REPO / "bench" / "bench_next.py"), "--make", "tiny", "--quick", "--dtype", "float32",
+           "--checkpoint", str(tmp_path / "ckpt")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("BENCH_NEXT_JSON ")]
+    assert len(lines) == 1
+    report = json.loads(lines[0][len("BENCH_NEXT_JSON "):])
+    assert (report["image_tokens"], report["prompt_tokens"]) == (2928, 2976)
+    assert report["minivar"]["prefill_s"] > 0 and report["minivar"]["decode_tok_s"] > 0
+    assert len(report["minivar_tokens"]) == 5 and report["minivar_peak_rss_gb"] > 0 and report["checkpoint_gb"] > 0
+    assert len(report["runs"]["minivar"]["prefill_s"]) == 2
+    assert (tmp_path / "ckpt" / ".bench-checkpoint").read_text().startswith("minivar bench, shape next-tiny")
+    assert "prefill (s)" in proc.stdout
+    if importlib.util.find_spec("transformers"):
+        assert len(report["runs"]["transformers"]["decode_tok_s"]) == 2 and report["transformers"]["prefill_s"] > 0
+        assert report["same_tokens_as_transformers"] is True
+
+
 def test_many_questions_benchmark_runs_end_to_end(tmp_path, llama_tokenizer_path):
     """bench_many.py on a tiny checkpoint: every figure is there (the eval CLI's end-to-end run included)."""
     cmd = [sys.executable, str(REPO / "bench" / "bench_many.py"), "--make", "tiny", "--quick", "--dtype", "float32",
