@@ -484,7 +484,10 @@ def resolve_sink_dims(model_cfg, var_cfg: VARConfig, model=None, input_ids=None,
         raise MinivarError("sink dims are unknown for this model; pass --sink-dims d1,d2 or --sink-dims auto")
     dims, _ = find_sink_dims(model, input_ids)
     if not var_cfg.find_sink_dims:
-        warn(f"minivar: model not recognised as LLaVA-1.5-7B/13B; sink-dim finder found dims {list(dims)}")
+        from ..models.registry import family_of
+        known = ", ".join(family_of(model_cfg).known_sink_dims) or f"none for {family_of(model_cfg).name}"
+        warn(f"minivar: model not recognised as one whose sink dims are known ({known}); sink-dim finder found "
+             f"dims {list(dims)}")
     else:
         warn(f"minivar: sink-dim finder found dims {list(dims)}")
     if not dims:
