@@ -418,10 +418,10 @@ CHAT_TEMPLATE = (
     "{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
+def write_tokenizer(directory: Path) -> Path:
     """A small byte-level BPE laid out as Qwen2's tokenizer.json (NFC, Qwen's split regex, byte-level), trained on
-    a few sentences, with Qwen's special tokens after its 256 + merges entries (ids 266 … 279)."""
+    a few sentences, with Qwen's special tokens after its 256 + merges entries (ids 266 … 279), and its
+    tokenizer_config.json, written into `directory` (bench/bench_qwen.py makes its checkpoint's with it)."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()
@@ -434,12 +434,18 @@ def tokenizer_dir(tmp_path_factory):
                                                         .alphabet(), show_progress=False))
     assert tok.get_vocab_size() == 266
     tok.add_special_tokens(QWEN_SPECIALS)
-    directory = tmp_path_factory.mktemp("qwen-tokenizer")
+    directory.mkdir(parents=True, exist_ok=True)
     tok.save(str(directory / "tokenizer.json"))
     (directory / "tokenizer_config.json").write_text(json.dumps(
         {"tokenizer_class": "Qwen2Tokenizer", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
          "model_max_length": 32768}))
     return directory
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    """The small Qwen-like tokenizer of write_tokenizer, in a directory of its own."""
+    return write_tokenizer(tmp_path_factory.mktemp("qwen-tokenizer"))
 
 
 def tokenizer_config(directory):
