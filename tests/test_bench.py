@@ -98,3 +98,32 @@ def test_help_gives_the_whole_first_paragraph():
     assert "decode speed, VAR cost, batching, and the same figures for transformers' LlavaForConditionalGeneration" \
         in text
     assert "on the same checkpoint, pixels and prompt ids." in text and "--make tiny --quick" in text
+
+
+def test_qwen_benchmark_runs_end_to_end(tmp_path):
+    """bench_qwen.py --quick --make tiny: the checkpoint made with transformers (hub layout, tokenizer.json,
+    preprocessor_config.json), both workers' figures from alternating repeats, the targets, one BENCH_JSON line."""
+    pytest.importorskip("transformers")       # it makes the checkpoint
+    ckpt = tmp_path / "ckpt"
+    cmd = [sys.executable, str(REPO / "bench" / "bench_qwen.py"), "--quick", "--make", "tiny", "--dtype", "float32",
+           "--checkpoint", str(ckpt)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for name in ("config.json", "tokenizer.json", "preprocessor_config.json", "model.safetensors"):
+        assert (ckpt / name).is_file(), name
+    config = json.loads((ckpt / "config.json").read_text())
+    assert "text_config" not in config and config["rope_scaling"]["mrope_section"] == [2, 3, 3]   # the hub's flat file
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("BENCH_JSON ")]
+    assert len(lines) == 1
+    report = json.loads(lines[0][len("BENCH_JSON "):])
+    assert report["image_tokens"] == 256 and report["prompt_tokens"] > 256 and report["shape"] == "tiny"
+    for side in ("minivar", "transformers"):
+        r = report[side]
+        assert r is not None, (side, proc.stderr[-2000:])
+        for key in ("load_s", "peak_rss_gb", "vision_s", "prefill_s", "decode_tok_s"):
+            assert r[key] > 0, (side, key)
+        assert len(r["runs"]) == 2 and len(r["tokens"]) == 9          # 2 repeats; the first token + 8 decoded
+    assert report["prefill_ratio_vs_transformers"] == report["minivar"]["prefill_s"] / report["transformers"]["prefill_s"]
+    assert report["decode_target_met"] == (report["decode_speedup_vs_transformers"] >= 1.3)
+    assert report["same_tokens_as_transformers"] is True               # fp32: the same greedy tokens
+    assert "prefill time:" in proc.stdout and "decode speed:" in proc.stdout   # the targets, printed
