@@ -74,20 +74,13 @@ def make_checkpoint(kind: str, dtype: str, directory: Path) -> Path:
     made_by = f"minivar bench_qwen, shape {kind}, init {INIT_VERSION}\n"
     if (directory / "config.json").is_file() and (not marker.is_file() or marker.read_text() == made_by):
         return directory
-    from tokenizers import Tokenizer
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    from transformers import Qwen2VLForConditionalGeneration
     sys.path.insert(0, str(REPO / "tests"))
     from test_qwen2_vl_model import flat_hub_config, write_tokenizer   # the tests' tokenizer and hub config rules
     for old in directory.glob("*.safetensors"):
         old.unlink()
     write_tokenizer(directory)
-    tok = Tokenizer.from_file(str(directory / "tokenizer.json"))
-    ids = {key: tok.token_to_id(name) for key, name in (
-        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
-        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
-    text = dict(SHAPES[kind]["text"], bos_token_id=None, eos_token_id=tok.token_to_id("<|im_end|>"),
-                pad_token_id=tok.token_to_id("<|endoftext|>"))
-    cfg = Qwen2VLConfig(text_config=text, vision_config=SHAPES[kind]["vision"], tie_word_embeddings=False, **ids)
+    cfg = transformers_config(kind, directory / "tokenizer.json")
     torch.manual_seed(0)
     # made in the target dtype directly: a reference model in fp32 would need twice the memory
     model = Qwen2VLForConditionalGeneration._from_config(cfg, dtype=DTYPES[dtype]).eval()
@@ -97,6 +90,19 @@ def make_checkpoint(kind: str, dtype: str, directory: Path) -> Path:
     (directory / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR, indent=1))
     marker.write_text(made_by)
     return directory
+
+
+def transformers_config(kind: str, tokenizer_json: Path):
+    """transformers' Qwen2VLConfig of a shape, its special token ids the tokenizer's (untied, as the 7B)."""
+    from tokenizers import Tokenizer
+    from transformers import Qwen2VLConfig
+    tok = Tokenizer.from_file(str(tokenizer_json))
+    ids = {key: tok.token_to_id(name) for key, name in (
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
+    text = dict(SHAPES[kind]["text"], bos_token_id=None, eos_token_id=tok.token_to_id("<|im_end|>"),
+                pad_token_id=tok.token_to_id("<|endoftext|>"))
+    return Qwen2VLConfig(text_config=text, vision_config=SHAPES[kind]["vision"], tie_word_embeddings=False, **ids)
 
 
 def make_inputs(directory: Path, image_size: int):
