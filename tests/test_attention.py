@@ -83,7 +83,10 @@ def needs_rows(kind):
 # ---- the two ways of running a case ------------------------------------------------------------------------------
 
 def reference_attend(self, q, kv, mask, rows, hooks=None):
-    """LlamaAttention.attend as the reference alone: a shared prefix becomes each sample's own first positions."""
+    """LlamaAttention.attend as the reference alone: a shared prefix becomes each sample's own first positions, and
+    grouped key/value heads are repeated per query head (as the reference takes them)."""
+    if kv.k.shape[1] != q.shape[1]:
+        kv = llama.repeat_kv(kv, q.shape[1] // kv.k.shape[1])
     k, v = kv.k, kv.v
     if kv.prefix is not None:         # G prefixes, prefix g the first positions of the g-th group of samples
         n = q.shape[0] // kv.prefix[0].shape[0]

@@ -145,3 +145,64 @@ def test_help_gives_the_whole_first_paragraph():
     assert "decode speed, VAR cost, batching, and the same figures for transformers' LlavaForConditionalGeneration" \
         in text
     assert "on the same checkpoint, pixels and prompt ids." in text and "--make tiny --quick" in text
+
+
+def test_qwen_benchmark_runs_end_to_end(tmp_path):
+    """bench_qwen.py --quick --make tiny: the checkpoint made with transformers (hub layout, tokenizer.json,
+    preprocessor_config.json), both workers' figures from alternating repeats, the targets, one BENCH_JSON line."""
+    pytest.importorskip("transformers")       # it makes the checkpoint
+    ckpt = tmp_path / "ckpt"
+    cmd = [sys.executable, str(REPO / "bench" / "bench_qwen.py"), "--quick", "--make", "tiny", "--dtype", "float32",
+           "--checkpoint", str(ckpt)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for name in ("config.json", "tokenizer.json", "preprocessor_config.json", "model.safetensors"):
+        assert (ckpt / name).is_file(), name
+    config = json.loads((ckpt / "config.json").read_text())
+    assert "text_config" not in config and config["rope_scaling"]["mrope_section"] == [2, 3, 3]   # the hub's flat file
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("BENCH_JSON ")]
+    assert len(lines) == 1
+    report = json.loads(lines[0][len("BENCH_JSON "):])
+    assert report["image_tokens"] == 256 and report["prompt_tokens"] > 256 and report["shape"] == "tiny"
+    for side in ("minivar", "transformers"):
+        r = report[side]
+        assert r is not None, (side, proc.stderr[-2000:])
+        for key in ("load_s", "peak_rss_gb", "vision_s", "prefill_s", "decode_tok_s"):
+            assert r[key] > 0, (side, key)
+        assert len(r["runs"]) == 2 and len(r["tokens"]) == 9          # 2 repeats; the first token + 8 decoded
+    mv, hf = report["minivar"], report["transformers"]
+    assert report["prefill_ratio_vs_transformers"] == mv["prefill_s"] / hf["prefill_s"]
+    assert report["decode_target_met"] == (report["decode_speedup_vs_transformers"] >= 1.3)
+    assert report["same_tokens_as_transformers"] is True               # fp32: the same greedy tokens
+    assert "prefill time:" in proc.stdout and "decode speed:" in proc.stdout   # the targets, printed
+
+
+def test_qwen_reference_shape_is_qwen2_vl_7b_with_4_layers(tmp_path):
+    """The reference checkpoint's config (built on the meta device: nothing of its 5 GB is made): the full Qwen2-VL
+    ViT, 4 Qwen2-7B decoder layers, untied; minivar reads its flat hub config.json to the same model, tensor for
+    tensor, and a 448² image gives 256 tokens."""
+    pytest.importorskip("transformers")
+    sys.path.insert(0, str(REPO / "bench"))
+    sys.path.insert(0, str(REPO / "tests"))
+    import torch
+    from transformers import Qwen2VLForConditionalGeneration
+    import bench_qwen
+    from test_qwen2_vl_model import flat_hub_config, write_tokenizer
+    from minivar.models.qwen2_vl.model import Qwen2VL, Qwen2VLConfig
+    cfg = bench_qwen.transformers_config("reference", write_tokenizer(tmp_path) / "tokenizer.json")
+    ours_cfg = Qwen2VLConfig.from_hf(flat_hub_config(cfg.to_dict()))
+    v, t = ours_cfg.vision, ours_cfg.text
+    assert (v.depth, v.embed_dim, v.num_heads, v.hidden_size) == (32, 1280, 16, 3584)
+    assert (t.hidden_size, t.num_attention_heads, t.n_kv_heads, t.intermediate_size, t.vocab_size,
+            t.num_hidden_layers, t.tie_word_embeddings) == (3584, 28, 4, 18944, 152064, 4, False)
+    with torch.device("meta"):
+        hf = Qwen2VLForConditionalGeneration(cfg)
+        ours = Qwen2VL(ours_cfg)
+    hf_shapes = {k.replace("model.language_model.", "model.").replace("model.visual.", "visual."): tuple(p.shape)
+                 for k, p in hf.state_dict().items()}
+    assert hf_shapes == {k: tuple(p.shape) for k, p in ours.state_dict().items()}
+    assert 2.6e9 < sum(p.numel() for p in ours.parameters()) < 2.8e9
+    from PIL import Image
+    from minivar.models.qwen2_vl.processing import QwenImageConfig, preprocess_image
+    image = preprocess_image(Image.new("RGB", (448, 448)), QwenImageConfig.from_hf(bench_qwen.PREPROCESSOR))
+    assert image.num_tokens == 256 and tuple(image.meta["grid_thw"]) == (1, 32, 32)

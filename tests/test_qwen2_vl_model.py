@@ -244,6 +244,42 @@ def test_greedy_tokens_equal_generate(pair):
     assert all(len(set(r)) > 2 for r in got)          # real sequences, not one token repeated
 
 
+def test_single_prompt_decode_on_transposed_values_equals_the_repeated_heads(pair):
+    """A single prompt's CPU decode rows (values cached transposed) read each of the 2 key/value heads once for its
+    2 query heads, without repeating the cache per head: the same logits at every step as the batched layout (heads
+    repeated, the fused kernel), and transformers' greedy tokens."""
+    from minivar.models import attention_fast
+    family, hf, ours = pair
+    images = [image((1, 4, 6))]
+    ids = torch.tensor([prompt_ids(images)])
+    T, n = ids.shape[1], 8
+    assert ours.config.text.n_kv_heads < ours.config.text.num_attention_heads       # grouped-query attention
+    grouped = []
+    real = attention_fast.written_out
+
+    def spy(q, k, v, *args, **kwargs):
+        grouped.append(k.shape[1] < q.shape[1])
+        return real(q, k, v, *args, **kwargs)
+
+    def run(transposed: bool):
+        cache = ours.new_cache(1, T + n, torch.float32, "cpu", values_transposed=transposed)
+        logits = [ours(ids, images, cache=cache, output="last")]
+        for s in range(1, n):
+            logits.append(ours(logits[-1].argmax(-1)[:, None], cache=cache, input_pos=T + s - 1, output="last"))
+        return torch.stack(logits, dim=1)                                             # [1, n, V]
+
+    with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(attention_fast, "written_out", spy)
+        repeated = run(False)
+        assert not grouped                                                            # the fused kernel only
+        one_row = run(True)
+        ref = hf.generate(**hf_inputs(ids, torch.ones_like(ids), images), max_new_tokens=n, do_sample=False,
+                          eos_token_id=None, pad_token_id=PAD)[0, T:].tolist()
+    assert grouped and all(grouped)                                                   # every decode row, grouped
+    assert (one_row - repeated).abs().max().item() <= 1e-5
+    assert one_row.argmax(-1)[0].tolist() == ref
+
+
 def test_left_padded_batch_of_different_images_equals_one_by_one(pair):
     family, hf, ours = pair
     images = [[image((1, 4, 6))], [image((1, 10, 2), seed=1)], [image((1, 2, 2), seed=2), image((1, 4, 4), seed=3)]]
@@ -418,10 +454,10 @@ CHAT_TEMPLATE = (
     "{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
+def write_tokenizer(directory: Path) -> Path:
     """A small byte-level BPE laid out as Qwen2's tokenizer.json (NFC, Qwen's split regex, byte-level), trained on
-    a few sentences, with Qwen's special tokens after its 256 + merges entries (ids 266 … 279)."""
+    a few sentences, with Qwen's special tokens after its 256 + merges entries (ids 266 … 279), and its
+    tokenizer_config.json, written into `directory` (bench/bench_qwen.py makes its checkpoint's with it)."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()
@@ -434,12 +470,18 @@ def tokenizer_dir(tmp_path_factory):
                                                         .alphabet(), show_progress=False))
     assert tok.get_vocab_size() == 266
     tok.add_special_tokens(QWEN_SPECIALS)
-    directory = tmp_path_factory.mktemp("qwen-tokenizer")
+    directory.mkdir(parents=True, exist_ok=True)
     tok.save(str(directory / "tokenizer.json"))
     (directory / "tokenizer_config.json").write_text(json.dumps(
         {"tokenizer_class": "Qwen2Tokenizer", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
          "model_max_length": 32768}))
     return directory
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    """The small Qwen-like tokenizer of write_tokenizer, in a directory of its own."""
+    return write_tokenizer(tmp_path_factory.mktemp("qwen-tokenizer"))
 
 
 def tokenizer_config(directory):

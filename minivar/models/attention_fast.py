@@ -57,9 +57,14 @@ def written_out(q, k, v, mask, layer: int, rows: range, hooks=None, prefix=None)
     """attention()'s steps, its two products in faster forms: one query row as k @ qᵀ (then probs @ v on values
     cached transposed is a matrix-vector product too), and with `prefix` — keys/values [G, H, P, hd] of positions
     0 … P−1, prefix g shared by the g-th of G equal groups of samples (G = 1: every sample; G = 2: a contrastive
-    call's two branches, branch-major rows); k, v then hold positions P … S−1 — a second key segment read once."""
-    if q.shape[2] == 1:          # one query row: keys times the query vector, the form CPU kernels stream fastest
-        scores = (k @ q.transpose(-2, -1)).transpose(-2, -1)                       # (same numbers as q @ kᵀ)
+    call's two branches, branch-major rows); k, v then hold positions P … S−1 — a second key segment read once.
+    One query row may come with fewer key/value heads than query heads (grouped-query attention, not repeated):
+    query heads g·n … g·n+n−1 use key/value head g (repeat_kv's order), so each is read once for its n heads."""
+    B, H, T, hd = q.shape
+    groups = k.shape[1]          # key/value heads: H, or fewer (grouped, one query row only)
+    if T == 1:                   # one query row: keys times the query vectors, the form CPU kernels stream fastest
+        qg = q.reshape(B, groups, H // groups, hd)                                  # [B, H_kv, n, hd]
+        scores = (k @ qg.transpose(-2, -1)).transpose(-2, -1).reshape(B, H, 1, -1)  # (the numbers of q @ kᵀ)
     else:
         scores = q @ k.transpose(-2, -1)
     if prefix is not None:       # the shared prefix's keys come first: positions 0 … P−1
@@ -73,6 +78,8 @@ def written_out(q, k, v, mask, layer: int, rows: range, hooks=None, prefix=None)
     if hooks is not None:
         probs = hooks.probs(layer, probs, rows, before=probs)
     probs = probs.to(v.dtype)
+    if prefix is None and groups != H:                    # [B, H_kv, n, S] @ [B, H_kv, S, hd] → [B, H, 1, hd]
+        return (probs.reshape(B, groups, H // groups, -1) @ v).reshape(B, H, T, hd)
     if prefix is None:
         return probs @ v
     P = prefix[0].shape[2]

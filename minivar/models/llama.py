@@ -198,8 +198,6 @@ class LlamaAttention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, call.cos, call.sin), apply_rope(k, call.cos, call.sin)
         kv = call.cache.update(self.layer_idx, k, v, call.rows.start) if call.cache is not None else KV(k, v)
-        if self.n_kv != self.n_heads:     # grouped-query attention: each key/value head serves a group of heads
-            kv = repeat_kv(kv, self.n_heads // self.n_kv)
         mask, hooks = call.mask, call.hooks
         if hooks is not None and hooks.masks_keys:
             mask = hooks.key_mask(self.layer_idx, mask, call.rows)                     # e.g. sink removal
@@ -208,13 +206,20 @@ class LlamaAttention(nn.Module):
 
     def attend(self, q: torch.Tensor, kv: KV, mask, rows: range, hooks=None) -> torch.Tensor:
         """attention.attention(q, k, v, mask, layer, rows, hooks) with k, v all of kv's positions, by the fastest
-        path that gives its numbers (attention_fast.py): the one place that chooses."""
+        path that gives its numbers (attention_fast.py): the one place that chooses. kv has the key/value heads:
+        under grouped-query attention (each key/value head serving a group of query heads) they are repeated per
+        query head here, except for a single prompt's CPU decode row, whose matrix-vector products read each
+        key/value head once for its whole group (attention_fast.written_out) — repeating would copy the whole cache
+        every step."""
+        one_row = q.shape[2] == 1 and kv.values_transposed and kv.prefix is None
+        if kv.k.shape[1] != q.shape[1] and not one_row:
+            kv = repeat_kv(kv, q.shape[1] // kv.k.shape[1])
         if kv.prefix is not None:         # two key segments: written out (the fused kernel takes one key tensor)
             return fast.written_out(q, kv.k, kv.v, mask, self.layer_idx, rows, hooks, kv.prefix)
         first = hooks.explicit_from(self.layer_idx, rows) if hooks is not None else None
         if first is not None and first < rows.stop:       # a hook needs the probabilities from position `first` on
             return self.attend_explicit(q, kv.k, kv.v, mask, rows, max(first, rows.start), hooks)
-        if q.shape[2] == 1 and kv.values_transposed:      # a single prompt's CPU decode row: matrix-vector products
+        if one_row:                                       # a single prompt's CPU decode row: matrix-vector products
             return fast.written_out(q, kv.k, kv.v, mask, self.layer_idx, rows, hooks)
         return fast.fused(q, kv.k, kv.v, mask)
 
