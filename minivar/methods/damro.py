@@ -71,7 +71,10 @@ def patch_count(model_config) -> int:
     outlier score is the CLS token's attention row) or whose feature layer is not one int."""
     vision = getattr(model_config, "vision", None)
     if not isinstance(vision, VisionConfig):       # minivar's VisionConfig is CLIP's: 1 CLS + N patch tokens
-        raise MinivarError("DAMRO needs a vision encoder with a CLS token (CLIP); this model's has none")
+        from ..models.registry import family_of
+        name = family_of(model_config).name if hasattr(model_config, "model_type") else "this model"
+        raise MinivarError(f"--damro: DAMRO needs a vision encoder with a CLS token (CLIP); {name}'s has none "
+                           f"(VCD, --vcd, works on it)")
     outlier_layer(model_config)
     return vision.num_patches
 
