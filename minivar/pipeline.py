@@ -440,8 +440,11 @@ class Pipeline:
         prefix = new_cache(self.model, G, max(Pm, 1), self.device, self.dtype, values_transposed=False)
         own_cache = new_cache(self.model, G * B, Q + max_new_tokens, self.device, self.dtype, values_transposed=False)
         cache = SharedPrefixCache(prefix, Pm, own_cache, self.config.text)
+        # a family whose positions read the image's grid (Qwen2-VL's M-RoPE) gets each prefix's image with the
+        # features (a contrast prefix's is the noised image: the same grid)
+        grids = [im] * G if in_prefix and hasattr(self.model, "positions") else None
         if Pm:
-            self.model(prefix_ids, image_features=prefix_features, cache=prefix,
+            self.model(prefix_ids, grids, image_features=prefix_features, cache=prefix,
                        attention_mask=prefix_mask, hooks=request.hooks, output="hidden")    # batch G, once
         prefix_s = time.perf_counter() - t0
         gen = generate(self.model, input_ids[:, Pm:], None, image_features=rest, cache=cache, input_pos=Pm,

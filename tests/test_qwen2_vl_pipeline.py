@@ -168,3 +168,247 @@ def test_cli_damro_is_refused_in_one_line_before_generating(capsys, qwen_dir, im
 def test_cli_save_attention_is_refused_before_generating(capsys, qwen_dir, image_file, tmp_path):
     rc, out, err = cli(capsys, *base_args(qwen_dir, image_file, "--save-attention", tmp_path / "pics"))
     assert rc == 2 and out == "" and err.count("\n") == 1 and "--save-attention" in err and "prefill" not in err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The Python API: batches, shared prefixes, chunks, the capture
+
+SIZES = [(90, 60), (40, 200), (300, 300)]      # wide, tall (→ 4×22 patches), large (capped at MAX_PIXELS)
+PROMPTS = ["What is in the image?", "Describe it.", "Is there a dog in the image? Answer the question using a "
+           "single word or phrase."]
+
+
+def test_batch_of_images_of_different_sizes_equals_one_by_one(pipe):
+    images = [picture(w, h, seed=i) for i, (w, h) in enumerate(SIZES)]
+    counts = [pipe.image(im).num_tokens for im in images]
+    assert len(set(counts)) == 3                                  # left padding of different lengths
+    batch = pipe.generate_batch(images, PROMPTS, max_new_tokens=8)
+    alone = [pipe.generate(im, p, max_new_tokens=8) for im, p in zip(images, PROMPTS)]
+    assert [r.output_ids for r in batch] == [r.output_ids for r in alone]
+    assert [r.prompt_ids for r in batch] == [r.prompt_ids for r in alone]
+    # sampling too: each row its own draws from one seeded generator, so compare a batch with itself only
+    s1 = pipe.generate_batch(images, PROMPTS, max_new_tokens=8, temperature=1.0, seed=4)
+    s2 = pipe.generate_batch(images, PROMPTS, max_new_tokens=8, temperature=1.0, seed=4)
+    assert [r.output_ids for r in s1] == [r.output_ids for r in s2]
+
+
+def test_batch_with_var_equals_one_by_one(planted):
+    """The planted-sink checkpoint (below): images of three sizes, sinks at different tokens, VAR acting."""
+    from minivar.methods.var import VARConfig
+    images = [planted_picture((1, 11)), planted_picture((0,), size=(84, 56)), planted_picture((3, 7), size=(56, 140))]
+    assert [planted.image(im).num_tokens for im in images] == [12, 6, 10]
+    var = VARConfig(sink_dims=(TEXT_DIM, VISUAL_DIM), tau=TAU)
+    batch = planted.generate_batch(images, PROMPTS, max_new_tokens=6, var=var)
+    alone = [planted.generate(im, p, max_new_tokens=6, var=var) for im, p in zip(images, PROMPTS)]
+    assert [r.output_ids for r in batch] == [r.output_ids for r in alone]
+    for b, a, n in zip(batch, alone, (2, 1, 2)):
+        assert b.var["sinks"] == a.var["sinks"] and b.var["redistributed"] == a.var["redistributed"]
+        assert b.var["image_span"] == a.var["image_span"] and len(a.var["visual_sinks"]["0"]) == n
+        assert sum(a.var["redistributed"]["prefill"]) > 0
+
+
+def test_generate_many_shares_the_prefix_and_equals_one_by_one(pipe):
+    img = picture(120, 80, seed=3)
+    prompts = ["What is in the image?", "Describe it.", "What is in the image? Describe it."]
+    many = pipe.generate_many(img, prompts, max_new_tokens=8)
+    alone = [pipe.generate(img, p, max_new_tokens=8) for p in prompts]
+    assert [r.output_ids for r in many] == [r.output_ids for r in alone]
+    assert many[0].timing["prefix_tokens"] > pipe.image(img).num_tokens      # the image is in the shared prefix
+
+
+def test_generate_many_with_var_equals_one_by_one(planted):
+    from minivar.methods.var import VARConfig
+    var = VARConfig(sink_dims=(TEXT_DIM, VISUAL_DIM), tau=TAU)
+    prompts = ["What is in the image?", "Describe it.", "What is in the image? Describe it."]
+    many = planted.generate_many(planted_picture(), prompts, max_new_tokens=8, var=var)
+    alone = [planted.generate(planted_picture(), p, max_new_tokens=8, var=var) for p in prompts]
+    assert [r.output_ids for r in many] == [r.output_ids for r in alone]
+    assert [r.var["redistributed"] for r in many] == [r.var["redistributed"] for r in alone]
+    assert [r.var["sinks"] for r in many] == [r.var["sinks"] for r in alone]
+    assert all(sum(r.var["redistributed"]["decode"]) > 0 for r in alone)
+
+
+def test_chunked_prefill_with_var_equals_one_call(planted):
+    """The prompt in three chunks (the image split between two) at its M-RoPE positions, VAR's sink sets growing
+    chunk by chunk: the same logits and the same sinks as one call."""
+    from minivar.methods.var import VARConfig, VARState, Sinks
+    model, cfg = planted.model, planted.config
+    im = planted.image(planted_picture())
+    ids = planted.prompt_ids("What is in the image?", num_image_tokens=im.num_tokens)
+    T = ids.shape[1]
+    var = VARConfig(sink_dims=(TEXT_DIM, VISUAL_DIM), tau=TAU)     # the planted sinks (below)
+
+    def state():
+        t = cfg.text
+        return VARState(var, Sinks(var.sink_dims, var.tau, t.num_hidden_layers, model.image_positions(ids)),
+                        max_len=T)
+
+    with torch.inference_mode():
+        one = state()
+        whole = model(ids, [im], cache=model.new_cache(1, T, torch.float32, "cpu"), hooks=one)
+        positions = model.positions(ids, [im])
+        features = model.image_features([im])[0]
+        start = int(model.image_positions(ids)[0].nonzero()[0])
+        cuts = [0, start + 2, T - 5, T]
+        chunked, cache, parts, used = state(), model.new_cache(1, T, torch.float32, "cpu"), [], 0
+        for a, b in zip(cuts, cuts[1:]):
+            n = int(model.image_positions(ids[:, a:b]).sum())
+            parts.append(model(ids[:, a:b], image_features=features[used:used + n] if n else None,
+                               positions=positions[:, :, a:b], cache=cache, input_pos=a, hooks=chunked))
+            used += n
+    assert (torch.cat(parts, 1) - whole).abs().max().item() <= 1e-4
+    assert chunked.report(0)["sinks"] == one.report(0)["sinks"]
+    assert chunked.report(0)["redistributed"] == one.report(0)["redistributed"]
+    assert sum(one.report(0)["redistributed"]["prefill"]) > 0
+
+
+def test_capture_records_the_attention_and_the_sinks_of_the_image_pad_span(pipe):
+    from minivar.methods.var import VARConfig
+    img = picture(90, 60)
+    im = pipe.image(img)
+    var = VARConfig(sink_dims=(3, 17), tau=2.0)
+    cap = pipe.capture(img, "What is in the image?", layers=[0, 1], heads=[0, 3], var=var, residuals=True)
+    ids = torch.tensor([cap.result.prompt_ids])
+    T = ids.shape[1]
+    before, after = cap.attention_probs[1]["before"], cap.attention_probs[1]["after"]
+    assert before.shape == (1, 2, T, T) and after.shape == (1, 2, T, T)
+    assert torch.allclose(after.sum(-1), torch.ones(1, 2, T), atol=1e-5)
+    span = cap.result.var["image_span"]
+    pads = (ids[0] == pipe.config.image_token_id).nonzero().flatten().tolist()
+    assert span == [pads[0], pads[-1] + 1] and span[1] - span[0] == im.num_tokens
+    # the capture's attention before VAR is the model's own: recompute layer 0's from its residual input
+    ref = pipe.generate(img, "What is in the image?", max_new_tokens=1)
+    assert cap.result.prompt_ids == ref.prompt_ids
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# VAR on a planted-sink Qwen2-VL
+
+TEXT_DIM, VISUAL_DIM = 11, 40        # the planted massive dims (of the decoder's 64)
+TAU = 5.0                            # hidden 64: one massive dim caps φ at √64 = 8, so τ = 20 cannot be reached
+SINK_TOKENS = (1, 11)                # merged tokens (row 0, col 1) and (row 2, col 3) of a 3×4 token image
+
+
+def plant_sinks(hf, ids):
+    """Massive values in the decoder's input: the first token's embedding (<|im_start|>: a text sink in both
+    dims, so the finder sees both) and the image tokens whose 28×28 block is bright in red. The ViT blocks are made
+    the identity (their output projections zeroed), patch dim 0 sums the red channel, and the merger turns a large
+    dim 0 into a massive VISUAL_DIM; a red value at the mean (123) marks nothing."""
+    emb = hf.model.language_model.embed_tokens.weight
+    emb[ids["<|im_start|>"], TEXT_DIM] = 100.0
+    emb[ids["<|im_start|>"], VISUAL_DIM] = 100.0
+    visual = hf.model.visual
+    for block in visual.blocks:
+        for lin in (block.attn.proj, block.mlp.fc2):
+            lin.weight.zero_()
+            lin.bias.zero_()
+    w = visual.patch_embed.proj.weight                          # [32, 3, 2, 14, 14]
+    w[0].zero_()
+    w[0, 0] = 0.08                                             # dim 0: ≈ 60 for a bright patch, ≈ 0 at the mean
+    first, last = visual.merger.mlp[0], visual.merger.mlp[2]
+    first.weight[0].zero_()
+    first.weight[0, 0] = 1.0                                   # the block's first patch's dim 0 (≈ 5 after ln_q) ...
+    first.bias[0] = -3.0                                       # ... through GELU only when bright
+    last.weight[:, 0] = 0.0
+    last.weight[VISUAL_DIM, 0] = 50.0                          # → a massive VISUAL_DIM
+
+
+def planted_picture(tokens=SINK_TOKENS, seed=0, size=(112, 84)) -> Image.Image:
+    """w×h, multiples of 28 kept by smart_resize (112×84: 6×8 patches, 3×4 merged tokens): red at 123 except the
+    chosen tokens' 28×28 blocks at 255; green and blue random."""
+    g = torch.Generator().manual_seed(seed)
+    w, h = size
+    arr = torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8)
+    arr[..., 0] = 123
+    for t in tokens:
+        r, c = divmod(t, w // 28)
+        arr[r * 28:(r + 1) * 28, c * 28:(c + 1) * 28, 0] = 255
+    return Image.fromarray(arr.numpy())
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    d = make_checkpoint(tmp_path_factory.mktemp("planted"), "qwen2_vl", plant=plant_sinks)
+    return minivar.load(str(d), device="cpu", dtype="float32")
+
+
+def var_by_loops(h, before, image, dims, tau, rho, p, min_image_attention, touched_layer: bool):
+    """design.md §3 for one layer of one prompt, in loops over plain numbers (no minivar code):
+    h [T, D] the layer's residual input, before [H, T, T] its attention probabilities, image: the image-pad
+    positions I. → (S, V, selected (head, row) pairs, the probabilities after VAR as nested lists).
+      φ_j = max_{d∈D} |h_j[d]| / sqrt(mean_k h_j[k]² + 1e-6);  S = {j : φ_j ≥ τ};  V = S ∩ I.
+      Rows i ≥ end of I; no visual sink, or the last layer: nothing changes.
+      A = Σ_{j∈I} α_ij, r = Σ_{j∈I∖V} α_ij / A; selected iff A ≥ 0.2 and r ≥ ρ.
+      Selected rows: α'_ij = (1−p) α_ij on S; α'_ij = α_ij + Ω α_ij / Σ_{k∈I∖V} α_ik on I∖V, Ω = p Σ_{j∈S} α_ij."""
+    h, probs = h.tolist(), before.tolist()
+    T, D = len(h), len(h[0])
+    phi = [max(abs(h[j][d]) for d in dims) / (sum(x * x for x in h[j]) / D + 1e-6) ** 0.5 for j in range(T)]
+    S = [j for j in range(T) if phi[j] >= tau]
+    V = [j for j in S if j in image]
+    nonsink_image = [j for j in image if j not in V]
+    after = [[row[:] for row in head] for head in probs]
+    selected = []
+    if not touched_layer or not V:
+        return S, V, selected, after
+    for head in range(len(probs)):
+        for i in range(max(image) + 1, T):
+            a = probs[head][i]
+            A = sum(a[j] for j in image)
+            rest = sum(a[j] for j in nonsink_image)
+            if A >= min_image_attention and rest > 0 and rest / A >= rho:
+                selected.append((head, i))
+                omega = p * sum(a[j] for j in S)
+                for j in S:
+                    after[head][i][j] = (1 - p) * a[j]
+                for j in nonsink_image:
+                    after[head][i][j] = a[j] + omega * a[j] / rest
+    return S, V, selected, after
+
+
+@pytest.mark.parametrize("rho", [0.8, 0.5])
+def test_var_on_planted_sinks_equals_the_rule_written_as_loops(planted, rho):
+    """Sinks, visual sinks, selected (head, row) pairs and redistributed probabilities of every layer, from the
+    capture of a real run, against var_by_loops on that layer's residual input and attention before VAR; the
+    planted positions are the sinks, the image span is the image-pad tokens, the last layer is left alone."""
+    from minivar.methods.var import VARConfig
+    var = VARConfig(tau=TAU, rho=rho)
+    cap = planted.capture(planted_picture(), "What is in the image?", layers="all", residuals=True, var=var)
+    ids = cap.result.prompt_ids
+    image = [j for j, t in enumerate(ids) if t == planted.config.image_token_id]
+    im_start = [j for j, t in enumerate(ids) if t == planted.tokenizer.ids["<|im_start|>"]]
+    report = cap.result.var
+    assert report["sink_dims"] == [TEXT_DIM, VISUAL_DIM] and report["sink_dims_source"] == "finder"
+    assert report["image_span"] == [image[0], image[-1] + 1] and len(image) == 12
+    L = planted.config.text.num_hidden_layers
+    total = 0
+    for layer in range(L):
+        S, V, selected, after = var_by_loops(cap.residuals[layer][0], cap.attention_probs[layer]["before"][0], image,
+                                             report["sink_dims"], TAU, rho, var.p, var.min_image_attention,
+                                             touched_layer=layer < L - 1)
+        assert V == [image[t] for t in SINK_TOKENS]                    # the planted image tokens
+        assert S == sorted(im_start + V)                               # and every <|im_start|>
+        assert report["sinks"][str(layer)] == S and report["visual_sinks"][str(layer)] == V
+        got = cap.selected(layer)[0]                                   # [H, T]
+        assert sorted(map(tuple, got.nonzero().tolist())) == selected
+        assert report["redistributed"]["prefill"][layer] == len(selected)
+        assert (cap.attention_probs[layer]["after"][0] - torch.tensor(after)).abs().max().item() <= 1e-6
+        total += len(selected)
+    assert report["redistributed"]["prefill"][L - 1] == 0 and total > 10
+
+
+def test_var_sink_dims_from_the_finder_and_from_the_flag_agree(capsys, planted, tmp_path):
+    img = tmp_path / "planted.png"
+    planted_picture().save(img)
+    args = ("--model", planted.directory, "--image", img, "--prompt", "What is in the image?", "--device", "cpu",
+            "--dtype", "float32", "--max-new-tokens", 5, "--json", "--var", "--tau", TAU)
+    rc, out, err = cli(capsys, *args)
+    assert rc == 0, err
+    assert "sink-dim finder found dims [11, 40] (--sink-dims 11,40 passes them" in err
+    assert "sink dims 11,40 (finder)" in err
+    found = json.loads(out)
+    rc, out, err = cli(capsys, *args, "--sink-dims", "11,40")
+    given = json.loads(out)
+    assert rc == 0 and "finder" not in err and given["var"]["sink_dims_source"] == "user"
+    assert given["output_ids"] == found["output_ids"] and given["var"]["redistributed"] == found["var"]["redistributed"]
+    plain = json.loads(cli(capsys, *args[:-3])[1])
+    assert plain["output_ids"] != found["output_ids"]             # VAR changed the answer

@@ -486,8 +486,9 @@ def resolve_sink_dims(model_cfg, var_cfg: VARConfig, model=None, input_ids=None,
     if not var_cfg.find_sink_dims:
         from ..models.registry import family_of
         known = ", ".join(family_of(model_cfg).known_sink_dims) or f"none for {family_of(model_cfg).name}"
+        again = f" (--sink-dims {','.join(map(str, dims))} passes them without the finder)" if dims else ""
         warn(f"minivar: model not recognised as one whose sink dims are known ({known}); sink-dim finder found "
-             f"dims {list(dims)}")
+             f"dims {list(dims)}{again}")
     else:
         warn(f"minivar: sink-dim finder found dims {list(dims)}")
     if not dims:
