@@ -412,3 +412,62 @@ def test_var_sink_dims_from_the_finder_and_from_the_flag_agree(capsys, planted, 
     assert given["output_ids"] == found["output_ids"] and given["var"]["redistributed"] == found["var"]["redistributed"]
     plain = json.loads(cli(capsys, *args[:-3])[1])
     assert plain["output_ids"] != found["output_ids"]             # VAR changed the answer
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DAMRO refused, VCD against a two-pass reference
+
+def test_damro_is_refused_by_the_api_in_one_line(pipe):
+    from minivar.methods.damro import DAMRO
+    with pytest.raises(MinivarError, match="--damro: DAMRO needs a vision encoder with a CLS token") as e:
+        pipe.generate(picture(90, 60), "What is in the image?", methods=[DAMRO()], max_new_tokens=2)
+    assert "\n" not in str(e.value) and pipe.family.name in str(e.value)
+
+
+def vcd_two_pass(pipe, image, prompt, cfg, seed, max_new_tokens, temperature=0.0):
+    """The released way: the full branch (the image) and the contrast branch (its pixels noised: the flattened
+    patches are Qwen's preprocessed pixel tensor) each run alone with a cache of their own — prefill from the
+    image's own M-RoPE positions, decode steps after its rope deltas — combined per step by contrastive.combine."""
+    from minivar.generate import sample_next
+    from minivar.methods import vcd
+    from minivar.methods.contrastive import combine
+    from minivar.models.images import ImageInput
+    model = pipe.model
+    im = pipe.image(image)
+    noised = ImageInput(vcd.noised_images(im.pixel_values[None], cfg.noise_step, seed)[0], im.num_tokens, im.panels,
+                        dict(im.meta))
+    ids = pipe.prompt_ids(prompt, num_image_tokens=im.num_tokens)
+    T = ids.shape[1]
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    caches = [model.new_cache(1, T + max_new_tokens, torch.float32, "cpu") for _ in range(2)]
+    with torch.inference_mode():
+        logits = [model(ids, [x], cache=c, output="last") for x, c in zip((im, noised), caches)]
+        out = []
+        for step in range(max_new_tokens):
+            t = int(sample_next(combine(logits[0], logits[1], cfg.alpha, cfg.beta), temperature, 1.0, generator))
+            if t in pipe.stop_ids:
+                break
+            out.append(t)
+            logits = [model(torch.tensor([[t]]), cache=c, input_pos=T + step, output="last") for c in caches]
+    return out
+
+
+@pytest.mark.parametrize("seed, temperature", [(None, 0.0), (7, 0.0), (7, 1.0)])
+def test_vcd_equals_the_two_pass_reference(pipe, seed, temperature):
+    """generate_batch runs both branches as rows of one batch (the contrast rows carry the noised image, so their
+    M-RoPE positions are its grid's): equal to the branches run one after the other, per sample, for images of
+    different sizes."""
+    from minivar.methods.vcd import VCD, VCDConfig
+    cfg = VCDConfig(alpha=3.0, beta=0.05)          # a strong contrast, so the noised branch decides tokens
+    images = [picture(w, h, seed=i) for i, (w, h) in enumerate(SIZES[:2])]
+    kw = dict(max_new_tokens=8, temperature=temperature, seed=seed)
+    if temperature == 0.0:
+        batch = pipe.generate_batch(images, PROMPTS[:2], methods=[VCD(cfg, seed=seed)], **kw)
+        assert [r.output_ids for r in batch] == [vcd_two_pass(pipe, im, p, cfg, seed, 8)
+                                                  for im, p in zip(images, PROMPTS[:2])]
+    one = pipe.generate(images[0], PROMPTS[0], methods=[VCD(cfg, seed=seed)], **kw)
+    assert one.output_ids == vcd_two_pass(pipe, images[0], PROMPTS[0], cfg, seed, 8, temperature)
+    assert one.reports["vcd"] == cfg.settings()
+    plain = pipe.generate(images[0], PROMPTS[0], **kw)
+    if temperature == 0.0:
+        assert plain.output_ids != one.output_ids          # the contrast does change the answer
