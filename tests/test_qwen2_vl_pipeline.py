@@ -471,3 +471,47 @@ def test_vcd_equals_the_two_pass_reference(pipe, seed, temperature):
     plain = pipe.generate(images[0], PROMPTS[0], **kw)
     if temperature == 0.0:
         assert plain.output_ids != one.output_ids          # the contrast does change the answer
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# minivar-eval run on the harness's benchmarks (real-format data as the eval tests write it)
+
+@pytest.fixture(scope="module")
+def eval_root(tmp_path_factory):
+    from test_reproduce import make_root
+    return make_root(tmp_path_factory.mktemp("evaldata"))
+
+
+BENCH_DATA = {"pope": ("pope", "--images", "coco/val2014"), "mme": ("mme/MME_Benchmark_release_version",),
+              "gqa": ("gqa",), "mmvp": ("mmvp",), "cvbench": ("cvbench",)}
+
+
+@pytest.mark.parametrize("bench", sorted(BENCH_DATA))
+def test_eval_run_uses_the_qwen_template_and_each_benchmarks_suffix(pipe, eval_root, tmp_path, bench):
+    """`minivar-eval run` on a Qwen checkpoint: run.json records the family's own template and image mode; every
+    answer is what the pipeline gives for the benchmark's prompt (its suffix included) with the qwen template."""
+    from test_eval_harness import answers, cli as eval_cli
+    data, *rest = BENCH_DATA[bench]
+    extra = [eval_root / rest[1]] if rest else []
+    out = tmp_path / bench
+    rc, stdout, err = eval_cli(["run", bench, "--data", eval_root / data, *rest[:1], *extra, "--out", out,
+                                "--model", pipe.directory, "--device", "cpu", "--dtype", "float32",
+                                "--max-new-tokens", "3", "--limit", "4", "--json"])
+    assert rc == 0, err
+    run = json.loads((out / "run.json").read_text())
+    assert run["conv_mode"] == "qwen" and run["image_aspect_ratio"] == "smart_resize"
+    recs = answers(out / "answers.jsonl")
+    assert len(recs) == json.loads(stdout)["n"] >= 3
+    suffix = {"pope": "\nAnswer the question using a single word or phrase.",
+              "mme": "\nAnswer the question using a single word or phrase.",
+              "gqa": "\nAnswer the question using a single word or phrase.",
+              "mmvp": "\nAnswer with the option's letter from the given choices directly.",
+              "cvbench": "\nAnswer with the option's letter from the given choices directly."}[bench]
+    from minivar.eval.benchmarks import get
+    questions = {q.question_id: q for q in get(bench).read([eval_root / data], **(
+        {"images": eval_root / rest[1]} if rest else {}))}
+    for rec in recs[:2]:
+        assert rec["prompt"].endswith(suffix)
+        q = questions[rec["question_id"]]
+        ref = pipe.generate(q.load_image(), rec["prompt"], max_new_tokens=3)
+        assert rec["output_ids"] == ref.output_ids
