@@ -515,3 +515,65 @@ def test_eval_run_uses_the_qwen_template_and_each_benchmarks_suffix(pipe, eval_r
         q = questions[rec["question_id"]]
         ref = pipe.generate(q.load_image(), rec["prompt"], max_new_tokens=3)
         assert rec["output_ids"] == ref.output_ids
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The lmms-eval plugin
+
+@pytest.fixture(scope="module")
+def lmm(qwen_dir):
+    pytest.importorskip("lmms_eval")
+    from minivar.lmms_plugin import Minivar
+    return Minivar(pretrained=str(qwen_dir), device="cpu", dtype="float32", batch_size=2)
+
+
+def instances(kind, items):
+    """lmms-eval Instances for docs 0, 1, ...: (context, gen_kwargs | target, doc_to_visual, doc_id, task, split)."""
+    from lmms_eval.api.instance import Instance
+    return [Instance(request_type=kind, arguments=(context, arg, visual, i, "t", "test"), idx=0,
+                     metadata={"task": "t", "doc_id": i, "repeats": 1})
+            for i, (context, visual, arg) in enumerate(items)]
+
+
+def test_plugin_defaults_to_the_family_template_and_image_mode(lmm, qwen_dir):
+    from minivar.lmms_plugin import Minivar
+    assert (lmm.conv_mode, lmm.image_aspect_ratio) == ("qwen", "smart_resize")
+    for args, name in (({"conv_mode": "vicuna_v1"}, "conv_mode"), ({"image_aspect_ratio": "pad"}, "image_aspect_ratio")):
+        with pytest.raises(MinivarError, match=f"--model_args {name}=.*Qwen2") as e:
+            Minivar(pretrained=str(qwen_dir), device="cpu", dtype="float32", **args)
+        assert "\n" not in str(e.value)
+
+
+def test_plugin_generate_until_equals_the_pipeline(lmm):
+    images = [picture(w, h, seed=i) for i, (w, h) in enumerate(SIZES)]
+    lmm.task_dict = {"t": {"test": list(range(3))}}
+    reqs = instances("generate_until", [(p, (lambda d, im=im: [im]), {"max_new_tokens": 5, "do_sample": False})
+                                        for p, im in zip(PROMPTS, images)])
+    out = lmm.generate_until(reqs)
+    for p, im, o in zip(PROMPTS, images, out):
+        direct = lmm.pipeline.generate(im, p, max_new_tokens=5)
+        assert o.text == direct.text.strip()
+        assert o.token_counts.input_tokens == len(direct.prompt_ids)
+
+
+def test_plugin_loglikelihood_gives_each_image_its_own_token_count(lmm):
+    """Images of three sizes (16, 10 and 20 image tokens) in batches of two: each loss is the continuation's summed
+    loss after the qwen prompt with that image's own count, the continuation tokenized after "assistant\\n"."""
+    images = [picture(w, h, seed=i) for i, (w, h) in enumerate([(300, 300), (140, 56), (112, 140)])]
+    counts = [lmm.pipeline.image(im).num_tokens for im in images]
+    assert counts == [16, 10, 20]
+    pairs = [("Is there a dog in the image?", c) for c in ("Yes", "No")] + [("Describe it.", " It is")]
+    lmm.task_dict = {"t": {"test": list(range(3))}}
+    reqs = instances("loglikelihood", [(q, (lambda d, im=im: [im]), c) for (q, c), im in zip(pairs, images)])
+    out = [r.text for r in lmm.loglikelihood(reqs)]
+    tok = lmm.pipeline.tokenizer
+    for (q, c), im, n, (loss, greedy) in zip(pairs, images, counts, out):
+        prompt = tok.encode_prompt(q, "qwen", n)
+        tail = tok._tok.encode("assistant\n", add_special_tokens=False).ids
+        cont = tok._tok.encode("assistant\n" + c, add_special_tokens=False).ids[len(tail):]
+        assert prompt[-len(tail):] == tail and cont
+        assert lmm.encode_pair(q, c, n) == (prompt, cont)
+        logits = lmm.pipeline.logits(torch.tensor([prompt + cont]), [lmm.pipeline.image(im)])[0]
+        logp = torch.log_softmax(logits[len(prompt) - 1:-1], -1)
+        assert loss == pytest.approx(-logp[range(len(cont)), cont].sum().item(), abs=1e-4)
+        assert greedy == bool((logp.argmax(-1) == torch.tensor(cont)).all()) and loss > 0

@@ -96,6 +96,11 @@ class QwenTokenizer:
                 out += self._tok.encode(piece, add_special_tokens=False).ids
         return out
 
+    def prompt_tail(self, user_text: str, conv_mode: str = "qwen") -> str:
+        """The prompt's text after its last special token ("assistant\\n"): what an answer is tokenized together
+        with (the lmms-eval plugin's continuations: lmms_plugin.ContinuationEncoder)."""
+        return _pieces(user_text, [1], conv_mode)[-1]
+
     def decode(self, ids) -> str:
         """Ids → text, leaving out special tokens and ids the tokenizer does not have (the embedding has more rows
         than the tokenizer has entries: a model may emit one)."""
