@@ -282,7 +282,7 @@ def test_capture_records_the_attention_and_the_sinks_of_the_image_pad_span(pipe)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# VAR on a planted-sink Qwen2-VL
+# VAR on planted-sink Qwen2-VL and Qwen2.5-VL checkpoints
 
 TEXT_DIM, VISUAL_DIM = 11, 40        # the planted massive dims (of the decoder's 64)
 TAU = 5.0                            # hidden 64: one massive dim caps φ at √64 = 8, so τ = 20 cannot be reached
@@ -292,14 +292,16 @@ SINK_TOKENS = (1, 11)                # merged tokens (row 0, col 1) and (row 2, 
 def plant_sinks(hf, ids):
     """Massive values in the decoder's input: the first token's embedding (<|im_start|>: a text sink in both
     dims, so the finder sees both) and the image tokens whose 28×28 block is bright in red. The ViT blocks are made
-    the identity (their output projections zeroed), patch dim 0 sums the red channel, and the merger turns a large
-    dim 0 into a massive VISUAL_DIM; a red value at the mean (123) marks nothing."""
+    the identity (their output projections zeroed; Qwen2.5-VL's window attention then changes nothing either),
+    patch dim 0 sums the red channel, and the merger (after its LayerNorm / RMSNorm) turns a large dim 0 into a
+    massive VISUAL_DIM; a red value at the mean (123) marks nothing."""
     emb = hf.model.language_model.embed_tokens.weight
     emb[ids["<|im_start|>"], TEXT_DIM] = 100.0
     emb[ids["<|im_start|>"], VISUAL_DIM] = 100.0
     visual = hf.model.visual
     for block in visual.blocks:
-        for lin in (block.attn.proj, block.mlp.fc2):
+        out = block.mlp.fc2 if hasattr(block.mlp, "fc2") else block.mlp.down_proj     # Qwen2-VL's, Qwen2.5-VL's
+        for lin in (block.attn.proj, out):
             lin.weight.zero_()
             lin.bias.zero_()
     w = visual.patch_embed.proj.weight                          # [32, 3, 2, 14, 14]
@@ -326,9 +328,9 @@ def planted_picture(tokens=SINK_TOKENS, seed=0, size=(112, 84)) -> Image.Image:
     return Image.fromarray(arr.numpy())
 
 
-@pytest.fixture(scope="module")
-def planted(tmp_path_factory):
-    d = make_checkpoint(tmp_path_factory.mktemp("planted"), "qwen2_vl", plant=plant_sinks)
+@pytest.fixture(scope="module", params=FAMILIES)
+def planted(request, tmp_path_factory):
+    d = make_checkpoint(tmp_path_factory.mktemp("planted"), request.param, plant=plant_sinks)
     return minivar.load(str(d), device="cpu", dtype="float32")
 
 
@@ -577,3 +579,36 @@ def test_plugin_loglikelihood_gives_each_image_its_own_token_count(lmm):
         logp = torch.log_softmax(logits[len(prompt) - 1:-1], -1)
         assert loss == pytest.approx(-logp[range(len(cont)), cont].sum().item(), abs=1e-4)
         assert greedy == bool((logp.argmax(-1) == torch.tensor(cont)).all()) and loss > 0
+
+
+def test_cli_masks_the_planted_visual_sinks_and_runs_var_with_vcd(capsys, planted, tmp_path):
+    img = tmp_path / "planted.png"
+    planted_picture().save(img)
+    base = ("--model", planted.directory, "--image", img, "--prompt", "What is in the image?", "--device", "cpu",
+            "--dtype", "float32", "--max-new-tokens", 4, "--json", "--tau", TAU, "--sink-dims", "11,40")
+    rc, out, err = cli(capsys, *base, "--mask-visual-sinks")
+    assert rc == 0, err
+    masked = json.loads(out)["masked"]
+    start = json.loads(out)["prompt_ids"].index(planted.config.image_token_id)
+    assert masked["patches"] == {str(layer): list(SINK_TOKENS) for layer in range(3)}
+    assert masked["positions"]["0"] == [start + t for t in SINK_TOKENS]
+    rc, out, err = cli(capsys, *base, "--var", "--vcd", "--seed", 3)
+    record = json.loads(out)
+    assert rc == 0 and sum(record["var"]["redistributed"]["prefill"]) > 0 and record["vcd"]["noise_step"] == 500
+    from minivar.methods.var import VARConfig
+    from minivar.methods.vcd import VCD
+    ref = planted.generate(planted_picture(), "What is in the image?", max_new_tokens=4, seed=3,
+                           var=VARConfig(tau=TAU, sink_dims=(TEXT_DIM, VISUAL_DIM)), methods=[VCD(seed=3)])
+    assert record["output_ids"] == ref.output_ids
+
+
+def test_eval_run_with_var_finds_the_planted_dims_once(planted, eval_root, tmp_path):
+    from test_eval_harness import cli as eval_cli
+    out = tmp_path / "pope"
+    rc, stdout, err = eval_cli(["run", "pope", "--data", eval_root / "pope", "--images", eval_root / "coco/val2014",
+                                "--out", out, "--model", planted.directory, "--device", "cpu", "--dtype", "float32",
+                                "--max-new-tokens", "2", "--limit", "4", "--var", "--tau", str(TAU), "--json"])
+    assert rc == 0, err
+    run = json.loads((out / "run.json").read_text())
+    assert run["var"]["sink_dims"] == [TEXT_DIM, VISUAL_DIM] and run["var_sink_dims_source"] == "finder"
+    assert run["conv_mode"] == "qwen" and err.count("sink-dim finder found dims [11, 40]") == 1
