@@ -4,7 +4,6 @@ planted-sink checkpoint (against a loop-level re-statement of the rule), DAMRO r
 reference. Tiny checkpoints made with transformers here (tests/test_qwen2_vl_model.py's helpers) and its local
 byte-level BPE tokenizer: nothing is downloaded."""
 import json
-import shutil
 from pathlib import Path
 
 import pytest
