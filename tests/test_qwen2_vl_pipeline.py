@@ -164,11 +164,6 @@ def test_cli_damro_is_refused_in_one_line_before_generating(capsys, qwen_dir, im
     assert "prefill" not in err
 
 
-def test_cli_save_attention_is_refused_before_generating(capsys, qwen_dir, image_file, tmp_path):
-    rc, out, err = cli(capsys, *base_args(qwen_dir, image_file, "--save-attention", tmp_path / "pics"))
-    assert rc == 2 and out == "" and err.count("\n") == 1 and "--save-attention" in err and "prefill" not in err
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # The Python API: batches, shared prefixes, chunks, the capture
 
@@ -373,7 +368,9 @@ def test_var_on_planted_sinks_equals_the_rule_written_as_loops(planted, rho):
     planted positions are the sinks, the image span is the image-pad tokens, the last layer is left alone."""
     from minivar.methods.var import VARConfig
     var = VARConfig(tau=TAU, rho=rho)
-    cap = planted.capture(planted_picture(), "What is in the image?", layers="all", residuals=True, var=var)
+    notes = []                                    # the finder's line (tested with the command line below)
+    cap = planted.capture(planted_picture(), "What is in the image?", layers="all", residuals=True, var=var,
+                          warn=notes.append)
     ids = cap.result.prompt_ids
     image = [j for j, t in enumerate(ids) if t == planted.config.image_token_id]
     im_start = [j for j, t in enumerate(ids) if t == planted.tokenizer.ids["<|im_start|>"]]
@@ -611,3 +608,27 @@ def test_eval_run_with_var_finds_the_planted_dims_once(planted, eval_root, tmp_p
     run = json.loads((out / "run.json").read_text())
     assert run["var"]["sink_dims"] == [TEXT_DIM, VISUAL_DIM] and run["var_sink_dims_source"] == "finder"
     assert run["conv_mode"] == "qwen" and err.count("sink-dim finder found dims [11, 40]") == 1
+
+
+@pytest.mark.parametrize("tokens, size, rows, cols", [(SINK_TOKENS, (112, 84), 3, 4), ((3, 7), (56, 140), 5, 2)])
+def test_cli_pictures_draw_the_grid_of_each_image_whatever_its_shape(capsys, planted, tmp_path, tokens, size, rows,
+                                                                      cols):
+    """--save-attention with VAR on a wide and a tall image: the numbers hold the image's own panel of rows × cols
+    merged tokens over the smart_resized view, the planted sinks at their (panel, row, col), and the pictures redraw
+    from attention.json (python -m minivar.viz)."""
+    from minivar import viz
+    img = tmp_path / "planted.png"
+    planted_picture(tokens, size=size).save(img)
+    pics = tmp_path / "pics"
+    rc, out, err = cli(capsys, "--model", planted.directory, "--image", img, "--prompt", "What is in the image?",
+                       "--device", "cpu", "--dtype", "float32", "--max-new-tokens", 3, "--var", "--tau", TAU,
+                       "--sink-dims", "11,40", "--save-attention", pics)
+    assert rc == 0, err
+    numbers, views = viz.load_numbers(pics / "attention.json")
+    assert [(p["rows"], p["cols"], p["newline"]) for p in numbers["panels"]] == [(rows, cols, False)]
+    assert [v.size for v in views] == [size] and numbers["image_aspect_ratio"] == "smart_resize"
+    assert numbers["visual_sinks"] == {str(layer): list(tokens) for layer in range(3)}
+    assert numbers["visual_sink_cells"] == {str(layer): [[0, *divmod(t, cols)] for t in tokens] for layer in range(3)}
+    assert sum(numbers["heads"]["selected_fraction"][0]) > 0                      # VAR acted in layer 0
+    assert viz.main([str(pics / "attention.json"), str(tmp_path / "redrawn")]) == 0
+    assert sorted(p.name for p in (tmp_path / "redrawn").glob("*.png")) == sorted(p.name for p in pics.glob("*.png"))
