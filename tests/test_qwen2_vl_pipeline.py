@@ -632,3 +632,16 @@ def test_cli_pictures_draw_the_grid_of_each_image_whatever_its_shape(capsys, pla
     assert sum(numbers["heads"]["selected_fraction"][0]) > 0                      # VAR acted in layer 0
     assert viz.main([str(pics / "attention.json"), str(tmp_path / "redrawn")]) == 0
     assert sorted(p.name for p in (tmp_path / "redrawn").glob("*.png")) == sorted(p.name for p in pics.glob("*.png"))
+
+
+def test_vcd_through_generate_many_equals_one_by_one(pipe):
+    """VCD's contrast prefix (the noised image) shared by the questions too: each prefix at its image's M-RoPE
+    positions."""
+    from minivar.methods.vcd import VCD, VCDConfig
+    cfg = VCDConfig(alpha=3.0, beta=0.05)
+    img = picture(120, 80, seed=3)
+    prompts = ["What is in the image?", "Describe it.", "What is in the image? Describe it."]
+    many = pipe.generate_many(img, prompts, max_new_tokens=6, methods=[VCD(cfg, seed=2)])
+    alone = [pipe.generate(img, p, max_new_tokens=6, methods=[VCD(cfg, seed=2)]) for p in prompts]
+    assert [r.output_ids for r in many] == [r.output_ids for r in alone]
+    assert many[0].output_ids == vcd_two_pass(pipe, img, prompts[0], cfg, 2, 6)
