@@ -252,11 +252,16 @@ def read_state_dict(directory: Path, cfg, dtype: torch.dtype, device) -> dict[st
     return state
 
 
-def load_model(directory: Path, dtype: torch.dtype = torch.float32, device="cpu", cfg=None):
-    """Build the model without allocating (meta device) and assign the checkpoint's tensors into it, strictly."""
+def load_model(directory: Path, dtype: torch.dtype = torch.float32, device="cpu", cfg=None,
+               expect: str | None = None):
+    """Build the model without allocating (meta device) and assign the checkpoint's tensors into it, strictly.
+    expect: a model_type the checkpoint must be (one error naming what it holds otherwise)."""
     directory = Path(directory)
     cfg = cfg or read_config(directory)
     family = family_of(cfg)
+    if expect is not None and family.model_type != expect:
+        raise MinivarError(f"'{directory}' holds a {family.name} checkpoint (model_type '{family.model_type}'), "
+                           f"not {family_for(expect).name}")
     with torch.device("meta"):
         model = family.model(cfg)
     expected = {k: v.shape for k, v in model.state_dict().items()}

@@ -18,7 +18,7 @@ from minivar.methods.hooks import Hook  # noqa: E402
 from minivar.checkpoint import normalise_key, read_config  # noqa: E402
 from minivar.models.anyres import process_image  # noqa: E402
 from minivar.models.images import ImageInput, token_layout  # noqa: E402
-from minivar.models.llava_next import (KEY_RULES, LlavaNextConfig, is_unused_key, load_llava_next,  # noqa: E402
+from minivar.models.llava_next import (KEY_RULES, LlavaNextConfig, is_unused_key,  # noqa: E402
                                        select_best_resolution, unpadded_span)
 
 S, PATCH = 56, 14
@@ -659,3 +659,9 @@ def test_the_registry_finds_the_family(llama_pair, tiny_checkpoint):
     with pytest.raises(MinivarError, match="not LLaVA-NeXT") as e:
         load_llava_next(tiny_checkpoint)                            # a LLaVA-1.5 checkpoint
     one_line(e)
+
+
+def load_llava_next(directory, dtype=torch.float32, device="cpu"):
+    """The loader, refusing any other family's checkpoint."""
+    from minivar.checkpoint import load_model
+    return load_model(directory, dtype, device, expect="llava_next")

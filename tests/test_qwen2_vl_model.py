@@ -10,11 +10,22 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from minivar.errors import MinivarError  # noqa: E402
-from minivar.models.qwen2_vl.loading import load_qwen2_vl, normalise_key  # noqa: E402
+from minivar.checkpoint import load_model, normalise_key as _normalise  # noqa: E402
+from minivar.models.qwen2_vl.family import KEY_RULES  # noqa: E402
 from minivar.models.qwen2_vl.model import Qwen2VLConfig  # noqa: E402
 from minivar.models.qwen2_vl.processing import ImageInput, preprocess_image  # noqa: E402
 from minivar.models.qwen2_vl.rope import decode_positions, rope_index  # noqa: E402
 from minivar.models.qwen2_vl.template import QwenTokenizer, build_prompt  # noqa: E402
+
+
+def load_qwen2_vl(directory, dtype=torch.float32, device="cpu"):
+    """minivar's strict loader on a Qwen2-VL / Qwen2.5-VL checkpoint (the family's key rules and tied head)."""
+    return load_model(directory, dtype, device)
+
+
+def normalise_key(key: str) -> str:
+    return _normalise(key, KEY_RULES)
+
 
 IMAGE, VIDEO, START, END, PAD = 290, 291, 292, 293, 294
 FAMILIES = ("qwen2_vl", "qwen2_5_vl")

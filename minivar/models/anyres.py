@@ -37,7 +37,52 @@ from PIL import Image
 from ..errors import MinivarError
 from ..processing import _to_normalised_tensor, to_rgb
 from .images import ImageInput, Panel
-from .llava_next import LlavaNextConfig, anyres_layout, count_image_tokens, select_best_resolution
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The anyres geometry (shared by the image processor's token count and the model's packing)
+
+def select_best_resolution(image_size: tuple[int, int], pinpoints) -> tuple[int, int]:
+    """The pinpoint (height, width) that keeps the most of the image's pixels when it is scaled to fit, and among
+    those wastes the least area; the first such in the list wins ties (transformers' select_best_resolution)."""
+    height, width = image_size
+    best, best_effective, best_wasted = None, 0, float("inf")
+    for ph, pw in pinpoints:
+        scale = min(pw / width, ph / height)
+        effective = min(int(width * scale) * int(height * scale), width * height)
+        wasted = ph * pw - effective
+        if effective > best_effective or (effective == best_effective and wasted < best_wasted):
+            best, best_effective, best_wasted = (ph, pw), effective, wasted
+    return best
+
+
+def unpadded_span(image_size: tuple[int, int], grid_h: int, grid_w: int) -> tuple[slice, slice]:
+    """Which rows and columns of a grid_h×grid_w feature grid (the tiles' features side by side) show the image
+    rather than the letterbox padding: transformers' unpad_image, whose rounding is round(·, 7) then int, and which
+    cuts the same amount from both ends (so an odd leftover keeps one padding row/column)."""
+    height, width = image_size
+    if width / height > grid_w / grid_h:                    # wider than the grid: padding above and below
+        new_h = int(round(height * (grid_w / width), 7))
+        pad = (grid_h - new_h) // 2
+        return slice(pad, grid_h - pad), slice(0, grid_w)
+    new_w = int(round(width * (grid_h / height), 7))        # taller (or equal): padding left and right
+    pad = (grid_w - new_w) // 2
+    return slice(0, grid_h), slice(pad, grid_w - pad)
+
+
+def anyres_layout(image_size: tuple[int, int], cfg: LlavaNextConfig) -> tuple[tuple[int, int], tuple[slice, slice]]:
+    """(tiles (rows, cols), the unpadded rows/columns of the (rows·P)×(cols·P) feature grid) for an image (h, w)."""
+    best_h, best_w = select_best_resolution(image_size, cfg.image_grid_pinpoints)
+    tiles = (best_h // cfg.vision.image_size, best_w // cfg.vision.image_size)
+    P = cfg.patches_per_side
+    return tiles, unpadded_span(image_size, tiles[0] * P, tiles[1] * P)
+
+
+def count_image_tokens(image_size: tuple[int, int], cfg: LlavaNextConfig) -> int:
+    """How many LLM tokens an image of size (h, w) becomes: P² base + the unpadded grid + one newline per row."""
+    _, (rows, cols) = anyres_layout(image_size, cfg)
+    n_rows, n_cols = rows.stop - rows.start, cols.stop - cols.start
+    return cfg.patches_per_side ** 2 + n_rows * (n_cols + 1)
 
 
 def to_rgb_on_white(img: Image.Image) -> Image.Image:

@@ -17,7 +17,7 @@ from .images import ImageInput, square_image
 from ..errors import MinivarError
 from ..methods.hooks import as_hooks
 from .llama import KVCache, LlamaForCausalLM, causal_mask
-from .registry import Family, register
+from .family import Family
 
 
 class LlavaMultiModalProjector(nn.Module):
@@ -184,7 +184,7 @@ KNOWN_SINK_DIMS = {
     "llava-1.5-13b": ((5120, 40, 40, 13824), (2100, 4743)),
 }
 
-FAMILY = register(Family(
+FAMILY = Family(
     model_type="llava", name="LLaVA-1.5", config=LlavaConfig.from_hf, model=Llava, key_rules=KEY_RULES,
     unused_key=is_unused_key, images=llava_image, conv_modes=("vicuna_v1", "llava_hf"), default_conv_mode="vicuna_v1",
-    known_sink_dims=KNOWN_SINK_DIMS, view=llava_view))
+    known_sink_dims=KNOWN_SINK_DIMS, view=llava_view)

@@ -28,7 +28,8 @@ from .clip import CLIPVisionTower
 from .config import LlavaConfig
 from .llama import KVCache, LlamaForCausalLM, causal_mask
 from .llava import LlavaMultiModalProjector
-from .registry import Family, register
+from .anyres import anyres_layout, count_image_tokens, process_image, select_best_resolution, tile_view, unpadded_span  # noqa: F401
+from .family import Family
 
 # OpenAI CLIP's normalisation (LlavaNextImageProcessor's defaults, and what llava-hf's preprocessor configs hold)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -178,52 +179,6 @@ def _image_settings(pre: dict, image_size: int, name_or_path: str) -> dict:
         raise MinivarError(f"{where}: rescale_factor {factor!r} is not a positive number")
     out["rescale_factor"] = float(factor)
     return out
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The anyres geometry (shared by the image processor's token count and the model's packing)
-
-def select_best_resolution(image_size: tuple[int, int], pinpoints) -> tuple[int, int]:
-    """The pinpoint (height, width) that keeps the most of the image's pixels when it is scaled to fit, and among
-    those wastes the least area; the first such in the list wins ties (transformers' select_best_resolution)."""
-    height, width = image_size
-    best, best_effective, best_wasted = None, 0, float("inf")
-    for ph, pw in pinpoints:
-        scale = min(pw / width, ph / height)
-        effective = min(int(width * scale) * int(height * scale), width * height)
-        wasted = ph * pw - effective
-        if effective > best_effective or (effective == best_effective and wasted < best_wasted):
-            best, best_effective, best_wasted = (ph, pw), effective, wasted
-    return best
-
-
-def unpadded_span(image_size: tuple[int, int], grid_h: int, grid_w: int) -> tuple[slice, slice]:
-    """Which rows and columns of a grid_h×grid_w feature grid (the tiles' features side by side) show the image
-    rather than the letterbox padding: transformers' unpad_image, whose rounding is round(·, 7) then int, and which
-    cuts the same amount from both ends (so an odd leftover keeps one padding row/column)."""
-    height, width = image_size
-    if width / height > grid_w / grid_h:                    # wider than the grid: padding above and below
-        new_h = int(round(height * (grid_w / width), 7))
-        pad = (grid_h - new_h) // 2
-        return slice(pad, grid_h - pad), slice(0, grid_w)
-    new_w = int(round(width * (grid_h / height), 7))        # taller (or equal): padding left and right
-    pad = (grid_w - new_w) // 2
-    return slice(0, grid_h), slice(pad, grid_w - pad)
-
-
-def anyres_layout(image_size: tuple[int, int], cfg: LlavaNextConfig) -> tuple[tuple[int, int], tuple[slice, slice]]:
-    """(tiles (rows, cols), the unpadded rows/columns of the (rows·P)×(cols·P) feature grid) for an image (h, w)."""
-    best_h, best_w = select_best_resolution(image_size, cfg.image_grid_pinpoints)
-    tiles = (best_h // cfg.vision.image_size, best_w // cfg.vision.image_size)
-    P = cfg.patches_per_side
-    return tiles, unpadded_span(image_size, tiles[0] * P, tiles[1] * P)
-
-
-def count_image_tokens(image_size: tuple[int, int], cfg: LlavaNextConfig) -> int:
-    """How many LLM tokens an image of size (h, w) becomes: P² base + the unpadded grid + one newline per row."""
-    _, (rows, cols) = anyres_layout(image_size, cfg)
-    n_rows, n_cols = rows.stop - rows.start, cols.stop - cols.start
-    return cfg.patches_per_side ** 2 + n_rows * (n_cols + 1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -384,25 +339,13 @@ def next_image(img, cfg: LlavaNextConfig, image_aspect_ratio: str = "anyres"):
     """A PIL image → its ImageInput (anyres.process_image); anyres is LLaVA-NeXT's only image mode."""
     if image_aspect_ratio != "anyres":
         raise MinivarError(f"LLaVA-NeXT's images are 'anyres', not '{image_aspect_ratio}'")
-    from .anyres import process_image      # anyres imports this module's geometry
     return process_image(img, cfg)
 
 
 def next_view(img, cfg: LlavaNextConfig, image_aspect_ratio: str, image_input):
     """Family.view: the base crop (the whole image squashed to S×S) and the tiles' canvas cut to the unpadded region
     the tile grid's tokens cover (anyres.tile_view)."""
-    from .anyres import tile_view
     return tile_view(img, cfg)
-
-
-def load_llava_next(directory, dtype: torch.dtype = torch.float32, device="cpu", cfg: LlavaNextConfig | None = None):
-    """The model, strictly (checkpoint.load_model through this family's entry): every tensor used once, none
-    missing (image_newline included), shapes as the config says."""
-    from .. import checkpoint
-    cfg = cfg or checkpoint.read_config(directory)
-    if not isinstance(cfg, LlavaNextConfig):
-        raise MinivarError(f"'{directory}' holds a {type(cfg).__name__} checkpoint, not LLaVA-NeXT")
-    return checkpoint.load_model(directory, dtype, device, cfg)
 
 
 # The vicuna variants' decoders are LLaMA-2-7B/13B-shaped Vicuna-1.5, LLaVA-1.5's own base LLMs: the same massive
@@ -412,8 +355,8 @@ KNOWN_SINK_DIMS = {
     "llava-v1.6-vicuna-13b": ((5120, 40, 40, 13824), (2100, 4743)),
 }
 
-FAMILY = register(Family(
+FAMILY = Family(
     model_type="llava_next", name="LLaVA-NeXT", config=config_from_checkpoint, model=LlavaNext, key_rules=KEY_RULES,
     unused_key=is_unused_key, images=next_image, conv_modes=("vicuna_v1", "llava_hf", "mistral_instruct"),
     # per checkpoint: LlavaNextConfig.default_conv_mode (mistral_instruct for the Mistral variant)
-    default_conv_mode="vicuna_v1", image_modes=("anyres",), known_sink_dims=KNOWN_SINK_DIMS, view=next_view))
+    default_conv_mode="vicuna_v1", image_modes=("anyres",), known_sink_dims=KNOWN_SINK_DIMS, view=next_view)

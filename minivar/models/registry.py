@@ -1,84 +1,22 @@
 """Model families, found by config.json's `model_type`.
 
-A family is everything minivar needs to know about one kind of checkpoint: how to read its config, which module
-to build, how its checkpoint names map onto that module's, how an image becomes pixels and tokens, which prompt
-templates it speaks, and the sink dims VAR knows for it. Adding a family is one entry here and files of its own
-under minivar/models/.
+A family (models/family.py) is everything minivar needs to know about one kind of checkpoint: how to read its
+config, which module to build, how its checkpoint names map onto that module's, how an image becomes pixels and
+tokens, which prompt templates it speaks, and the sink dims VAR knows for it. Adding a family is files of its own
+under minivar/models/ and one entry in the list below.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable
-
 from ..errors import MinivarError
+from . import llava, llava_next
+from .family import Family
+from .qwen2_vl import family as qwen2_vl
 
-
-@dataclass(frozen=True)
-class Family:
-    model_type: str                        # config.json's model_type
-    name: str                              # for messages and the README's model table
-    config: Callable                       # (config.json dict, name_or_path) → config
-    model: Callable                        # config → the nn.Module (built on the meta device by the loader)
-    key_rules: tuple                       # (regex, replacement) pairs: checkpoint names → the module's
-    unused_key: Callable                   # (normalised key, config) → True for tensors the model never reads
-    images: Callable                       # (PIL image, config, image_aspect_ratio) → models.images.ImageInput
-    conv_modes: tuple[str, ...]            # prompt templates (processing.py)
-    default_conv_mode: str
-    image_modes: tuple[str, ...] = ("pad", "crop")
-    # massive-activation dims VAR knows: {name: ((hidden, layers, heads, intermediate), dims)}
-    known_sink_dims: dict = field(default_factory=dict)
-    has_cls: bool = True                   # the vision tower has a CLS token (DAMRO reads its attention)
-    # (directory, config) → the tokenizer (encode_prompt, decode, decode_token_stream, eos_id; stop_ids if several);
-    # None: processing.Tokenizer, the LLaMA tokenizer.json with the image token
-    tokenizer: Callable | None = None
-    # a checkpoint with tied embeddings stores one matrix: (the lm_head's name, the embedding's name it copies)
-    tied: tuple[str, str] = ("language_model.lm_head.weight", "language_model.model.embed_tokens.weight")
-    # (config, **options) → the config with the user's image settings (--min-pixels / --max-pixels); None: none
-    image_options: Callable | None = None
-    # (PIL image, config, image_aspect_ratio, its ImageInput) → one PIL image per panel: the pixels that panel's
-    # tokens cover, as the model saw them (None: a panel not drawn); the pictures draw each panel over its view
-    view: Callable | None = None
-
-    def with_image_options(self, cfg, **options):
-        if self.image_options is None:
-            names = ", ".join(f"--{k.replace('_', '-')}" for k in options)
-            raise MinivarError(f"{names} applies to Qwen2-VL / Qwen2.5-VL, not to {self.name}")
-        return self.image_options(cfg, **options)
-
-    def conv_mode_for(self, cfg) -> str:
-        """The template a checkpoint speaks by default (LLaVA-NeXT's Mistral variant: its own, from the config)."""
-        return getattr(cfg, "default_conv_mode", None) or self.default_conv_mode
-
-    def eval_settings(self, cfg, conv_mode: str, image_mode: str) -> tuple[str, str]:
-        """A benchmark's LLaVA-1.5 evaluation template and image mode, for this checkpoint: kept where the model
-        speaks them as its own (LLaVA, LLaVA-NeXT's vicuna variants), else the model's own (Qwen2-VL: qwen,
-        smart_resize; LLaVA-NeXT-Mistral: mistral_instruct)."""
-        own = self.conv_mode_for(cfg)
-        conv = conv_mode if own == "vicuna_v1" and conv_mode in self.conv_modes else own
-        return conv, image_mode if image_mode in self.image_modes else self.default_image_mode
-
-    @property
-    def default_image_mode(self) -> str:
-        return self.image_modes[0]
-
-    def make_tokenizer(self, directory, cfg):
-        if self.tokenizer is not None:
-            return self.tokenizer(directory, cfg)
-        from ..processing import Tokenizer
-        return Tokenizer(directory, cfg.image_token_index)
-
-
-FAMILIES: dict[str, Family] = {}
-
-
-def register(family: Family) -> Family:
-    FAMILIES[family.model_type] = family
-    return family
+FAMILIES: dict[str, Family] = {f.model_type: f for f in (llava.FAMILY, llava_next.FAMILY, *qwen2_vl.FAMILIES)}
 
 
 def family_for(model_type: str, where: str = "") -> Family:
     """The family of a config.json's model_type, or one error naming it and what minivar reads."""
-    _load_builtin()
     if model_type not in FAMILIES:
         raise MinivarError(f"config.json of '{where}' has model_type '{model_type}', minivar reads "
                            f"{', '.join(repr(t) for t in sorted(FAMILIES))}")
@@ -88,9 +26,3 @@ def family_for(model_type: str, where: str = "") -> Family:
 def family_of(cfg) -> Family:
     """The family of a loaded config (each config class names its model_type)."""
     return family_for(cfg.model_type, cfg.name_or_path)
-
-
-def _load_builtin() -> None:
-    # imported on first use: each family module registers itself (and this module stays free of model code)
-    from . import llava, llava_next  # noqa: F401
-    from .qwen2_vl import family  # noqa: F401

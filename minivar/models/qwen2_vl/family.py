@@ -3,7 +3,7 @@ the `qwen` template. One entry per config.json model_type; both share everything
 from __future__ import annotations
 
 from ...errors import MinivarError
-from ..registry import Family, register
+from ..family import Family
 from .model import Qwen2VL, Qwen2VLConfig
 from .processing import preprocess_image
 from .template import QwenTokenizer
@@ -41,9 +41,10 @@ def with_pixels(cfg: Qwen2VLConfig, min_pixels: int | None = None, max_pixels: i
     return replace(cfg, image=cfg.image.with_pixels(min_pixels, max_pixels))
 
 
-for _model_type, _name in (("qwen2_vl", "Qwen2-VL"), ("qwen2_5_vl", "Qwen2.5-VL")):
-    register(Family(
-        model_type=_model_type, name=_name, config=Qwen2VLConfig.from_hf, model=Qwen2VL, key_rules=KEY_RULES,
-        unused_key=is_unused_key, images=qwen_image, conv_modes=("qwen",), default_conv_mode="qwen",
-        image_modes=IMAGE_MODES, has_cls=False, tokenizer=QwenTokenizer, image_options=with_pixels,
-        tied=("lm_head.weight", "model.embed_tokens.weight"), view=qwen_view))
+# one entry per config.json model_type; the two share everything but the vision tower (the config picks it)
+FAMILIES = tuple(Family(
+    model_type=model_type, name=name, config=Qwen2VLConfig.from_hf, model=Qwen2VL, key_rules=KEY_RULES,
+    unused_key=is_unused_key, images=qwen_image, conv_modes=("qwen",), default_conv_mode="qwen",
+    image_modes=IMAGE_MODES, has_cls=False, tokenizer=QwenTokenizer, image_options=with_pixels,
+    tied=("lm_head.weight", "model.embed_tokens.weight"), view=qwen_view)
+    for model_type, name in (("qwen2_vl", "Qwen2-VL"), ("qwen2_5_vl", "Qwen2.5-VL")))
