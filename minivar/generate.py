@@ -8,12 +8,14 @@ generator when asked. Each sample of a batch stops at its own EOS; the loop ends
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from dataclasses import dataclass, field
 
 import torch
 
 from .errors import MinivarError
+from .methods.hooks import as_hooks
 from .models.llama import KVCache
 
 
@@ -65,13 +67,13 @@ def new_cache(model, batch: int, length: int, device: torch.device, dtype: torch
 @contextlib.contextmanager
 def decode_kernels(device: torch.device, batch: int = 1):
     """The one place minivar steers CPU kernels, around the decode loop of a single prompt. Each decode step
-    multiplies every weight matrix by one vector (GEMV) and is bound by memory bandwidth; on the CPUs this was tuned
-    on (AMD Zen 4) ATen's own bf16/fp16 GEMV streams the weights faster than oneDNN's, while oneDNN is far faster for
-    matrix products (the prefill, the decode steps of a batch; docs/performance.md has the figures, and other CPUs
-    may differ). torch exposes the choice only as the process-wide switch
+    multiplies every weight matrix by one vector (GEMV) and is bound by memory bandwidth; on AMD CPUs (Zen 4, where
+    this was tuned) ATen's own bf16/fp16 GEMV streams the weights faster than oneDNN's, while oneDNN is far faster
+    for matrix products (the prefill, the decode steps of a batch) and, on Intel Xeons, for GEMVs too: the switch
+    is flipped on AMD CPUs only (aten_gemv_is_faster; docs/performance.md has the figures). torch exposes the choice only as the process-wide switch
     torch.backends.mkldnn.enabled: it is switched off here and restored on the way out, exceptions included — so
     do not run another model in another thread of this process meanwhile. GPUs ignore the switch."""
-    active = matrix_vector_decode(device, batch)
+    active = matrix_vector_decode(device, batch) and aten_gemv_is_faster()
     before = torch.backends.mkldnn.enabled
     if active:
         torch.backends.mkldnn.enabled = False
@@ -79,6 +81,18 @@ def decode_kernels(device: torch.device, batch: int = 1):
         yield
     finally:
         torch.backends.mkldnn.enabled = before
+
+
+@functools.lru_cache(maxsize=None)
+def aten_gemv_is_faster() -> bool:
+    """Whether this CPU streams bf16/fp16 GEMVs faster through ATen's own kernels than through oneDNN's: AMD's
+    (Zen 4, where it was measured: 1.5–2× faster); on Intel Xeons oneDNN's are faster, and stay on
+    (docs/performance.md). Read once from the CPU's vendor string, so the choice never depends on timing noise."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "AuthenticAMD" in f.read(4096)
+    except OSError:
+        return False
 
 
 def _sync(device: torch.device):
@@ -97,6 +111,36 @@ def decode_step(model, next_ids: torch.Tensor, *, cache, position: int, attentio
     """One token per row, next_ids [R], at cache position `position`: the next logits [R, V] (fp32)."""
     return model(next_ids[:, None], cache=cache, input_pos=position, attention_mask=attention_mask, hooks=hooks,
                  output="last")
+
+
+def branch_prefill_applies(model, cache, input_pos, images, image_features, padded, hooks) -> bool:
+    """Whether the branches of a contrastive call may each be prefilled at their own length (prefill_branches):
+    a fresh cache of addressable rows, feature rows given, 1-D positions (not M-RoPE), no hook (hooks see a call's
+    rows as the first rows of their state) — and padding to skip."""
+    return (padded and input_pos == 0 and isinstance(cache, KVCache) and not cache.values_transposed
+            and images is None and image_features is not None and not hasattr(model, "positions")
+            and not as_hooks(hooks))
+
+
+def prefill_branches(model, input_ids, image_features, cache: KVCache, attention_mask, branches: int) -> torch.Tensor:
+    """The prefill of a contrastive call, one branch at a time, each from the first position any of its rows uses:
+    DAMRO's contrast prompt holds k image tokens instead of 576, so the joint, left-padded prefill would spend most
+    of its work on padding. The same numbers as one joint call (positions count real tokens; the padding columns are
+    zeros and masked); the decode steps then read every row together. Logits [R, V]."""
+    R, T = input_ids.shape
+    B = R // branches
+    per_row = model.image_positions(input_ids).sum(-1).tolist()
+    logits, used = [], 0
+    for k in range(branches):
+        rows = slice(k * B, (k + 1) * B)
+        start = int(attention_mask[rows].any(0).int().argmax())          # the first column any row uses
+        n = sum(per_row[rows])
+        part = cache.rows(rows.start, rows.stop)
+        part.clear(start)
+        logits.append(model(input_ids[rows, start:], image_features=image_features[used:used + n] if n else None,
+                            cache=part, input_pos=start, attention_mask=attention_mask[rows], output="last"))
+        used += n
+    return torch.cat(logits)
 
 
 def plain_choice(logits: torch.Tensor) -> torch.Tensor:
@@ -149,8 +193,11 @@ def generate(model, input_ids: torch.Tensor, images=None, *, max_new_tokens: int
 
     _sync(device)
     t0 = time.perf_counter()
-    logits = prefill(model, input_ids, images, image_features=image_features, cache=cache, input_pos=input_pos,
-                     attention_mask=step_mask(prompt_end), hooks=hooks)
+    if branches > 1 and branch_prefill_applies(model, cache, input_pos, images, image_features, padded, hooks):
+        logits = prefill_branches(model, input_ids, image_features, cache, mask[:, :prompt_end], branches)
+    else:
+        logits = prefill(model, input_ids, images, image_features=image_features, cache=cache, input_pos=input_pos,
+                         attention_mask=step_mask(prompt_end), hooks=hooks)
     step = 0
     t_decode = None
     with decode_kernels(device, R):

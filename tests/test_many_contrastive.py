@@ -162,3 +162,33 @@ def test_llava_next_damro_shares_the_prefix(tmp_path_factory):
         assert [m.output_ids for m in many] == [a.output_ids for a in alone]
         assert [m.reports for m in many] == [a.reports for a in alone]
         assert len(calls) == (1 if isinstance(method()[0], DAMRO) else 2)
+
+
+def test_each_branch_is_prefilled_at_its_own_length_with_the_same_numbers(demo_pipe):
+    """DAMRO's contrast rows (k image tokens) are prefilled from their own first real position, not padded to the
+    full prompt's length: the logits and the generation equal one joint, left-padded prefill."""
+    import torch
+    from minivar import generate as gen
+    from minivar.methods.damro import DAMRO, DAMROConfig
+    request = demo_pipe.prepare(["assets/example.jpg"] * 2, ["Is there a cat?", "What is in the image?"],
+                                methods=[DAMRO(DAMROConfig.preset("pope"))], max_new_tokens=4)
+    assert request.branches == 2 and request.attention_mask is not None
+    model, ids, mask = demo_pipe.model, request.input_ids, request.attention_mask
+    T = ids.shape[1]
+    joint_cache = gen.new_cache(model, ids.shape[0], T + 4, ids.device)
+    split_cache = gen.new_cache(model, ids.shape[0], T + 4, ids.device)
+    with torch.inference_mode():
+        joint = gen.prefill(model, ids, image_features=request.image_features, cache=joint_cache, attention_mask=mask)
+        assert gen.branch_prefill_applies(model, split_cache, 0, None, request.image_features, True, [])
+        split = gen.prefill_branches(model, ids, request.image_features, split_cache, mask, 2)
+        torch.testing.assert_close(split, joint, rtol=0, atol=1e-4)
+        step = torch.tensor([5, 7, 5, 7])
+        full = torch.cat([mask, torch.ones(4, 1, dtype=torch.bool)], 1)
+        a = gen.decode_step(model, step, cache=joint_cache, position=T, attention_mask=full)
+        b = gen.decode_step(model, step, cache=split_cache, position=T, attention_mask=full)
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-4)
+    # the whole generation, through the pipeline, equals each sample alone
+    together = demo_pipe.run(request)
+    alone = [demo_pipe.generate("assets/example.jpg", p, methods=[DAMRO(DAMROConfig.preset("pope"))],
+                                max_new_tokens=4) for p in ("Is there a cat?", "What is in the image?")]
+    assert [r.output_ids for r in together] == [r.output_ids for r in alone]

@@ -123,11 +123,38 @@ class KVCache(Cache):
             return KV(k, v)      # the first call: the fresh tensors are the same numbers, and contiguous
         return self.read(layer, end)
 
+    def rows(self, first: int, stop: int) -> "CacheRows":
+        """Rows first … stop−1 of this cache as a cache of their own (the same storage): a call may write just them."""
+        return CacheRows(self, first, stop)
+
     def read(self, layer: int, end: int) -> KV:
         """Positions 0 … end−1 of `layer` as stored (views of the cache; transposed values as a transposed view)."""
         if self.values_transposed:
             return KV(self.k[layer, :, :, :end], self.v[layer, ..., :end].transpose(-2, -1), values_transposed=True)
         return KV(self.k[layer, :, :, :end], self.v[layer, :, :, :end])
+
+
+class CacheRows(Cache):
+    """Rows first … stop−1 of a KVCache, written and read through the same storage: contrastive decoding's contrast
+    branch prefilled alone, at its own (shorter) length, into the rows the joint decode steps then read."""
+
+    def __init__(self, cache: KVCache, first: int, stop: int):
+        if cache.values_transposed:
+            raise MinivarError("rows of a cache with transposed values (a single prompt's) are not addressable")
+        self.cache, self.first, self.stop = cache, first, stop
+        self.max_len, self.cos, self.sin = cache.max_len, cache.cos, cache.sin
+
+    def clear(self, end: int) -> None:
+        """Zero positions 0 … end−1 of these rows (padding no call writes: masked, but it must not hold NaNs)."""
+        self.cache.k[:, self.first:self.stop, :, :end] = 0
+        self.cache.v[:, self.first:self.stop, :, :end] = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int) -> KV:
+        end = start + k.shape[2]
+        c, rows = self.cache, slice(self.first, self.stop)
+        c.k[layer, rows, :, start:end] = k
+        c.v[layer, rows, :, start:end] = v
+        return KV(c.k[layer, rows, :, :end], c.v[layer, rows, :, :end])
 
 
 class SharedPrefixCache(Cache):
