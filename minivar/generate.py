@@ -8,7 +8,6 @@ generator when asked. Each sample of a batch stops at its own EOS; the loop ends
 from __future__ import annotations
 
 import contextlib
-import functools
 import time
 from dataclasses import dataclass, field
 
@@ -69,11 +68,12 @@ def decode_kernels(device: torch.device, batch: int = 1):
     """The one place minivar steers CPU kernels, around the decode loop of a single prompt. Each decode step
     multiplies every weight matrix by one vector (GEMV) and is bound by memory bandwidth; on AMD CPUs (Zen 4, where
     this was tuned) ATen's own bf16/fp16 GEMV streams the weights faster than oneDNN's, while oneDNN is far faster
-    for matrix products (the prefill, the decode steps of a batch) and, on Intel Xeons, for GEMVs too: the switch
-    is flipped on AMD CPUs only (aten_gemv_is_faster; docs/performance.md has the figures). torch exposes the choice only as the process-wide switch
+    for matrix products (the prefill, the decode steps of a batch). On Intel Xeons oneDNN's GEMVs are faster too
+    (decode +45 % in bench.py), but oneDNN then holds a transient reordered copy of lm_head, +0.26 GiB of peak
+    memory: the switch stays, and docs/performance.md has the figures. torch exposes the choice only as the process-wide switch
     torch.backends.mkldnn.enabled: it is switched off here and restored on the way out, exceptions included — so
     do not run another model in another thread of this process meanwhile. GPUs ignore the switch."""
-    active = matrix_vector_decode(device, batch) and aten_gemv_is_faster()
+    active = matrix_vector_decode(device, batch)
     before = torch.backends.mkldnn.enabled
     if active:
         torch.backends.mkldnn.enabled = False
@@ -81,18 +81,6 @@ def decode_kernels(device: torch.device, batch: int = 1):
         yield
     finally:
         torch.backends.mkldnn.enabled = before
-
-
-@functools.lru_cache(maxsize=None)
-def aten_gemv_is_faster() -> bool:
-    """Whether this CPU streams bf16/fp16 GEMVs faster through ATen's own kernels than through oneDNN's: AMD's
-    (Zen 4, where it was measured: 1.5–2× faster); on Intel Xeons oneDNN's are faster, and stay on
-    (docs/performance.md). Read once from the CPU's vendor string, so the choice never depends on timing noise."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return "AuthenticAMD" in f.read(4096)
-    except OSError:
-        return False
 
 
 def _sync(device: torch.device):
