@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint, processing
+from .processing import left_pad  # noqa: F401  (the padding rule, for the callers of the API too)
 from .defaults import DEFAULT_MODEL
 from .errors import MinivarError
 from .generate import Generation, check_context, generate, new_cache
@@ -73,18 +74,6 @@ def check_generation_args(max_new_tokens: int, temperature: float, top_p: float)
         raise MinivarError(f"`top_p` must be in (0, 1], got {top_p}")
     if not temperature >= 0:   # also catches nan
         raise MinivarError(f"`temperature` must be ≥ 0, got {temperature}")
-
-
-def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Id rows → [R, T] ids left-padded to the longest (every row's last token at T − 1, where generation goes on)
-    and the attention mask [R, T] (None when nothing is padded). The one padding rule of minivar."""
-    T = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long, device=device)
-    attention_mask = torch.zeros(len(rows), T, dtype=torch.bool, device=device)
-    for b, r in enumerate(rows):
-        input_ids[b, T - len(r):] = torch.as_tensor(r, dtype=torch.long)
-        attention_mask[b, T - len(r):] = True
-    return input_ids, (None if bool(attention_mask.all()) else attention_mask)
 
 
 def with_methods(methods, var) -> list[Method]:

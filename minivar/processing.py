@@ -410,3 +410,15 @@ def official_prompt_ids(tokenizer, user_text: str, num_image_tokens: int, image_
                 space_seen = True
             ids.append(t)
     return ids
+
+
+def left_pad(rows: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Id rows → [R, T] ids left-padded to the longest (every row's last token at T − 1, where generation goes on)
+    and the attention mask [R, T] (None when nothing is padded). The one padding rule of minivar."""
+    T = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long, device=device)
+    attention_mask = torch.zeros(len(rows), T, dtype=torch.bool, device=device)
+    for b, r in enumerate(rows):
+        input_ids[b, T - len(r):] = torch.as_tensor(r, dtype=torch.long)
+        attention_mask[b, T - len(r):] = True
+    return input_ids, (None if bool(attention_mask.all()) else attention_mask)

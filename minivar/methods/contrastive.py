@@ -29,6 +29,7 @@ import torch
 
 from ..errors import MinivarError
 from ..generate import decode_step, new_cache, prefill, sample_next
+from ..processing import left_pad  # noqa: F401  (the one padding rule; damro and the tests read it here too)
 from .method import MethodRun
 
 
@@ -128,17 +129,6 @@ def contrastive_generate(model, full: PromptBranch, contrast: PromptBranch, *, a
         l_full = forward(0, ids, branches[0][3] + step)
         l_cd = forward(1, ids, branches[1][3] + step)
     return outputs
-
-
-def left_pad(rows: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Rows → ids [B, T] left-padded with pad_id, and the attention mask [B, T] (None when nothing is padded)."""
-    T = max(len(r) for r in rows)
-    ids = torch.full((len(rows), T), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros(len(rows), T, dtype=torch.bool, device=device)
-    for b, r in enumerate(rows):
-        ids[b, T - len(r):] = torch.tensor(r, dtype=torch.long)
-        mask[b, T - len(r):] = True
-    return ids, (None if bool(mask.all()) else mask)
 
 
 def call_rows(call) -> list[list[int]]:

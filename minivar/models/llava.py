@@ -106,27 +106,7 @@ class Llava(nn.Module):
         elif image_features is not None and image_features.dim() == 3:      # [B_img, N, D]: the rows in order
             image_features = image_features.reshape(-1, image_features.shape[-1])
         x = self.embed(input_ids, image_features)
-        if attention_mask is None and not (hooks is not None and hooks.masks_keys):
-            # No padding (and no hook removing keys): positions are 0, 1, 2, ... and the mask is plain causal, which
-            # the attention applies itself (mask=None), so the fused kernel can use its faster causal mode.
-            if positions is None:
-                positions = torch.arange(input_pos, input_pos + T, device=x.device).expand(B, T)
-            mask = None
-        else:
-            S = input_pos + T
-            if attention_mask is None:
-                attention_mask = torch.ones(B, S, dtype=torch.bool, device=x.device)
-            if attention_mask.shape != (B, S):
-                raise MinivarError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, S)} "
-                                   f"(cached + new positions)")
-            attention_mask = attention_mask.bool()
-            # Positions count real tokens only, so a padded sample gets the same positions as when run alone.
-            if positions is None:
-                positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, input_pos:]   # [B, T]
-            mask = causal_mask(T, S, x.device) & attention_mask[:, None, None, :]           # [B, 1, T, S]
-            # A padding row would see no key at all (softmax of nothing); let it see itself. Its output is unused.
-            diagonal = torch.arange(S, device=x.device)[None, :] == torch.arange(input_pos, S, device=x.device)[:, None]
-            mask = mask | diagonal[None, None]
+        positions, mask = positions_and_mask(B, T, input_pos, attention_mask, positions, hooks, x.device)
         h = self.language_model.model(x, positions, rows, mask, cache, hooks)
         if output == "hidden":
             return h
@@ -137,6 +117,29 @@ class Llava(nn.Module):
         if output != "logits":
             raise ValueError(f"output must be 'logits', 'last' or 'hidden', got {output!r}")
         return self.language_model.lm_head(h).float()
+
+
+def positions_and_mask(B: int, T: int, input_pos: int, attention_mask, positions, hooks, device):
+    """RoPE positions [B, T] and the attention mask [B, 1, T, S] (None = plain causal) of a call at cache positions
+    input_pos … input_pos+T−1 (LLaVA-1.5's and LLaVA-NeXT's forward). Without padding (and no hook removing keys)
+    positions are 0, 1, 2, … and the mask None: the fused kernel keeps its faster causal mode."""
+    if attention_mask is None and not (hooks is not None and hooks.masks_keys):
+        if positions is None:
+            positions = torch.arange(input_pos, input_pos + T, device=device).expand(B, T)
+        return positions, None       # no padding: the fused kernel keeps its causal mode
+    S = input_pos + T
+    if attention_mask is None:
+        attention_mask = torch.ones(B, S, dtype=torch.bool, device=device)
+    if attention_mask.shape != (B, S):
+        raise MinivarError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, S)} "
+                           f"(cached + new positions)")
+    attention_mask = attention_mask.bool().to(device)
+    if positions is None:   # real tokens only, so a padded sample gets the positions it has when run alone
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, input_pos:]
+    mask = causal_mask(T, S, device) & attention_mask[:, None, None, :]
+    # a padding row would see no key at all (softmax of nothing): let it see itself; its output is unused
+    diagonal = torch.arange(S, device=device)[None, :] == torch.arange(input_pos, S, device=device)[:, None]
+    return positions, mask | diagonal[None, None]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -26,8 +26,8 @@ from ..methods.hooks import as_hooks
 from . import llava
 from .clip import CLIPVisionTower
 from .config import LlavaConfig
-from .llama import KVCache, LlamaForCausalLM, causal_mask
-from .llava import LlavaMultiModalProjector
+from .llama import KVCache, LlamaForCausalLM
+from .llava import LlavaMultiModalProjector, positions_and_mask
 from .anyres import anyres_layout, count_image_tokens, process_image, select_best_resolution, tile_view, unpadded_span  # noqa: F401
 from .family import Family
 
@@ -287,28 +287,6 @@ class LlavaNext(nn.Module):
         if output != "logits":
             raise ValueError(f"output must be 'logits', 'hidden' or 'last', got {output!r}")
         return self.language_model.lm_head(h).float()
-
-
-def positions_and_mask(B: int, T: int, input_pos: int, attention_mask, positions, hooks, device):
-    """RoPE positions [B, T] and the attention mask [B, 1, T, S] (None = plain causal) of a call; the same rules
-    as Llava.forward's (the lead may move both onto one helper)."""
-    if attention_mask is None and not (hooks is not None and hooks.masks_keys):
-        if positions is None:
-            positions = torch.arange(input_pos, input_pos + T, device=device).expand(B, T)
-        return positions, None       # no padding: the fused kernel keeps its causal mode
-    S = input_pos + T
-    if attention_mask is None:
-        attention_mask = torch.ones(B, S, dtype=torch.bool, device=device)
-    if attention_mask.shape != (B, S):
-        raise MinivarError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, S)} "
-                           f"(cached + new positions)")
-    attention_mask = attention_mask.bool().to(device)
-    if positions is None:   # real tokens only, so a padded sample gets the positions it has when run alone
-        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, input_pos:]
-    mask = causal_mask(T, S, device) & attention_mask[:, None, None, :]
-    # a padding row would see no key at all (softmax of nothing): let it see itself; its output is unused
-    diagonal = torch.arange(S, device=device)[None, :] == torch.arange(input_pos, S, device=device)[:, None]
-    return positions, mask | diagonal[None, None]
 
 
 # ---------------------------------------------------------------------------------------------------------------
