@@ -24,10 +24,16 @@ from PIL import Image, UnidentifiedImageError
 from minivar.errors import MinivarError
 
 IMAGE_PLACEHOLDER = "<image>"
-CONV_MODES = ("vicuna_v1", "llava_hf")   # LLaVA-1.5's; every template (mistral_instruct too) is in _TEMPLATES
+CONV_MODES = ("vicuna_v1", "llava_hf", "llava_v1")   # LLaVA-1.5's; every template (mistral_instruct too) is in _TEMPLATES
 VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+# LLaVA's conv_llava_v1: the same template with "human" for "user" in the system line. It is not LLaVA-1.5's
+# evaluation template, but DAMRO's and VCD's released scripts build every LLaVA prompt with it.
+LLAVA_V1_SYSTEM = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
 )
 # OpenAI CLIP's normalisation constants (the llava-hf and liuhaotian preprocessor configs use these).
 IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -209,6 +215,8 @@ _TEMPLATES = {
     "llava_hf": ("USER: ", "\n{prompt} ASSISTANT:"),
     # Original LLaVA-1.5 conv_vicuna_v1 (sep " "), used by its evaluation scripts and the VAR paper.
     "vicuna_v1": (VICUNA_SYSTEM + " USER: ", "\n{prompt} ASSISTANT:"),
+    # Original LLaVA conv_llava_v1 (sep " ", the "human" wording): DAMRO's and VCD's scripts prompt with it.
+    "llava_v1": (LLAVA_V1_SYSTEM + " USER: ", "\n{prompt} ASSISTANT:"),
     # LLaVA-NeXT's conv_mistral_instruct (llava-v1.6-mistral-7b; also its llava-hf model card), no system prompt.
     "mistral_instruct": ("[INST] ", "\n{prompt} [/INST]"),
 }

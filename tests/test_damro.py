@@ -146,6 +146,8 @@ CASES = [  # (alpha, beta, topk, conv_mode, image mode, seed: None = greedy, els
     (1.0, 0.5, 36, "llava_hf", "pad", None),
     (2.0, 0.1, 10, "vicuna_v1", "pad", 42),
     (0.5, 0.1, 4, "llava_hf", "crop", 42),
+    (0.5, 0.1, 4, "llava_v1", "crop", 42),     # the released POPE script: its template, pixels and sampling
+    (2.0, 0.1, 10, "llava_v1", "crop", None),
 ]
 
 

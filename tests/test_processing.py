@@ -90,7 +90,11 @@ def expand_image(ids, n):
 
 
 def test_build_prompt_templates():
-    assert CONV_MODES == ("vicuna_v1", "llava_hf")
+    assert CONV_MODES == ("vicuna_v1", "llava_hf", "llava_v1")
+    # LLaVA's conv_llava_v1.get_prompt() (SeparatorStyle.TWO, sep " "): DAMRO's and VCD's scripts' prompt
+    human = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
+             "detailed, and polite answers to the human's questions.")
+    assert build_prompt(PROMPT, "llava_v1") == human + " " + "USER: <image>\n" + PROMPT + " " + "ASSISTANT:"
     assert build_prompt(PROMPT, "mistral_instruct") == f"[INST] <image>\n{PROMPT} [/INST]"
     assert build_prompt(PROMPT, "llava_hf") == f"USER: <image>\n{PROMPT} ASSISTANT:"
     assert build_prompt(PROMPT, "vicuna_v1") == f"{VICUNA_SYSTEM} USER: <image>\n{PROMPT} ASSISTANT:"

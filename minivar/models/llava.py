@@ -189,5 +189,5 @@ KNOWN_SINK_DIMS = {
 
 FAMILY = Family(
     model_type="llava", name="LLaVA-1.5", config=LlavaConfig.from_hf, model=Llava, key_rules=KEY_RULES,
-    unused_key=is_unused_key, images=llava_image, conv_modes=("vicuna_v1", "llava_hf"), default_conv_mode="vicuna_v1",
+    unused_key=is_unused_key, images=llava_image, conv_modes=("vicuna_v1", "llava_hf", "llava_v1"), default_conv_mode="vicuna_v1",
     known_sink_dims=KNOWN_SINK_DIMS, view=llava_view)

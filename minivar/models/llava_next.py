@@ -335,6 +335,6 @@ KNOWN_SINK_DIMS = {
 
 FAMILY = Family(
     model_type="llava_next", name="LLaVA-NeXT", config=config_from_checkpoint, model=LlavaNext, key_rules=KEY_RULES,
-    unused_key=is_unused_key, images=next_image, conv_modes=("vicuna_v1", "llava_hf", "mistral_instruct"),
+    unused_key=is_unused_key, images=next_image, conv_modes=("vicuna_v1", "llava_hf", "llava_v1", "mistral_instruct"),
     # per checkpoint: LlavaNextConfig.default_conv_mode (mistral_instruct for the Mistral variant)
     default_conv_mode="vicuna_v1", image_modes=("anyres",), known_sink_dims=KNOWN_SINK_DIMS, view=next_view)
