@@ -88,11 +88,36 @@ def _sync(device: torch.device):
         torch.cuda.synchronize(device)
 
 
+# Prompt positions per prefill call. A longer prompt (LLaVA-NeXT's ≈ 2,900 tokens for a 672×672 image) runs in
+# pieces of this many: each piece's activations, not the whole prompt's (its MLP's three [T, 11008] tensors alone are
+# 0.2 GB at 7B size), at the cost of one more read of the weights per piece (≈ 1 % of such a prefill).
+PREFILL_CHUNK = 512
+
+
 def prefill(model, input_ids, images=None, *, image_features=None, cache=None, input_pos: int = 0,
-            attention_mask=None, hooks=None) -> torch.Tensor:
-    """The prompt (or its rest after a cached prefix) in one call: the next-token logits [R, V] (fp32)."""
-    return model(input_ids, images, image_features=image_features, cache=cache, input_pos=input_pos,
-                 attention_mask=attention_mask, hooks=hooks, output="last")
+            attention_mask=None, hooks=None, chunk: int | None = None) -> torch.Tensor:
+    """The prompt (or its rest after a cached prefix): the next-token logits [R, V] (fp32). A prompt of more than
+    `chunk` positions (default PREFILL_CHUNK) runs as consecutive calls of `chunk`, each attending to what the earlier ones stored in the
+    cache, each given the feature rows of its own image tokens: the same numbers as one call (hooks see the same
+    rows, hooks.py), less memory. A family whose positions depend on the whole prompt (Qwen2-VL's M-RoPE:
+    model.positions) runs it in one call."""
+    R, T = input_ids.shape
+    chunk = chunk or PREFILL_CHUNK
+    if cache is None or T <= chunk or hasattr(model, "positions"):
+        return model(input_ids, images, image_features=image_features, cache=cache, input_pos=input_pos,
+                     attention_mask=attention_mask, hooks=hooks, output="last")
+    if image_features is None and images is not None and len(images):
+        image_features = torch.cat(model.image_features(images))          # the vision tower once, for all pieces
+    is_image = model.image_positions(input_ids)                                       # [R, T]
+    feature_row = (is_image.flatten().cumsum(0) - 1).view(R, T)   # image token → its row of image_features
+    for start in range(0, T, chunk):
+        end = min(start + chunk, T)
+        here = is_image[:, start:end]
+        feats = image_features[feature_row[:, start:end][here]] if bool(here.any()) else None
+        mask = attention_mask[:, :input_pos + end] if attention_mask is not None else None
+        logits = model(input_ids[:, start:end], image_features=feats, cache=cache, input_pos=input_pos + start,
+                       attention_mask=mask, hooks=hooks, output="last")
+    return logits
 
 
 def decode_step(model, next_ids: torch.Tensor, *, cache, position: int, attention_mask=None, hooks=None) -> torch.Tensor:

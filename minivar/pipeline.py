@@ -17,7 +17,7 @@ from . import checkpoint, processing
 from .processing import left_pad  # noqa: F401  (the padding rule, for the callers of the API too)
 from .defaults import DEFAULT_MODEL
 from .errors import MinivarError
-from .generate import Generation, check_context, generate, new_cache
+from .generate import Generation, check_context, generate, new_cache, prefill
 from .methods import var as var_mod
 from .methods.method import Branch, Call, Method, as_methods
 from .models.images import ImageInput
@@ -433,8 +433,8 @@ class Pipeline:
         # features (a contrast prefix's is the noised image: the same grid)
         grids = [im] * G if in_prefix and hasattr(self.model, "positions") else None
         if Pm:
-            self.model(prefix_ids, grids, image_features=prefix_features, cache=prefix,
-                       attention_mask=prefix_mask, hooks=request.hooks, output="hidden")    # batch G, once
+            prefill(self.model, prefix_ids, grids, image_features=prefix_features, cache=prefix,
+                    attention_mask=prefix_mask, hooks=request.hooks)                       # batch G, once
         prefix_s = time.perf_counter() - t0
         gen = generate(self.model, input_ids[:, Pm:], None, image_features=rest, cache=cache, input_pos=Pm,
                        max_new_tokens=max_new_tokens, eos_token_id=self.stop_ids, temperature=temperature,

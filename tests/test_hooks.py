@@ -13,8 +13,8 @@ from minivar.generate import generate
 from minivar.models.llama import KVCache
 from minivar.probe import Capture
 from minivar.methods.var import Sinks, VARConfig, VARState
-from test_var import (IMG, PATCHES_2, PROMPT_A, TINY_DIMS, TINY_TAU, ids_of, sink_test_config, sink_test_state,
-                      tiny_pixels)
+from test_var import (IMG, PATCHES_2, PROMPT_A, PROMPT_B, TINY_DIMS, TINY_TAU, ids_of, sink_test_config,
+                      sink_test_state, tiny_pixels)
 
 N_IMG = 64
 IMAGE = (4, 4 + N_IMG)                     # PROMPT_A's image tokens
@@ -95,6 +95,40 @@ def test_generation_after_a_chunked_prefill_equals_one_call(tiny, var):
     if var:
         assert state.report(0) == ref_state.report(0)
         assert sum(ref_state.report(0)["redistributed"]["decode"]) > 0
+
+
+@pytest.mark.parametrize("var", [False, True], ids=["var-off", "var-on"])
+@pytest.mark.parametrize("chunk", [5, 30, 64])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_generate_with_its_prefill_in_pieces_equals_one_call(tiny, monkeypatch, var, chunk, batch):
+    """generate() runs a prompt longer than PREFILL_CHUNK as consecutive calls (less memory for LLaVA-NeXT's long
+    prompts): one prompt (its cache's values stored transposed for the decode loop) and a left-padded batch of two
+    images, VAR on and off, give the logits, tokens and VAR reports of the prompt in one call — whether a piece ends
+    inside the system text, inside an image or after it."""
+    import minivar.generate as gen_mod
+    from minivar.generate import new_cache, prefill
+    cfg, model = tiny
+    pad = len(PROMPT_A) - len(PROMPT_B)
+    ids = ids_of(PROMPT_A, [0] * pad + PROMPT_B)
+    mask = ids_of([1] * len(PROMPT_A), [0] * pad + [1] * len(PROMPT_B)).bool()
+    px = torch.cat([tiny_pixels(PATCHES_2), tiny_pixels(PATCHES_2[:1], seed=1)])
+    ids, mask, px = ids[:batch], (mask[:batch] if batch > 1 else None), px[:batch]
+    T, n = ids.shape[1], 8
+    runs = {}
+    with torch.inference_mode():
+        for name, pieces in (("one call", 10_000), ("pieces", chunk)):
+            monkeypatch.setattr(gen_mod, "PREFILL_CHUNK", pieces)
+            state = var_state(ids, max_len=T + n) if var else None
+            logits = prefill(model, ids, px, cache=new_cache(model, batch, T + n, torch.device("cpu")),
+                             attention_mask=mask, hooks=var_state(ids, max_len=T + n) if var else None)
+            out = generate(model, ids, px, max_new_tokens=n, eos_token_id=None, attention_mask=mask, hooks=state)
+            runs[name] = logits, out.output_ids, [state.report(b) for b in range(batch)] if var else None
+    (one_logits, one_ids, one_reports), (logits, got_ids, reports) = runs["one call"], runs["pieces"]
+    assert (logits - one_logits).abs().max().item() <= 1e-5
+    assert got_ids == one_ids
+    assert reports == one_reports
+    if var:
+        assert sum(one_reports[0]["redistributed"]["prefill"]) > 0
 
 
 def test_a_capture_does_not_change_a_var_generation(tiny):

@@ -90,9 +90,12 @@ def test_each_prefix_is_computed_once(demo_pipe, monkeypatch, name, towers):
     assert len(calls) == towers
     own = max(len(r.prompt_ids) for r in out) - P
     B = len(QUESTIONS)
-    assert seen[0] == (2, P)                        # both prefixes once (the contrast one left-padded to P)
-    assert seen[1] == (2 * B, own)                  # the questions' own tokens, both branches, one batch
-    assert seen[2:] == [(2 * B, 1)]                 # one decoding step for all 2B rows
+    # both prefixes once, as a batch of two (the contrast one left-padded to P), in prefill pieces of PREFILL_CHUNK
+    from minivar.generate import PREFILL_CHUNK
+    pieces = -(-P // PREFILL_CHUNK)
+    assert seen[:pieces] == [(2, min(PREFILL_CHUNK, P - s)) for s in range(0, P, PREFILL_CHUNK)]
+    assert seen[pieces] == (2 * B, own)             # the questions' own tokens, both branches, one batch
+    assert seen[pieces + 1:] == [(2 * B, 1)]        # one decoding step for all 2B rows
 
 
 class QuestionContrast(Method):

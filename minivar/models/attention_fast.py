@@ -22,9 +22,17 @@ import torch.nn.functional as F
 from .attention import attention, causal_mask
 
 
+def kernel_values(v: torch.Tensor) -> torch.Tensor:
+    """v as the fused kernel needs it: each position's values contiguous. Values cached transposed (a single prompt's
+    CPU decode layout, llama.KVCache) read by a call of several rows (a later chunk of a long prompt) are copied —
+    otherwise SDPA falls back to its math path, which holds the whole [B, H, T, S] score matrix in fp32."""
+    return v if v.stride(-1) == 1 else v.contiguous()
+
+
 def fused(q, k, v, mask) -> torch.Tensor:
     """The fused kernel (SDPA) on attention's arguments, without hooks. mask None = plain causal."""
     T, S = q.shape[2], k.shape[2]
+    v = kernel_values(v)
     if mask is None and T == S:          # its own causal mode, the fastest (it aligns the mask top-left: T == S)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     if mask is None and T == 1:          # the last row sees every key
@@ -39,12 +47,12 @@ def split(q, k, v, mask, layer: int, rows: range, first: int, hooks) -> torch.Te
     (rows.start ≤ first < rows.stop): the rows before it through the fused kernel, the rest written out."""
     T, S = q.shape[2], k.shape[2]
     n = first - rows.start                              # rows the hooks do not need
-    early = None
+    early, v_kernel = None, kernel_values(v) if n else v
     if n and mask is None and T == S:    # plain causal from position 0: the kernel's causal mode (top-left aligned)
-        early = F.scaled_dot_product_attention(q[:, :, :n], k, v, is_causal=True)
+        early = F.scaled_dot_product_attention(q[:, :, :n], k, v_kernel, is_causal=True)
     elif n:
         mask = causal_mask(T, S, q.device) if mask is None else mask
-        early = F.scaled_dot_product_attention(q[:, :, :n], k, v, attn_mask=mask[:, :, :n])
+        early = F.scaled_dot_product_attention(q[:, :, :n], k, v_kernel, attn_mask=mask[:, :, :n])
     # (the early rows get every key, as in `fused` over the whole call: the same numbers, bit for bit, as without
     # the hook)
     late_mask = mask[:, :, n:] if mask is not None else None

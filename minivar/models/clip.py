@@ -99,11 +99,13 @@ class CLIPVisionTower(nn.Module):
         self.pre_layrnorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)  # sic: HF's name
         self.encoder = CLIPEncoder(cfg, n_layers)
 
-    def forward(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
-        """Returns the hidden states [embeddings, after layer 0, after layer 1, ...], each [B, 577, D]."""
+    def forward(self, pixel_values: torch.Tensor, keep=None) -> list[torch.Tensor | None]:
+        """Returns the hidden states [embeddings, after layer 0, after layer 1, ...], each [B, 577, D]; with `keep`
+        (indices into that list) the others are None, so a batch of many crops (LLaVA-NeXT: 5 per image) does not
+        hold every layer's states in memory when only the feature layer's are read."""
         x = self.pre_layrnorm(self.embeddings(pixel_values))
-        hidden_states = [x]
-        for layer in self.encoder.layers:
+        hidden_states = [x if keep is None or 0 in keep else None]
+        for i, layer in enumerate(self.encoder.layers, start=1):
             x = layer(x)
-            hidden_states.append(x)
+            hidden_states.append(x if keep is None or i in keep else None)
         return hidden_states

@@ -54,12 +54,12 @@ class Llava(nn.Module):
         (N = 576 patches for CLIP-L/14 at 336 px). LLaVA-1.5's images all have one size: one tower call for all."""
         images = self.image_inputs(images) if isinstance(images, torch.Tensor) else images
         pixel_values = torch.stack([im.pixel_values for im in images])
-        hidden_states = self.vision_tower(pixel_values)
         layers = self.config.vision_feature_layer
         layers = layers if isinstance(layers, tuple) else (layers,)
         # hidden_states[-2] in HF terms: index from the end of the *full* CLIP stack, which has one more layer
         # than we run, so translate to a non-negative index into what we kept.
         total = self.config.vision.num_hidden_layers + 1
+        hidden_states = self.vision_tower(pixel_values, keep={k % total for k in layers})
         picked = [hidden_states[k % total] for k in layers]
         if self.config.vision_feature_select_strategy == "default":
             picked = [h[:, 1:] for h in picked]   # drop CLS: LLaVA feeds only the 576 patch tokens
