@@ -116,10 +116,10 @@ def recording_paths():
         yield taken
 
 
-def assert_close(a, b, what):
+def assert_close(a, b, what, tol=TOL):
     assert a.shape == b.shape, what
     diff = (a - b).abs().max().item()
-    assert diff <= TOL, (what, diff)
+    assert diff <= tol, (what, diff)
 
 
 def assert_same_run(case, model, kind, paths):
@@ -172,7 +172,7 @@ def test_chunked_prefill(model, kind):
 def decode_paths(kind, transposed):
     if needs_rows(kind):
         return {"split", "one_row"}          # a needed decode row is written out as matrix-vector products
-    return {"fused", "one_row"} if transposed else {"fused"}
+    return {"fused", "one_row"}              # the prompt fused; a CPU decode row written out, either value layout
 
 
 @pytest.mark.parametrize("kind", HOOKS)
@@ -320,7 +320,7 @@ def test_two_prefixes(model, kind, padded, prefix_padded):
         shared = two_prefix_case(True, padded, prefix_padded)(model, shared_hooks)
         plain = two_prefix_case(False, padded, prefix_padded)(model, plain_hooks)
     for i, (a, b) in enumerate(zip(shared, plain)):
-        assert_close(a, b, f"call {i}")
+        assert_close(a, b, f"call {i}", tol=2 * TOL)      # two speed paths, each within TOL of the reference
     for s, p in zip(shared_hooks, plain_hooks):
         if isinstance(s, NeedsRows):
             own = [key for key in p.seen if key[1] >= P]

@@ -256,9 +256,10 @@ def test_greedy_tokens_equal_generate(pair):
 
 
 def test_single_prompt_decode_on_transposed_values_equals_the_repeated_heads(pair):
-    """A single prompt's CPU decode rows (values cached transposed) read each of the 2 key/value heads once for its
-    2 query heads, without repeating the cache per head: the same logits at every step as the batched layout (heads
-    repeated, the fused kernel), and transformers' greedy tokens."""
+    """CPU decode rows read each of the 2 key/value heads once for its 2 query heads, without repeating the cache per
+    head, on either value layout (a single prompt's transposed values, a batch's row-wise ones): the same logits at
+    every step as the reference attention on heads repeated (attention.attention), and transformers' greedy
+    tokens."""
     from minivar.models import attention_fast
     family, hf, ours = pair
     images = [image((1, 4, 6))]
@@ -279,15 +280,25 @@ def test_single_prompt_decode_on_transposed_values_equals_the_repeated_heads(pai
             logits.append(ours(logits[-1].argmax(-1)[:, None], cache=cache, input_pos=T + s - 1, output="last"))
         return torch.stack(logits, dim=1)                                             # [1, n, V]
 
-    with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
-        mp.setattr(attention_fast, "written_out", spy)
-        repeated = run(False)
-        assert not grouped                                                            # the fused kernel only
-        one_row = run(True)
+    from minivar.models import llama
+    from minivar.models.attention import attention
+
+    def reference_attend(self, q, kv, mask, rows, hooks=None):                        # heads repeated, written out
+        kv = llama.repeat_kv(kv, q.shape[1] // kv.k.shape[1])
+        return attention(q, kv.k, kv.v, mask, self.layer_idx, rows, hooks)
+
+    with torch.no_grad():
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(llama.LlamaAttention, "attend", reference_attend)
+            repeated = run(False)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(attention_fast, "written_out", spy)
+            layouts = [run(False), run(True)]
         ref = hf.generate(**hf_inputs(ids, torch.ones_like(ids), images), max_new_tokens=n, do_sample=False,
                           eos_token_id=None, pad_token_id=PAD)[0, T:].tolist()
-    assert grouped and all(grouped)                                                   # every decode row, grouped
-    assert (one_row - repeated).abs().max().item() <= 1e-5
+    assert len(grouped) == 2 * (n - 1) * ours.config.text.num_hidden_layers and all(grouped)   # every decode row
+    for one_row in layouts:
+        assert (one_row - repeated).abs().max().item() <= 1e-5
     assert one_row.argmax(-1)[0].tolist() == ref
 
 

@@ -235,10 +235,11 @@ class LlamaAttention(nn.Module):
         """attention.attention(q, k, v, mask, layer, rows, hooks) with k, v all of kv's positions, by the fastest
         path that gives its numbers (attention_fast.py): the one place that chooses. kv has the key/value heads:
         under grouped-query attention (each key/value head serving a group of query heads) they are repeated per
-        query head here, except for a single prompt's CPU decode row, whose matrix-vector products read each
-        key/value head once for its whole group (attention_fast.written_out) — repeating would copy the whole cache
-        every step."""
-        one_row = q.shape[2] == 1 and kv.values_transposed and kv.prefix is None
+        query head here, except for a CPU decode row (one query row per sample, any batch), whose products are
+        written out (attention_fast.written_out) and read each key/value head once for its whole group — repeating
+        would copy the whole cache every step, and SDPA's fused kernel is 4–5× slower than the written-out products
+        for a single query row on a CPU (a contrastive step's two rows: 9.5 vs 1.8 ms per layer)."""
+        one_row = q.shape[2] == 1 and kv.prefix is None and (kv.values_transposed or q.device.type == "cpu")
         if kv.k.shape[1] != q.shape[1] and not one_row:
             kv = repeat_kv(kv, q.shape[1] // kv.k.shape[1])
         if kv.prefix is not None:         # two key segments: written out (the fused kernel takes one key tensor)
@@ -246,7 +247,7 @@ class LlamaAttention(nn.Module):
         first = hooks.explicit_from(self.layer_idx, rows) if hooks is not None else None
         if first is not None and first < rows.stop:       # a hook needs the probabilities from position `first` on
             return self.attend_explicit(q, kv.k, kv.v, mask, rows, max(first, rows.start), hooks)
-        if one_row:                                       # a single prompt's CPU decode row: matrix-vector products
+        if one_row:                                       # a CPU decode row: its products written out
             return fast.written_out(q, kv.k, kv.v, mask, self.layer_idx, rows, hooks)
         return fast.fused(q, kv.k, kv.v, mask)
 
