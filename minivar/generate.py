@@ -90,16 +90,17 @@ def _sync(device: torch.device):
 
 # Prompt positions per prefill call. A longer prompt (LLaVA-NeXT's ≈ 2,900 tokens for a 672×672 image) runs in
 # pieces of this many: each piece's activations, not the whole prompt's (its MLP's three [T, 11008] tensors alone are
-# 0.2 GB at 7B size), at the cost of one more read of the weights per piece (≈ 1 % of such a prefill).
+# 0.2 GB at 7B size). Each piece reads the weights once more, yet on the CPUs measured the pieces were faster, their
+# work staying in cache (docs/performance.md).
 PREFILL_CHUNK = 512
 
 
 def prefill(model, input_ids, images=None, *, image_features=None, cache=None, input_pos: int = 0,
             attention_mask=None, hooks=None, chunk: int | None = None) -> torch.Tensor:
     """The prompt (or its rest after a cached prefix): the next-token logits [R, V] (fp32). A prompt of more than
-    `chunk` positions (default PREFILL_CHUNK) runs as consecutive calls of `chunk`, each attending to what the earlier ones stored in the
-    cache, each given the feature rows of its own image tokens: the same numbers as one call (hooks see the same
-    rows, hooks.py), less memory. A family whose positions depend on the whole prompt (Qwen2-VL's M-RoPE:
+    `chunk` positions (default PREFILL_CHUNK) runs as consecutive calls of `chunk`, each attending to what the
+    earlier ones stored in the cache, each given the feature rows of its own image tokens: the same numbers as one
+    call (hooks see the same rows, hooks.py), less memory. A family whose positions depend on the whole prompt (Qwen2-VL's M-RoPE:
     model.positions) runs it in one call."""
     R, T = input_ids.shape
     chunk = chunk or PREFILL_CHUNK

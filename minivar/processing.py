@@ -24,7 +24,7 @@ from PIL import Image, UnidentifiedImageError
 from minivar.errors import MinivarError
 
 IMAGE_PLACEHOLDER = "<image>"
-CONV_MODES = ("vicuna_v1", "llava_hf", "llava_v1")   # LLaVA-1.5's; every template (mistral_instruct too) is in _TEMPLATES
+CONV_MODES = ("vicuna_v1", "llava_hf", "llava_v1")   # LLaVA-1.5's; every template (mistral_instruct too): _TEMPLATES
 VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."

@@ -91,11 +91,17 @@ class LlavaConfig:
         return n + 1 if self.vision_feature_select_strategy == "full" else n
 
     @property
-    def vision_layers_used(self) -> int:
-        """How many CLIP layers must run: hidden_states[k] is the output of layer k-1 (index 0 is the embeddings)."""
+    def feature_indices(self) -> tuple[int, ...]:
+        """vision_feature_layer as non-negative indices into the hidden states [embeddings, after layer 0, ...]: HF
+        counts −2 from the end of the *full* CLIP stack, which has one more layer than minivar runs."""
         layers = self.vision_feature_layer if isinstance(self.vision_feature_layer, tuple) else (self.vision_feature_layer,)
         total = self.vision.num_hidden_layers + 1
-        return max(k % total for k in layers)
+        return tuple(k % total for k in layers)
+
+    @property
+    def vision_layers_used(self) -> int:
+        """How many CLIP layers must run: hidden_states[k] is the output of layer k-1 (index 0 is the embeddings)."""
+        return max(self.feature_indices)
 
     @staticmethod
     def from_hf(d: dict, name_or_path: str = "") -> "LlavaConfig":

@@ -54,13 +54,9 @@ class Llava(nn.Module):
         (N = 576 patches for CLIP-L/14 at 336 px). LLaVA-1.5's images all have one size: one tower call for all."""
         images = self.image_inputs(images) if isinstance(images, torch.Tensor) else images
         pixel_values = torch.stack([im.pixel_values for im in images])
-        layers = self.config.vision_feature_layer
-        layers = layers if isinstance(layers, tuple) else (layers,)
-        # hidden_states[-2] in HF terms: index from the end of the *full* CLIP stack, which has one more layer
-        # than we run, so translate to a non-negative index into what we kept.
-        total = self.config.vision.num_hidden_layers + 1
-        hidden_states = self.vision_tower(pixel_values, keep={k % total for k in layers})
-        picked = [hidden_states[k % total] for k in layers]
+        indices = self.config.feature_indices          # hidden_states[-2] in HF terms, as an index into ours
+        hidden_states = self.vision_tower(pixel_values, keep=indices)
+        picked = [hidden_states[k] for k in indices]
         if self.config.vision_feature_select_strategy == "default":
             picked = [h[:, 1:] for h in picked]   # drop CLS: LLaVA feeds only the 576 patch tokens
         feats = picked[0] if len(picked) == 1 else torch.cat(picked, dim=-1)
@@ -189,5 +185,5 @@ KNOWN_SINK_DIMS = {
 
 FAMILY = Family(
     model_type="llava", name="LLaVA-1.5", config=LlavaConfig.from_hf, model=Llava, key_rules=KEY_RULES,
-    unused_key=is_unused_key, images=llava_image, conv_modes=("vicuna_v1", "llava_hf", "llava_v1"), default_conv_mode="vicuna_v1",
-    known_sink_dims=KNOWN_SINK_DIMS, view=llava_view)
+    unused_key=is_unused_key, images=llava_image, conv_modes=("vicuna_v1", "llava_hf", "llava_v1"),
+    default_conv_mode="vicuna_v1", known_sink_dims=KNOWN_SINK_DIMS, view=llava_view)

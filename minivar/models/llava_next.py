@@ -201,11 +201,9 @@ class LlavaNext(nn.Module):
 
     def crop_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Crops [C, 3, S, S] → projected features [C, P², D_text] (CLS dropped), as LLaVA-1.5 computes them."""
-        layers = self.config.vision_feature_layer
-        layers = layers if isinstance(layers, tuple) else (layers,)
-        total = self.config.vision.num_hidden_layers + 1     # HF indexes the full stack; we run only what is read
-        hidden_states = self.vision_tower(pixel_values, keep={k % total for k in layers})
-        feats = torch.cat([hidden_states[k % total][:, 1:] for k in layers], dim=-1)
+        indices = self.config.feature_indices          # HF indexes the full stack; we run only what is read
+        hidden_states = self.vision_tower(pixel_values, keep=indices)
+        feats = torch.cat([hidden_states[k][:, 1:] for k in indices], dim=-1)
         return self.multi_modal_projector(feats.to(self.multi_modal_projector.linear_1.weight.dtype))
 
     def pack(self, crops: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
