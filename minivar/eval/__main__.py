@@ -138,8 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
 RESUME = "rerun the same command to resume"
 
 
-class Terminated(Exception):
-    """SIGTERM (what Slurm and `timeout` send) arrived: ended like Ctrl-C, with exit code 143."""
+class Terminated(BaseException):
+    """SIGTERM (what Slurm and `timeout` send) arrived: ended like Ctrl-C, with exit code 143. A BaseException, as
+    KeyboardInterrupt is: the signal can land inside any `except Exception` (the progress line's partial scoring, an
+    image's decoding), which must not swallow it and carry on."""
 
 
 def main(argv=None) -> int:
