@@ -18,6 +18,7 @@ import torch
 from .defaults import DEFAULT_MODEL  # noqa: F401  (written once, in defaults.py)
 from .errors import MinivarError
 from .models import llava
+from .models.packed import pack_linears
 from .models.registry import family_for, family_of
 
 
@@ -253,9 +254,11 @@ def read_state_dict(directory: Path, cfg, dtype: torch.dtype, device) -> dict[st
 
 
 def load_model(directory: Path, dtype: torch.dtype = torch.float32, device="cpu", cfg=None,
-               expect: str | None = None):
+               expect: str | None = None, pack: bool = True):
     """Build the model without allocating (meta device) and assign the checkpoint's tensors into it, strictly.
-    expect: a model_type the checkpoint must be (one error naming what it holds otherwise)."""
+    expect: a model_type the checkpoint must be (one error naming what it holds otherwise).
+    pack: on a CPU in bf16, the vision tower's Linear weights are pre-packed for oneDNN (models/packed.py: the
+    same numbers, faster); False keeps plain nn.Linear everywhere."""
     directory = Path(directory)
     cfg = cfg or read_config(directory)
     family = family_of(cfg)
@@ -280,4 +283,7 @@ def load_model(directory: Path, dtype: torch.dtype = torch.float32, device="cpu"
             raise MinivarError(f"tensor '{key}' in '{directory}' has shape {tuple(state[key].shape)}, "
                                f"config.json implies {tuple(shape)}")
     model.load_state_dict(state, strict=True, assign=True)
-    return model.eval().requires_grad_(False)
+    model = model.eval().requires_grad_(False)
+    if pack and dtype == torch.bfloat16 and torch.device(device).type == "cpu":
+        pack_linears(getattr(model, family.vision_module, None))
+    return model

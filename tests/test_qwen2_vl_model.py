@@ -763,3 +763,23 @@ def test_bf16_close_to_transformers_in_bf16(tmp_path, family):
         ref = hf.to(torch.bfloat16)(**hf_inputs(ids, torch.ones_like(ids), images)).logits.float()
         got = ours(ids, images)
     assert got.dtype == torch.float32 and (got - ref).abs().max().item() <= 0.1
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bf16_packed_tower_gives_the_same_features_and_tokens(tmp_path, family):
+    """On a CPU in bf16 the loader packs the ViT's Linear weights (models/packed.py): the same numbers as plain."""
+    from minivar.generate import generate
+    from minivar.models import packed
+    if not packed.available():
+        pytest.skip("oneDNN does not run bf16 on this CPU")
+    d = write_checkpoint(hf_model(family), tmp_path, "hub")
+    plain, fast = load_model(d, torch.bfloat16, pack=False), load_model(d, torch.bfloat16)
+    assert any(isinstance(m, packed.PackedLinear) for m in fast.visual.modules())
+    assert not any(isinstance(m, packed.PackedLinear) for m in fast.model.modules())
+    images = [image((1, 4, 6)), image((1, 6, 4), seed=1)]
+    images = [ImageInput(im.pixel_values.bfloat16(), im.num_tokens, im.panels, im.meta) for im in images]
+    with torch.inference_mode():
+        assert all(torch.equal(a, b) for a, b in zip(plain.image_features(images), fast.image_features(images)))
+        ids = torch.tensor([prompt_ids(images[:1])])
+        runs = [generate(m, ids, images[:1], max_new_tokens=5, eos_token_id=None).output_ids for m in (plain, fast)]
+    assert runs[0] == runs[1]

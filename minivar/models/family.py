@@ -32,6 +32,8 @@ class Family:
     # (PIL image, config, image_aspect_ratio, its ImageInput) → one PIL image per panel: the pixels that panel's
     # tokens cover, as the model saw them (None: a panel not drawn); the pictures draw each panel over its view
     view: Callable | None = None
+    # the model's vision tower (its attribute): on a CPU in bf16 the loader packs its Linear weights (models/packed.py)
+    vision_module: str = "vision_tower"
 
     def with_image_options(self, cfg, **options):
         if self.image_options is None:
