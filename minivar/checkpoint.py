@@ -283,6 +283,7 @@ def load_model(directory: Path, dtype: torch.dtype = torch.float32, device="cpu"
             raise MinivarError(f"tensor '{key}' in '{directory}' has shape {tuple(state[key].shape)}, "
                                f"config.json implies {tuple(shape)}")
     model.load_state_dict(state, strict=True, assign=True)
+    del state                   # the model holds the tensors now; packing below frees each plain weight it replaces
     model = model.eval().requires_grad_(False)
     if pack and dtype == torch.bfloat16 and torch.device(device).type == "cpu":
         pack_linears(getattr(model, family.vision_module, None))

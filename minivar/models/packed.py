@@ -48,8 +48,8 @@ def pack_linears(module: nn.Module | None) -> int:
     (0 where oneDNN cannot run bf16 here)."""
     if module is None or not available():
         return 0
-    todo = [(parent, name, child) for parent in module.modules() for name, child in parent.named_children()
+    todo = [(parent, name) for parent in module.modules() for name, child in parent.named_children()
             if type(child) is nn.Linear and child.weight.dtype == torch.bfloat16 and child.weight.device.type == "cpu"]
-    for parent, name, child in todo:
-        setattr(parent, name, PackedLinear(child))
+    for parent, name in todo:    # one at a time, holding no other reference: each plain weight is freed as it goes
+        setattr(parent, name, PackedLinear(getattr(parent, name)))
     return len(todo)
