@@ -285,6 +285,6 @@ def load_model(directory: Path, dtype: torch.dtype = torch.float32, device="cpu"
     model.load_state_dict(state, strict=True, assign=True)
     del state                   # the model holds the tensors now; packing below frees each plain weight it replaces
     model = model.eval().requires_grad_(False)
-    if pack and dtype == torch.bfloat16 and torch.device(device).type == "cpu":
+    if pack:                    # packs only bf16 Linears on a CPU (and only where oneDNN runs bf16)
         pack_linears(getattr(model, family.vision_module, None))
     return model
