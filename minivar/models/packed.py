@@ -27,7 +27,8 @@ def available() -> bool:
 
 class PackedLinear(nn.Module):
     """y = x Wᵀ + b with W stored packed. The parameter names stay Linear's (`weight`, `bias`); `weight` is an opaque
-    oneDNN tensor (its shape, dtype and device read as usual), so it is not a parameter: nothing trains or saves it."""
+    oneDNN tensor (its shape, dtype and device read as usual), so it is not a parameter: nothing trains or saves it,
+    and `model.to(...)` does not move it (minivar loads onto the device it runs on; load with pack=False to move)."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
