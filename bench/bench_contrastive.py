@@ -5,13 +5,15 @@ its released code runs it, timed in one process on the same checkpoint, pixels a
     python bench/bench_contrastive.py                       # reference config (CLIP-L/336 + 4 LLaMA-2-7B layers, bf16)
     python bench/bench_contrastive.py --make tiny --quick   # seconds, a smoke test
 
-minivar runs both branches of DAMRO/VCD as rows of one batched forward per step (the weights read once per step);
-the released structure (coder-gx/DAMRO's sample.py, restated here on transformers' LlavaForConditionalGeneration)
-runs the full branch and the contrast branch as two sequential forwards with two KV caches per step. Each repeat
-runs every variant once, the order rotating, and the figures are medians over the repeats (ratios: the median of
-the per-repeat ratios, so each ratio compares runs made under the same machine conditions). Targets: DAMRO and VCD
-decode time per token ≤ 1.35× base; DAMRO prefill ≤ 1.15× base; minivar DAMRO end to end (prefill + decode)
-≥ 1.5× faster than the released structure. Output: a table, then one JSON line prefixed "BENCH_CD_JSON ".
+minivar runs both branches of DAMRO/VCD as rows of one batched forward per step (the weights read once per step), on
+a model loaded as `--damro` / `--vcd` load it (on a CPU in bf16 its decoder weights packed for two-row steps; base
+runs on a plain load); the released structure (coder-gx/DAMRO's sample.py, restated here on transformers'
+LlavaForConditionalGeneration) runs the full branch and the contrast branch as two sequential forwards with two KV
+caches per step. Each repeat runs every variant once, the order rotating, and the figures are medians over the
+repeats (ratios: the median of the per-repeat ratios, so each ratio compares runs made under the same machine
+conditions). Targets: DAMRO and VCD decode time per token ≤ 1.35× base; DAMRO prefill ≤ 1.15× base; minivar DAMRO
+end to end (prefill + decode) ≥ 1.5× faster than the released structure. Output: a table, then one JSON line
+prefixed "BENCH_CD_JSON ".
 """
 from __future__ import annotations
 
@@ -147,15 +149,24 @@ def minivar_runner(pipe, ids: torch.Tensor, px: torch.Tensor, args):
 
 def worker(args) -> dict:
     from minivar.checkpoint import load_model
+    from minivar.models import packed
     from minivar.pipeline import Pipeline, pick_device
     dev, dt = pick_device(args.device), DTYPES[args.dtype]
-    t0 = time.perf_counter()
-    model = load_model(Path(args.checkpoint), dt, dev)
-    pipe = Pipeline(model, None, Path(args.checkpoint), dev, dt, time.perf_counter() - t0)
-    ids, px = inputs(model.config)
+
+    def pipeline(contrastive: bool):          # loaded as minivar.load(contrastive=...) loads it
+        t0 = time.perf_counter()
+        model = load_model(Path(args.checkpoint), dt, dev, pack_decoder=contrastive)
+        return Pipeline(model, None, Path(args.checkpoint), dev, dt, time.perf_counter() - t0)
+
+    pipe = pipeline(False)
+    # --damro / --vcd load the decoder packed for their two-row steps where that changes anything (a CPU in bf16):
+    # DAMRO and VCD run on such a load, base on the plain one, as each would be run from the command line
+    cd_pipe = pipeline(True) if dev.type == "cpu" and dt == torch.bfloat16 and packed.available() else pipe
+    ids, px = inputs(pipe.model.config)
     ids, px = ids.to(dev), px.to(dev, dt)
-    run_mv = minivar_runner(pipe, ids, px, args)
-    runners = {v: (lambda n, v=v: run_mv(v, n)) for v in ("base", "damro", "vcd")}
+    run_base, run_cd = minivar_runner(pipe, ids, px, args), minivar_runner(cd_pipe, ids, px, args)
+    runners = {"base": lambda n: run_base("base", n), "damro": lambda n: run_cd("damro", n),
+               "vcd": lambda n: run_cd("vcd", n)}
     version = None
     if not args.no_transformers:
         try:

@@ -254,11 +254,14 @@ def read_state_dict(directory: Path, cfg, dtype: torch.dtype, device) -> dict[st
 
 
 def load_model(directory: Path, dtype: torch.dtype = torch.float32, device="cpu", cfg=None,
-               expect: str | None = None, pack: bool = True):
+               expect: str | None = None, pack: bool = True, pack_decoder: bool = False):
     """Build the model without allocating (meta device) and assign the checkpoint's tensors into it, strictly.
     expect: a model_type the checkpoint must be (one error naming what it holds otherwise).
     pack: on a CPU in bf16, the vision tower's Linear weights are pre-packed for oneDNN (models/packed.py: the
-    same numbers, faster); False keeps plain nn.Linear everywhere."""
+    same numbers, faster); False keeps plain nn.Linear everywhere.
+    pack_decoder: the decoder's too (its layers, and lm_head unless tied to the embedding) — for runs whose every
+    decode step has several rows (DAMRO, VCD: a full and a contrast row); a single prompt's one-row steps are
+    faster on plain weights (models/packed.py)."""
     directory = Path(directory)
     cfg = cfg or read_config(directory)
     family = family_of(cfg)
@@ -287,4 +290,7 @@ def load_model(directory: Path, dtype: torch.dtype = torch.float32, device="cpu"
     model = model.eval().requires_grad_(False)
     if pack:                    # packs only bf16 Linears on a CPU (and only where oneDNN runs bf16)
         pack_linears(getattr(model, family.vision_module, None))
+    if pack and pack_decoder:   # a head tied to the embedding stays plain: packing would copy the shared matrix
+        tied_head = family.tied[0].rsplit(".", 1)[0] if cfg.text.tie_word_embeddings else None
+        pack_linears(model, under=tuple(path for path in family.decoder_modules if path != tied_head))
     return model

@@ -522,10 +522,13 @@ def check_tokenization(tokenization: str, conv_mode: str) -> None:
 
 
 def load(model: str = DEFAULT_MODEL, *, device: str = "auto", dtype: str | torch.dtype = "auto",
-         weights_dir: str | Path | None = None, image_options: dict | None = None) -> Pipeline:
+         weights_dir: str | Path | None = None, image_options: dict | None = None,
+         contrastive: bool = False) -> Pipeline:
     """Resolve (and if needed download) a checkpoint, load it strictly, and return a ready Pipeline.
     image_options: the family's image settings to override (Qwen2-VL: min_pixels, max_pixels); None values keep
-    the checkpoint's."""
+    the checkpoint's. contrastive: the pipeline will mostly run DAMRO or VCD (two rows per decode step): on a CPU
+    in bf16 the decoder's weights are then packed as well (models/packed.py) — the same answers, faster for
+    those runs, slower for plain single prompts."""
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
     directory = checkpoint.resolve(model, Path(weights_dir) if weights_dir else None)
@@ -535,7 +538,7 @@ def load(model: str = DEFAULT_MODEL, *, device: str = "auto", dtype: str | torch
     if options:
         cfg = family_of(cfg).with_image_options(cfg, **options)
     tokenizer = family_of(cfg).make_tokenizer(directory, cfg)             # its tokenizer.json
-    net = checkpoint.load_model(directory, dt, dev, cfg)
+    net = checkpoint.load_model(directory, dt, dev, cfg, pack_decoder=contrastive)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     return Pipeline(net, tokenizer, directory, dev, dt, time.perf_counter() - t0)

@@ -76,3 +76,30 @@ def test_the_harness_records_damro_and_resumes_only_alike(demo_env, tmp_path):
         assert rc == 2 and "methods" in err and "--damro" not in out
         rc, out, err = th.cli(args + ["--temperature", "1", "--seed", "42"])      # sampling is answer-changing
         assert rc == 2 and "decoding" in err
+
+
+def test_contrastive_runs_load_the_decoder_for_two_row_steps(demo_env, tmp_path, monkeypatch):
+    """--damro / --vcd (CLI and harness) ask the loader for the contrastive layout (packed decoder weights on a CPU
+    in bf16, models/packed.py); a run without them does not. The answers are checked equal in test_packed.py."""
+    import minivar
+    import test_eval_harness as th
+    from minivar.eval import benchmarks
+    real, asked = minivar.load, []
+
+    def recording_load(*args, **kwargs):
+        asked.append(kwargs.get("contrastive", False))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(minivar, "load", recording_load)
+    for flags, contrastive in ((["--damro"], True), (["--vcd"], True), ([], False), (["--var", "--sink-dims", "37,301"], False)):
+        rc, out, err = run_cli(BASE + flags)
+        assert rc == 0, err
+        assert asked[-1] is contrastive, flags
+    monkeypatch.setattr(benchmarks, "get", th.fake_get, raising=False)
+    root = th.make_data(tmp_path / "data", n_images=1, per_image=2)
+    for i, (flags, contrastive) in enumerate(((["--vcd"], True), ([], False))):
+        rc, out, err = th.cli(["run", "tinyyn", "--data", root / "questions.jsonl", "--images", root / "images",
+                               "--out", tmp_path / f"run{i}", "--model", "demo", "--device", "cpu", "--dtype",
+                               "float32", "--max-new-tokens", "2", *flags])
+        assert rc == 0, err
+        assert asked[-1] is contrastive, flags

@@ -55,3 +55,32 @@ def test_llava_loaded_in_bf16_packs_the_tower_and_answers_the_same(tiny_checkpoi
         g1 = generate(plain, ids, px[:1], max_new_tokens=6, eos_token_id=None)
         g2 = generate(fast, ids, px[:1], max_new_tokens=6, eos_token_id=None)
     assert g1.output_ids == g2.output_ids
+
+
+def test_a_contrastive_load_packs_the_decoder_and_gives_the_same_answers(demo_weights):
+    """minivar.load(contrastive=True), what --damro / --vcd load: the decoder's weights packed as well; DAMRO's and
+    VCD's answers (two rows per step) are the plain load's."""
+    import minivar
+    from minivar.methods.damro import DAMRO, DAMROConfig
+    from minivar.methods.vcd import VCD, VCDConfig
+    from PIL import Image
+    plain = minivar.load("demo", device="cpu", dtype="bfloat16", weights_dir=demo_weights)
+    fast = minivar.load("demo", device="cpu", dtype="bfloat16", weights_dir=demo_weights, contrastive=True)
+    layers = fast.model.language_model.model.layers
+    assert all(isinstance(m, PackedLinear) for layer in layers for m in (layer.self_attn.q_proj, layer.mlp.up_proj))
+    assert isinstance(fast.model.language_model.lm_head, PackedLinear)
+    assert not any(isinstance(m, PackedLinear) for m in plain.model.language_model.modules())
+    image = Image.new("RGB", (40, 30), (200, 40, 40))
+    for method in (DAMRO(DAMROConfig(alpha=1.0, beta=0.1, topk=4)), VCD(VCDConfig(), seed=3)):
+        a, b = (p.generate(image, "What is in the image?", max_new_tokens=8, methods=[method]) for p in (plain, fast))
+        assert a.output_ids == b.output_ids and a.reports == b.reports
+
+
+def test_pack_linears_under_given_paths_only():
+    m = nn.Sequential()
+    m.add_module("layers", nn.ModuleList([nn.Linear(8, 8).to(torch.bfloat16) for _ in range(2)]))
+    m.add_module("layers_extra", nn.Linear(8, 8).to(torch.bfloat16))        # a sibling whose name only starts alike
+    m.add_module("head", nn.Linear(8, 4).to(torch.bfloat16))
+    assert packed.pack_linears(m, under=("layers", "head")) == 3
+    assert all(isinstance(x, PackedLinear) for x in (m.layers[0], m.layers[1], m.head))
+    assert type(m.layers_extra) is nn.Linear

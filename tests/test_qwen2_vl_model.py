@@ -783,3 +783,32 @@ def test_bf16_packed_tower_gives_the_same_features_and_tokens(tmp_path, family):
         ids = torch.tensor([prompt_ids(images[:1])])
         runs = [generate(m, ids, images[:1], max_new_tokens=5, eos_token_id=None).output_ids for m in (plain, fast)]
     assert runs[0] == runs[1]
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_bf16_packed_decoder_gives_the_same_batched_tokens(tmp_path, tied):
+    """pack_decoder (a contrastive run's load): the decoder's Linears packed too, except a head tied to the
+    embedding, which stays that one shared matrix; a batch's several-row steps give plain weights' numbers."""
+    from minivar.generate import generate
+    from minivar.models import packed
+    if not packed.available():
+        pytest.skip("oneDNN does not run bf16 on this CPU")
+    d = write_checkpoint(hf_model("qwen2_vl", tied), tmp_path, "hub")
+    plain, fast = load_model(d, torch.bfloat16), load_model(d, torch.bfloat16, pack_decoder=True)
+    assert all(isinstance(layer.mlp.down_proj, packed.PackedLinear) for layer in fast.model.layers)
+    assert not any(isinstance(m, packed.PackedLinear) for m in plain.model.modules())
+    if tied:
+        assert type(fast.lm_head) is torch.nn.Linear   # still the very storage of the embedding
+        assert fast.lm_head.weight.data_ptr() == fast.model.embed_tokens.weight.data_ptr()
+    else:
+        assert isinstance(fast.lm_head, packed.PackedLinear)
+    images = [image((1, 4, 6)), image((1, 6, 4), seed=1)]
+    images = [ImageInput(im.pixel_values.bfloat16(), im.num_tokens, im.panels, im.meta) for im in images]
+    rows = [prompt_ids(images[:1]), prompt_ids(images[1:])]
+    width = max(map(len, rows))
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    with torch.inference_mode():
+        runs = [generate(m, ids, images, attention_mask=mask, max_new_tokens=5, eos_token_id=None).output_ids
+                for m in (plain, fast)]
+    assert runs[0] == runs[1]

@@ -482,7 +482,8 @@ def run(bench, data: list[Path], out: Path, *, images: Path | None = None, model
 
     pipeline = None
     if todo_groups:
-        pipeline = (load or _load)(model, device=device, dtype=dtype)
+        pipeline = (load or _load)(model, device=device, dtype=dtype,
+                                   contrastive=any(m.adds_branch for m in methods))
         log(f"minivar: loaded {model} in {pipeline.load_s:.2f}s on {pipeline.device} "
             f"({str(pipeline.dtype).replace('torch.', '')})")
         if var is not None:   # check VAR against the model and find its sink dims once, before anything is written
@@ -563,9 +564,9 @@ def model_eval_settings(model: str, bench) -> tuple[str, str]:
     return family_of(cfg).eval_settings(cfg, bench.conv_mode, bench.image_aspect_ratio)
 
 
-def _load(model, device, dtype):
+def _load(model, device, dtype, contrastive=False):
     import minivar
-    return minivar.load(model, device=device, dtype=dtype)
+    return minivar.load(model, device=device, dtype=dtype, contrastive=contrastive)
 
 
 def _answer_image(pipeline, group, gen, batch_size, wanted, done, f, progress, model) -> None:

@@ -205,6 +205,7 @@ class DAMRO(Method):
     """DAMRO on minivar's generation: the contrast branch (k outlier tokens as the image) runs as rows of the same
     batched forward as the full prompts; the token choice is contrastive.combine."""
     name = "damro"
+    adds_branch = True
 
     def __init__(self, config: DAMROConfig | None = None):
         self.config = DAMROConfig() if config is None else config

@@ -52,6 +52,7 @@ class MethodRun:
 class Method:
     """A method with its settings. Subclass it and override what you need."""
     name = "method"
+    adds_branch = False      # True where `branch` adds one (the loader may then lay weights out for two-row steps)
 
     def settings(self) -> dict:
         """The answer-changing settings, JSON-ready."""

@@ -93,6 +93,7 @@ class VCD(Method):
     """VCD on minivar's generation: the contrast branch (the same prompt, the image noised) runs as rows of the same
     batched forward as the full prompts; the token choice is contrastive.combine. seed: the noise's (--seed)."""
     name = "vcd"
+    adds_branch = True
 
     def __init__(self, config: VCDConfig | None = None, seed: int | None = None):
         self.config = VCDConfig() if config is None else config

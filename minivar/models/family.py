@@ -34,6 +34,8 @@ class Family:
     view: Callable | None = None
     # the model's vision tower (its attribute): on a CPU in bf16 the loader packs its Linear weights (models/packed.py)
     vision_module: str = "vision_tower"
+    # the decoder's layers and head (module paths): packed too when every decode step runs several rows (pack_decoder)
+    decoder_modules: tuple[str, ...] = ("language_model.model.layers", "language_model.lm_head")
 
     def with_image_options(self, cfg, **options):
         if self.image_options is None:

@@ -47,5 +47,5 @@ FAMILIES = tuple(Family(
     unused_key=is_unused_key, images=qwen_image, conv_modes=("qwen",), default_conv_mode="qwen",
     image_modes=IMAGE_MODES, has_cls=False, tokenizer=QwenTokenizer, image_options=with_pixels,
     tied=("lm_head.weight", "model.embed_tokens.weight"), view=qwen_view,
-    vision_module="visual")
+    vision_module="visual", decoder_modules=("model.layers", "lm_head"))
     for model_type, name in (("qwen2_vl", "Qwen2-VL"), ("qwen2_5_vl", "Qwen2.5-VL")))
