@@ -216,7 +216,7 @@ def run(args, extra_methods=()) -> int:
 
     llava = minivar.load(args.model, device=args.device, dtype=args.dtype,
                          image_options={"min_pixels": args.min_pixels, "max_pixels": args.max_pixels},
-                         contrastive=any(m.adds_branch for m in methods))
+                         contrastive=any(getattr(m, "adds_branch", False) for m in methods))
     # The request is prepared once, before any status line: what depends on the model (its context length, hidden
     # size, VAR's sink dims — the finder may run now) is checked there, so bad input of any kind gives exactly one
     # line on stderr. The finder's report is printed after the status line. Without --var, the sink sets of the

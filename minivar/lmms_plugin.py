@@ -260,7 +260,7 @@ class Minivar(lmms):
         self.max_new_tokens, self.apply_until = max_new_tokens, apply_until
         self.batch_size_per_gpu = int(batch_size)      # max_batch_size is only for batch_size=auto: unused
         self.pipeline = load(str(pretrained), device=str(device), dtype=str(dtype), weights_dir=weights_dir,
-                             contrastive=any(m.adds_branch for m in self.methods))
+                             contrastive=any(getattr(m, "adds_branch", False) for m in self.methods))
         cfg, family = self.pipeline.config, self.pipeline.family
         # the family's own template and image mode unless given (LLaVA-1.5: vicuna_v1, pad; Qwen2-VL: qwen,
         # smart_resize), and a given one must be the family's

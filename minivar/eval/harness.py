@@ -483,7 +483,7 @@ def run(bench, data: list[Path], out: Path, *, images: Path | None = None, model
     pipeline = None
     if todo_groups:
         pipeline = (load or _load)(model, device=device, dtype=dtype,
-                                   contrastive=any(m.adds_branch for m in methods))
+                                   contrastive=any(getattr(m, "adds_branch", False) for m in methods))
         log(f"minivar: loaded {model} in {pipeline.load_s:.2f}s on {pipeline.device} "
             f"({str(pipeline.dtype).replace('torch.', '')})")
         if var is not None:   # check VAR against the model and find its sink dims once, before anything is written
