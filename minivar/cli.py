@@ -209,14 +209,14 @@ def run(args, extra_methods=()) -> int:
         raise MinivarError(f"--max-new-tokens must be ≥ 1, got {args.max_new_tokens}")
     methods, rule = method_settings(args)
     methods = methods + list(extra_methods)
-    from minivar.flags import var_of
+    from minivar.flags import contrastive_load, var_of
     var = var_of(methods)
     image = processing.load_image(args.image)
     inspection = RunInspection.from_args(args)       # --save-attention / --mask-*: None when not asked for
 
     llava = minivar.load(args.model, device=args.device, dtype=args.dtype,
                          image_options={"min_pixels": args.min_pixels, "max_pixels": args.max_pixels},
-                         contrastive=any(getattr(m, "adds_branch", False) for m in methods))
+                         contrastive=contrastive_load(methods))
     # The request is prepared once, before any status line: what depends on the model (its context length, hidden
     # size, VAR's sink dims — the finder may run now) is checked there, so bad input of any kind gives exactly one
     # line on stderr. The finder's report is printed after the status line. Without --var, the sink sets of the

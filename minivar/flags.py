@@ -118,3 +118,9 @@ def add_contrastive_flags(parser) -> None:
 def var_of(methods):
     """The VARConfig among `methods` (None without VAR)."""
     return next((m.config for m in methods if m.name == "var"), None)
+
+
+def contrastive_load(methods) -> bool:
+    """Does one of `methods` add a contrast branch (Method.adds_branch; an object without the attribute does not)?
+    Then the model is loaded for two-row decode steps (minivar.load(..., contrastive=True))."""
+    return any(getattr(m, "adds_branch", False) for m in methods)

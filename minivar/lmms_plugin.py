@@ -252,7 +252,7 @@ class Minivar(lmms):
             raise MinivarError(f"--model_args max_new_tokens={max_new_tokens!r} must be a whole number ≥ 0")
         if not isinstance(apply_until, bool):
             raise MinivarError(f"--model_args apply_until={apply_until!r} must be true or false")
-        from .flags import DAMRO_OPTIONS, VCD_OPTIONS, contrastive_methods
+        from .flags import DAMRO_OPTIONS, VCD_OPTIONS, contrastive_load, contrastive_methods
         contrastive = {k: var_fields.pop(k) for k in list(var_fields) if k in DAMRO_OPTIONS + VCD_OPTIONS + ("seed",)}
         self.var = var_config(var, var_preset, **var_fields)
         # DAMRO / VCD (damro=true damro_preset=pope ..., vcd=true ...): the command line's translation
@@ -260,7 +260,7 @@ class Minivar(lmms):
         self.max_new_tokens, self.apply_until = max_new_tokens, apply_until
         self.batch_size_per_gpu = int(batch_size)      # max_batch_size is only for batch_size=auto: unused
         self.pipeline = load(str(pretrained), device=str(device), dtype=str(dtype), weights_dir=weights_dir,
-                             contrastive=any(getattr(m, "adds_branch", False) for m in self.methods))
+                             contrastive=contrastive_load(self.methods))
         cfg, family = self.pipeline.config, self.pipeline.family
         # the family's own template and image mode unless given (LLaVA-1.5: vicuna_v1, pad; Qwen2-VL: qwen,
         # smart_resize), and a given one must be the family's

@@ -411,6 +411,7 @@ def run(bench, data: list[Path], out: Path, *, images: Path | None = None, model
     loader (default minivar.load). Everything is checked before the model loads and before anything is written."""
     from dataclasses import asdict
 
+    from ..flags import contrastive_load
     from ..pipeline import check_generation_args, check_tokenization, pick_device, pick_dtype
     from . import minivar_version
 
@@ -483,7 +484,7 @@ def run(bench, data: list[Path], out: Path, *, images: Path | None = None, model
     pipeline = None
     if todo_groups:
         pipeline = (load or _load)(model, device=device, dtype=dtype,
-                                   contrastive=any(getattr(m, "adds_branch", False) for m in methods))
+                                   contrastive=contrastive_load(methods))
         log(f"minivar: loaded {model} in {pipeline.load_s:.2f}s on {pipeline.device} "
             f"({str(pipeline.dtype).replace('torch.', '')})")
         if var is not None:   # check VAR against the model and find its sink dims once, before anything is written

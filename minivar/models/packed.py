@@ -8,10 +8,11 @@ inner product, and a test holds the packed layers bit for bit against `F.linear`
 
 The towers are always packed (checkpoint.load_model). The decoder is packed only on request (`pack_decoder`), for
 runs whose every decode step multiplies the weights by several rows — contrastive decoding's full and contrast
-rows (DAMRO, VCD) —, which then skip the per-call re-layout too: on the reference configuration DAMRO decoded at
-10.96 instead of 9.38 tok/s, VCD at 12.44 instead of 10.00. A single prompt's decode multiplies them by one row,
-and for that PyTorch's own matrix-vector product on a plain weight is the faster (18.7 vs 15.0 tok/s packed), so
-by default the decoder stays plain. A head tied to the embedding stays plain either way (packing would copy it).
+rows (DAMRO, VCD) —, which then skip the per-call re-layout too: on the reference configuration a two-row step
+took 95.7 ms packed against 111.6 ms plain (bench_contrastive: DAMRO 9.94 instead of 6.99 tok/s). A single
+prompt's decode multiplies them by one row, and for that PyTorch's own matrix-vector product on a plain weight is
+the faster (66.9 vs 75.6 ms per step packed), so by default the decoder stays plain. A head tied to the embedding
+stays plain either way (packing would copy it). Figures: docs/performance.md.
 """
 from __future__ import annotations
 
