@@ -239,8 +239,10 @@ class Pipeline:
             feats = [f for f in call.image_features()] + [b.image_features for b in branch if b.image_features is not None]
             request = Request(ids, mask, ims, rows, max_new_tokens, branches=2, image_features=torch.cat(feats),
                               shared=request.shared)
-            if hasattr(self.model, "positions") and all(b.image is not None for b in branch):
-                request.row_images = list(ims) + [b.image for b in branch]      # M-RoPE reads the grids
+            if hasattr(self.model, "positions") and all(b.image is not None or b.image_features is None
+                                                        for b in branch):
+                # M-RoPE reads the grids of the rows' images, in row order (PAI's branch has no image)
+                request.row_images = list(ims) + [b.image for b in branch if b.image is not None]
             call = Call(self, ids, mask, ims, length or ids.shape[1] + max_new_tokens, len(rows), warn=warn,
                         capture=capture, shared=request.shared, features=call.features)
         elif call.features is not None:                 # a method computed the features already: keep them
