@@ -127,8 +127,8 @@ def var_config(args):
 def method_settings(args):
     """(the methods the flags ask for, the pictures' sink rule): the translation minivar-eval and the lmms-eval
     plugin share (flags.py)."""
-    from minivar.flags import DAMRO_OPTIONS, VAR_OPTIONS, VCD_OPTIONS, methods_from_options
-    opts = {k: getattr(args, k) for k in ("var", "seed") + VAR_OPTIONS + DAMRO_OPTIONS + VCD_OPTIONS}
+    from minivar.flags import DAMRO_OPTIONS, PAI_OPTIONS, VAR_OPTIONS, VCD_OPTIONS, methods_from_options
+    opts = {k: getattr(args, k) for k in ("var", "seed") + VAR_OPTIONS + DAMRO_OPTIONS + VCD_OPTIONS + PAI_OPTIONS}
     return methods_from_options(opts, sinks_used=args.save_attention is not None or args.mask_visual_sinks)
 
 
@@ -176,6 +176,13 @@ def method_summary(name: str, report: dict) -> str:
     if name == "vcd":
         return (f"minivar: VCD: the image noised to diffusion step {report['noise_step']} as the contrast image, "
                 f"α {report['alpha']:g}, β {report['beta']:g}")
+    if name == "pai":
+        lo, hi = report["layers_edited"] or [0, 0]
+        guided = (f"guidance γ {report['gamma']:g} against the prompt without the image" if report["gamma"] != 1
+                  else "no guidance (γ 1)")
+        return (f"minivar: PAI: image keys' scores a + α·|a|, α {report['alpha']:g}, in layers {lo}..{hi - 1}; "
+                f"{guided}" + ("; the first token chosen before any edit (the released loop)"
+                                if report["gamma"] != 1 and report["first_token"] == "unedited" else ""))
     return f"minivar: {name}: {json.dumps(report)}"
 
 

@@ -16,6 +16,7 @@ from .errors import MinivarError
 # command lines
 DAMRO_OPTIONS = ("damro", "damro_alpha", "damro_beta", "damro_topk", "damro_preset")
 VCD_OPTIONS = ("vcd", "vcd_alpha", "vcd_beta", "vcd_noise_step")
+PAI_OPTIONS = ("pai", "pai_alpha", "pai_layers", "pai_gamma", "pai_first_token")
 CONV_MODES = ("vicuna_v1", "llava_hf", "llava_v1", "mistral_instruct", "qwen")   # every family's templates (registry)
 IMAGE_MODES = ("pad", "crop", "anyres", "smart_resize")                # every family's image modes (registry)
 
@@ -83,12 +84,15 @@ def methods_from_options(opts: dict, *, preset: str | None = None, spell=flag, s
 
 
 def contrastive_methods(opts: dict, spell=flag) -> list:
-    """DAMRO and VCD as the options ask for them (each None without its switch); they run with VAR or alone, not
-    with each other (each adds a contrast branch). `seed` (the run's) seeds VCD's noise."""
-    from .methods import damro, vcd
-    found = [m for m in (damro.from_options(opts, spell), vcd.from_options(opts, spell)) if m is not None]
+    """DAMRO, VCD and PAI as the options ask for them (each None without its switch); they run with VAR or alone,
+    not with each other (each adds a contrast branch; PAI's released code has no way to combine with another
+    decoding rule). `seed` (the run's) seeds VCD's noise."""
+    from .methods import damro, pai, vcd
+    found = [m for m in (damro.from_options(opts, spell), vcd.from_options(opts, spell),
+                         pai.from_options(opts, spell)) if m is not None]
     if len(found) > 1:
-        raise MinivarError(f"{spell('damro')} and {spell('vcd')} each add a contrast branch: use one of them")
+        names = [spell(m.name) for m in found]
+        raise MinivarError(f"{' and '.join(names)} each add a contrast branch: use one of them")
     return found
 
 
@@ -113,6 +117,24 @@ def add_contrastive_flags(parser) -> None:
     c.add_argument("--vcd-noise-step", type=int, default=None, metavar="N",
                    help="forward-diffusion step of the noised image, 0..999 of 1000 (default: 500); the noise is "
                         "seeded by --seed (default 0) and the image's pixels")
+    add_pai_flags(parser)
+
+
+def add_pai_flags(parser) -> None:
+    """PAI's flags (docs/pai.md)."""
+    a = parser.add_argument_group("PAI (more attention to the image, guidance against the prompt without it; "
+                                  "docs/pai.md)")
+    a.add_argument("--pai", action="store_true", help="apply PAI (default: off)")
+    a.add_argument("--pai-alpha", type=float, default=None, metavar="A",
+                   help="image keys' pre-softmax scores a ← a + α·|a| (default: 0.2)")
+    a.add_argument("--pai-layers", default=None, metavar="S-E",
+                   help="the layers edited, S … E−1 counted from 0 (the released --start-layer/--end-layer), "
+                        "clipped to the model's depth (default: 2-32)")
+    a.add_argument("--pai-gamma", type=float, default=None, metavar="G",
+                   help="guidance γ ≥ 1 against the prompt without the image; 1: no second branch (default: 1.1)")
+    a.add_argument("--pai-first-token", choices=["unedited", "edited"], default=None,
+                   help="unedited: as the released loop, which leaves the first generated token's forward "
+                        "unedited when γ ≠ 1; edited: the paper's rule (default: unedited)")
 
 
 def var_of(methods):

@@ -40,6 +40,8 @@ give each image its own token count):
     (0.8 / 0.5 / 0.9), and every VARConfig field can be set by name: `tau`, `rho`, `p`, `min_image_attention`,
     `sink_dims` (`[1415,2533]`, `1415;2533` or `auto`), `layers` (`[0,1,2]` or `0;1;2`), and any field VARConfig
     gains later. VAR args without var=true are an error;
+  * DAMRO, VCD, PAI: `damro=true`, `vcd=true`, `pai=true` with their command-line settings by name (`pai_alpha`,
+    `pai_layers` as `2-32`, `pai_gamma`, `pai_first_token`; docs/pai.md); generation only;
   * batching: `--batch_size N` runs N requests with the same generation settings together (left-padded, each with
     its own VAR state; greedy answers equal those run one by one). One process: no multi-GPU data parallelism.
 """
@@ -252,10 +254,12 @@ class Minivar(lmms):
             raise MinivarError(f"--model_args max_new_tokens={max_new_tokens!r} must be a whole number ≥ 0")
         if not isinstance(apply_until, bool):
             raise MinivarError(f"--model_args apply_until={apply_until!r} must be true or false")
-        from .flags import DAMRO_OPTIONS, VCD_OPTIONS, contrastive_load, contrastive_methods
-        contrastive = {k: var_fields.pop(k) for k in list(var_fields) if k in DAMRO_OPTIONS + VCD_OPTIONS + ("seed",)}
+        from .flags import DAMRO_OPTIONS, PAI_OPTIONS, VCD_OPTIONS, contrastive_load, contrastive_methods
+        contrastive = {k: var_fields.pop(k) for k in list(var_fields)
+                       if k in DAMRO_OPTIONS + VCD_OPTIONS + PAI_OPTIONS + ("seed",)}
         self.var = var_config(var, var_preset, **var_fields)
-        # DAMRO / VCD (damro=true damro_preset=pope ..., vcd=true ...): the command line's translation
+        # DAMRO / VCD / PAI (damro=true damro_preset=pope ..., vcd=true ..., pai=true pai_gamma=1.1 ...): the
+        # command line's translation
         self.methods = contrastive_methods(contrastive, spell=lambda k: f"--model_args {k}")
         self.max_new_tokens, self.apply_until = max_new_tokens, apply_until
         self.batch_size_per_gpu = int(batch_size)      # max_batch_size is only for batch_size=auto: unused

@@ -177,9 +177,9 @@ def method_settings(args, bench):
     """The methods the flags ask for, built as run.py builds them (flags.py): --var without --var-preset
     takes the paper's preset for the benchmark's family (hallucination ρ 0.5, vision ρ 0.9, general ρ 0.8), under
     either rule (the released rule's rho = 1 − ρ); checked before the model loads."""
-    from minivar.flags import DAMRO_OPTIONS, VAR_OPTIONS, VCD_OPTIONS, methods_from_options
+    from minivar.flags import DAMRO_OPTIONS, PAI_OPTIONS, VAR_OPTIONS, VCD_OPTIONS, methods_from_options
     return methods_from_options({k: getattr(args, k) for k in ("var", "seed") + VAR_OPTIONS + DAMRO_OPTIONS
-                                 + VCD_OPTIONS},
+                                 + VCD_OPTIONS + PAI_OPTIONS},
                                 preset=bench.family or "general")[0]
 
 
