@@ -268,15 +268,30 @@ def test_batched_and_many_questions_equal_one_by_one(llava):
     assert [r.output_ids for r in many] == one
 
 
-def test_with_var_composes_in_list_order(demo_pipe):
-    """VAR and PAI together: both act (the answer differs from each alone) and a batch equals one by one."""
+def test_llava_next_batch_and_many_questions_equal_one_by_one(tmp_path):
+    """LLaVA-NeXT (its image span: the crops' tokens and the newline tokens): PAI's answers in a batch of two
+    images of different token counts, and for two questions about one image, equal each alone."""
+    from test_llava_next_pipeline import write_next
+    pipe = minivar.load(str(write_next(tmp_path / "next")), device="cpu", dtype="float32")
+    cfg = PAIConfig(alpha=2.0, layers=(0, pipe.config.text.num_hidden_layers), gamma=2.0)
+    pictures, prompts = [image(3, size=(150, 70)), image(4)], [PROMPT, "Describe the picture please."]
+    alone = [pipe.generate(p, q, methods=[PAI(cfg)], max_new_tokens=6).output_ids for p, q in zip(pictures, prompts)]
+    assert [r.output_ids for r in pipe.generate_batch(pictures, prompts, methods=[PAI(cfg)], max_new_tokens=6)] == alone
+    many = pipe.generate_many(pictures[0], prompts, methods=[PAI(cfg)], max_new_tokens=6)
+    assert many[1].output_ids == pipe.generate(pictures[0], prompts[1], methods=[PAI(cfg)], max_new_tokens=6).output_ids
+    assert alone[0] != pipe.generate(pictures[0], PROMPT, max_new_tokens=6).output_ids
+
+
+def test_with_var_composes_in_list_order(llava):
+    """VAR and PAI together: both report, the answer differs from PAI's alone, and a batch equals one by one."""
     from minivar.methods.var import VAR, VARConfig
-    pipe = demo_pipe
+    ref, pipe = llava
     picture = image(4)
-    cfg = PAIConfig(alpha=2.0, layers=(0, 4), gamma=2.0)
-    var = VARConfig(tau=1.0, rho=0.0, sink_dims=(0, 1))
+    cfg = PAIConfig(alpha=2.0, layers=(0, 2), gamma=2.0)
+    var = VARConfig(tau=0.5, rho=0.0, p=0.9, sink_dims=(0, 1))
     both = pipe.generate(picture, PROMPT, methods=[VAR(var), PAI(cfg)], max_new_tokens=8)
-    assert set(both.reports) == {"var", "pai"}
+    assert set(both.reports) == {"var", "pai"} and sum(both.reports["var"]["redistributed"]["decode"]) > 0
+    assert both.output_ids != pipe.generate(picture, PROMPT, methods=[PAI(cfg)], max_new_tokens=8).output_ids
     batch = pipe.generate_batch([picture, image(6)], [PROMPT, "Describe it."], methods=[VAR(var), PAI(cfg)],
                                 max_new_tokens=8)
     assert batch[0].output_ids == both.output_ids

@@ -263,7 +263,7 @@ def make_table(args, benches: list[str], arms: list[Arm], skipped: list[dict], l
                     "benchmark": bench, "metric": metric, "label": label, "method": arm.name,
                     "method_label": arm.label, "setting": arm.setting, "base": base.name, "base_setting": base.setting,
                     "reported": {"base": rep.base if rep else None, "method": rep.method if rep else None,
-                                 "source": rep.source if rep else "no figure", "status": NOT_VERIFIED},
+                                 "source": rep.source if rep else None, "status": NOT_VERIFIED if rep else "no figure"},
                     "measured": {"base": scaled(b), "method": scaled(m)},
                     "delta": None if b is None or m is None else (m - b) * scale,
                     "ci95": [scaled(ci[0]), scaled(ci[1])], "n": metrics[arm.name]["n"],
@@ -299,7 +299,7 @@ def print_table(table: dict) -> None:
         print("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
     for name, setting in table["methods"].items():
         print(f"setting: {name}: {setting}")
-    for source in sorted({row["reported"]["source"] for row in table["rows"]}):
+    for source in sorted({row["reported"]["source"] for row in table["rows"]} - {None}):
         print(f"reported: {source} ({NOT_VERIFIED})")
     if table["rows"]:
         print(f"measured: the runs' metrics.json under {Path(table['rows'][0]['runs']['base']).parent}; "
