@@ -243,6 +243,19 @@ def test_the_attention_step_equals_the_released_forward(llava):
     assert torch.equal(mine[:, :-1], plain[:, :-1]) and (mine[:, -1] - plain[:, -1]).abs().max() > 1e-3
 
 
+def test_the_step_is_attention_py_and_a_masked_key_stays_masked():
+    from minivar.methods.pai import amplify
+    g = torch.Generator().manual_seed(1)
+    scores = torch.randn(2, 3, 1, 6, generator=g) * 4
+    keys = torch.tensor([[0, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 0]], dtype=torch.bool)
+    scores[0, :, :, 2] = torch.finfo(torch.float32).min                    # a key a sink mask removed
+    out = amplify(scores, keys, 2.0)
+    want = scores.clone()
+    for b, cols in ((0, [1, 3]), (1, [2, 3, 4])):
+        want[b, :, :, cols] = scores[b, :, :, cols].abs() * 2.0 + scores[b, :, :, cols]
+    assert torch.equal(out, want) and torch.softmax(out, -1)[0, :, :, 2].max() == 0
+
+
 def test_guidance_is_cfg_py():
     g = torch.Generator().manual_seed(0)
     full, plain = torch.randn(3, 50, generator=g) * 3, torch.randn(3, 50, generator=g) * 3

@@ -104,8 +104,11 @@ def parse_layers(text) -> tuple[int, int]:
 
 
 def amplify(scores: torch.Tensor, keys: torch.Tensor, alpha: float) -> torch.Tensor:
-    """attention.py's step: scores [B, H, R, S] with a ← |a|·α + a where keys [B, S] (the image keys)."""
-    return torch.where(keys[:, None, None, :], scores.abs() * alpha + scores, scores)
+    """attention.py's step: scores [B, H, R, S] with a ← |a|·α + a where keys [B, S] (the image keys). A masked key
+    (at the fp32 minimum: a key a sink mask removed) stays masked — the released code never masks an image key,
+    and for α ≥ 1 its step would turn the minimum into a huge positive score."""
+    visible = scores > torch.finfo(scores.dtype).min
+    return torch.where(keys[:, None, None, :] & visible, scores.abs() * alpha + scores, scores)
 
 
 def guidance(full: torch.Tensor, plain: torch.Tensor, gamma: float) -> torch.Tensor:
