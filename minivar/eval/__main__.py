@@ -147,9 +147,11 @@ class Terminated(BaseException):
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from .harness import cli_logging
+    from .hallucination import cmd_hallucination
     from .reproduce import cmd_reproduce  # noqa: E402
     commands = {"run": cmd_run, "score": cmd_score, "compare": cmd_compare, "download": cmd_download,
-                "reproduce": cmd_reproduce}
+                # reproduce hallucination (several methods, one table) is hallucination.py's; var and damro reproduce's
+                "reproduce": lambda a: (cmd_hallucination if a.paper == "hallucination" else cmd_reproduce)(a)}
 
     def work(a):
         try:

@@ -1,5 +1,5 @@
 """`minivar-eval reproduce var|damro`: a paper's evaluation end to end, base and method, in one command
-(`reproduce hallucination`, several methods in one table, is hallucination.py's).
+(`reproduce hallucination`, several methods in one table, is hallucination.py's, built on this module).
 
     minivar-eval reproduce var --data-root data --out runs/var [--benchmarks pope,mme] [--limit N] [--dry-run]
 
@@ -309,9 +309,6 @@ def check_run_flags(args) -> None:
 
 def cmd_reproduce(args) -> int:
     from . import harness
-    if args.paper == "hallucination":                    # several methods, one table: its own module
-        from .hallucination import cmd_hallucination
-        return cmd_hallucination(args)
     execute_run, prog_name, run_parser = args.execute_run, args.prog_name, args.run_parser
     paper = PAPERS[args.paper]
     entries = selected(paper, args.benchmarks)
