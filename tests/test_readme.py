@@ -1,5 +1,6 @@
-"""The README's examples work as written: every ```python block runs on the offline demo (from the repo root), and
-every `minivar ...` command in a ```bash block (of the README and docs/) is one the command line accepts."""
+"""The README's examples work as written: every ```python block of the README and of docs/api.md runs on the offline
+demo (from the repo root), every `minivar ...` command in a ```bash block (of the README and docs/) is one the
+command line accepts, every synopsis in the docs is the parser's usage, and every relative link leads to a file."""
 import re
 import shlex
 from pathlib import Path
@@ -11,6 +12,7 @@ from minivar import cli
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()
 DOCS = [README] + [p.read_text() for p in sorted((REPO / "docs").glob("*.md"))]
+RUNNABLE = [README, (REPO / "docs" / "api.md").read_text()]     # pages whose python blocks run on the demo
 
 
 def blocks(language: str, texts=(README,)) -> list[str]:
@@ -21,11 +23,11 @@ def test_the_readme_has_examples():
     assert blocks("python") and blocks("bash")
 
 
-@pytest.mark.parametrize("index", range(len(blocks("python"))))
+@pytest.mark.parametrize("index", range(len(blocks("python", RUNNABLE))))
 def test_python_blocks_run_on_the_demo(index, demo_env, monkeypatch, capsys):
     monkeypatch.chdir(REPO)
-    code = blocks("python")[index]
-    exec(compile(code, f"README.md python block {index + 1}", "exec"), {"__name__": "__readme__"})
+    code = blocks("python", RUNNABLE)[index]
+    exec(compile(code, f"python block {index + 1}", "exec"), {"__name__": "__readme__"})
     assert capsys.readouterr().out.strip() or "print(" not in code      # what it prints, it printed
 
 
@@ -50,3 +52,28 @@ def test_bash_commands_parse(argv):
     assert args.image and args.prompt
     if args.model == "demo":                                 # the demo commands name files of this repo
         assert (REPO / args.image).is_file(), args.image
+
+
+def test_the_docs_synopses_are_the_parsers():
+    """Each `<!-- synopsis: PROGRAM -->` block is PROGRAM's usage as its parser prints it (line breaks aside):
+    a flag added, renamed or given new choices makes this fail until `python tools/synopsis.py` rewrites the docs."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("synopsis_tool", REPO / "tools" / "synopsis.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    usage = tool.usages()
+    found = [(program, block) for text in DOCS for program, block in tool.synopses(text)]
+    assert {"minivar", "minivar-eval run", "minivar-eval reproduce"} <= {program for program, _ in found}
+    for program, block in found:
+        assert block.split() == usage[program].split(), f"{program}: the docs' synopsis is stale; run " \
+                                                        f"python tools/synopsis.py"
+    stale = tool.rewrite("<!-- synopsis: minivar -->\n```\nusage: minivar --old\n```\n", usage)
+    assert tool.synopses(stale) == [("minivar", usage["minivar"] + "\n")]
+
+
+def test_relative_links_lead_to_files():
+    pages = [REPO / "README.md"] + sorted((REPO / "docs").glob("*.md"))
+    for page in pages:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+            if "://" not in target and not target.startswith("mailto:"):
+                assert (page.parent / target).exists(), f"{page.relative_to(REPO)} links to {target}"
