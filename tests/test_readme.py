@@ -77,3 +77,18 @@ def test_relative_links_lead_to_files():
         for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
             if "://" not in target and not target.startswith("mailto:"):
                 assert (page.parent / target).exists(), f"{page.relative_to(REPO)} links to {target}"
+
+
+def test_ci_runs_the_readmes_two_commands():
+    """The README's "Two commands" block is what .ci/run runs (pip as `python -m pip`, quietly): the same
+    installs, then the same test command."""
+    section = README.split("## Two commands", 1)[1].split("\n## ", 1)[0]
+    install, test = blocks("bash", (section,))[0].strip().splitlines()
+    ci = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()
+          if line.strip() and not line.lstrip().startswith("#")]
+
+    def plain(line):
+        return " ".join(w for w in line.replace("python -m pip", "pip").split() if w != "--quiet")
+
+    assert plain(install) in map(plain, ci)
+    assert test == "python -m pytest -q" and ci[-1] == test          # the whole suite, last
