@@ -71,12 +71,28 @@ def test_the_docs_synopses_are_the_parsers():
     assert tool.synopses(stale) == [("minivar", usage["minivar"] + "\n")]
 
 
-def test_relative_links_lead_to_files():
-    pages = [REPO / "README.md"] + sorted((REPO / "docs").glob("*.md"))
+def anchors(text: str) -> set[str]:
+    """The anchors GitHub gives a page's headings: lower case, punctuation dropped, spaces as hyphens."""
+    text = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)             # no headings inside code blocks
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
+            for h in re.findall(r"^#+ (.+)$", text, re.M)}
+
+
+def test_relative_links_lead_to_files_and_headings():
+    pages = [REPO / "README.md", REPO / "CHANGELOG.md"] + sorted((REPO / "docs").glob("*.md"))
     for page in pages:
-        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
-            if "://" not in target and not target.startswith("mailto:"):
-                assert (page.parent / target).exists(), f"{page.relative_to(REPO)} links to {target}"
+        for target, anchor in re.findall(r"\]\(([^)#\s]*)(?:#([^)\s]*))?\)", page.read_text()):
+            if "://" in target or target.startswith("mailto:"):
+                continue
+            path = page.parent / target if target else page
+            assert path.exists(), f"{page.relative_to(REPO)} links to {target}"
+            if anchor and path.suffix == ".md":
+                assert anchor in anchors(path.read_text()), f"{page.relative_to(REPO)} links to {target}#{anchor}"
+
+
+def test_anchors_follow_githubs_rule():
+    assert anchors("## VCD (released code = minivar's default)\n## `--json` with `--var`\n") == \
+        {"vcd-released-code--minivars-default", "--json-with---var"}
 
 
 def test_ci_runs_the_readmes_two_commands():
