@@ -202,11 +202,9 @@ def run(args, extra_methods=()) -> int:
     from minivar.pipeline import check_generation_args
 
     # Check everything the user passed before the (slow) model load.
-    check_generation_args(args.max_new_tokens, args.temperature, args.top_p)
+    check_generation_args(args.max_new_tokens, args.temperature, args.top_p, args.seed)
     if not args.prompt.strip():
         raise MinivarError("--prompt is empty")
-    if args.max_new_tokens < 1:
-        raise MinivarError(f"--max-new-tokens must be ≥ 1, got {args.max_new_tokens}")
     methods, rule = method_settings(args)
     methods = methods + list(extra_methods)
     from minivar.flags import contrastive_load, var_of

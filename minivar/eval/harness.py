@@ -426,9 +426,7 @@ def run(bench, data: list[Path], out: Path, *, images: Path | None = None, model
                      conv_mode or default_conv, image_aspect_ratio or default_image, var,
                      prompt_tokenization, tuple(m for m in methods if m.name != "var"), temperature, top_p, seed)
     check_tokenization(prompt_tokenization, gen.conv_mode)
-    check_generation_args(gen.max_new_tokens, temperature, top_p)
-    if gen.max_new_tokens < 1:           # an empty answer would still be scored (POPE reads it as "yes")
-        raise MinivarError(f"--max-new-tokens must be ≥ 1 for a benchmark run, got {gen.max_new_tokens}")
+    check_generation_args(gen.max_new_tokens, temperature, top_p, seed)
     if var is not None:
         var.validate()
     device = run_device(device)
