@@ -359,9 +359,15 @@ def test_status_lines(demo_env):
 
 
 def test_masking_log_says_one_count_once(demo_env, tmp_path):
-    rc, out, err = run_cli(BASE + ["--mask-random-image-tokens", "4", "--save-attention", tmp_path / "p"])
+    rc, out, err = run_cli(BASE + ["--mask-visual-sinks", "--json"])
     assert rc == 0, err
-    assert "4-4 per layer" not in err and "4 per layer" in err
+    counts = set(json.loads(out)["masked"]["count"].values())
+    line = next(line for line in err.splitlines() if "masked the visual sinks" in line)
+    if len(counts) == 1:                                      # one count: said once
+        assert f"({counts.pop()} per layer)" in line, line
+    else:
+        assert f"({min(counts)}-{max(counts)} per layer)" in line, line
+    assert not re.search(r"\((\d+)-\1 per layer\)", line), line
 
 
 def test_qwen2_5_aspect_error_names_its_family():
