@@ -12,6 +12,10 @@ cut off by a kill (no newline at its end) is dropped and its question asked agai
 grow to a larger --limit, never shrink: a smaller --limit on an existing run is refused (its metrics.json and the
 answers kept would describe different question sets).
 
+One writer: a run holds a lock on the answers file it appends to (RunLock), so two runs into one --out never
+answer a question twice; a resume that finds duplicate lines (written before runs were locked) keeps each
+question's first answer and says how many it dropped.
+
 Which settings change answers (a resume must match them, else it is refused naming the setting): the benchmark,
 the questions (a fingerprint of ids, prompts and image keys: moving the data folder is fine, changing it is not),
 the model, the device type (cpu / cuda), the dtype, VAR's settings (its rule and heads too), the prompt template,
