@@ -207,7 +207,9 @@ def run(args, extra_methods=()) -> int:
         raise MinivarError("--prompt is empty")
     methods, rule = method_settings(args)
     methods = methods + list(extra_methods)
-    from minivar.flags import contrastive_load, var_of
+    from minivar.flags import check_seed_applies, contrastive_load, var_of
+    check_seed_applies(args.seed, args.temperature, methods,
+                       uses=(("--mask-random-image-tokens", args.mask_random_image_tokens is not None),))
     var = var_of(methods)
     image = processing.load_image(args.image)
     inspection = RunInspection.from_args(args)       # --save-attention / --mask-*: None when not asked for

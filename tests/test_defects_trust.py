@@ -411,6 +411,12 @@ def test_an_option_without_effect_is_an_error_naming_what_it_needs(demo_env, tin
     with pytest.raises(MinivarError, match="`top_p`.*`temperature`"):
         demo_pipe.generate(Image.open(REPO / IMAGE), PROMPT, top_p=0.5)
     assert run_cli(BASE + ["--top-p", "0.5", "--temperature", "0.7", "--seed", "1"])[0] == 0
+    # --seed alike: it seeds sampling, VCD's noise and (minivar) the random masking; alone it does nothing
+    line = assert_one_line_error(*run_cli(BASE + ["--seed", "3"]), "--seed", "--temperature", "--vcd",
+                                 "--mask-random-image-tokens")
+    assert "only applies with" in line
+    assert_one_line_error(*cli(run_args(root, tmp_path / "s", "--seed", "3")), "--seed", "--temperature", "--vcd")
+    assert not (tmp_path / "s").exists()
 
 
 def test_score_and_compare_positionals_have_help():

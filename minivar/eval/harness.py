@@ -525,7 +525,7 @@ def run(bench, data: list[Path], out: Path, *, images: Path | None = None, model
     loader (default minivar.load). Everything is checked before the model loads and before anything is written."""
     from dataclasses import asdict
 
-    from ..flags import contrastive_load
+    from ..flags import check_seed_applies, contrastive_load
     from ..pipeline import check_generation_args, check_tokenization, pick_device, pick_dtype
     from . import minivar_version
 
@@ -541,6 +541,7 @@ def run(bench, data: list[Path], out: Path, *, images: Path | None = None, model
                      prompt_tokenization, tuple(m for m in methods if m.name != "var"), temperature, top_p, seed)
     check_tokenization(prompt_tokenization, gen.conv_mode)
     check_generation_args(gen.max_new_tokens, temperature, top_p, seed)
+    check_seed_applies(seed, temperature, list(methods), spell=lambda k: "--" + k.replace("_", "-"))
     if var is not None:
         var.validate()
     device = run_device(device)
