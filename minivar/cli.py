@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "download, ≥ 16 GB of (V)RAM")
     p.add_argument("--max-new-tokens", type=int, default=128, help="stop after this many tokens (default: 128)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples (default: 0)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when sampling (default: 1.0)")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="nucleus sampling mass, with --temperature > 0 only (default: 1.0)")
     p.add_argument("--seed", type=int, default=None,
                    help="seed for sampling and --mask-random-image-tokens (default: none for sampling, 0 for masking)")
     p.add_argument("--conv-mode", choices=CONV_MODES, default=None,

@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "anyres (LLaVA-NeXT) and smart_resize (Qwen2-VL): those families' own, their default")
     g.add_argument("--temperature", type=float, default=0.0,
                    help="0 = greedy, as LLaVA-1.5's evaluation (default); > 0 samples (DAMRO's scripts: 1)")
-    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when sampling (default: 1.0)")
+    g.add_argument("--top-p", type=float, default=1.0,
+                   help="nucleus sampling mass, with --temperature > 0 only (default: 1.0)")
     g.add_argument("--seed", type=int, default=None,
                    help="seed of the sampling (per batch of questions) and of VCD's noise (default: none; VCD: 0)")
     g.add_argument("--max-new-tokens", type=int, default=None, metavar="N",

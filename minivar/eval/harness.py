@@ -466,8 +466,12 @@ class RunLock:
 
     def overlaps(self, other: Path) -> bool:
         """Could the run holding `other` answer one of this run's questions?"""
-        name = other.name[1:-len(".lock")]
-        theirs = None if name == "answers.jsonl" else parse_shard(name[len("answers-"):-len(".jsonl")].replace("-of-", "/"))
+        name = other.name[1:-len(".lock")]                 # answers.jsonl, or answers-I-of-N.jsonl
+        shard = name[len("answers-"):-len(".jsonl")].replace("-of-", "/")
+        try:
+            theirs = None if name == "answers.jsonl" else parse_shard(shard)
+        except MinivarError:                           # not a name a run gives its lock: keep out of its way
+            return True
         mine = self.shard
         return mine is None or theirs is None or mine[1] != theirs[1] or mine[0] == theirs[0]
 
