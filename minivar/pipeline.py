@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,12 +76,12 @@ def check_generation_args(max_new_tokens: int, temperature: float, top_p: float,
     """The generation settings' types and ranges, one rule for the API and both command lines (which check them
     before loading the model): max_new_tokens a whole number ≥ 1, temperature finite and ≥ 0, top_p in (0, 1] and
     only when sampling (an option that would have no effect is an error), seed a 64-bit integer."""
-    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool):
+    if not isinstance(max_new_tokens, numbers.Integral) or isinstance(max_new_tokens, bool):
         raise MinivarError(f"`max_new_tokens` must be an int, got {type(max_new_tokens).__name__} {max_new_tokens!r}")
     if max_new_tokens < 1:
         raise MinivarError(f"`max_new_tokens` must be a whole number ≥ 1, got {max_new_tokens}")
     for name, value in (("temperature", temperature), ("top_p", top_p)):
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
+        if not isinstance(value, numbers.Real) or isinstance(value, bool):
             raise MinivarError(f"`{name}` must be a number (int or float), got {type(value).__name__} {value!r}")
     if not 0 <= temperature < math.inf:   # also catches nan
         raise MinivarError(f"`temperature` must be finite and ≥ 0, got {temperature}")
@@ -90,7 +91,7 @@ def check_generation_args(max_new_tokens: int, temperature: float, top_p: float,
         raise MinivarError(f"`top_p` {top_p:g} only applies with `temperature` > 0 (greedy decoding keeps the top "
                            f"token)")
     if seed is not None:
-        if not isinstance(seed, int) or isinstance(seed, bool):
+        if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
             raise MinivarError(f"`seed` must be an int, got {type(seed).__name__} {seed!r}")
         if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
             raise MinivarError(f"`seed` {seed} is outside the 64-bit range a generator takes "
