@@ -52,12 +52,14 @@ def normalise_key(key: str, rules=None) -> str:
 def resolve(model: str, weights_dir: Path | None = None) -> Path:
     """A local directory for `model`: the path itself, an earlier download in weights/, or a fresh hub download."""
     weights_dir = Path(weights_dir or WEIGHTS_DIR)
-    if model == "demo":                      # the offline demo: a tiny random checkpoint, built on first use
-        from . import demo
-        return demo.ensure(weights_dir / "demo")
+    from . import demo
     path = Path(model).expanduser()
+    if model in demo.demos() or model == "demo-llava":   # the offline demos: tiny random checkpoints (demo.py)
+        return demo.resolve(model, weights_dir)
     if path.is_dir():
         return path
+    if demo.is_demo_name(model):
+        return demo.resolve(model, weights_dir)          # one error listing the demos
     if path.exists():
         raise MinivarError(f"--model '{model}' is a file; give the checkpoint directory (with config.json)")
     looks_like_hub_id = re.fullmatch(r"[A-Za-z0-9][\w.\-]*/[\w.\-]+", model) is not None and not model.startswith(".")

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from .. import demo
 from ..errors import MinivarError
 from ..methods.hooks import as_hooks
 from . import llava
@@ -335,4 +336,5 @@ FAMILY = Family(
     model_type="llava_next", name="LLaVA-NeXT", config=config_from_checkpoint, model=LlavaNext, key_rules=KEY_RULES,
     unused_key=is_unused_key, images=next_image, conv_modes=("vicuna_v1", "llava_hf", "llava_v1", "mistral_instruct"),
     # per checkpoint: LlavaNextConfig.default_conv_mode (mistral_instruct for the Mistral variant)
-    default_conv_mode="vicuna_v1", image_modes=("anyres",), known_sink_dims=KNOWN_SINK_DIMS, view=next_view)
+    default_conv_mode="vicuna_v1", image_modes=("anyres",), known_sink_dims=KNOWN_SINK_DIMS, view=next_view,
+    demo=demo.build_llava_next)
