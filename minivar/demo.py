@@ -254,12 +254,12 @@ def build(directory: Path, seed: int = 0) -> Path:
                             make_tokenizer())
 
 
-NEXT_IMAGE_SIZE = 168                          # CLIP crops of 168 px: 12×12 tokens each, a few hundred per image
-NEXT_SINK_PATCHES = (13, 40, 100, 130)         # on the 12×12 grid of every crop (the base and each tile)
+NEXT_IMAGE_SIZE = 112                          # CLIP crops of 112 px: 8×8 tokens each, at most 336 per image
+NEXT_SINK_PATCHES = (9, 20, 43, 62)            # on the 8×8 grid of every crop (the base and each tile)
 
 
 def next_demo_config():
-    """`--model demo-llava_next`: LLaVA-NeXT's anyres tiling (base + up to 2×2 tiles of 168 px) with the demo's
+    """`--model demo-llava_next`: LLaVA-NeXT's anyres tiling (base + up to 2×2 tiles of 112 px) with the demo's
     decoder."""
     from .models.llava_next import LlavaNextConfig
     base = demo_config()
