@@ -17,7 +17,8 @@ import unicodedata
 
 
 from minivar.defaults import DEFAULT_MODEL
-from minivar.flags import CONV_MODES, IMAGE_MODES, HelpFormatter, add_contrastive_flags, overview, version_line  # (no torch either)
+from minivar.flags import (CONV_MODES, IMAGE_MODES, PROMPT_TOKENIZATION_HELP, PROMPT_TOKENIZATIONS,  # (no torch
+                           HelpFormatter, add_contrastive_flags, overview, version_line)        # either)
 
 INTRO = ("Answer a question about an image with a vision-language model in plain PyTorch, optionally with "
          "training-free attention methods.")
@@ -80,9 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true",
                    help="print one JSON object on stdout (ids, text, finished, stopped, timing, VAR) instead of "
                         "streaming the text (default: off)")
-    p.add_argument("--prompt-tokenization", choices=["llava", "official"], default="llava",
-                   help="llava: BOS + the template as LLaVA tokenizes it; official: as the VAR authors' released code "
-                        "does (no BOS, 29871 kept once; vicuna_v1 only; docs/official-rule.md) (default: llava)")
+    p.add_argument("--prompt-tokenization", choices=PROMPT_TOKENIZATIONS, default="llava",
+                   help=f"{PROMPT_TOKENIZATION_HELP} (default: llava)")
     v = p.add_argument_group("VAR (Visual Attention Redistribution)")
     v.add_argument("--var", action="store_true", help="apply VAR (default: off)")
     v.add_argument("--var-preset", choices=["general", "hallucination", "vision"], default=None,

@@ -21,6 +21,13 @@ DAMRO_OPTIONS = ("damro", "damro_alpha", "damro_beta", "damro_topk", "damro_pres
 VCD_OPTIONS = ("vcd", "vcd_alpha", "vcd_beta", "vcd_noise_step")
 CONV_MODES = ("vicuna_v1", "llava_hf", "llava_v1", "mistral_instruct", "qwen")   # every family's templates (registry)
 IMAGE_MODES = ("pad", "crop", "anyres", "smart_resize")                # every family's image modes (registry)
+# the prompt's ids: LLaVA's fast tokenizer, VAR's released code, DAMRO's released scripts (processing.py)
+PROMPT_TOKENIZATIONS = ("llava", "official", "damro")
+PROMPT_TOKENIZATION_HELP = ("llava: BOS + the template as LLaVA's fast tokenizer gives it; official: as the VAR "
+                            "authors' released code does (no BOS, 29871 kept once; vicuna_v1 only; "
+                            "docs/official-rule.md); damro: as DAMRO's released scripts do (their slow tokenizer: "
+                            "no \"▁\" after a special token, typed </s> <s> <unk> as those tokens; LLaMA templates; "
+                            "docs/damro.md)")
 
 VAR_ONLY = ("var_preset", "rho", "p", "min_image_attention", "var_rule", "var_heads", "var_layers")
 SINK_RULE = ("tau", "sink_dims")            # also the sink sets of the pictures and of sink masking

@@ -18,7 +18,8 @@ import sys
 from pathlib import Path
 
 from ..defaults import DEFAULT_MODEL
-from ..flags import CONV_MODES, IMAGE_MODES, HelpFormatter, add_contrastive_flags, overview, version_line
+from ..flags import (CONV_MODES, IMAGE_MODES, PROMPT_TOKENIZATION_HELP, PROMPT_TOKENIZATIONS, HelpFormatter,
+                     add_contrastive_flags, overview, version_line)
 from ..errors import MinivarError, run_command
 
 BENCHMARK_NAMES = ("pope", "mme", "chair", "mmvp", "cvbench", "gqa")
@@ -101,8 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seed of the sampling (per batch of questions) and of VCD's noise (default: none; VCD: 0)")
     g.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
                    help=f"most tokens per answer (default: the benchmark's, {MAX_NEW_TOKENS_HELP})")
-    g.add_argument("--prompt-tokenization", choices=["llava", "official"], default="llava",
-                   help="llava (default) or official: the prompt ids as the VAR authors' released code builds them")
+    g.add_argument("--prompt-tokenization", choices=PROMPT_TOKENIZATIONS, default="llava",
+                   help=f"{PROMPT_TOKENIZATION_HELP} (default: llava)")
     add_contrastive_flags(r)
     e = r.add_argument_group("execution")
     e.add_argument("--batch-size", type=int, default=8, help="questions about one image answered together (default 8)")
