@@ -418,7 +418,7 @@ def slow_llama_ids(tokenizer, text: str, specials: dict[str, int]) -> list[int]:
 def _without_dummy_prefix(tokenizer):
     """(the tokenizer.json with its sentencepiece dummy prefix turned off — the Prepend("▁") normalizer dropped, a
     Metaspace pre-tokenizer set to prepend never — and its added tokens never matched in text; "▁" if it had such
-    a prefix, else ""). Made once per processing.Tokenizer."""
+    a prefix, else ""). Made once per processing.Tokenizer (or _Prepared)."""
     import json as _json
     from tokenizers import Tokenizer as _HFTokenizer
     cached = getattr(tokenizer, "_no_prefix", None)
@@ -439,9 +439,21 @@ def _without_dummy_prefix(tokenizer):
     tok = _HFTokenizer.from_str(_json.dumps(spec))
     tok.encode_special_tokens = True           # the specials are split out by slow_llama_ids, as the slow one does
     result = (tok, SPIECE if found else "")
-    if isinstance(tokenizer, Tokenizer):
+    if hasattr(tokenizer, "_no_prefix"):
         tokenizer._no_prefix = result
     return result
+
+
+class _Prepared:
+    """A bare tokenizers.Tokenizer with a place for its prefix-free copy, so that the segments of one prompt make
+    that copy once."""
+
+    def __init__(self, tok):
+        self._tok, self._no_prefix = tok, None
+
+
+def _prepared(tokenizer):
+    return tokenizer if hasattr(tokenizer, "_no_prefix") else _Prepared(getattr(tokenizer, "_tok", tokenizer))
 
 
 def special_tokens(tokenizer, names=None) -> dict[str, int]:
@@ -471,8 +483,8 @@ def damro_prompt_ids(tokenizer, user_text: str, conv_mode: str, num_image_tokens
                            f"({', '.join(DAMRO_TEMPLATES)}; the released scripts use llava_v1), not {conv_mode}")
     if int(num_image_tokens) < 1:
         raise MinivarError(f"num_image_tokens must be at least 1, got {num_image_tokens}")
-    tok = getattr(tokenizer, "_tok", tokenizer)
-    ids = [tok.token_to_id("<s>")] + slow_llama_ids(tokenizer, build_prompt(user_text, conv_mode),
+    tokenizer = _prepared(tokenizer)
+    ids = [tokenizer._tok.token_to_id("<s>")] + slow_llama_ids(tokenizer, build_prompt(user_text, conv_mode),
                                                     special_tokens(tokenizer))
     image_token_id = int(image_token_id)
     if ids.count(image_token_id) != 1:
@@ -522,6 +534,7 @@ def official_prompt_ids(tokenizer, user_text: str, num_image_tokens: int, image_
     """
     if int(num_image_tokens) < 1:
         raise MinivarError(f"num_image_tokens must be at least 1, got {num_image_tokens}")
+    tokenizer = _prepared(tokenizer)
     specials = special_tokens(tokenizer, SENTENCEPIECE_SPECIALS)
     ids: list[int] = []
     space_seen = False
