@@ -16,9 +16,10 @@ import sys
 import unicodedata
 
 
+from minivar import __version__
 from minivar.defaults import DEFAULT_MODEL
 from minivar.flags import (CONV_MODES, IMAGE_MODES, PROMPT_TOKENIZATION_HELP, PROMPT_TOKENIZATIONS,  # (no torch
-                           HelpFormatter, add_contrastive_flags, overview, version_line)        # either)
+                           HelpFormatter, add_contrastive_flags, overview)                      # either)
 
 INTRO = ("Answer a question about an image with a vision-language model in plain PyTorch, optionally with "
          "training-free attention methods.")
@@ -46,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "of a source checkout, else ~/.cache/minivar) and reused. Bad input prints one line, "
                        "'minivar: error: ...', and exits with code 2.",
                 formatter_class=_Help, allow_abbrev=False)
-    p.add_argument("--version", action="version", version=version_line(), help="print minivar's version and exit")
+    p.add_argument("--version", action="version", version=f"minivar {__version__}",
+                   help="print minivar's version and exit")
     p.add_argument("--image", required=True, help="image file, any format and mode PIL reads (required)")
     p.add_argument("--prompt", required=True, help="the question or instruction (required)")
     p.add_argument("--model", default=DEFAULT_MODEL,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import textwrap
 
+from .defaults import PROMPT_TOKENIZATIONS  # noqa: F401  (for the command lines)
 from .errors import MinivarError
 
 # every method's options (the argparse dests); add_contrastive_flags writes DAMRO's and VCD's flags once for both
@@ -21,8 +22,6 @@ DAMRO_OPTIONS = ("damro", "damro_alpha", "damro_beta", "damro_topk", "damro_pres
 VCD_OPTIONS = ("vcd", "vcd_alpha", "vcd_beta", "vcd_noise_step")
 CONV_MODES = ("vicuna_v1", "llava_hf", "llava_v1", "mistral_instruct", "qwen")   # every family's templates (registry)
 IMAGE_MODES = ("pad", "crop", "anyres", "smart_resize")                # every family's image modes (registry)
-# the prompt's ids: LLaVA's fast tokenizer, VAR's released code, DAMRO's released scripts (processing.py)
-PROMPT_TOKENIZATIONS = ("llava", "official", "damro")
 PROMPT_TOKENIZATION_HELP = ("llava: BOS + the template as LLaVA's fast tokenizer gives it; official: as the VAR "
                             "authors' released code does (no BOS, 29871 kept once; vicuna_v1 only; "
                             "docs/official-rule.md); damro: as DAMRO's released scripts do (their slow tokenizer: "
@@ -182,9 +181,3 @@ class HelpFormatter(argparse.HelpFormatter):
             out.append(textwrap.fill(" ".join(line.split()), width, initial_indent=lead,
                                      subsequent_indent=lead + more, break_on_hyphens=False) if line.strip() else "")
         return "\n".join(out)
-
-
-def version_line() -> str:
-    """What --version prints."""
-    from . import __version__
-    return f"minivar {__version__}"

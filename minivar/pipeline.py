@@ -1,7 +1,7 @@
 """The Python API: load once, then generate or score many times.
 
     import minivar
-    llava = minivar.load("llava-hf/llava-1.5-7b-hf")          # or a local directory, or "demo"
+    llava = minivar.load("llava-hf/llava-1.5-7b-hf")          # or a local directory, "demo", "demo-qwen2_vl", ...
     out = llava.generate("cat.jpg", "What is in the image?")   # .text, .output_ids, .prompt_ids, .timing
     logits = llava.logits(input_ids, pixel_values)             # [B, T, V] fp32
 """

@@ -26,7 +26,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from minivar.errors import MinivarError
-from minivar.flags import PROMPT_TOKENIZATIONS  # noqa: F401  (llava, official, damro: the three below)
+from minivar.defaults import PROMPT_TOKENIZATIONS  # noqa: F401  (llava, official, damro: the three below)
 
 IMAGE_PLACEHOLDER = "<image>"
 CONV_MODES = ("vicuna_v1", "llava_hf", "llava_v1")   # LLaVA-1.5's; every template (mistral_instruct too): _TEMPLATES

@@ -17,9 +17,10 @@ import os
 import sys
 from pathlib import Path
 
+from .. import __version__
 from ..defaults import DEFAULT_MODEL
 from ..flags import (CONV_MODES, IMAGE_MODES, PROMPT_TOKENIZATION_HELP, PROMPT_TOKENIZATIONS, HelpFormatter,
-                     add_contrastive_flags, overview, version_line)
+                     add_contrastive_flags, overview)
 from ..errors import MinivarError, run_command
 
 BENCHMARK_NAMES = ("pope", "mme", "chair", "mmvp", "cvbench", "gqa")
@@ -60,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     from . import reproduce
     p = _Parser(prog=prog_name(), allow_abbrev=False, description=INTRO, formatter_class=HelpFormatter)
     p.overview = True
-    p.add_argument("--version", action="version", version=version_line(), help="print minivar's version and exit")
+    p.add_argument("--version", action="version", version=f"minivar {__version__}",
+                   help="print minivar's version and exit")
     sub = p.add_subparsers(dest="command", required=True, metavar="{run,score,compare,download,reproduce}")
 
     r = sub.add_parser("run", allow_abbrev=False, help="answer a benchmark's questions into a run directory",

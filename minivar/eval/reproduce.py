@@ -461,12 +461,15 @@ def model_params(model: str) -> float | None:
     """The model's parameter count, without loading it: known hub ids, the demo's config, a local dir's files."""
     if model in KNOWN_PARAMS:
         return KNOWN_PARAMS[model]
+    from ..demo import demo_config, is_demo_name, random_state_dict
     if model == "demo":
-        from ..demo import demo_config, random_state_dict
         import torch
         with torch.device("meta"):
             return float(sum(t.numel() for t in random_state_dict(demo_config()).values()))
     path = Path(model)
+    if is_demo_name(model):             # another family's demo: counted from its files once it is built
+        from ..checkpoint import WEIGHTS_DIR
+        path = Path(WEIGHTS_DIR) / model
     if path.is_dir():
         files = list(path.glob("*.safetensors"))
         if files:

@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .. import demo
 from ..errors import MinivarError
 from ..methods.hooks import as_hooks
 from . import llava
@@ -30,6 +29,7 @@ from .config import LlavaConfig
 from .llama import KVCache, LlamaForCausalLM
 from .llava import LlavaMultiModalProjector, positions_and_mask
 from .anyres import anyres_layout, count_image_tokens, process_image, select_best_resolution, tile_view, unpadded_span  # noqa: F401
+from .demo import build_llava_next
 from .family import Family
 
 # OpenAI CLIP's normalisation (LlavaNextImageProcessor's defaults, and what llava-hf's preprocessor configs hold)
@@ -337,4 +337,4 @@ FAMILY = Family(
     unused_key=is_unused_key, images=next_image, conv_modes=("vicuna_v1", "llava_hf", "llava_v1", "mistral_instruct"),
     # per checkpoint: LlavaNextConfig.default_conv_mode (mistral_instruct for the Mistral variant)
     default_conv_mode="vicuna_v1", image_modes=("anyres",), known_sink_dims=KNOWN_SINK_DIMS, view=next_view,
-    demo=demo.build_llava_next)
+    demo=build_llava_next)

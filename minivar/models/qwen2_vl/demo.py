@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 
-from ... import demo
+from .. import demo
 from .config import Qwen2VisionConfig, Qwen25VisionConfig
 from .decoder import Qwen2TextConfig
-from .model import Qwen2VL, Qwen2VLConfig
+from .model import Qwen2VLConfig
 from .processing import QwenImageConfig
 from .template import SPECIAL_TOKENS
 
@@ -118,22 +118,13 @@ def plant_visual_sinks(state: dict[str, torch.Tensor], cfg: Qwen2VLConfig, *, vi
     b2[common_dim] += common
 
 
-def build_demo(directory: Path, model_type: str, seed: int = 0) -> Path:
-    cfg = demo_config(model_type)
-    state = demo.random_weights(Qwen2VL, cfg, seed)
+def build_demo(directory: Path, family, seed: int = 0) -> Path:
+    """Write the demo of `family` (Qwen2-VL's or Qwen2.5-VL's: Family.demo) into `directory`."""
+    cfg = demo_config(family.model_type)
+    state = demo.random_weights(family.model, cfg, seed)
     text_dim, visual_dim = demo.DEMO_SINK_DIMS
     demo.plant_text_sinks(state, cfg.text, prefix="model.", lm_head="lm_head.weight", first_id=IDS["<|im_start|>"],
                           text_dim=text_dim, visual_dim=visual_dim, common_dim=demo.DEMO_COMMON_DIM)
     plant_visual_sinks(state, cfg, visual_dim=visual_dim, common_dim=demo.DEMO_COMMON_DIM)
     return demo.write_checkpoint(directory, hub_config(cfg), state, make_tokenizer(),
                                  {"preprocessor_config.json": {"min_pixels": 56 * 56, "max_pixels": MAX_PIXELS}})
-
-
-def build_qwen2_vl(directory: Path) -> Path:
-    """Write Qwen2-VL's demo into `directory` (Family.demo)."""
-    return build_demo(directory, "qwen2_vl")
-
-
-def build_qwen2_5_vl(directory: Path) -> Path:
-    """Write Qwen2.5-VL's demo into `directory` (Family.demo)."""
-    return build_demo(directory, "qwen2_5_vl")

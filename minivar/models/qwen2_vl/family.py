@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ...errors import MinivarError
 from ..family import Family
-from .demo import build_qwen2_5_vl, build_qwen2_vl
+from .demo import build_demo
 from .model import Qwen2VL, Qwen2VLConfig
 from .processing import preprocess_image
 from .template import QwenTokenizer
@@ -48,5 +48,5 @@ FAMILIES = tuple(Family(
     unused_key=is_unused_key, images=qwen_image, conv_modes=("qwen",), default_conv_mode="qwen",
     image_modes=IMAGE_MODES, has_cls=False, tokenizer=QwenTokenizer, image_options=with_pixels,
     tied=("lm_head.weight", "model.embed_tokens.weight"), view=qwen_view,
-    vision_module="visual", decoder_modules=("model.layers", "lm_head"), demo=demo)
-    for model_type, name, demo in (("qwen2_vl", "Qwen2-VL", build_qwen2_vl), ("qwen2_5_vl", "Qwen2.5-VL", build_qwen2_5_vl)))
+    vision_module="visual", decoder_modules=("model.layers", "lm_head"), demo=build_demo)
+    for model_type, name in (("qwen2_vl", "Qwen2-VL"), ("qwen2_5_vl", "Qwen2.5-VL")))
