@@ -75,13 +75,16 @@ def test_each_demo_has_planted_sinks_that_var_finds_and_acts_on(weights, name):
     assert (plain - with_var).abs().max().item() > 1e-3
 
 
-def test_a_plain_image_gives_no_qwen_sink_and_a_white_block_one(weights):
-    """Qwen's demo plants sinks on content (near-white blocks), not positions: a picture without any has none."""
+def test_qwens_demo_plants_its_sinks_on_content_not_positions(weights):
+    """A picture without near-white blocks has no visual sink; the same picture with them has one per block."""
     pipe = minivar.load("demo-qwen2_vl", device="cpu", dtype="float32", weights_dir=weights)
+    var = VARConfig(sink_dims=demo.DEMO_SINK_DIMS)
     grey = demo.sink_picture(PICTURE).point(lambda v: min(v, 180))
-    report = pipe.generate(grey, "Hi", max_new_tokens=1, var=VARConfig(sink_dims=demo.DEMO_SINK_DIMS)).var
+    report = pipe.generate(grey, "Hi", max_new_tokens=1, var=var).var
     assert all(v == [] for v in report["visual_sinks"].values())
-    assert qwen_demo.MAX_PIXELS == 28 * 28 * 256
+    report = pipe.generate(demo.sink_picture(PICTURE), "Hi", max_new_tokens=1, var=var).var
+    assert report["visual_sinks"]["0"] == expected_visual_sinks("demo-qwen2_vl", report["image_span"])
+    assert pipe.image(grey).num_tokens == 12 and pipe.config.image.max_pixels == qwen_demo.MAX_PIXELS
 
 
 def test_the_cli_runs_every_demo_offline_and_names_the_demos_on_a_wrong_one(weights, monkeypatch, tmp_path):
