@@ -99,6 +99,9 @@ def test_the_cli_runs_every_demo_offline_and_names_the_demos_on_a_wrong_one(weig
     rc, out, err = run_cli(["--model", "demo-nope", "--image", image, "--prompt", "Hi"])
     assert_one_line_error(rc, out, err, "demo-nope")
     assert all(n in err for n in NAMES)
+    from minivar.eval.reproduce import model_params               # reproduce --dry-run's time estimate
+    pipe = minivar.load("demo-qwen2_5_vl", device="cpu", dtype="float32", weights_dir=weights)
+    assert model_params("demo-qwen2_5_vl") == sum(p.numel() for p in pipe.model.parameters())
 
 
 def test_demo_llava_is_the_llava_demo_and_a_half_built_demo_is_rebuilt(tmp_path):
