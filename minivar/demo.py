@@ -18,9 +18,9 @@ import torch
 
 from .errors import MinivarError
 from .models.config import LlavaConfig
-from .models.demo import (DEMO_COMMON_DIM, DEMO_SINK_DIMS, DEMO_SINK_PATCHES, DEMO_TEXT, NEXT_SINK_PATCHES,  # noqa: F401
-                          demo_config, make_tokenizer, plant_sinks, plant_text_sinks, random_tensor, random_weights,
-                          write_checkpoint)
+from .models.demo import (DEMO_COMMON_DIM, DEMO_SINK_DIMS, DEMO_SINK_PATCHES, DEMO_TEXT,  # noqa: F401
+                          NEXT_SINK_PATCHES, demo_config, make_tokenizer, plant_sinks, plant_text_sinks, random_tensor,
+                          random_weights, write_checkpoint)
 
 DEMO = "demo"                    # LLaVA-1.5's demo; every other family's is "demo-<model_type>"
 

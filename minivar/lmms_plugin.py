@@ -242,7 +242,8 @@ class ContinuationEncoder:
                                              processing.special_tokens(self.tokenizer))[1:]
         return self.raw.encode(after + continuation, add_special_tokens=False).ids
 
-    def __call__(self, text: str, continuation: str, num_image_tokens: int | None = None) -> tuple[list[int], list[int]]:
+    def __call__(self, text: str, continuation: str,
+                 num_image_tokens: int | None = None) -> tuple[list[int], list[int]]:
         if not continuation:
             raise MinivarError("loglikelihood with an empty continuation")
         n = self.num_image_tokens if num_image_tokens is None else num_image_tokens

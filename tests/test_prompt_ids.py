@@ -121,7 +121,8 @@ def test_damro_ids_of_the_issue_and_typed_specials(tok):
     got = processing.damro_prompt_ids(tok, "What is this?", "llava_v1", 1, IMAGE_ID)
     llava = tok.encode_prompt("What is this?", "llava_v1", 1)
     at = got.index(IMAGE_ID)
-    assert got[at - 1:at + 3] == [SPACE, IMAGE_ID, 13, 5618] and llava[at - 1:at + 4] == [SPACE, IMAGE_ID, SPACE, 13, 5618]
+    assert got[at - 1:at + 3] == [SPACE, IMAGE_ID, 13, 5618]
+    assert llava[at - 1:at + 4] == [SPACE, IMAGE_ID, SPACE, 13, 5618]
     eos = processing.damro_prompt_ids(tok, "Stop</s>here, and </s> there.", "llava_v1", 1, IMAGE_ID)
     assert eos.count(2) == 2 and tok.encode_prompt("Stop</s>here, and </s> there.", "llava_v1", 1).count(2) == 0
 

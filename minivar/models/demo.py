@@ -2,7 +2,8 @@
 LLaVA-NeXT's demos (minivar/demo.py finds and builds them by name; each family registers its builder as
 `Family.demo`).
 
-Every demo's decoder is 768 wide: φ (the VAR table's sink score) of one massive dim can reach √768 ≈ 27.7 ≥ τ = 20.
+Every demo's decoder is 768 wide: φ (the VAR table's sink score) of one massive dim can reach √768 ≈ 27.7 ≥
+τ = 20.
 How the sinks are planted (`plant_text_sinks` for any LLaMA-style decoder, `plant_sinks` for LLaVA's CLIP towers):
   * the first token's embedding (LLaMA's BOS, Qwen's <|im_start|>) gets a massive value in the sink dims (a text
     sink, like LLaMA's BOS);

@@ -34,7 +34,7 @@ VOCAB = 256 + len(SPECIALS) + 1           # one embedding row more than the toke
 MAX_PIXELS = 28 * 28 * 256                # at most 256 image tokens
 BRIGHTNESS = 10 / 1176                    # patch dim 0 = this × the sum of the patch's 1176 normalised values
 CONSTANT = 30.0                           # patch dim 1 (the first block's MLP bias)
-THRESHOLD, GAIN = 3.1, 3.0                # merger unit 0 = GELU(GAIN·(mean normed dim 0 of the 4 patches − THRESHOLD))
+THRESHOLD, GAIN = 3.1, 3.0                # merger unit 0: GELU(GAIN·(mean normed dim 0 of 4 patches − THRESHOLD))
 
 
 def demo_config(model_type: str) -> Qwen2VLConfig:
