@@ -395,7 +395,7 @@ def slow_llama_ids(tokenizer, text: str, specials: dict[str, int]) -> list[int]:
          LLaMA's strips the spaces beside it), each becoming its id — typed ones too;
       3. each piece between them is encoded by the sentencepiece model with no dummy prefix, a space being "▁"
          (the "<unk>"-prefix trick of _tokenize keeps a piece's leading space as its first word's "▁"): a piece
-         after a special token that starts with a space starts with "▁", one that does not ("\n" after
+         after a special token that starts with a space starts with "▁", one that does not ("\\n" after
          "<image>") gets none — where tokenizer.json's Prepend("▁") normalizer puts a "▁" before every piece;
       4. a text that starts with a special token loses the lone "▁" of step 1 (no template starts so).
     tokenizer: a processing.Tokenizer or a tokenizers.Tokenizer. A tokenizer.json without a dummy prefix (a
@@ -470,11 +470,11 @@ DAMRO_TEMPLATES = ("llava_v1", "vicuna_v1", "llava_hf")     # the scripts' llava
 
 
 def damro_prompt_ids(tokenizer, user_text: str, conv_mode: str, num_image_tokens: int, image_token_id: int) -> list[int]:
-    """The prompt's ids as DAMRO's released scripts feed them: `evaluation/*/run_*.py` put "<image>\n" + the
+    """The prompt's ids as DAMRO's released scripts feed them: `evaluation/*/run_*.py` put "<image>\\n" + the
     question through `conv_templates["llava_v1"]` (every script, LLaVA-1.5 and LLaVA-NeXT alike) and the whole
     string through llava-hf's processor with its slow tokenizer (`AutoProcessor(..., use_fast=False)`): BOS, then
     slow_llama_ids over the checkpoint's special tokens, the one `<image>` id then expanded to num_image_tokens
-    (transformers 4.43's merge). So no "▁" after the image: `… 29871, 32000, 13, 5618 …` ("USER: <image>\nWhat")
+    (transformers 4.43's merge). So no "▁" after the image: `… 29871, 32000, 13, 5618 …` ("USER: <image>\\nWhat")
     where "llava" gives `… 29871, 32000, 29871, 13, 5618 …`. The same rule holds for vicuna_v1 and llava_hf.
     A question that spells "<image>" would be a second image token there (the released code then stops with an
     error): refused."""
