@@ -41,16 +41,21 @@ def is_demo_name(model: str) -> bool:
     return model == DEMO or model.startswith("demo-")
 
 
-def resolve(model: str, weights_dir: Path) -> Path:
-    """The directory of demo `model` inside `weights_dir`, built on first use; a name no family has is one error
-    listing the demos."""
+def lookup(model: str):
+    """(the demo's name, its Family) for `model`; a name no family has is one error listing the demos."""
     table = demos()
     if model == "demo-llava":
         model = DEMO
     if model not in table:
         listed = ", ".join(f"{name} ({family.name})" for name, family in table.items())
         raise MinivarError(f"--model '{model}' is not a demo minivar has; the demos are {listed}")
-    return ensure(Path(weights_dir) / model, table[model].model_type)
+    return model, table[model]
+
+
+def resolve(model: str, weights_dir: Path) -> Path:
+    """The directory of demo `model` inside `weights_dir`, built on first use."""
+    name, family = lookup(model)
+    return ensure(Path(weights_dir) / name, family.model_type)
 
 
 def ensure(directory: Path, model_type: str = "llava") -> Path:
