@@ -237,7 +237,8 @@ def serve(args) -> int:
             print(f"minivar: warning: serving on {host}: anyone who can reach port {httpd.server_address[1]} can "
                   "run the model", file=sys.stderr)
         print(f"minivar: loaded {args.model} in {llava.load_s:.2f}s; serving on "
-              f"http://{host if ':' not in host else f'[{host}]'}:{httpd.server_address[1]}/ (Ctrl-C stops)",
+              f"http://{host if ':' not in host else f'[{host}]'}:{httpd.server_address[1]}/ (Ctrl-C stops; run "
+              f"files in {root} (removed on exit)",
               file=sys.stderr, flush=True)
 
         def stop(signum, frame):
