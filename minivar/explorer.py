@@ -57,11 +57,11 @@ def quantise4(maps: torch.Tensor) -> dict:
     maximum: value = q / 15 · scale."""
     x = maps.float().clamp_min(0)
     scale = x.amax(-1, keepdim=True)
-    q = torch.round(x / scale.clamp_min(1e-30) * 15).to(torch.uint8).flatten().numpy()
-    if q.size % 2:
-        q = np.append(q, np.uint8(0))
-    packed = (q[0::2] | (q[1::2] << 4)).astype(np.uint8)
-    return {"q4": _b64(packed), "scale": _b64(scale.squeeze(-1).numpy().astype("<f4")), "shape": list(x.shape)}
+    q = (x / scale.clamp_min(1e-30) * 15).round_().to(torch.uint8).flatten()
+    if q.numel() % 2:
+        q = torch.cat([q, q.new_zeros(1)])
+    packed = q[0::2] | (q[1::2] << 4)
+    return {"q4": _b64(packed.numpy()), "scale": _b64(scale.squeeze(-1).numpy().astype("<f4")), "shape": list(x.shape)}
 
 
 def f32(t) -> dict:
@@ -152,9 +152,10 @@ def explorer_data(capture, numbers: dict, views, *, tokenizer, output_ids: list[
     if phi:
         all_phi = torch.stack([phi[layer][b] for layer in range(L)])            # [L, T]
         data["sinks"]["phi"] = f32(all_phi[:, start:end])
-        text = [j for j in range(all_phi.shape[1]) if not start <= j < end]
-        best = sorted(text, key=lambda j: -float(all_phi[:, j].max()))[:TEXT_SINK_CANDIDATES]
-        best.sort()
+        top = all_phi.amax(0)                                                   # each token's largest φ
+        top[start:end] = -1.0                                                   # text tokens only
+        n_text = all_phi.shape[1] - (end - start)
+        best = sorted(top.topk(min(TEXT_SINK_CANDIDATES, n_text)).indices.tolist())
         shares = torch.stack([probs[layer]["before"][b, :, :, best].mean(0) for layer in range(L)])   # [L, R, n]
         data["text_sinks"] = [{"position": j, "piece": vocab_piece(tokenizer, prompt_ids[j]) if j < len(prompt_ids) else "",
                                "phi": [float(x) for x in all_phi[:, j].tolist()],

@@ -21,11 +21,13 @@ import pytest
 import torch
 from PIL import Image
 
-from browser_support import browser_fixture
+from browser_support import Browser, browser_fixture, missing_browser  # noqa: F401
 from conftest import run_cli, to_hub_key, unused_tensors, write_checkpoint
 from test_pictures_families import hf_processor, next_dir, qwen_dir, tokenizer_dir  # noqa: F401  (fixtures)
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+from bench_explorer import SeventyBShape, Tokens, seventy_b_numbers  # noqa: E402  (LLaVA-7B's shape, random)
 IMAGE = REPO / "assets" / "example.jpg"
 PROMPT = "What is in the image?"
 DIMS, TAU = "1,5,9,13,17,21", "2.5"           # the tiny model's sink rule: a few visual sinks in every layer
@@ -227,53 +229,6 @@ def test_each_family_draws_the_grid_its_tokens_cover(browser, family, request, t
 
 # ---------------------------------------------------------------------------------------------------------------
 # LLaVA-7B's shape: 32 layers × 32 heads, 576 image tokens, 32 generated tokens (33 answer rows), random attention
-
-class Tokens:
-    """A stand-in tokenizer: token i reads "t{i} "."""
-    class Stream:
-        def push(self, i):
-            return f"t{i} "
-
-        def flush(self):
-            return ""
-
-    def decode_token_stream(self):
-        return self.Stream()
-
-    def decode(self, ids):
-        return "".join(f"t{i} " for i in ids)
-
-
-class SeventyBShape:
-    """What explorer_data reads from a Capture, at LLaVA-7B's shape, random (softmax of Gaussian logits)."""
-
-    def __init__(self, L=32, H=32, N=576, R=33, start=35, seed=0):
-        g = torch.Generator().manual_seed(seed)
-        T = start + N + 40
-        S = T + R - 1
-        self.rows = list(range(T - 1, T - 1 + R))
-        self.attention_probs, self.head_stats, self.phi = {}, {}, {}
-        for layer in range(L):
-            p = torch.softmax(torch.randn(1, H, R, S, generator=g) * 2, -1)
-            self.attention_probs[layer] = {"before": p}
-            a = p[..., start:start + N].sum(-1)
-            self.head_stats[layer] = {"image_before": a, "nonsink_before": a * 0.9}
-            self.phi[layer] = torch.rand(1, T, generator=g) * 30
-        self.span = (start, start + N)
-
-    def selected(self, layer):
-        return None
-
-
-def seventy_b_numbers(cap, L=32, H=32, N=576):
-    start, end = cap.span
-    return {"image_span": [start, end], "n_layers": L, "n_heads": H, "layer_range": [10, 12], "model": "random-7b",
-            "panels": [{"name": "image", "rows": 24, "cols": 24, "newline": False, "first": 0}],
-            "newline_tokens": [], "sink_dims": [1415, 2533], "tau": 20.0,
-            "visual_sinks": {str(layer): [] for layer in range(L)}, "var": None,
-            "selection_rule": {"rule": "paper", "rho": 0.8, "min_image_attention": 0.2, "layers": list(range(L - 1))},
-            "prompt": "a 7B-shaped page", "answer": "random"}
-
 
 def test_seven_b_shaped_page_fits_and_stays_responsive(browser, tmp_path):
     from minivar import explorer
