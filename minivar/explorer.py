@@ -137,6 +137,10 @@ def explorer_data(capture, numbers: dict, views, *, tokenizer, output_ids: list[
     stats = capture.head_stats
     data["head_stats"] = {"image": f32(torch.stack([stats[layer]["image_before"][b] for layer in range(L)]).permute(2, 0, 1)),
                           "nonsink": f32(torch.stack([stats[layer]["nonsink_before"][b] for layer in range(L)]).permute(2, 0, 1))}
+    if numbers["selection_rule"]["rule"] == "official" and all("official_portion_before" in stats[layer]
+                                                               for layer in range(L)):
+        data["head_stats"]["portion"] = f32(torch.stack([stats[layer]["official_portion_before"][b]
+                                                         for layer in range(L)]).permute(2, 0, 1))
     if var is not None:
         sel = [capture.selected(layer) for layer in range(L)]
         if all(s is not None for s in sel):

@@ -162,22 +162,21 @@ def test_tau_slider_counts_the_sinks_minivar_finds(browser, run_a, llava_dir, tm
     assert shown == by_layer[1] and 0 < shown < len(phi)
 
 
-def test_rho_slider_selects_the_heads_select_heads_selects(browser, run_a, llava_dir):
+def slider_selections(browser, page, model_dir, extra, settings, rule):
+    """For each (ρ, floor) set on the page's sliders: the page's selected (row, layer, head) and what `rule`
+    (var.select_heads or var_official.select_heads_official, as VAR calls it) selects on a capture of the same run."""
     import minivar
     from minivar import cli
-    from minivar.methods.var import select_heads
-    numbers, page = run_a[1], run_a[2]
     browser.open(page.as_uri())
-    # the same run in-process, every layer's attention kept
-    argv = ["--image", str(IMAGE), "--prompt", PROMPT, "--model", str(llava_dir), *BASE, *RUN_A]
+    argv = ["--image", str(IMAGE), "--prompt", PROMPT, "--model", str(model_dir), *BASE, *extra]
     methods, _ = cli.method_settings(cli.build_parser().parse_args(argv))
-    pipe = minivar.load(str(llava_dir), device="cpu", dtype="float32")
+    pipe = minivar.load(str(model_dir), device="cpu", dtype="float32")
     cap = pipe.capture(str(IMAGE), PROMPT, layers="all", attention=("before",), rows="answer", decode=True,
                        max_new_tokens=4, methods=methods)
-    L, var = numbers["n_layers"], next(m for m in methods if m.name == "var").config
-    seen = set()
-    for rho in (0.98, 0.99):
-        floor = 0.42
+    L = pipe.config.text.num_hidden_layers
+    var = next(m for m in methods if m.name == "var").config
+    out = []
+    for rho, floor in settings:
         browser.js(f"for (const [id, v] of [['rho', {rho}], ['floor', {floor}]]) {{ const el = document.getElementById(id);"
                    "el.value = v; el.dispatchEvent(new Event('input')); }")
         assert browser.js("return [explorer.state.rho, explorer.state.floor]") == [rho, floor]
@@ -189,12 +188,32 @@ def test_rho_slider_selects_the_heads_select_heads_selects(browser, run_a, llava
             image = torch.nn.functional.pad(cap.image, (0, S - cap.image.shape[1]))
             vis = torch.nn.functional.pad(cap.visual_sinks[layer], (0, S - cap.image.shape[1]))
             rows = torch.ones(1, probs.shape[2], dtype=torch.bool)
-            sel = select_heads(probs, image, vis, rows, floor, rho)[0]          # [H, R]
+            sel = rule(probs, image, vis, rows, rho, floor)[0]                  # [H, R]
             if layer in var.layer_set(L) and bool(vis.any()):
                 want |= {(r, layer, h) for h, r in torch.nonzero(sel).tolist()}
+        out.append((got, want))
+    return out
+
+
+def test_rho_slider_selects_the_heads_select_heads_selects(browser, run_a, llava_dir):
+    from minivar.methods.var import select_heads
+    pairs = slider_selections(browser, run_a[2], llava_dir, RUN_A, [(0.98, 0.42), (0.99, 0.42)],
+                              lambda p, i, v, r, rho, floor: select_heads(p, i, v, r, floor, rho))
+    for got, want in pairs:
         assert got == want
-        seen.add(frozenset(got))
-    assert len(seen) == 2 and all(seen)                     # two settings, two different non-empty selections
+    assert len({frozenset(g) for g, _ in pairs}) == 2 and all(g for g, _ in pairs)   # two different selections
+
+
+def test_the_released_rule_selects_on_its_own_portion(browser, llava_dir, tmp_path):
+    from minivar.methods.var_official import select_heads_official
+    extra = ["--var", "--var-rule", "official", "--tau", TAU]
+    cli_run(llava_dir, tmp_path / "official", *extra)
+    pairs = slider_selections(browser, tmp_path / "official" / "explorer.html", llava_dir, extra,
+                              [(0.01, 0.42), (0.01, 0.43), (0.0, 0.2)],
+                              lambda p, i, v, r, rho, floor: select_heads_official(p, i, v, r, rho, floor))
+    for got, want in pairs:
+        assert got == want
+    assert pairs[0][0] > pairs[1][0] > set() == pairs[2][0]     # a lower floor, more heads; rho 0: none
 
 
 @pytest.mark.parametrize("family", ["next", "qwen"])
@@ -337,3 +356,10 @@ def test_explorer_needs_every_layer():
     with pytest.raises(ValueError, match="layers \\[1\\]"):
         explorer.explorer_data(cap, seventy_b_numbers(cap, L=2, H=2, N=4), [None], tokenizer=Tokens(),
                                output_ids=[1], prompt_ids=list(range(10)), reports={}, records={}, var=None)
+
+
+def test_serve_flags_are_checked_before_anything_loads():
+    from conftest import assert_one_line_error
+    assert_one_line_error(*run_cli(["--serve", "--image", IMAGE, "--model", "demo"]), "--serve", "--image")
+    assert_one_line_error(*run_cli(["--host", "0.0.0.0", "--image", IMAGE, "--prompt", "hi"]), "--host", "--serve")
+    assert_one_line_error(*run_cli(["--prompt", "hi"]), "--image")
