@@ -32,9 +32,10 @@ from .errors import MinivarError, for_command_line
 MAX_UPLOAD = 20 * 1024 * 1024          # bytes of one uploaded image (docs/explorer.md)
 KEEP_RUNS = 16                          # runs whose files stay served; older ones are deleted
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
-# the command line's flags a request may set (query keys, without the dashes): True = takes no value
+# the command line's flags a request may set (query keys, without the dashes): True = takes no value. The model's
+# own (--model, --device, --dtype, --min-pixels, --max-pixels) are the server's, fixed when it loads.
 SETTINGS = {"max-new-tokens": False, "temperature": False, "top-p": False, "seed": False, "conv-mode": False,
-            "image-aspect-ratio": False, "min-pixels": False, "max-pixels": False,
+            "image-aspect-ratio": False,
             "var": True, "var-preset": False, "tau": False, "rho": False, "p": False, "min-image-attention": False,
             "sink-dims": False, "var-rule": False, "var-heads": False, "var-layers": False,
             "damro": True, "damro-preset": False, "damro-alpha": False, "damro-beta": False, "damro-topk": False,
@@ -276,7 +277,9 @@ iframe { width: 100%; height: calc(100vh - 140px); border: 0; }
   <fieldset><label><input type="checkbox" name="var"> VAR</label>
     <label>ρ <input type="number" name="rho" step="0.05" min="0" max="1" placeholder="0.8"></label>
     <label>τ <input type="number" name="tau" step="any" placeholder="20"></label>
-    <label>p <input type="number" name="p" step="0.05" min="0" max="1" placeholder="0.6"></label></fieldset>
+    <label>p <input type="number" name="p" step="0.05" min="0" max="1" placeholder="0.6"></label>
+    <label>floor <input type="number" name="min-image-attention" step="0.05" min="0" max="1" placeholder="0.2"></label>
+    <label>rule <select name="var-rule"><option value="">paper</option><option value="official">official</option></select></label></fieldset>
   <fieldset><label><input type="radio" name="contrast" value="" checked> no contrast</label>
     <label><input type="radio" name="contrast" value="damro"> DAMRO</label>
     <label><input type="radio" name="contrast" value="vcd"> VCD</label></fieldset>
@@ -293,7 +296,7 @@ form.addEventListener("submit", async e => {
   const file = document.getElementById("image").files[0];
   if (!file) return say("choose an image first", true);
   const q = new URLSearchParams({ prompt: document.getElementById("question").value });
-  for (const el of form.querySelectorAll("input[name]")) {
+  for (const el of form.querySelectorAll("input[name], select[name]")) {
     if (el.type === "checkbox") { if (el.checked) q.set(el.name, ""); }
     else if (el.type === "radio") { if (el.checked && el.value) q.set(el.value, ""); }
     else if (el.value !== "") q.set(el.name, el.value);
