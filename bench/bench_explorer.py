@@ -58,9 +58,10 @@ class SeventyBShape:
 
 def seventy_b_numbers(cap, L=32, H=32, N=576):
     """The attention.json fields explorer_data reads, for a SeventyBShape (one 24×24 panel)."""
+    from minivar.inspection import default_layer_range
     start, end = cap.span
     side = int(N ** 0.5)
-    return {"image_span": [start, end], "n_layers": L, "n_heads": H, "layer_range": [10, 12], "model": "random-7b",
+    return {"image_span": [start, end], "n_layers": L, "n_heads": H, "layer_range": list(default_layer_range(L)), "model": "random-7b",
             "panels": [{"name": "image", "rows": side, "cols": N // side, "newline": False, "first": 0}],
             "newline_tokens": [], "sink_dims": [1415, 2533], "tau": 20.0,
             "visual_sinks": {str(layer): [] for layer in range(L)}, "var": None,

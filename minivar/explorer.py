@@ -6,11 +6,12 @@ attention on its patches, the layer × head grid (with VAR's head selection reco
 scores φ with a τ slider, and what each method changed. docs/explorer.md describes it.
 
 What the page stores, and at which precision (a 7B answer of 32 tokens — 32 layers × 32 heads × 576 image tokens —
-must fit in 25 MB; the page states these lines too):
-  - the mean over heads of each (answer row, layer) attention map over the image tokens: 16 bits per value, scaled
-    by the map's own maximum (absolute error ≤ max / 131,070), before and — with VAR — after redistribution;
+must fit in 25 MB; the page states these lines too). Its attention maps share BUDGET bytes (base64 adds a third):
+  - the mean over heads of each (answer row, layer) attention map over the image tokens, before and — with VAR —
+    after redistribution: 16 bits per value, scaled by the map's own maximum (absolute error ≤ max / 131,070); 8
+    bits (≤ max / 510) where 16 would take more than half of BUDGET (a long answer, LLaVA-NeXT's 2,928 tokens);
   - each head's map: 4 bits per value, scaled by that map's maximum (error ≤ max / 30), for as many answer rows as
-    fit in HEAD_BUDGET bytes (the rest: the mean over heads only);
+    fit in what the means leave of BUDGET (the rest: the mean over heads only);
   - each head's image-attention sum A and non-sink sum, the sink scores φ and the CLS attention: float32, exactly
     as minivar computed them (so the page's head selection and sink counts are minivar's, bit for bit).
 
@@ -34,9 +35,8 @@ import torch
 
 PAGE_FILE = "explorer.html"
 TEMPLATE = Path(__file__).with_name("explorer_page.html")
-HEAD_BUDGET = 12_000_000          # bytes of 4-bit per-head maps (base64 makes them 16 MB of the page)
+BUDGET = 13_500_000               # bytes of attention maps (base64 makes them 18 MB of the page)
 TEXT_SINK_CANDIDATES = 24         # text tokens listed with their φ and attention share (highest φ first)
-CANDIDATES_K = 5                  # a contrastive method's top-k per branch and step
 DATA_MARK = "/*MINIVAR_DATA*/null"
 
 
@@ -44,12 +44,13 @@ def _b64(array: np.ndarray) -> str:
     return base64.b64encode(np.ascontiguousarray(array).tobytes()).decode("ascii")
 
 
-def quantise16(maps: torch.Tensor) -> dict:
-    """Maps [..., N] → uint16 per value, each map scaled by its own maximum: value = q / 65535 · scale."""
+def quantise(maps: torch.Tensor, bits: int) -> dict:
+    """Maps [..., N] → 16 or 8 bits per value, each map scaled by its own maximum: value = q / (2^bits − 1) · scale."""
     x = maps.float().clamp_min(0)
     scale = x.amax(-1, keepdim=True)
-    q = torch.round(x / scale.clamp_min(1e-30) * 65535).to(torch.int32).numpy().astype("<u2")
-    return {"q16": _b64(q), "scale": _b64(scale.squeeze(-1).numpy().astype("<f4")), "shape": list(x.shape)}
+    top = (1 << bits) - 1
+    q = torch.round(x / scale.clamp_min(1e-30) * top).to(torch.int32).numpy().astype("<u2" if bits == 16 else "u1")
+    return {f"q{bits}": _b64(q), "scale": _b64(scale.squeeze(-1).numpy().astype("<f4")), "shape": list(x.shape)}
 
 
 def quantise4(maps: torch.Tensor) -> dict:
@@ -92,14 +93,19 @@ def vocab_piece(tokenizer, token_id: int) -> str:
     return piece if piece is not None else tokenizer.decode([int(token_id)])
 
 
-def head_rows_kept(R: int, L: int, H: int, N: int, budget: int = HEAD_BUDGET) -> int:
+def mean_bits(R: int, L: int, N: int, kinds: int, budget: int = BUDGET) -> int:
+    """16 bits for the mean maps where they take at most half the budget, else 8."""
+    return 16 if R * L * N * 2 * kinds <= budget / 2 else 8
+
+
+def head_rows_kept(R: int, L: int, H: int, N: int, budget: int) -> int:
     """How many answer rows keep per-head maps within `budget` bytes at 4 bits a value."""
     per_row = L * H * N / 2
     return int(min(R, math.floor(budget / per_row))) if per_row else R
 
 
 def explorer_data(capture, numbers: dict, views, *, tokenizer, output_ids: list[int], prompt_ids: list[int],
-                  reports: dict, records: dict, var, b: int = 0, head_budget: int = HEAD_BUDGET) -> dict:
+                  reports: dict, records: dict, var, b: int = 0, budget: int = BUDGET) -> dict:
     """The page's numbers from a run's Capture (every layer's attention of the answer rows, head sums, φ) and
     attention.json's numbers (`numbers`: layout, sinks, DAMRO); views: one PIL image per panel (None: not drawn)."""
     start, end = numbers["image_span"]
@@ -129,8 +135,9 @@ def explorer_data(capture, numbers: dict, views, *, tokenizer, output_ids: list[
     # attention over the image tokens: [R, L, H, N] per kind
     maps = {k: torch.stack([probs[layer][k][b, :, :, start:end] for layer in range(L)]).permute(2, 0, 1, 3)
             for k in kinds}
-    data["attention"] = {k: quantise16(m.mean(2)) for k, m in maps.items()}
-    kept = head_rows_kept(R, L, H, N, head_budget)
+    bits = mean_bits(R, L, N, len(maps), budget)
+    data["attention"] = {k: quantise(m.mean(2), bits) for k, m in maps.items()}
+    kept = head_rows_kept(R, L, H, N, budget - R * L * N * bits // 8 * len(maps))
     data["heads_attention"] = quantise4(maps["before"][:kept]) if kept else None
     data["head_rows_kept"] = kept
     # each head's A and non-sink sum per row (as VAR's selection reads them), float32: [R, L, H]
@@ -168,7 +175,7 @@ def explorer_data(capture, numbers: dict, views, *, tokenizer, output_ids: list[
     else:
         data["text_sinks"] = []
     data["methods"] = method_records(numbers, reports, records)
-    data["precision"] = precision_lines(kept, R)
+    data["precision"] = precision_lines(bits, kept, R)
     return data
 
 
@@ -202,9 +209,9 @@ def method_records(numbers: dict, reports: dict, records: dict) -> list[dict]:
     return out
 
 
-def precision_lines(kept: int, R: int) -> list[str]:
-    return ["mean over heads of each (token, layer) map: 16 bits, scaled by the map's maximum "
-            "(absolute error at most max/131070)",
+def precision_lines(bits: int, kept: int, R: int) -> list[str]:
+    return [f"mean over heads of each (token, layer) map: {bits} bits, scaled by the map's maximum "
+            f"(absolute error at most max/{2 * ((1 << bits) - 1)})",
             f"single heads: 4 bits, scaled by each map's maximum (error at most max/30), for {kept} of {R} answer "
             "rows" + ("" if kept == R else " (the others: the mean over heads only)"),
             "head sums A and non-sink sums, sink scores phi, CLS attention: float32 as computed (exact)"]

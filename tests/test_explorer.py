@@ -277,6 +277,34 @@ def test_seven_b_shaped_page_fits_and_stays_responsive(browser, tmp_path):
     close(got, one.mean(0).tolist(), float(one.max(-1).values.max()) / 30 + 1e-7)
 
 
+def test_a_page_over_budget_keeps_8_bit_means_and_fewer_heads(browser, tmp_path):
+    """Where 16-bit means would take over half the budget (a long answer, LLaVA-NeXT's tokens): 8 bits, and single
+    heads for the rows the rest holds; the page reads both right."""
+    from minivar import explorer
+    L, H, N, R = 3, 4, 36, 6
+    cap = SeventyBShape(L=L, H=H, N=N, R=R, start=5)
+    numbers = seventy_b_numbers(cap, L=L, H=H, N=N)
+    budget = R * L * N + 2 * (L * H * N // 2)             # 8-bit means and two rows of 4-bit heads (16 bits: over half)
+    data = explorer.explorer_data(cap, numbers, [Image.new("RGB", (336, 336))], tokenizer=Tokens(),
+                                  output_ids=list(range(R - 1)), prompt_ids=list(range(100)), reports={}, records={},
+                                  var=None, budget=budget)
+    assert "q8" in data["attention"]["before"] and data["head_rows_kept"] == 2
+    assert "8 bits" in data["precision"][0] and "for 2 of 6 answer rows" in data["precision"][1]
+    path = tmp_path / "explorer.html"
+    path.write_text(explorer.page(data), encoding="utf-8")
+    browser.open(path.as_uri())
+    assert browser.logs() == ([], [])
+    start, end = cap.span
+    for row, head in ((4, -1), (1, 2), (4, 2)):       # row 4, head 2: past the kept rows, so the mean over heads
+        got = browser.js(f"explorer.set({{row: {row}, lo: 0, hi: 2, head: {head}}}); return explorer.current()")
+        p = torch.stack([cap.attention_probs[layer]["before"][0, :, row, start:end] for layer in range(L)])
+        one = head >= 0 and row < 2
+        want = (p[:, head] if one else p.mean(1)).mean(0)
+        tol = float(p[:, head].max() if one else p.mean(1).max()) / (30 if one else 510) + 1e-7
+        close(got["attention"]["before"], want.tolist(), tol)
+        assert got["head_map_kept"] == (head < 0 or row < 2)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # minivar --serve
 
