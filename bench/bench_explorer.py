@@ -61,7 +61,8 @@ def seventy_b_numbers(cap, L=32, H=32, N=576):
     from minivar.inspection import default_layer_range
     start, end = cap.span
     side = int(N ** 0.5)
-    return {"image_span": [start, end], "n_layers": L, "n_heads": H, "layer_range": list(default_layer_range(L)), "model": "random-7b",
+    return {"image_span": [start, end], "n_layers": L, "n_heads": H, "layer_range": list(default_layer_range(L)),
+            "model": "random-7b",
             "panels": [{"name": "image", "rows": side, "cols": N // side, "newline": False, "first": 0}],
             "newline_tokens": [], "sink_dims": [1415, 2533], "tau": 20.0,
             "visual_sinks": {str(layer): [] for layer in range(L)}, "var": None,
@@ -90,7 +91,8 @@ def main(argv=None) -> int:
     html, build_s, kept = build(args.rows)
     path = Path(args.out) if args.out else Path(tempfile.mkdtemp()) / "explorer.html"
     path.write_text(html, encoding="utf-8")
-    print(f"page: {path.stat().st_size / 1e6:.2f} MB ({args.rows} rows, single heads for {kept}); built in {build_s:.2f} s")
+    print(f"page: {path.stat().st_size / 1e6:.2f} MB ({args.rows} rows, single heads for {kept}); "
+          f"built in {build_s:.2f} s")
     sys.path.insert(0, str(REPO / "tests"))
     from browser_support import Browser, missing_browser
     why = missing_browser()

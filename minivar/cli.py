@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "of a source checkout, else ~/.cache/minivar) and reused. Bad input prints one line, "
                        "'minivar: error: ...', and exits with code 2.",
                 formatter_class=_Help, allow_abbrev=False)
-    p.add_argument("--image", help="image file, any format and mode PIL reads (required except with --serve; no default)")
+    p.add_argument("--image",
+                   help="image file, any format and mode PIL reads (required except with --serve; no default)")
     p.add_argument("--prompt", help="the question or instruction (required except with --serve; no default)")
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help="hub id (downloaded on first use), a local checkpoint directory, or 'demo' (tiny random "

@@ -33,6 +33,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .viz import shareable_model_name
+
 PAGE_FILE = "explorer.html"
 TEMPLATE = Path(__file__).with_name("explorer_page.html")
 BUDGET = 13_500_000               # bytes of attention maps (base64 makes them 18 MB of the page)
@@ -45,7 +47,7 @@ def _b64(array: np.ndarray) -> str:
 
 
 def quantise(maps: torch.Tensor, bits: int) -> dict:
-    """Maps [..., N] → 16 or 8 bits per value, each map scaled by its own maximum: value = q / (2^bits − 1) · scale."""
+    """Maps [..., N] → 16 or 8 bits per value, each scaled by its own maximum: value = q / (2^bits − 1) · scale."""
     x = maps.float().clamp_min(0)
     scale = x.amax(-1, keepdim=True)
     top = (1 << bits) - 1
@@ -117,7 +119,6 @@ def explorer_data(capture, numbers: dict, views, *, tokenizer, output_ids: list[
     rows = capture.rows
     R, N = len(rows), end - start
     kinds = ["before", "after"] if var is not None else ["before"]
-    from .viz import shareable_model_name
     data = {"version": 1, "model": shareable_model_name(numbers.get("model") or ""), "prompt": numbers.get("prompt"),
             "answer": numbers.get("answer"), "n_layers": L, "n_heads": H, "n_image": N, "image_span": [start, end],
             "panels": numbers["panels"], "newline_tokens": numbers["newline_tokens"],
@@ -142,12 +143,13 @@ def explorer_data(capture, numbers: dict, views, *, tokenizer, output_ids: list[
     data["head_rows_kept"] = kept
     # each head's A and non-sink sum per row (as VAR's selection reads them), float32: [R, L, H]
     stats = capture.head_stats
-    data["head_stats"] = {"image": f32(torch.stack([stats[layer]["image_before"][b] for layer in range(L)]).permute(2, 0, 1)),
-                          "nonsink": f32(torch.stack([stats[layer]["nonsink_before"][b] for layer in range(L)]).permute(2, 0, 1))}
+
+    def per_row(key):                                  # [R, L, H] of a head statistic
+        return f32(torch.stack([stats[layer][key][b] for layer in range(L)]).permute(2, 0, 1))
+    data["head_stats"] = {"image": per_row("image_before"), "nonsink": per_row("nonsink_before")}
     if numbers["selection_rule"]["rule"] == "official" and all("official_portion_before" in stats[layer]
                                                                for layer in range(L)):
-        data["head_stats"]["portion"] = f32(torch.stack([stats[layer]["official_portion_before"][b]
-                                                         for layer in range(L)]).permute(2, 0, 1))
+        data["head_stats"]["portion"] = per_row("official_portion_before")
     if var is not None:
         sel = [capture.selected(layer) for layer in range(L)]
         if all(s is not None for s in sel):
@@ -168,7 +170,8 @@ def explorer_data(capture, numbers: dict, views, *, tokenizer, output_ids: list[
         n_text = all_phi.shape[1] - (end - start)
         best = sorted(top.topk(min(TEXT_SINK_CANDIDATES, n_text)).indices.tolist())
         shares = torch.stack([probs[layer]["before"][b, :, :, best].mean(0) for layer in range(L)])   # [L, R, n]
-        data["text_sinks"] = [{"position": j, "piece": vocab_piece(tokenizer, prompt_ids[j]) if j < len(prompt_ids) else "",
+        data["text_sinks"] = [{"position": j,
+                               "piece": vocab_piece(tokenizer, prompt_ids[j]) if j < len(prompt_ids) else "",
                                "phi": [float(x) for x in all_phi[:, j].tolist()],
                                "share": f32(shares[:, :, i].T)}                  # [R, L]: mean over heads
                               for i, j in enumerate(best)]

@@ -482,8 +482,9 @@ class Pipeline:
                 if report is not None:
                     reports[name] = report
             # the methods' panels of the attention explorer, when a capture read the call (one sample)
+            captured = request.call is not None and request.call.capture
             panels = {name: recs for name, run in request.runs.items()
-                      if request.call is not None and request.call.capture and (recs := getattr(run, "explorer", lambda b: None)(b))}
+                      if captured and (recs := getattr(run, "explorer", lambda b: None)(b))}
             results.append(Result(self.tokenizer.decode(ids), ids, request.prompt_ids[b], dict(timing),
                                   gen.finished[b], reports, {"explorer": panels} if panels else {}))
         return results

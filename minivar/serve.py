@@ -218,6 +218,13 @@ def handler(server: Server):
     return Handler
 
 
+def host_warning(host: str, port: int) -> str | None:
+    """The warning a server bound beyond this machine prints (None for localhost)."""
+    if host in LOCAL_HOSTS:
+        return None
+    return f"minivar: warning: serving on {host}: anyone who can reach port {port} can run the model"
+
+
 def serve(args) -> int:
     """Load the model, serve until Ctrl-C or SIGTERM, remove the run folder."""
     import minivar
@@ -234,9 +241,9 @@ def serve(args) -> int:
         except OSError as e:
             raise MinivarError(f"cannot serve on {host}:{port}: {e.strerror or e}") from None
         httpd.daemon_threads = True
-        if host not in LOCAL_HOSTS:
-            print(f"minivar: warning: serving on {host}: anyone who can reach port {httpd.server_address[1]} can "
-                  "run the model", file=sys.stderr)
+        warning = host_warning(host, httpd.server_address[1])
+        if warning:
+            print(warning, file=sys.stderr)
         print(f"minivar: loaded {args.model} in {llava.load_s:.2f}s; serving on "
               f"http://{host if ':' not in host else f'[{host}]'}:{httpd.server_address[1]}/ (Ctrl-C stops; run "
               f"files in {root} (removed on exit)",
@@ -279,7 +286,8 @@ iframe { width: 100%; height: calc(100vh - 140px); border: 0; }
     <label>τ <input type="number" name="tau" step="any" placeholder="20"></label>
     <label>p <input type="number" name="p" step="0.05" min="0" max="1" placeholder="0.6"></label>
     <label>floor <input type="number" name="min-image-attention" step="0.05" min="0" max="1" placeholder="0.2"></label>
-    <label>rule <select name="var-rule"><option value="">paper</option><option value="official">official</option></select></label></fieldset>
+    <label>rule <select name="var-rule"><option value="">paper</option>
+      <option value="official">official</option></select></label></fieldset>
   <fieldset><label><input type="radio" name="contrast" value="" checked> no contrast</label>
     <label><input type="radio" name="contrast" value="damro"> DAMRO</label>
     <label><input type="radio" name="contrast" value="vcd"> VCD</label></fieldset>

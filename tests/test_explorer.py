@@ -101,7 +101,8 @@ def test_llava_page_offline_linked_and_equal_to_attention_json(browser, run_a, t
     for kind in ("before", "after"):
         want = numbers["attention"][kind]
         close(cur["attention"][kind], want, 1e-4 * max(want) + 5e-6)
-    grid = browser.js("const g = explorer.headGrid(explorer.state); return [Array.from(g.image), Array.from(g.selected)]")
+    grid = browser.js("const g = explorer.headGrid(explorer.state);"
+                      "return [Array.from(g.image), Array.from(g.selected)]")
     H = numbers["n_heads"]
     flat = [x for row in numbers["heads"]["image_attention"] for x in row]
     close(grid[0], flat, 1e-4 * max(flat))
@@ -118,7 +119,8 @@ def test_llava_page_offline_linked_and_equal_to_attention_json(browser, run_a, t
     for o in outliers:
         r, c = divmod(o, cols)
         px = browser.js(f"""const cv = document.getElementById('panel-before-0'), k = +cv.dataset.cell;
-                            return Array.from(cv.getContext('2d').getImageData({c} * k + 3, {r} * k + k / 2, 1, 1).data)""")
+                            const at = [{c} * k + 3, {r} * k + k / 2];      // inside the green outline
+                            return Array.from(cv.getContext('2d').getImageData(at[0], at[1], 1, 1).data)""")
         assert px[:3] == [0, 200, 0], (o, px)
     steps = browser.js("return explorer.data.methods.find(m => m.kind === 'candidates').steps")
     ids = record["output_ids"]
@@ -177,8 +179,8 @@ def slider_selections(browser, page, model_dir, extra, settings, rule):
     var = next(m for m in methods if m.name == "var").config
     out = []
     for rho, floor in settings:
-        browser.js(f"for (const [id, v] of [['rho', {rho}], ['floor', {floor}]]) {{ const el = document.getElementById(id);"
-                   "el.value = v; el.dispatchEvent(new Event('input')); }")
+        browser.js(f"for (const [id, v] of [['rho', {rho}], ['floor', {floor}]]) {{"
+                   "const el = document.getElementById(id); el.value = v; el.dispatchEvent(new Event('input')); }")
         assert browser.js("return [explorer.state.rho, explorer.state.floor]") == [rho, floor]
         got = {tuple(x) for x in browser.js("explorer.set({row: -1}); return explorer.current().selected_heads")}
         want = set()
@@ -269,7 +271,8 @@ def test_seven_b_shaped_page_fits_and_stays_responsive(browser, tmp_path):
     assert ms < 1000, ms                                         # two redraws
     # the numbers survive the quantisation: the mean over heads (16 bits), a single head (4 bits)
     start, end = cap.span
-    mean = torch.stack([cap.attention_probs[layer]["before"][0, :, 7, start:end].mean(0) for layer in range(3, 21)]).mean(0)
+    mean = torch.stack([cap.attention_probs[layer]["before"][0, :, 7, start:end].mean(0)
+                        for layer in range(3, 21)]).mean(0)
     got = browser.js("explorer.set({head: -1}); return explorer.current().attention.before")
     close(got, mean.tolist(), float(mean.max()) / 65535 + 1e-7)
     one = torch.stack([cap.attention_probs[layer]["before"][0, 5, 7, start:end] for layer in range(3, 21)])
@@ -366,6 +369,12 @@ def test_serve_answers_an_upload_and_refuses_a_bad_one(browser, llava_dir, tmp_p
         rc = proc.wait(timeout=30)
     assert rc == 0
     assert not root.exists()                                     # the runs' files went with the server
+
+
+def test_serve_warns_when_bound_beyond_this_machine():
+    from minivar import serve
+    assert serve.host_warning("127.0.0.1", 8765) is None and serve.host_warning("localhost", 1) is None
+    assert "anyone who can reach port 8765 can run the model" in serve.host_warning("0.0.0.0", 8765)
 
 
 def test_serve_is_busy_while_a_generation_runs(tmp_path):
