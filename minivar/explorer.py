@@ -221,9 +221,9 @@ def precision_lines(bits: int, kept: int, R: int) -> list[str]:
 
 
 def page(data: dict) -> str:
-    """The HTML of the page: the template with the data inlined (a JSON literal; '</' escaped so no string in it
-    can close the script element)."""
-    text = json.dumps(data, separators=(",", ":"), allow_nan=False).replace("</", "<\\/")
+    """The HTML of the page: the template with the data inlined as JSON in a script element, every '<' written
+    \\u003c (the same JSON), so no text in it — a prompt, an answer — can end or change that element."""
+    text = json.dumps(data, separators=(",", ":"), allow_nan=False).replace("<", "\\u003c")
     template = TEMPLATE.read_text(encoding="utf-8")
     if DATA_MARK not in template:
         raise RuntimeError(f"{TEMPLATE} has no data mark")

@@ -33,6 +33,7 @@ PROMPT = "What is in the image?"
 DIMS, TAU = "1,5,9,13,17,21", "2.5"           # the tiny model's sink rule: a few visual sinks in every layer
 BASE = ["--dtype", "float32", "--device", "cpu", "--sink-dims", DIMS, "--max-new-tokens", "4"]
 RUN_A = ["--var", "--damro", "--damro-topk", "3", "--tau", TAU]
+NASTY = "<!--<script>alert(1)</script> \u2028 & </style>"
 
 
 @pytest.fixture(scope="module")
@@ -287,6 +288,7 @@ def test_a_page_over_budget_keeps_8_bit_means_and_fewer_heads(browser, tmp_path)
     L, H, N, R = 3, 4, 36, 6
     cap = SeventyBShape(L=L, H=H, N=N, R=R, start=5)
     numbers = seventy_b_numbers(cap, L=L, H=H, N=N)
+    numbers["prompt"] = NASTY                            # text that would end or bend a script element, kept as text
     budget = R * L * N + 2 * (L * H * N // 2)             # 8-bit means and two rows of 4-bit heads (16 bits: over half)
     data = explorer.explorer_data(cap, numbers, [Image.new("RGB", (336, 336))], tokenizer=Tokens(),
                                   output_ids=list(range(R - 1)), prompt_ids=list(range(100)), reports={}, records={},
@@ -297,6 +299,7 @@ def test_a_page_over_budget_keeps_8_bit_means_and_fewer_heads(browser, tmp_path)
     path.write_text(explorer.page(data), encoding="utf-8")
     browser.open(path.as_uri())
     assert browser.logs() == ([], [])
+    assert browser.js("return explorer.data.prompt") == NASTY
     start, end = cap.span
     for row, head in ((4, -1), (1, 2), (4, 2)):       # row 4, head 2: past the kept rows, so the mean over heads
         got = browser.js(f"explorer.set({{row: {row}, lo: 0, hi: 2, head: {head}}}); return explorer.current()")
