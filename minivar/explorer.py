@@ -17,7 +17,8 @@ must fit in 25 MB; the page states these lines too). Its attention maps share BU
 
 A method contributes its own panel through a record (MethodRun.explorer, or damro_numbers for DAMRO), a dict with
 "method", "kind" and "title"; the page draws three kinds (docs/explorer.md, "Records"):
-  kind "patches"     {"panel": i, "marks": [cell index (row-major) in panel i], "values": [per cell] or None}
+  kind "patches"     {"panel": i, "marks": [cell index (row-major) in panel i], "values": [per cell] or None,
+                      "colour": CSS colour of the marks (default green)}
   kind "candidates"  {"steps": [{"branches": {branch name: [{"id", "text", "logit", "prob"}, ...]}}, ...]}
   kind "table"       {"columns": [...], "rows": [[...], ...]}
 and every method's report (--json's) as a table where it brings no record of its own.
@@ -202,6 +203,18 @@ def method_records(numbers: dict, reports: dict, records: dict) -> list[dict]:
                     "title": f"DAMRO: the ViT's {len(d['outliers'])} outlier tokens (top-k CLS attention, vision "
                              f"layer {d['layer']})",
                     "legend": "green = outlier token (the contrast branch's image); heat = CLS attention"})
+    masked = numbers.get("masked") or {}
+    if masked.get("kind") == "random_image_tokens":      # (masked visual sinks: the sinks, drawn anyway)
+        from .viz import token_cells
+        cells = token_cells(numbers)
+        for i, p in enumerate(numbers["panels"]):
+            marks = sorted(cells[o][1] * p["cols"] + cells[o][2] for o in masked["patches"]
+                           if 0 <= o < len(cells) and cells[o] is not None and cells[o][0] == i)
+            if marks:
+                out.append({"method": "mask", "kind": "patches", "panel": i, "marks": marks, "values": None,
+                            "colour": "#00ffff", "title": f"{len(marks)} random image tokens masked on the "
+                                                          f"{p['name']} panel (seed {masked['seed']})",
+                            "legend": "cyan = masked: its key removed in every layer, so no attention reaches it"})
     for name, recs in records.items():
         out.extend(dict(r, method=r.get("method", name)) for r in recs)
     for name, report in reports.items():

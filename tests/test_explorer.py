@@ -225,7 +225,7 @@ def test_each_family_draws_the_grid_its_tokens_cover(browser, family, request, t
     from minivar.inspection import token_cells
     model_dir = request.getfixturevalue(f"{family}_dir")
     img = image_file(tmp_path, CASES[family])
-    extra = ["--damro"] if family == "next" else ["--vcd"]
+    extra = ["--damro"] if family == "next" else ["--vcd", "--mask-random-image-tokens", "3"]
     rc, stdout, err = run_cli(["--image", img, "--prompt", PROMPT, "--model", model_dir, "--json", "--save-attention",
                                tmp_path / "out", "--dtype", "float32", "--max-new-tokens", "2", "--sink-dims", "5",
                                *extra])
@@ -247,6 +247,9 @@ def test_each_family_draws_the_grid_its_tokens_cover(browser, family, request, t
     close(cur["attention"]["before"], want, 1e-4 * max(want) + 5e-6)
     kinds = browser.js("return explorer.data.methods.map(m => m.kind)")
     assert "candidates" in kinds and (family != "next" or "patches" in kinds)
+    if family == "qwen":                                 # the masked tokens, cyan at their cells (one panel here)
+        masked = browser.js("return explorer.data.methods.filter(m => m.method === 'mask').map(m => m.marks)")
+        assert masked == [sorted(numbers["masked"]["patches"])] and len(masked[0]) == 3
 
 
 # ---------------------------------------------------------------------------------------------------------------
