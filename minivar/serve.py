@@ -21,6 +21,7 @@ import signal
 import sys
 import tempfile
 import threading
+import traceback
 import uuid
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -55,9 +56,9 @@ class BadRequest(Exception):
         self.status = status
 
 
-def request_args(query: str, image_path: Path, out_dir: Path, defaults: dict):
+def request_args(query: str, out_dir: Path, defaults: dict):
     """The query string's settings as the command line's parsed flags (its parser and checks, so a setting means
-    what its flag means), with the uploaded image, the question and the run's folder."""
+    what its flag means), with the question and the run's folder (the image is the request's body)."""
     from .cli import build_parser
     pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=False)
     prompt = None
@@ -82,7 +83,7 @@ def request_args(query: str, image_path: Path, out_dir: Path, defaults: dict):
         raise BadRequest(HTTPStatus.BAD_REQUEST, "no question: give prompt=... in the query string")
     if "max-new-tokens" not in seen:
         argv += ["--max-new-tokens", str(MAX_NEW_TOKENS)]
-    argv = ["--image", str(image_path), "--prompt", prompt, "--save-attention", str(out_dir)] + argv
+    argv = ["--prompt", prompt, "--save-attention", str(out_dir)] + argv
     for key, value in defaults.items():            # the server's own: --model, --device, --dtype
         argv += [f"--{key}", value]
     parser = build_parser()
@@ -94,12 +95,17 @@ def request_args(query: str, image_path: Path, out_dir: Path, defaults: dict):
 
 
 def read_image(body: bytes):
-    from PIL import Image, UnidentifiedImageError
+    """The upload as RGB, decoded now, as the command line reads an image file (processing.load_image)."""
+    from PIL import Image
+
+    from .processing import to_rgb
     try:
-        im = Image.open(io.BytesIO(body))
-        im.load()
-        return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        with Image.open(io.BytesIO(body)) as im:
+            im.load()
+            return to_rgb(im)
+    except MinivarError as e:
+        raise BadRequest(HTTPStatus.BAD_REQUEST, f"the upload: {e}") from None
+    except Exception as e:                     # PIL signals a bad file with many types, as in load_image
         raise BadRequest(HTTPStatus.BAD_REQUEST, f"the upload is not an image minivar can read "
                                                  f"({type(e).__name__})") from None
 
@@ -142,16 +148,12 @@ class Server:
             image = read_image(body)
             run_id = uuid.uuid4().hex
             out_dir = self.root / run_id
-            image_path = self.root / f"{run_id}.upload.png"
-            image.save(image_path)                # the command line's --image (a path), as read
             try:
-                args = request_args(query, image_path, out_dir, self.defaults)
+                args = request_args(query, out_dir, self.defaults)
                 result = generate(self.llava, args, image)
             except MinivarError as e:
                 shutil.rmtree(out_dir, ignore_errors=True)
                 raise BadRequest(HTTPStatus.UNPROCESSABLE_ENTITY, for_command_line(str(e))) from None
-            finally:
-                image_path.unlink(missing_ok=True)
             self.runs.append(run_id)
             while len(self.runs) > KEEP_RUNS:
                 shutil.rmtree(self.root / self.runs.pop(0), ignore_errors=True)
@@ -214,6 +216,10 @@ def handler(server: Server):
                 self.send_json(HTTPStatus.OK, result)
             except BadRequest as e:
                 self.send_json(e.status, {"error": str(e)})
+            except Exception as e:                  # a bug, not the request's fault: say so, keep serving
+                traceback.print_exc()
+                self.send_json(HTTPStatus.INTERNAL_SERVER_ERROR,
+                               {"error": f"internal error ({type(e).__name__}: {e}); the server keeps running"})
 
     return Handler
 
