@@ -36,6 +36,7 @@ LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 # the command line's flags a request may set (query keys, without the dashes): True = takes no value. The model's
 # own (--model, --device, --dtype, --min-pixels, --max-pixels) are the server's, fixed when it loads.
 SETTINGS = {"max-new-tokens": False, "temperature": False, "top-p": False, "seed": False, "conv-mode": False,
+            "prompt-tokenization": False,
             "image-aspect-ratio": False,
             "var": True, "var-preset": False, "tau": False, "rho": False, "p": False, "min-image-attention": False,
             "sink-dims": False, "var-rule": False, "var-heads": False, "var-layers": False,
