@@ -207,7 +207,7 @@ def main(argv=None, methods=()) -> int:
                                                                                      args.save_attention)) if v]
         if given:
             parser.error(f"--serve takes the image and the question from its page, not {', '.join(given)}")
-        return run_command(serve.serve, args)
+        return run_command(lambda a: serve.serve(a, build_parser, method_settings), args)
     if args.host is not None:
         parser.error("--host only applies with --serve")
     missing = [f for f, v in (("--image", args.image), ("--prompt", args.prompt)) if v is None]

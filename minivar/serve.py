@@ -30,6 +30,9 @@ from urllib.parse import parse_qsl, urlsplit
 
 from .errors import MinivarError, for_command_line
 
+# The command line lends the server its parser and its flags → methods translation (cli.main passes them to
+# serve(); importing cli here would make the two modules import each other).
+
 MAX_UPLOAD = 20 * 1024 * 1024          # bytes of one uploaded image (docs/explorer.md)
 KEEP_RUNS = 16                          # runs whose files stay served; older ones are deleted
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -57,10 +60,9 @@ class BadRequest(Exception):
         self.status = status
 
 
-def request_args(query: str, out_dir: Path, defaults: dict):
-    """The query string's settings as the command line's parsed flags (its parser and checks, so a setting means
-    what its flag means), with the question and the run's folder (the image is the request's body)."""
-    from .cli import build_parser
+def request_args(query: str, out_dir: Path, defaults: dict, build_parser):
+    """The query string's settings as the command line's parsed flags (build_parser: its parser and checks, so a
+    setting means what its flag means), with the question and the run's folder (the image is the request's body)."""
     pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=False)
     prompt = None
     argv = []
@@ -111,9 +113,9 @@ def read_image(body: bytes):
                                                  f"({type(e).__name__})") from None
 
 
-def generate(llava, args, image) -> dict:
-    """One run of the command line's generation with --save-attention (cli.run's steps on a loaded model)."""
-    from .cli import method_settings
+def generate(llava, args, image, method_settings) -> dict:
+    """One run of the command line's generation with --save-attention (cli.run's steps on a loaded model);
+    method_settings: the command line's flags → (methods, the pictures' sink rule)."""
     from .flags import var_of
     from .inspection import RunInspection
     from .pipeline import check_generation_args
@@ -136,8 +138,9 @@ def generate(llava, args, image) -> dict:
 class Server:
     """The loaded model, the run folder and the one-generation lock, shared by the request handlers."""
 
-    def __init__(self, llava, root: Path, defaults: dict):
+    def __init__(self, llava, root: Path, defaults: dict, build_parser=None, method_settings=None):
         self.llava, self.root, self.defaults = llava, root, defaults
+        self.build_parser, self.method_settings = build_parser, method_settings
         self.lock = threading.Lock()
         self.runs: list[str] = []
 
@@ -150,8 +153,8 @@ class Server:
             run_id = uuid.uuid4().hex
             out_dir = self.root / run_id
             try:
-                args = request_args(query, out_dir, self.defaults)
-                result = generate(self.llava, args, image)
+                args = request_args(query, out_dir, self.defaults, self.build_parser)
+                result = generate(self.llava, args, image, self.method_settings)
             except MinivarError as e:
                 shutil.rmtree(out_dir, ignore_errors=True)
                 raise BadRequest(HTTPStatus.UNPROCESSABLE_ENTITY, for_command_line(str(e))) from None
@@ -232,8 +235,9 @@ def host_warning(host: str, port: int) -> str | None:
     return f"minivar: warning: serving on {host}: anyone who can reach port {port} can run the model"
 
 
-def serve(args) -> int:
-    """Load the model, serve until Ctrl-C or SIGTERM, remove the run folder."""
+def serve(args, build_parser, method_settings) -> int:
+    """Load the model, serve until Ctrl-C or SIGTERM, remove the run folder. build_parser, method_settings: the
+    command line's (cli.py), which a request's settings go through."""
     import minivar
     host, port = args.host or "127.0.0.1", args.port
     if not 0 <= port <= 65535:
@@ -244,7 +248,7 @@ def serve(args) -> int:
     root = Path(tempfile.mkdtemp(prefix="minivar-serve-"))
     try:
         try:
-            httpd = ThreadingHTTPServer((host, port), handler(Server(llava, root, defaults)))
+            httpd = ThreadingHTTPServer((host, port), handler(Server(llava, root, defaults, build_parser, method_settings)))
         except OSError as e:
             raise MinivarError(f"cannot serve on {host}:{port}: {e.strerror or e}") from None
         httpd.daemon_threads = True
