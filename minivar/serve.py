@@ -45,7 +45,7 @@ SETTINGS = {"max-new-tokens": False, "temperature": False, "top-p": False, "seed
             "sink-dims": False, "var-rule": False, "var-heads": False, "var-layers": False,
             "damro": True, "damro-preset": False, "damro-alpha": False, "damro-beta": False, "damro-topk": False,
             "vcd": True, "vcd-alpha": False, "vcd-beta": False, "vcd-noise-step": False,
-            "attention-layers": False}
+            "attention-layers": False, "mask-visual-sinks": True, "mask-random-image-tokens": False}
 RUN_FILES = re.compile(r"^/runs/([0-9a-f]{32})/([A-Za-z0-9_.-]+\.(?:html|png|json))$")
 MAX_NEW_TOKENS = 64                     # a request's default answer length (it may ask for another)
 
@@ -116,11 +116,13 @@ def read_image(body: bytes):
 def generate(llava, args, image, method_settings) -> dict:
     """One run of the command line's generation with --save-attention (cli.run's steps on a loaded model);
     method_settings: the command line's flags → (methods, the pictures' sink rule)."""
-    from .flags import var_of
+    from .flags import check_seed_applies, var_of
     from .inspection import RunInspection
     from .pipeline import check_generation_args
-    check_generation_args(args.max_new_tokens, args.temperature, args.top_p)
+    check_generation_args(args.max_new_tokens, args.temperature, args.top_p, args.seed)
     methods, rule = method_settings(args)
+    check_seed_applies(args.seed, args.temperature, methods,
+                       uses=(("--mask-random-image-tokens", args.mask_random_image_tokens is not None),))
     var = var_of(methods)
     inspection = RunInspection.from_args(args)
     capture, mask = inspection.hooks(llava, var)
