@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default=None,
                    help="with --serve: the address to bind; anything but localhost lets others run the model "
                         "(default: 127.0.0.1)")
-    s.add_argument("--port", type=int, default=8765, help="with --serve: the port (default: 8765)")
+    s.add_argument("--port", type=int, default=None, help="with --serve: the port (default: 8765)")
     i = p.add_argument_group("looking inside (pictures, sink removal; see docs/pictures.md)")
     i.add_argument("--save-attention", metavar="DIR", default=None,
                    help="write PNG pictures of sinks and attention, their numbers (attention.json) and the "
@@ -204,13 +204,16 @@ def main(argv=None, methods=()) -> int:
     from minivar.errors import run_command
     if args.serve:
         from minivar import serve
-        given = [f for f, v in (("--image", args.image), ("--prompt", args.prompt), ("--save-attention",
-                                                                                     args.save_attention)) if v]
+        # a flag without effect is an error: with --serve, each request brings its image, question and settings
+        given = [a.option_strings[0] for a in parser._actions if a.option_strings and a.dest not in serve.SERVER_FLAGS
+                 and getattr(args, a.dest) != a.default]
         if given:
-            parser.error(f"--serve takes the image and the question from its page, not {', '.join(given)}")
+            parser.error(f"--serve takes the image, the question and the settings from each request (its page), "
+                         f"not from {', '.join(given)}")
         return run_command(lambda a: serve.serve(a, build_parser, method_settings), args)
-    if args.host is not None:
-        parser.error("--host only applies with --serve")
+    for flag, value in (("--host", args.host), ("--port", args.port)):
+        if value is not None:
+            parser.error(f"{flag} only applies with --serve")
     missing = [f for f, v in (("--image", args.image), ("--prompt", args.prompt)) if v is None]
     if missing:
         parser.error(f"the following arguments are required: {', '.join(missing)}")

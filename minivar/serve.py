@@ -48,6 +48,9 @@ SETTINGS = {"max-new-tokens": False, "temperature": False, "top-p": False, "seed
             "attention-layers": False, "mask-visual-sinks": True, "mask-random-image-tokens": False}
 RUN_FILES = re.compile(r"^/runs/([0-9a-f]{32})/([A-Za-z0-9_.-]+\.(?:html|png|json))$")
 MAX_NEW_TOKENS = 64                     # a request's default answer length (it may ask for another)
+PORT = 8765
+# the command line's flags (argparse dests) that --serve itself reads: the model's, once; every other is per request
+SERVER_FLAGS = {"help", "serve", "host", "port", "model", "device", "dtype", "min_pixels", "max_pixels"}
 
 
 class Stop(BaseException):
@@ -241,7 +244,7 @@ def serve(args, build_parser, method_settings) -> int:
     """Load the model, serve until Ctrl-C or SIGTERM, remove the run folder. build_parser, method_settings: the
     command line's (cli.py), which a request's settings go through."""
     import minivar
-    host, port = args.host or "127.0.0.1", args.port
+    host, port = args.host or "127.0.0.1", PORT if args.port is None else args.port
     if not 0 <= port <= 65535:
         raise MinivarError(f"--port must be in 0..65535, got {port}")
     llava = minivar.load(args.model, device=args.device, dtype=args.dtype,

@@ -404,5 +404,7 @@ def test_explorer_needs_every_layer():
 def test_serve_flags_are_checked_before_anything_loads():
     from conftest import assert_one_line_error
     assert_one_line_error(*run_cli(["--serve", "--image", IMAGE, "--model", "demo"]), "--serve", "--image")
+    assert_one_line_error(*run_cli(["--serve", "--var", "--rho", "0.5"]), "--serve", "--var", "--rho")
+    assert_one_line_error(*run_cli(["--port", "9000", "--image", IMAGE, "--prompt", "hi"]), "--port", "--serve")
     assert_one_line_error(*run_cli(["--host", "0.0.0.0", "--image", IMAGE, "--prompt", "hi"]), "--host", "--serve")
     assert_one_line_error(*run_cli(["--prompt", "hi"]), "--image")
