@@ -310,6 +310,23 @@ def test_with_var_composes_in_list_order(llava):
     assert batch[0].output_ids == both.output_ids
 
 
+def test_a_capture_gives_the_explorer_its_records(llava):
+    """With a capture (the pictures / the explorer): the report holds the image keys' scores before and after per
+    edited layer (after = a + α·|a| ≥ before), and the explorer gets a table of them and the guidance's candidates."""
+    from minivar.probe import Capture
+    ref, pipe = llava
+    cfg = PAIConfig(alpha=2.0, layers=(0, 2), gamma=2.0)
+    cap = Capture([0], rows="answer", decode=True)
+    r = pipe.generate(image(4), PROMPT, methods=[PAI(cfg)], max_new_tokens=4, capture=cap)
+    scores = r.reports["pai"]["scores"]
+    assert set(scores) == {"0", "1"} and all(v["rows"] == 3 for v in scores.values())   # the 2nd … 4th tokens
+    table, candidates = r.extra["explorer"]["pai"]
+    assert table["kind"] == "table" and [row[0] for row in table["rows"]] == [0, 1]
+    assert all(after > before for _, _, before, after in table["rows"])
+    assert candidates["kind"] == "candidates" and len(candidates["steps"]) == len(r.output_ids)
+    assert set(candidates["steps"][0]["branches"]) == {"full", "no image", "guided"}
+
+
 def test_settings_options_and_errors(llava):
     ref, pipe = llava
     assert PAIConfig().settings() == {"alpha": 0.2, "layers": [2, 32], "gamma": 1.1, "first_token": "unedited"}

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import MinivarError
-from .contrastive import call_rows
+from .contrastive import CANDIDATES_K, call_rows, top_candidates
 from .hooks import Hook
 from .method import Branch, Method, MethodRun
 
@@ -220,11 +220,35 @@ class PAIRun(MethodRun):
     def __init__(self, config: PAIConfig, state: PAIState):
         self.config, self.state = config, state
         self.hooks = [state]
+        # a capture reads the call (the pictures, the explorer): each step's top candidates per branch
+        self.steps: list | None = [] if state.kept is not None and config.branch else None
 
     def choose(self, logits: torch.Tensor, contrast: torch.Tensor | None) -> torch.Tensor:
         if self.config.branch and contrast is None:
             raise MinivarError("PAI needs its branch without the image (γ ≠ 1), and this call has none")
-        return guidance(logits, contrast, self.config.gamma)
+        out = guidance(logits, contrast, self.config.gamma)
+        if self.steps is not None:
+            self.steps.append({name: top_candidates(x) for name, x in
+                               (("full", logits), ("no image", contrast), ("guided", out))})
+        return out
+
+    def explorer(self, b: int) -> list[dict] | None:
+        """The explorer's records (explorer.py): per edited layer the image keys' mean score before and after the
+        step (sample 0, the rows it edited), and with γ ≠ 1 the top candidates of both branches and of the
+        guidance per step."""
+        if self.state.kept is None or b != 0:
+            return None
+        rows = [[int(layer), v["rows"], round(sum(v["before"]) / len(v["before"]), 5),
+                 round(sum(v["after"]) / len(v["after"]), 5)] for layer, v in self.state.pictures().items()
+                if v["before"]]
+        records = [{"kind": "table", "title": f"PAI: image keys' mean pre-softmax score before → after a + α·|a| "
+                    f"(α {self.config.alpha:g}), per edited layer",
+                    "columns": ["layer", "rows edited", "before", "after"], "rows": rows}]
+        if self.steps:
+            records.append({"kind": "candidates", "title": f"PAI: top-{CANDIDATES_K} next tokens with and without "
+                            f"the image and of the guidance (γ {self.config.gamma:g}), per step",
+                            "steps": [{"branches": {n: c[b] for n, c in step.items()}} for step in self.steps]})
+        return records
 
     def report(self, b: int, generated_rows: int) -> dict:
         layers = sorted(self.state.layers)
