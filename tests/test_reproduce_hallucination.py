@@ -109,7 +109,7 @@ def test_runs_carry_the_released_settings(hall):
     assert commands["pope-vcd"].endswith(f"--vcd --vcd-alpha 1 --vcd-beta 0.2 --vcd-noise-step 500 {vcd}")
     assert commands["chair-vcd"].endswith(f"--vcd --vcd-alpha 1 --vcd-beta 0.1 --vcd-noise-step 500 {vcd}")
     assert commands["pope-vcd-base"].endswith(vcd) and "--vcd " not in commands["pope-vcd-base"]
-    damro = "--conv-mode llava_v1 --image-aspect-ratio crop --temperature 1 --seed 42"
+    damro = " ".join(reproduce.DAMRO_PROTOCOL)            # reproduce damro's: its scripts' prompt, pixels, sampling
     assert commands["chair-damro"].endswith(f"--damro --damro-alpha 1.5 --damro-beta 0.1 --damro-topk 4 {damro}")
     assert commands["pope-var"].endswith("--var") and commands["chair-base"].endswith("--limit 2")
     run = json.loads((out / "chair-pai" / "run.json").read_text())

@@ -94,10 +94,11 @@ ARMS = (
         "α 1, β 0.2 (POPE: its llava1.5_pope.bash; CHAIR: its argparse β 0.1), noise step 500; llava_v1, crop, "
         "T 1 seed 55", "vcd-base", {"pope": _none("pope", VCD_SOURCE), "chair": _none("chair", VCD_SOURCE)},
         "minivar.methods.vcd", ("--vcd", "--vcd-alpha", "--vcd-beta", "--vcd-noise-step")),
-    Arm("damro-base", "base (DAMRO's protocol)", _same(DAMRO_PROTOCOL), "llava_v1, crop, T 1 seed 42 (DAMRO's "
-                                                                        "scripts)"),
+    Arm("damro-base", "base (DAMRO's protocol)", _same(DAMRO_PROTOCOL),
+        "llava_v1 with its scripts' prompt ids, crop, T 1 seed 42 (DAMRO's scripts)"),
     Arm("damro", "DAMRO", {e.bench: e.method_flags for e in PAPERS["damro"].entries if e.bench in BENCHES},
-        "POPE α 0.5 k 4, CHAIR α 1.5 k 4, β 0.1; llava_v1, crop, T 1 seed 42 (its scripts)", "damro-base",
+        "POPE α 0.5 k 4, CHAIR α 1.5 k 4, β 0.1; llava_v1 with its scripts' prompt ids, crop, T 1 seed 42 "
+        "(its scripts)", "damro-base",
         {"pope": _from_paper("damro", "pope"), "chair": _from_paper("damro", "chair")}, "minivar.methods.damro",
         ("--damro", "--damro-alpha", "--damro-beta", "--damro-topk")),
 )
