@@ -228,6 +228,7 @@ class Pipeline:
             if len(prompts) > 1:
                 raise MinivarError(f"{searchers[0].name} runs one sample at a time (generate_batch does that)")
             K = searchers[0].num_beams
+        check_beam_args(K, 0.0, capture, mask)
         if K > 1:
             request = self._request([r for r in rows for _ in range(K)], [im for im in ims for _ in range(K)],
                                     max_new_tokens, methods, warn, capture is not None)
