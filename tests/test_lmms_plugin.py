@@ -131,9 +131,11 @@ def test_generation_kwargs():
     assert gen_settings({"do_sample": True, "seed": 3}, "t", 128, False) == GenSettings(128, 1.0, 1.0, 3, ())
     # the image mode is the model's (model arg image_aspect_ratio), not the task's
     assert gen_settings({"image_aspect_ratio": "original"}, "t", 128, False) == greedy
+    # beam search: the task's width
+    assert gen_settings({"num_beams": 3}, "t", 128, False) == GenSettings(128, 0.0, 1.0, None, (), num_beams=3)
 
 
-@pytest.mark.parametrize("kwargs, name", [({"num_beams": 3}, "num_beams"), ({"top_k": 5}, "top_k"),
+@pytest.mark.parametrize("kwargs, name", [({"num_beams": 0}, "num_beams"), ({"top_k": 5}, "top_k"),
                                           ({"repetition_penalty": 1.2}, "repetition_penalty"),
                                           ({"visual_cot": True}, "visual_cot"), ({"until": [1]}, "until")])
 def test_unsupported_generation_kwargs_are_refused(kwargs, name):
