@@ -108,7 +108,9 @@ def released_opera(model, prompt, images, *, num_beams, max_new_tokens, eos_toke
 
     def forward(input_ids):              # recompute everything; the last row's logits, the last layer's probs
         R = input_ids.shape[0]
-        cache = KVCache(model.config.text, R, T + max_new_tokens + 1, torch.float32, "cpu")
+        length = T + max_new_tokens + 1
+        cache = (model.new_cache(R, length, torch.float32, "cpu") if hasattr(model, "new_cache")   # M-RoPE's
+                 else KVCache(model.config.text, R, length, torch.float32, "cpu"))
         logits = model(prompt.repeat(R, 1), [im for im in images for _ in range(R)], cache=cache, hooks=[hook],
                        output="last")
         generated = input_ids[:, rel_prompt.shape[1]:]

@@ -145,3 +145,19 @@ def test_api_refuses_opera_with_a_contrast_branch_and_batches_one_by_one(tiny_ch
              zip(images, ["Describe it.", "What is it?"])]
     assert [r.output_ids for r in both] == [r.output_ids for r in alone]
     assert [r.reports["opera"] for r in both] == [r.reports["opera"] for r in alone]
+
+
+def test_opera_on_qwen2_vl_equals_the_released_loop(tmp_path):
+    """Qwen2-VL's M-RoPE: the candidates fed together sit at the position a decode step gives them."""
+    pytest.importorskip("transformers")
+    from test_qwen2_vl_model import hf_model, image, load_qwen2_vl, prompt_ids, write_checkpoint
+    model = load_qwen2_vl(write_checkpoint(hf_model("qwen2_vl"), tmp_path, "hub"))
+    images = [image((1, 4, 6))]
+    ids = torch.tensor([prompt_ids(images)])
+    K, C, N = 2, 3, 14
+    want, want_score, _ = released_opera(model, ids, images, num_beams=K, max_new_tokens=N, eos_token_id=None,
+                                         num_attn_candidates=C, threshold=2)
+    hook = LastLayer(model.config.text.num_hidden_layers, ids.shape[1])
+    gen, report = opera_search(model, ids.repeat(K, 1), OPERAConfig(candidates=C, num_beams=K, threshold=2), hook,
+                               images=images * K, max_new_tokens=N, stop_ids=None, hooks=[hook])
+    assert gen.output_ids[0] == want and gen.scores[0] == pytest.approx(want_score, abs=1e-5)

@@ -227,7 +227,8 @@ def opera_search(model, input_ids: torch.Tensor, cfg: OPERAConfig, hook: LastLay
     image = model.image_positions(input_ids[:1])[0].nonzero().flatten().tolist()
     img_start, img_end = (image[0], image[-1]) if image else (T, T - 1)      # the image span (end inclusive)
     ids_len = T - len(image) + (1 if image else 0)      # the released LLaVA prompt: its image is one id
-    cache = new_cache(model, K, T + max_new_tokens + 1, device, values_transposed=False)
+    # C scratch positions after the last one: the candidates of a step are fed together, candidate c in slot p + c
+    cache = new_cache(model, K, T + max_new_tokens + C, device, values_transposed=False)
     if not isinstance(cache, KVCache):
         raise MinivarError("OPERA needs an addressable KV cache")
 
@@ -235,6 +236,21 @@ def opera_search(model, input_ids: torch.Tensor, cfg: OPERAConfig, hook: LastLay
         hook.rows = None
         logits = decode_step(model, tokens, cache=cache, position=position, hooks=hooks)
         return logits, hook.rows[:, -1].float()
+
+    scratch = ScratchSlots(C)
+
+    def candidates(tokens, p):           # the C candidates of every row at position p, in one call (ScratchSlots)
+        scratch.position = p
+        hook.rows = None
+        at = torch.full((K, C), p, dtype=torch.long, device=device)
+        deltas = getattr(cache, "rope_deltas", None)         # M-RoPE: text continues at index + delta
+        if deltas is not None:
+            at = at + deltas[:, None].to(device)
+        logits = model(tokens, cache=cache, input_pos=p, positions=at, hooks=list(as_list(hooks)) + [scratch],
+                       output="logits")                                                     # [K, C, V]
+        rows = hook.rows.float()                                                            # [K, C, p + C]
+        own = rows[..., p:].diagonal(dim1=1, dim2=2)[..., None]                             # [K, C, 1]
+        return logits, torch.cat([rows[..., :p], own], -1)                                  # [K, C, p + 1]
 
     def rerun(seqs):                     # the generated tokens of `seqs` at positions T … (a rollback): logits
         if not seqs[0]:
@@ -258,12 +274,16 @@ def opera_search(model, input_ids: torch.Tensor, cfg: OPERAConfig, hook: LastLay
     rejected: list = [[] for _ in range(cfg.window)]
     report = {"rollbacks": 0, "penalised_steps": 0, "steps": []}
     t_prefill = None
+    pending = None
     cur_len = ids_len
     while True:
         state = {"seqs": [list(s) for s in seqs], "scorer": copy.deepcopy(scorer), "cur_len": cur_len}
         s = len(seqs[0])                    # tokens generated so far
         if s > 0:                           # the main forward: the tokens chosen last step, at T + s − 1
-            logits, row = forward(beam_next_tokens, T + s - 1)
+            if pending is not None:         # they were candidates: their forward ran already (same numbers)
+                logits, row = pending
+            else:
+                logits, row = forward(beam_next_tokens, T + s - 1)
             pad = torch.cat([prev, prev.new_zeros(K, prev.shape[1], 1)], -1)[beam_idx]
             prev = torch.cat([pad, row[:, None, T:T + s]], 1)
             prev_sum = torch.cat([prev_sum[beam_idx], row.sum(-1, keepdim=True)], 1)
@@ -276,10 +296,9 @@ def opera_search(model, input_ids: torch.Tensor, cfg: OPERAConfig, hook: LastLay
         state["beam_scores"] = beam_scores.clone()
         state["beam_next_tokens"] = beam_next_tokens.clone() if beam_next_tokens is not None else None
         state["beam_idx"] = beam_idx.clone() if beam_idx is not None else None
-        rows = []
-        for c in range(C):                  # each candidate's last-layer row, at T + s (the slot is then reused)
-            rows.append(forward(cand_tokens[:, c], T + s)[1])
-        cand = torch.stack(rows, 1)                                                     # [K, C, T + s + 1]
+        # each candidate's last-layer row at T + s: the released code runs one forward per candidate
+        cand_logits, cand = candidates(cand_tokens, T + s)                              # [K, C, T + s + 1]
+        pending = None
         scores16 = over_trust(prev, prev_sum, cand, cfg.scale)                          # [K, C, W]
         W = s + 1                                                                       # cur_response_lens
         attn_i = (cand / cand.sum(-1, keepdim=True))[..., img_start:img_end + 1].sum(-1)            # [K, C]
@@ -343,6 +362,16 @@ def opera_search(model, input_ids: torch.Tensor, cfg: OPERAConfig, hook: LastLay
         if s > 1:                                  # the cache rows follow the beams (generated positions only)
             cache.k[:, :, :, T:T + s - 1] = cache.k[:, beam_idx, :, T:T + s - 1]
             cache.v[:, :, :, T:T + s - 1] = cache.v[:, beam_idx, :, T:T + s - 1]
+        if pos is None:
+            # a chosen token that was its beam's candidate has its keys, values, logits and attention row already:
+            # its slot is copied to position T + s − 1 and the next step's forward is skipped
+            match = cand_tokens[beam_idx] == beam_next_tokens[:, None]                  # [K, C]
+            if bool(match.any(-1).all()):
+                c = match.int().argmax(-1)
+                p = T + s - 1
+                k_new, v_new = cache.k[:, beam_idx, :, p + c], cache.v[:, beam_idx, :, p + c]   # [K, L, H, hd]
+                cache.k[:, :, :, p], cache.v[:, :, :, p] = k_new.transpose(0, 1), v_new.transpose(0, 1)
+                pending = cand_logits[beam_idx, c], cand[beam_idx, c]
         cur_len += 1
         if scorer.done or s >= max_new_tokens:
             break
@@ -350,6 +379,25 @@ def opera_search(model, input_ids: torch.Tensor, cfg: OPERAConfig, hook: LastLay
     gen = Generation([tokens], prefill_s=t_prefill, decode_s=_now(device) - t_decode,
                      decode_tokens=len(report["steps"]) - 1, finished=[eos], scores=[score], rows=[[]])
     return gen, report
+
+
+class ScratchSlots(Hook):
+    """The C candidates of a step fed in one call at cache slots p … p+C−1, all at RoPE position p: candidate c may
+    attend to positions 0 … p−1 and to its own slot only — the keys a forward of it alone at p would see."""
+    masks_keys = True
+
+    def __init__(self, C: int):
+        self.C, self.position = C, 0
+
+    def key_mask(self, layer, mask, rows):
+        p, C = self.position, self.C
+        mask = mask.clone()
+        mask[..., p:p + C] = torch.eye(C, dtype=torch.bool, device=mask.device)
+        return mask
+
+
+def as_list(hooks):
+    return [] if hooks is None else list(hooks) if isinstance(hooks, (list, tuple)) else [hooks]
 
 
 def rollback_target(gathers: torch.Tensor, loc: int, cfg: OPERAConfig, max_rollback_time: torch.Tensor,
