@@ -115,3 +115,24 @@ def test_qwen2_vl_beams_equal_transformers_batched_with_an_early_eos(qwen_pair, 
     assert got.output_ids == want
     assert got.scores == pytest.approx(want_scores, abs=1e-4)
     assert any(len(s) < n for s in want)
+
+
+def test_pipeline_beams_with_var_batched_equal_one_by_one_and_report_along_the_answer(tiny_checkpoint):
+    """VAR acts in every beam of every sample (τ low enough that the tiny model has sinks); a batch equals each
+    sample alone, VAR's report included: its decode counters are read along the rows the answer ran in."""
+    import minivar
+    from PIL import Image
+    from minivar.methods.var import VARConfig
+    pipe = minivar.load(str(tiny_checkpoint), device="cpu", dtype="float32")
+    var = VARConfig(sink_dims=(3, 7), tau=1.0, rho=0.0, min_image_attention=0.0)
+    images = [Image.new("RGB", (40, 30), (120, 30, 200)), Image.new("RGB", (30, 40), (10, 200, 20))]
+    prompts = ["Describe it.", "What is in the image, please?"]
+    both = pipe.generate_batch(images, prompts, max_new_tokens=6, num_beams=3, var=var)
+    alone = [pipe.generate(im, p, max_new_tokens=6, num_beams=3, var=var) for im, p in zip(images, prompts)]
+    assert [r.output_ids for r in both] == [r.output_ids for r in alone]
+    assert [r.extra["sequence_score"] for r in both] == pytest.approx([r.extra["sequence_score"] for r in alone],
+                                                                      abs=1e-5)
+    assert [r.var["redistributed"] for r in both] == [r.var["redistributed"] for r in alone]
+    assert sum(both[0].var["redistributed"]["decode"]) > 0
+    plain = pipe.generate(images[0], prompts[0], max_new_tokens=6, num_beams=3)
+    assert plain.extra["sequence_score"] != pytest.approx(both[0].extra["sequence_score"], abs=1e-6)   # VAR acted
