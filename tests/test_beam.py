@@ -136,3 +136,34 @@ def test_pipeline_beams_with_var_batched_equal_one_by_one_and_report_along_the_a
     assert sum(both[0].var["redistributed"]["decode"]) > 0
     plain = pipe.generate(images[0], prompts[0], max_new_tokens=6, num_beams=3)
     assert plain.extra["sequence_score"] != pytest.approx(both[0].extra["sequence_score"], abs=1e-6)   # VAR acted
+
+
+def test_llava_next_beams_equal_transformers_and_opera_runs(tmp_path):
+    """LLaVA-NeXT (anyres tiles): --num-beams through the command line equals transformers' beam search on the same
+    directory; --opera runs on it and reports."""
+    import json
+    from conftest import run_cli
+    from test_llava_next import PINPOINTS, S, hf_inputs, picture
+    from test_llava_next_pipeline import write_next
+    from transformers import LlavaNextForConditionalGeneration
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+    directory = write_next(tmp_path / "next")
+    img = picture(150, 70)
+    img.save(tmp_path / "x.png")
+    base = ["--model", directory, "--image", tmp_path / "x.png", "--prompt", "What is in the image?", "--device",
+            "cpu", "--dtype", "float32", "--max-new-tokens", "6", "--json"]
+    rc, out, err = run_cli(base + ["--num-beams", "3"])
+    assert rc == 0, err
+    got = json.loads(out)
+    ref = LlavaNextForConditionalGeneration.from_pretrained(str(directory), dtype=torch.float32).eval()
+    proc = LlavaNextImageProcessorPil(size={"shortest_edge": S}, crop_size={"height": S, "width": S},
+                                      image_grid_pinpoints=PINPOINTS)
+    px, sizes = hf_inputs(proc, img)
+    ids = torch.tensor([got["prompt_ids"]])
+    with torch.no_grad():
+        want, scores = hf_beams(ref, 6, 3, 2, input_ids=ids, pixel_values=px, image_sizes=sizes,
+                                attention_mask=torch.ones_like(ids))
+    assert got["output_ids"] == want[0] and got["sequence_score"] == pytest.approx(scores[0], abs=1e-4)
+    rc, out, err = run_cli(base + ["--opera", "--num-beams", "2", "--opera-candidates", "2"])
+    assert rc == 0, err
+    assert json.loads(out)["opera"]["penalised_steps"] > 0
