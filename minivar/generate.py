@@ -227,6 +227,7 @@ def generate(model, input_ids: torch.Tensor, images=None, *, max_new_tokens: int
     t_decode = None
     with decode_kernels(device, R):
         while True:
+            check_finite(logits, step)
             chosen = choose(logits.view(branches, B, -1))                                # [B, V]
             next_ids = sample_next(chosen, temperature, top_p, generator)                # [B]
             # None for a sample that had finished or finishes now (EOS is never part of the output)
@@ -253,6 +254,16 @@ def generate(model, input_ids: torch.Tensor, images=None, *, max_new_tokens: int
     result.decode_tokens = step - 1
     result.finished = finished
     return result
+
+
+def check_finite(logits: torch.Tensor, step: int) -> None:
+    """Refuse non-finite logits before a token is chosen from them: argmax over NaN picks an arbitrary id, so a
+    checkpoint holding a NaN or Inf weight would answer garbage with no sign of it. One reduction per step, on the
+    step's [R, V] logits (the weights are never scanned)."""
+    if not bool(torch.isfinite(logits).all()):
+        raise MinivarError(f"the model's logits are not finite (NaN or Inf) at generated token {step + 1}: the "
+                           f"checkpoint's weights likely hold NaN or Inf values (or `dtype` float16 overflowed: "
+                           f"try bfloat16 or float32)")
 
 
 def stop_set(eos_token_id) -> set[int]:
@@ -297,6 +308,7 @@ def beam_generate(model, input_ids, images=None, *, num_beams: int, max_new_toke
     t_decode = None
     steps = 0
     while True:
+        check_finite(logits, steps)
         next_ids, parents, more = search.step(logits)
         steps += 1
         if t_decode is None:
