@@ -195,8 +195,7 @@ def generate(model, input_ids: torch.Tensor, images=None, *, max_new_tokens: int
         raise MinivarError(f"{R} prompt rows do not split into {branches} branches")
     B = R // branches
     device = input_ids.device
-    # the ids that end a sample: one EOS (LLaMA's 2), several (Qwen's <|im_end|>, <|endoftext|>) or none
-    stop = set() if eos_token_id is None else {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
+    stop = stop_set(eos_token_id)
     prompt_end = input_pos + T
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
     outputs: list[list[int]] = [[] for _ in range(B)]
