@@ -578,7 +578,12 @@ class Pipeline:
                 report = run.report(b * K, fed, rows=gen.rows[b]) if K > 1 else run.report(b, fed)
                 if report is not None:
                     reports[name] = report
-            extra = {"num_beams": K, "sequence_score": gen.scores[b]} if K > 1 else {}
+            # the methods' panels of the attention explorer, when a capture read the call (one sample)
+            captured = request.call is not None and request.call.capture
+            panels = {name: recs for name, run in request.runs.items()
+                      if captured and (recs := getattr(run, "explorer", lambda b: None)(b))}
+            extra = ({"explorer": panels} if panels else {}) | (
+                {"num_beams": K, "sequence_score": gen.scores[b]} if K > 1 else {})
             results.append(Result(self.tokenizer.decode(ids), ids, request.prompt_ids[b], dict(timing),
                                   gen.finished[b], reports, extra))
         return results

@@ -53,6 +53,11 @@ class MethodRun:
         generated tokens ran in: beams move between rows, so per-row state is read along these."""
         return None
 
+    def explorer(self, b: int) -> list[dict] | None:
+        """Sample b's panels for the attention explorer (explorer.py, docs/explorer.md "Records"): dicts with a
+        "kind" ("patches", "candidates", "table") and a "title"; None: none (its report is still shown)."""
+        return None
+
 
 class Method:
     """A method with its settings. Subclass it and override what you need."""
