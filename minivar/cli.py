@@ -19,7 +19,7 @@ import unicodedata
 from minivar import __version__
 from minivar.defaults import DEFAULT_MODEL
 from minivar.flags import (CONV_MODES, IMAGE_MODES, PROMPT_TOKENIZATION_HELP, PROMPT_TOKENIZATIONS,  # (no torch
-                           HelpFormatter, add_beam_flags, add_contrastive_flags, overview)                      # either)
+                           HelpFormatter, add_beam_flags, add_contrastive_flags, overview)            # either)
 
 INTRO = ("Answer a question about an image with a vision-language model in plain PyTorch, optionally with "
          "training-free attention methods.")
