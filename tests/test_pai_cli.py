@@ -32,6 +32,8 @@ def test_pai_flags_give_the_methods_answer_and_report(demo_env, demo_pipe):
                              "layers_edited": [2, 4]}
     both, _ = json_run("--var", "--sink-dims", "37,301", "--pai", "--pai-first-token", "edited")
     assert set(both) >= {"var", "pai"} and both["pai"]["first_token"] == "edited"
+    beams, _ = json_run("--pai", "--pai-gamma", "1", "--num-beams", "2")    # the attention step alone: in beams
+    assert beams["pai"]["gamma"] == 1.0 and beams["num_beams"] == 2
 
 
 @pytest.mark.parametrize("flags, names", [
@@ -43,6 +45,8 @@ def test_pai_flags_give_the_methods_answer_and_report(demo_env, demo_pipe):
     (["--pai-alpha", "1"], ["--pai-alpha", "--pai"]),
     (["--pai", "--vcd"], ["--pai", "--vcd"]),
     (["--pai", "--damro"], ["--pai", "--damro"]),
+    (["--pai", "--opera"], ["--opera", "--pai", "--pai-gamma"]),             # its guidance branch: no beams
+    (["--pai", "--num-beams", "2"], ["beam search", "PAI's guidance"]),
 ])
 def test_bad_pai_flags_are_one_line(demo_env, flags, names):
     assert_one_line_error(*run_cli(BASE + flags), *names)

@@ -330,8 +330,9 @@ def dry_run(args, arms, found, skipped, left_out, prog) -> int:
         if args.limit is not None:
             questions = questions[:args.limit]
         base_s = reproduce.estimate_seconds(bench, questions, params, dev.type, dtype_bytes, args.batch_size, "base")
-        runs = [{"setting": arm.name, "command": f"{prog} {' '.join(reproduce._quote(a) for a in run_argv(args, bench, arm, data, images))}",
-                 "out": str(run_dir(args, bench, arm)), "exists": run_dir(args, bench, arm).exists(),
+        runs = [{"setting": arm.name, "out": str(run_dir(args, bench, arm)),
+                 "command": f"{prog} {' '.join(reproduce._quote(a) for a in run_argv(args, bench, arm, data, images))}",
+                 "exists": run_dir(args, bench, arm).exists(),
                  "estimated_s": None if base_s is None else base_s * COST[arm.name]} for arm in arms]
         plan.append({"benchmark": bench, "data": [str(p) for p in data],
                      "images": str(images) if images is not None else None, "questions": len(questions),
@@ -348,7 +349,8 @@ def dry_run(args, arms, found, skipped, left_out, prog) -> int:
         print(f"{item['benchmark']}: found {' '.join(item['data'])}"
               + (f" (images {item['images']})" if item["images"] else "") + f": {item['questions']} questions")
         for run in item["runs"]:
-            t = "time unknown" if run["estimated_s"] is None else f"≈ {reproduce._duration(run['estimated_s'])} at best"
+            t = ("time unknown" if run["estimated_s"] is None else
+                 f"≈ {reproduce._duration(run['estimated_s'])} at best")
             print(f"  {run['setting']}: {t}{' (exists: resumed)' if run['exists'] else ''}\n    {run['command']}")
     for item in skipped:
         print(f"missing: {item['reason']}")
