@@ -59,10 +59,12 @@ class QwenImageConfig:
         return self.patch_size * self.merge_size
 
     @staticmethod
-    def from_hf(d: dict | None, name_or_path: str = "") -> "QwenImageConfig":
+    def from_hf(d: dict | None, name_or_path: str = "", defaults: "QwenImageConfig | None" = None) -> "QwenImageConfig":
+        """The file's values over `defaults` (None: this class's, transformers' Qwen2VLImageProcessor's)."""
         where = f"preprocessor_config.json of '{name_or_path}'"
+        defaults = QwenImageConfig() if defaults is None else defaults
         if d is None:
-            return QwenImageConfig()
+            return defaults
         if not isinstance(d, dict):
             raise MinivarError(f"{where} is not a JSON object")
         kwargs = {}
@@ -90,7 +92,7 @@ class QwenImageConfig:
                 if len(value) != 3:
                     raise MinivarError(f"{where}: {key} {list(value)} must give 3 values (R, G, B)")
                 kwargs[key] = tuple(float(v) for v in value)
-        cfg = QwenImageConfig(**kwargs)
+        cfg = replace(defaults, **kwargs)
         for key in ("patch_size", "temporal_patch_size", "merge_size"):
             if not isinstance(getattr(cfg, key), int) or getattr(cfg, key) < 1:
                 raise MinivarError(f"{where}: {key} must be a positive integer, got {getattr(cfg, key)!r}")
@@ -127,8 +129,8 @@ def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56
         raise MinivarError(f"image has zero size ({width}x{height})")
     ratio = max(height, width) / min(height, width)
     if ratio > MAX_ASPECT_RATIO:
-        raise MinivarError(f"image {width}x{height} has an aspect ratio of {ratio:.1f}; Qwen2-VL takes at most "
-                           f"{MAX_ASPECT_RATIO} (pad or crop it)")
+        raise MinivarError(f"image {width}x{height} has an aspect ratio of {ratio:.1f}; Qwen2-VL, Qwen2.5-VL and "
+                           f"Qwen3-VL take at most {MAX_ASPECT_RATIO} (pad or crop it)")
     # round() is Python's (halves to even), as in transformers: 42 / 28 = 1.5 → 2 blocks, 70 / 28 = 2.5 → 2.
     h, w = round(height / factor) * factor, round(width / factor) * factor
     if h * w > max_pixels:
