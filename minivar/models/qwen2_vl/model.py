@@ -159,6 +159,14 @@ class Qwen2VL(nn.Module):
         return rope_index(input_ids, grids, self.config.image_token_id, self.config.spatial_merge_size,
                           attention_mask)
 
+    def prompt_positions(self, input_ids: torch.Tensor, images, attention_mask, cache) -> torch.Tensor:
+        """The positions [3, B, T] of a whole prompt (image tokens need `images`' grids), its rope deltas kept in
+        the cache for the text after it: what a prompt's first call uses, or a prompt prefilled in pieces."""
+        positions = self.positions(input_ids, images, attention_mask)
+        if isinstance(cache, MRopeKVCache):
+            cache.rope_deltas = rope_deltas(positions, attention_mask)
+        return positions
+
     def text_positions(self, input_ids, cache, input_pos: int, attention_mask, image_features) -> torch.Tensor:
         """Positions [3, B, T] of text after a prompt whose rope deltas the cache keeps (transformers' decode
         arithmetic): the token's index among its sample's real tokens + the sample's delta, on every axis."""
@@ -215,9 +223,7 @@ class Qwen2VL(nn.Module):
             image_features = torch.cat(feats) if feats else None
         x = self.embed(input_ids, image_features)
         if positions is None and input_pos == 0:
-            positions = self.positions(input_ids, images, attention_mask)   # image tokens need `images`' grids
-            if isinstance(cache, MRopeKVCache):
-                cache.rope_deltas = rope_deltas(positions, attention_mask)
+            positions = self.prompt_positions(input_ids, images, attention_mask, cache)
         elif positions is None:
             positions = self.text_positions(input_ids, cache, input_pos, attention_mask, image_features)
         elif positions.dim() == 2:
