@@ -439,3 +439,25 @@ def test_plugin_generate_until_and_loglikelihood(qwen3_dir):
     logits = lmm.pipeline.logits(torch.tensor([prompt + cont]), [lmm.pipeline.image(images[0])])[0]
     logp = torch.log_softmax(logits[len(prompt) - 1:-1], -1)
     assert loss == pytest.approx(-logp[range(len(cont)), cont].sum().item(), abs=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The offline demos
+
+def test_demo_builds_loads_and_the_finder_finds_its_planted_sinks(tmp_path, model_type="qwen3_vl_moe"):
+    """The MoE demo (models/qwen3_vl/demo.py; the dense one differs only in its MLPs): built, loaded, the finder finds the planted dims, the two near-white
+    blocks of the picture are the visual sinks of every layer, and VAR redistributes attention."""
+    from minivar.methods.var import VARConfig
+    from minivar.models.qwen3_vl.demo import SINK_DIMS, build_demo
+    pipe = minivar.load(str(build_demo(tmp_path / model_type, model_type)), device="cpu", dtype="float32")
+    g = torch.Generator().manual_seed(0)
+    arr = torch.randint(90, 160, (128, 192, 3), generator=g, dtype=torch.uint8)
+    for r, c in [(0, 2), (3, 4)]:
+        arr[r * 32:(r + 1) * 32, c * 32:(c + 1) * 32] = 250
+    notes = []
+    res = pipe.generate(Image.fromarray(arr.numpy()), "What is in the image?", max_new_tokens=3, var=VARConfig(),
+                        warn=notes.append)
+    start = res.var["image_span"][0]
+    assert res.var["sink_dims"] == list(SINK_DIMS) and "finder found dims [37, 301]" in notes[0]
+    assert all(v == [start + 2, start + 3 * 6 + 4] for v in res.var["visual_sinks"].values())
+    assert sum(res.var["redistributed"]["prefill"]) > 0
