@@ -461,3 +461,16 @@ def test_demo_builds_loads_and_the_finder_finds_its_planted_sinks(tmp_path, mode
     assert res.var["sink_dims"] == list(SINK_DIMS) and "finder found dims [37, 301]" in notes[0]
     assert all(v == [start + 2, start + 3 * 6 + 4] for v in res.var["visual_sinks"].values())
     assert sum(res.var["redistributed"]["prefill"]) > 0
+
+
+def test_reproduce_var_runs_base_and_var_with_the_checkpoints_template(planted, eval_root, tmp_path):
+    from test_reproduce import args_for
+    from test_eval_harness import cli as eval_cli
+    out = tmp_path / "runs"
+    rc, stdout, err = eval_cli(args_for(eval_root, out, planted.directory, "--benchmarks", "pope", "--limit", "2",
+                                        "--json"))
+    assert rc == 0, err
+    runs = sorted(p.parent.name for p in out.rglob("run.json"))
+    assert len(runs) == 2 and any("var" in r for r in runs)
+    for p in out.rglob("run.json"):
+        assert json.loads(p.read_text())["conv_mode"] == "qwen3"
