@@ -161,6 +161,55 @@ def test_stop_ids_come_from_generation_config(qwen3_dir, tmp_path):
             {"eos_token_id": [tok.ids["<|im_end|>"], tok.ids["<|endoftext|>"]]}))
 
 
+def test_from_pil_images_to_tokens_equals_transformers_end_to_end(qwen3_dir, pipe):
+    """PIL images (1×1, wide, tall, above max_pixels) and a question: transformers' image processor, chat template,
+    tokenizer and model loaded from the same hub-layout files (its own conversions of the hub's config and experts)
+    against minivar's pipeline: ids, pixels, the last logits of a padded batch, greedy tokens."""
+    from transformers import AutoTokenizer, Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    cls = Qwen3VLMoeForConditionalGeneration if pipe.config.is_moe else Qwen3VLForConditionalGeneration
+    hf = cls.from_pretrained(str(qwen3_dir), dtype=torch.float32).eval()
+    hf_tok = AutoTokenizer.from_pretrained(str(qwen3_dir))
+    hf_proc = Qwen2VLImageProcessorPil(**{k: v for k, v in PREPROCESSOR.items() if k in ("size", "patch_size",
+                                                                                       "image_mean", "image_std")})
+    question = "What is in the image?"
+    text = hf_tok.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text",
+                                                                                        "text": question}]}],
+                                      chat_template=CHAT_TEMPLATE, add_generation_prompt=True, tokenize=False)
+    rows, images, pixels = [], [], []
+    for i, size in enumerate([(1, 1), (300, 40), (40, 300), (700, 500)]):
+        pil = picture(*size, seed=i)
+        ref = hf_proc(images=[pil], return_tensors="pt")
+        im = pipe.image(pil)
+        assert torch.equal(im.pixel_values, ref["pixel_values"])
+        n = int(ref["image_grid_thw"][0].prod()) // 4
+        ref_ids = hf_tok(text.replace("<|image_pad|>", "<|image_pad|>" * n))["input_ids"]
+        assert pipe.prompt_ids(question, num_image_tokens=im.num_tokens)[0].tolist() == ref_ids
+        rows.append(ref_ids)
+        images.append(im)
+        pixels.append(ref)
+    pad = pipe.tokenizer.ids["<|endoftext|>"]
+    T = max(map(len, rows))
+    ids = torch.tensor([[pad] * (T - len(r)) + r for r in rows])
+    mask = (ids != pad).long()
+    inputs = dict(input_ids=ids, attention_mask=mask, mm_token_type_ids=(ids == pipe.config.image_token_id).int(),
+                  pixel_values=torch.cat([p["pixel_values"] for p in pixels]),
+                  image_grid_thw=torch.cat([p["image_grid_thw"] for p in pixels]))
+    with torch.no_grad():
+        ref_logits = hf(**inputs).logits[:, -1]
+        ref_tokens = hf.generate(**inputs, max_new_tokens=6, do_sample=False, eos_token_id=None,
+                                 pad_token_id=pad)[:, T:].tolist()
+    got = pipe.generate_batch([picture(*s, seed=i) for i, s in enumerate([(1, 1), (300, 40), (40, 300), (700, 500)])],
+                              [question] * 4, max_new_tokens=6)
+    with torch.no_grad():
+        got_logits = pipe.model(ids, images, attention_mask=mask, output="last")
+    assert (got_logits - ref_logits).abs().max().item() <= 1e-4
+    stops = set(pipe.stop_ids)
+    assert [r.output_ids for r in got] == [[t for t in row[:next((j for j, t in enumerate(row) if t in stops),
+                                                                 len(row))]] for row in ref_tokens]
+    assert sum(len(r.output_ids) for r in got) > 8
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The command line
 
