@@ -1,8 +1,10 @@
-"""Qwen3-VL's vision-tower config: a frozen dataclass filled from config.json's `vision_config`.
+"""Qwen3-VL's configs: frozen dataclasses of the vision tower (config.json's `vision_config`) and of the decoder
+(`text_config`; model.py reads the file into them).
 
-Every default is transformers' `Qwen3VLVisionConfig`'s (a 27-layer, 1152-wide SigLIP-2-style ViT), so a sparse
-`vision_config` means what it means to transformers. `hidden_size` is the ViT's width, `out_hidden_size` the mergers'
-output (the decoder's width). The MoE models use the same tower (`Qwen3VLMoeVisionConfig` adds nothing).
+Every default is transformers' (`Qwen3VLVisionConfig`: a 27-layer, 1152-wide ViT; `Qwen3VLTextConfig`), so a sparse
+config means what it means to transformers. The vision config's `hidden_size` is the ViT's width, `out_hidden_size`
+the mergers' output (the decoder's width). The MoE models use the same tower (`Qwen3VLMoeVisionConfig` adds
+nothing); their decoder defaults differ (model.MOE_TEXT_DEFAULTS).
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from ...errors import MinivarError
+from ..config import TextConfig
 from ..qwen2_vl.config import VISION_ACTS
 
 
@@ -92,3 +95,33 @@ class Qwen3VisionConfig:
             raise MinivarError(f"{where}.deepstack_visual_indexes {list(cfg.deepstack_visual_indexes)}: layer {bad[0]} "
                                f"is not one of the tower's 0 … {cfg.depth - 1}")
         return cfg
+
+
+@dataclass(frozen=True)
+class Qwen3TextConfig(TextConfig):
+    """Qwen3 decoder; defaults are transformers' `Qwen3VLTextConfig`'s (the MoE's differ: model.py fills them).
+    num_experts 0: the dense model; otherwise the MoE fields say which layers are sparse and how they route."""
+    vocab_size: int = 151936
+    hidden_size: int = 4096
+    intermediate_size: int = 22016
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = 32
+    head_dim_: int | None = 128
+    max_position_embeddings: int = 128000
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 500000.0
+    bos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
+    pad_token_id: int | None = None
+    mrope_section: tuple[int, ...] = (24, 20, 20)     # frequency pairs turned by h and w: rope.py
+    num_experts: int = 0                              # MoE (moe.py): experts per sparse layer
+    num_experts_per_tok: int = 0                      # top-k
+    moe_intermediate_size: int = 0                    # each expert's SwiGLU width
+    decoder_sparse_step: int = 1                      # layer i is sparse when (i + 1) % step == 0 ...
+    mlp_only_layers: tuple[int, ...] = ()             # ... and i is not listed here
+
+    def is_sparse(self, layer: int) -> bool:
+        """Does layer `layer` route its tokens to experts (transformers' Qwen3MoeDecoderLayer rule)?"""
+        return (self.num_experts > 0 and layer not in self.mlp_only_layers
+                and (layer + 1) % self.decoder_sparse_step == 0)

@@ -9,51 +9,19 @@ Parameter names are the hub's after `model.language_model.`: `embed_tokens`, `la
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from ..config import TextConfig
 from ..llama import DecoderCall, LlamaDecoderLayer, LlamaModel, rope_table
 from ..qwen2_vl.rope import mrope_cos_sin
+from .config import Qwen3TextConfig
+from .moe import SparseMoeBlock
 from .rope import interleaved_axis_of_dims
-
-
-@dataclass(frozen=True)
-class Qwen3TextConfig(TextConfig):
-    """Qwen3 decoder; defaults are transformers' `Qwen3VLTextConfig`'s (the MoE's differ: model.py fills them).
-    num_experts 0: the dense model; otherwise the MoE fields say which layers are sparse and how they route."""
-    vocab_size: int = 151936
-    hidden_size: int = 4096
-    intermediate_size: int = 22016
-    num_hidden_layers: int = 32
-    num_attention_heads: int = 32
-    num_key_value_heads: int | None = 32
-    head_dim_: int | None = 128
-    max_position_embeddings: int = 128000
-    rms_norm_eps: float = 1e-6
-    rope_theta: float = 500000.0
-    bos_token_id: int | None = None
-    eos_token_id: int | tuple[int, ...] | None = None
-    pad_token_id: int | None = None
-    mrope_section: tuple[int, ...] = (24, 20, 20)     # frequency pairs turned by h and w: rope.py
-    num_experts: int = 0                              # MoE (moe.py): experts per sparse layer
-    num_experts_per_tok: int = 0                      # top-k
-    moe_intermediate_size: int = 0                    # each expert's SwiGLU width
-    decoder_sparse_step: int = 1                      # layer i is sparse when (i + 1) % step == 0 ...
-    mlp_only_layers: tuple[int, ...] = ()             # ... and i is not listed here
-
-    def is_sparse(self, layer: int) -> bool:
-        """Does layer `layer` route its tokens to experts (transformers' Qwen3MoeDecoderLayer rule)?"""
-        return (self.num_experts > 0 and layer not in self.mlp_only_layers
-                and (layer + 1) % self.decoder_sparse_step == 0)
 
 
 def qwen3_layer(cfg: Qwen3TextConfig, layer_idx: int) -> LlamaDecoderLayer:
     """LLaMA's pre-norm block with q/k RMSNorm; a sparse layer's MLP is the mixture of experts."""
     layer = LlamaDecoderLayer(cfg, layer_idx, qk_norm=True)
     if cfg.is_sparse(layer_idx):
-        from .moe import SparseMoeBlock
         layer.mlp = SparseMoeBlock(cfg)
     return layer
 
@@ -89,8 +57,7 @@ class Qwen3Model(LlamaModel):
             if call.hooks is not None:
                 call.hooks.residual(i, x, call.rows)
             x = layer(x, call)
-            if deepstack is not None and i < len(deepstack[1]):
-                image_mask, features = deepstack
-                x = x.clone()
-                x[image_mask] += features[i].to(x.dtype)                  # DeepStack: the i-th visual level
+            if deepstack is not None and i < len(deepstack[1]):            # DeepStack: the i-th visual level,
+                image_mask, features = deepstack                            # added at the image positions
+                x = x.index_put((image_mask,), features[i].to(x.dtype), accumulate=True)
         return self.norm(x)

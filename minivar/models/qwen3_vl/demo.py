@@ -22,8 +22,6 @@ import torch
 
 from ...demo import random_tensor
 from ..qwen2_vl.template import SPECIAL_TOKENS
-from .config import Qwen3VisionConfig
-from .decoder import Qwen3TextConfig
 from .model import Qwen3VL, Qwen3VLConfig
 
 SPECIALS = (*SPECIAL_TOKENS, "<|video_pad|>")

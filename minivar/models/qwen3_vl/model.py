@@ -22,8 +22,8 @@ from ...errors import MinivarError
 from ..config import _fill
 from ..qwen2_vl.model import Qwen2VL, Qwen2VLConfig, read_image_config
 from ..qwen2_vl.processing import QwenImageConfig
-from .config import Qwen3VisionConfig
-from .decoder import Qwen3Model, Qwen3TextConfig
+from .config import Qwen3TextConfig, Qwen3VisionConfig
+from .decoder import Qwen3Model
 from .vision import Qwen3VisionTransformer
 
 MODEL_TYPES = ("qwen3_vl", "qwen3_vl_moe")
@@ -126,7 +126,7 @@ class Qwen3VL(Qwen2VL):
     embedding where config.json says so: the 2B/4B)."""
 
     def __init__(self, cfg: Qwen3VLConfig, vision: bool = True):
-        nn.Module.__init__(self)
+        nn.Module.__init__(self)            # Qwen2VL's attributes, built of the Qwen3 parts
         self.config = cfg
         if vision:   # vision=False: the decoder alone, for callers that bring their own image features
             self.visual = Qwen3VisionTransformer(cfg.vision)
@@ -148,18 +148,19 @@ class Qwen3VL(Qwen2VL):
     def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None) -> torch.Tensor:
         """Token embeddings [B, T, D] with the image-token rows replaced, in order, by row 0 of image_features."""
         if image_features is not None:
-            image_features = features_of(image_features)[:, 0]
+            image_features = stacked(image_features)[:, 0]
         return super().embed(input_ids, image_features)
 
     def decoder_inputs(self, input_ids: torch.Tensor, image_features) -> dict:
         """DeepStack: the call's image-token mask and their features [K, N, D] (the decoder adds them)."""
         if image_features is None:
             return {}
-        deepstack = features_of(image_features)[:, 1:].transpose(0, 1)
+        deepstack = stacked(image_features)[:, 1:].transpose(0, 1)
         return {"deepstack": (self.image_positions(input_ids), deepstack)} if deepstack.shape[0] else {}
 
 
-def features_of(image_features: torch.Tensor) -> torch.Tensor:
+def stacked(image_features: torch.Tensor) -> torch.Tensor:
+    """Image feature rows as Qwen3VL.image_features gives them, [N, 1 + K, D]; anything else is one error."""
     if image_features.dim() != 3:
         raise MinivarError(f"Qwen3-VL image features are [N, 1 + DeepStack levels, D] (model.image_features), got "
                            f"shape {tuple(image_features.shape)}")
