@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 
-from ...demo import random_tensor
 from ..qwen2_vl.template import SPECIAL_TOKENS
 from .model import Qwen3VL, Qwen3VLConfig
 
@@ -61,6 +60,17 @@ def demo_config(model_type: str) -> dict:
             "image_token_id": IDS["<|image_pad|>"], "video_token_id": IDS["<|video_pad|>"],
             "vision_start_token_id": IDS["<|vision_start|>"], "vision_end_token_id": IDS["<|vision_end|>"],
             "torch_dtype": "float16"}
+
+
+def random_tensor(name: str, shape, generator: torch.Generator, std: float = 0.02) -> torch.Tensor:
+    """One parameter's random value (demo.py's rule): norms at 1 / biases 0, embeddings N(0, 0.3²), else N(0, std²)."""
+    if name.endswith("norm.weight"):
+        return torch.ones(shape)
+    if name.endswith(".bias"):
+        return torch.zeros(shape)
+    if name.endswith("embed_tokens.weight"):
+        return torch.randn(shape, generator=generator) * 0.3       # each token's identity survives the layers
+    return torch.randn(shape, generator=generator) * std
 
 
 def make_tokenizer():
