@@ -1,5 +1,5 @@
 """The offline demos of Qwen3-VL and Qwen3-VL-MoE (`--model demo-qwen3_vl`, `--model demo-qwen3_vl_moe`): tiny
-random checkpoints in the hub's layout with planted sinks, written on first use (demo.py).
+random checkpoints under the hub's tensor names, with planted sinks, written on first use.
 
 A two-block ViT 64 wide with DeepStack after both blocks, a 768-wide Qwen3 decoder of 4 layers (the MoE's: 8
 experts, 2 per token, layer 1 dense), a byte-level tokenizer with Qwen's special tokens, the Instruct chat template,
@@ -102,7 +102,7 @@ def plant(state: dict, cfg: Qwen3VLConfig, seed: int = 1, massive: float = 100.0
             if p + name in state:
                 state[p + name][:, COMMON_DIM] = 0.0
         if p + "mlp.experts.gate_up_proj" in state:
-            state[p + "mlp.experts.gate_up_proj"][:, COMMON_DIM] = 0.0        # [E, D, 2I]: no expert reads it
+            state[p + "mlp.experts.gate_up_proj"][:, :, COMMON_DIM] = 0.0     # [E, 2I, D]: no expert reads it
         wq, wk = state[p + "self_attn.q_proj.weight"], state[p + "self_attn.k_proj.weight"]
         for head in range(t.num_attention_heads):
             u = torch.randn(t.head_dim, generator=g)

@@ -23,14 +23,16 @@ def is_unused_key(key: str, cfg: Qwen3VLConfig) -> bool:
 
 
 def convert_tensor(key: str, tensor: torch.Tensor, cfg: Qwen3VLConfig) -> torch.Tensor:
-    """The MoE experts in the hub's layout (moe.py): transformers 5.x saves them transposed ([E, 2·I, D] and
-    [E, D, I]); as transformers decides, a tensor already of that shape is read as 5.x's and turned round."""
+    """The MoE experts as moe.py keeps them ([E, 2·I, D], [E, D, I]): the hub's files store them transposed. As
+    transformers decides (its check_dims): a tensor of the module's shape is taken as it is, one of the transposed
+    shape is turned round."""
+    if ".mlp.experts." not in key:
+        return tensor
     t = cfg.text
-    if key.endswith("mlp.experts.gate_up_proj") and tuple(tensor.shape) == (t.num_experts, 2 * t.moe_intermediate_size,
-                                                                          t.hidden_size):
-        return tensor.transpose(1, 2).contiguous()
-    if key.endswith("mlp.experts.down_proj") and tuple(tensor.shape) == (t.num_experts, t.hidden_size,
-                                                                       t.moe_intermediate_size):
+    E, D, I = t.num_experts, t.hidden_size, t.moe_intermediate_size
+    ours = (E, 2 * I, D) if key.endswith("gate_up_proj") else (E, D, I)
+    hub = (E, ours[2], ours[1])
+    if tuple(tensor.shape) != ours and tuple(tensor.shape) == hub:      # (a square one is taken as ours)
         return tensor.transpose(1, 2).contiguous()
     return tensor
 

@@ -5,10 +5,13 @@
     w        = w / Σ w                                 (renormalised over the k chosen: they sum to 1)
     y        = Σ_k w_k · expert_{e_k}(x)               (each expert a SwiGLU: down(silu(gate(x)) · up(x)))
 
-The experts' weights are stored as the hub's checkpoints store them, one 3-D tensor per layer and kind, laid out
-for x @ W: `experts.gate_up_proj` [E, D, 2·I] (the gate's I columns, then the up's) and `experts.down_proj`
-[E, I, D]. transformers 5.x keeps (and saves) them transposed, [E, 2·I, D] and [E, D, I]: the loader turns those
-round (family.py: convert_tensor). `gate.weight` [E, D] is the router.
+The experts' weights are one 3-D tensor per layer and kind, each expert's a Linear weight [out, in] as every
+Linear in minivar: `experts.gate_up_proj` [E, 2·I, D] (the gate's I rows, then the up's) and `experts.down_proj`
+[E, D, I] — transformers 5.x's layout, in which it also saves them. The hub's checkpoints store them transposed
+([E, D, 2·I], [E, I, D], for x @ W); the loader turns those round (family.py: convert_tensor). This layout, not the
+hub's, because a decode step's products are matrix-vector ones, and F.linear on [out, in] rows streams them 1.6–3.5×
+faster on a CPU in bf16 than x @ W on [in, out] (measured at 30B-A3B's expert size). `gate.weight` [E, D] is the
+router.
 """
 from __future__ import annotations
 
@@ -28,21 +31,21 @@ def route(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class Experts(nn.Module):
-    """E SwiGLU experts in the hub's layout; forward runs each chosen expert on just its tokens."""
+    """E SwiGLU experts (Linear weights [out, in]); forward runs each chosen expert on just its tokens."""
 
     def __init__(self, cfg: Qwen3TextConfig):
         super().__init__()
         E, D, I = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
-        self.gate_up_proj = nn.Parameter(torch.empty(E, D, 2 * I))
-        self.down_proj = nn.Parameter(torch.empty(E, I, D))
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, D))
+        self.down_proj = nn.Parameter(torch.empty(E, D, I))
 
     def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [N, D]; experts, weights [N, k] from `route` → [N, D]."""
         out = torch.zeros_like(x)
         for e in experts.unique().tolist():                        # the experts some token chose, in order
             token, slot = (experts == e).nonzero(as_tuple=True)     # which tokens, and as which of their k
-            gate, up = (x[token] @ self.gate_up_proj[e]).chunk(2, dim=-1)
-            y = (F.silu(gate) * up) @ self.down_proj[e]
+            gate, up = F.linear(x[token], self.gate_up_proj[e]).chunk(2, dim=-1)
+            y = F.linear(F.silu(gate) * up, self.down_proj[e])
             out.index_add_(0, token, y * weights[token, slot, None])
         return out
 
