@@ -137,6 +137,33 @@ def test_prompt_ids_equal_the_transformers_processor(qwen3_dir, question, n_imag
     assert tok.prompt_tail(question) == "assistant\n"
 
 
+def test_a_thinking_checkpoints_template_is_rendered_as_transformers_renders_it(tmp_path, qwen3_dir):
+    """A -Thinking checkpoint's template opens the answer with `<think>\n` (<think> an added, non-special token):
+    the same ids as transformers' tokenizer gives the rendered prompt; the answer's text starts after <think>."""
+    import shutil
+    from tokenizers import AddedToken, Tokenizer
+    from transformers import AutoTokenizer
+    d = tmp_path / "thinking"
+    shutil.copytree(qwen3_dir, d)
+    tok = Tokenizer.from_file(str(d / "tokenizer.json"))
+    tok.add_tokens([AddedToken("<think>", special=False), AddedToken("</think>", special=False)])
+    tok.save(str(d / "tokenizer.json"))
+    template = CHAT_TEMPLATE.replace("{{- '<|im_start|>assistant\\n' }}{%- endif %}",
+                                     "{{- '<|im_start|>assistant\\n<think>\\n' }}{%- endif %}")
+    assert template != CHAT_TEMPLATE
+    (d / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+    hf_tok = AutoTokenizer.from_pretrained(str(d))
+    question = "Why is the sky blue?"
+    text = hf_tok.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text",
+                                                                                        "text": question}]}],
+                                      chat_template=template, add_generation_prompt=True, tokenize=False)
+    assert text.endswith("<|im_start|>assistant\n<think>\n")
+    ours = Qwen3Tokenizer(d, minivar.checkpoint.read_config(d))
+    assert ours.encode_prompt(question, num_image_tokens=4) == hf_tok(text.replace("<|image_pad|>",
+                                                                                   "<|image_pad|>" * 4))["input_ids"]
+    assert ours.prompt_tail(question) == "\n"
+
+
 def test_without_a_chat_template_the_instruct_prompt_and_typed_special_tokens_stay_text(tmp_path, qwen3_dir):
     d = make_checkpoint(tmp_path / "plain", template=False)
     cfg = minivar.checkpoint.read_config(d)
