@@ -164,6 +164,23 @@ def test_a_thinking_checkpoints_template_is_rendered_as_transformers_renders_it(
     assert ours.prompt_tail(question) == "\n"
 
 
+@pytest.mark.parametrize("template, message", [
+    ("{{ raise_exception('one image only') }}", "cannot be rendered: one image only"),
+    ("{% for m in messages %}{{ m['content'][-1]['text'] | upper }}{% endfor %}", "changes the question's text"),
+    ("{% for m in messages %}{{ m['content'][-1]['text'] }}{% endfor %}", "one <\\|image_pad\\|> per image"),
+    ("{% for m in messages %}", "cannot be rendered"),
+])
+def test_a_template_minivar_cannot_use_is_one_line(tmp_path, qwen3_dir, template, message):
+    import shutil
+    d = tmp_path / "bad"
+    shutil.copytree(qwen3_dir, d)
+    (d / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+    tok = Qwen3Tokenizer(d, minivar.checkpoint.read_config(d))
+    with pytest.raises(MinivarError, match=message) as e:
+        tok.encode_prompt("What is it?", num_image_tokens=3)
+    assert "\n" not in str(e.value)
+
+
 def test_without_a_chat_template_the_instruct_prompt_and_typed_special_tokens_stay_text(tmp_path, qwen3_dir):
     d = make_checkpoint(tmp_path / "plain", template=False)
     cfg = minivar.checkpoint.read_config(d)
