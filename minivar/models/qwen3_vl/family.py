@@ -6,6 +6,7 @@ import torch
 
 from ..family import Family
 from ..qwen2_vl.family import qwen_image, qwen_view, with_pixels
+from .demo import build_qwen3_vl, build_qwen3_vl_moe
 from .model import Qwen3VL, Qwen3VLConfig
 from .template import CONV_MODES, Qwen3Tokenizer
 
@@ -36,6 +37,9 @@ def convert_tensor(key: str, tensor: torch.Tensor, cfg: Qwen3VLConfig) -> torch.
         return tensor.transpose(1, 2).contiguous()
     return tensor
 
+
+# the offline demos (`--model demo-qwen3_vl`, `demo-qwen3_vl_moe`): builders of Family.demo's form (directory → path)
+DEMOS = {"qwen3_vl": build_qwen3_vl, "qwen3_vl_moe": build_qwen3_vl_moe}
 
 FAMILIES = tuple(Family(
     model_type=model_type, name=name, config=Qwen3VLConfig.from_hf, model=Qwen3VL, key_rules=KEY_RULES,
