@@ -488,6 +488,7 @@ def test_cli_pictures_draw_the_merged_grid(capsys, planted, tmp_path):
     numbers, views = viz.load_numbers(pics / "attention.json")
     assert [(p["rows"], p["cols"]) for p in numbers["panels"]] == [(5, 2)] and [v.size for v in views] == [(64, 160)]
     assert numbers["visual_sinks"] == {str(layer): [3, 7] for layer in range(3)}
+    assert (pics / "explorer.html").is_file()                                   # the explorer page too
 
 
 # ---------------------------------------------------------------------------------------------------------------
