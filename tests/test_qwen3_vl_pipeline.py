@@ -545,7 +545,8 @@ def test_demo_builds_loads_and_the_finder_finds_its_planted_sinks(tmp_path, mode
     blocks of the picture are the visual sinks of every layer, and VAR redistributes attention."""
     from minivar.methods.var import VARConfig
     from minivar.models.qwen3_vl.demo import SINK_DIMS, build_demo
-    pipe = minivar.load(str(build_demo(tmp_path / model_type, model_type)), device="cpu", dtype="float32")
+    from minivar.models.registry import family_for
+    pipe = minivar.load(str(build_demo(tmp_path / model_type, family_for(model_type))), device="cpu", dtype="float32")
     g = torch.Generator().manual_seed(0)
     arr = torch.randint(90, 160, (128, 192, 3), generator=g, dtype=torch.uint8)
     for r, c in [(0, 2), (3, 4)]:

@@ -137,12 +137,13 @@ def plant(state: dict, cfg: Qwen3VLConfig, seed: int = 1, massive: float = 100.0
         state[f"visual.deepstack_merger_list.{k}.linear_fc2.weight"][list(SINK_DIMS)] = 0.0
 
 
-def build_demo(directory: Path, model_type: str, seed: int = 0) -> Path:
-    """Write the demo's files into `directory`; config.json last, so a half-built demo is never taken for one."""
+def build_demo(directory: Path, family, seed: int = 0) -> Path:
+    """Family.demo: write the demo of `family` (Qwen3-VL's or Qwen3-VL-MoE's) into `directory`; config.json last,
+    so a half-built demo is never taken for one."""
     from safetensors.torch import save_file
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    config = demo_config(model_type)
+    config = demo_config(family.model_type)
     cfg = Qwen3VLConfig.from_hf(config, str(directory))
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in Qwen3VL(cfg).state_dict().items()}
@@ -165,12 +166,3 @@ def build_demo(directory: Path, model_type: str, seed: int = 0) -> Path:
     (directory / "config.json").write_text(json.dumps(config, indent=2))
     return directory
 
-
-def build_qwen3_vl(directory: Path) -> Path:
-    """Write Qwen3-VL's demo into `directory` (Family.demo)."""
-    return build_demo(directory, "qwen3_vl")
-
-
-def build_qwen3_vl_moe(directory: Path) -> Path:
-    """Write Qwen3-VL-MoE's demo into `directory` (Family.demo)."""
-    return build_demo(directory, "qwen3_vl_moe")

@@ -6,7 +6,7 @@ import torch
 
 from ..family import Family
 from ..qwen2_vl.family import qwen_image, qwen_view, with_pixels
-from .demo import build_qwen3_vl, build_qwen3_vl_moe
+from .demo import build_demo
 from .model import Qwen3VL, Qwen3VLConfig
 from .template import CONV_MODES, Qwen3Tokenizer
 
@@ -38,13 +38,10 @@ def convert_tensor(key: str, tensor: torch.Tensor, cfg: Qwen3VLConfig) -> torch.
     return tensor
 
 
-# the offline demos (`--model demo-qwen3_vl`, `demo-qwen3_vl_moe`; Family.demo: directory → the built checkpoint)
-DEMOS = {"qwen3_vl": build_qwen3_vl, "qwen3_vl_moe": build_qwen3_vl_moe}
-
 FAMILIES = tuple(Family(
     model_type=model_type, name=name, config=Qwen3VLConfig.from_hf, model=Qwen3VL, key_rules=KEY_RULES,
     unused_key=is_unused_key, images=qwen_image, conv_modes=CONV_MODES, default_conv_mode="qwen3",
     image_modes=("smart_resize",), has_cls=False, tokenizer=Qwen3Tokenizer, image_options=with_pixels,
     tied=("lm_head.weight", "model.embed_tokens.weight"), view=qwen_view, convert=convert_tensor,
-    vision_module="visual", decoder_modules=("model.layers", "lm_head"), demo=DEMOS[model_type])
+    vision_module="visual", decoder_modules=("model.layers", "lm_head"), demo=build_demo)
     for model_type, name in (("qwen3_vl", "Qwen3-VL"), ("qwen3_vl_moe", "Qwen3-VL-MoE")))
