@@ -32,6 +32,8 @@ class Family:
     # (PIL image, config, image_aspect_ratio, its ImageInput) → one PIL image per panel: the pixels that panel's
     # tokens cover, as the model saw them (None: a panel not drawn); the pictures draw each panel over its view
     view: Callable | None = None
+    # (normalised key, tensor, config) → the tensor in the module's layout (Qwen3-VL-MoE's experts); None: as stored
+    convert: Callable | None = None
     # the model's vision tower (its attribute): on a CPU in bf16 the loader packs its Linear weights (models/packed.py)
     vision_module: str = "vision_tower"
     # the decoder's layers and head (module paths): packed too when every decode step runs several rows (pack_decoder)
@@ -44,7 +46,7 @@ class Family:
     def with_image_options(self, cfg, **options):
         if self.image_options is None:
             names = ", ".join(f"--{k.replace('_', '-')}" for k in options)
-            raise MinivarError(f"{names} applies to Qwen2-VL / Qwen2.5-VL, not to {self.name}")
+            raise MinivarError(f"{names} applies to Qwen2-VL / Qwen2.5-VL / Qwen3-VL, not to {self.name}")
         return self.image_options(cfg, **options)
 
     def conv_mode_for(self, cfg) -> str:

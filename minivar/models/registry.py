@@ -11,8 +11,10 @@ from ..errors import MinivarError
 from . import llava, llava_next
 from .family import Family
 from .qwen2_vl import family as qwen2_vl
+from .qwen3_vl import family as qwen3_vl
 
-FAMILIES: dict[str, Family] = {f.model_type: f for f in (llava.FAMILY, llava_next.FAMILY, *qwen2_vl.FAMILIES)}
+FAMILIES: dict[str, Family] = {f.model_type: f for f in (llava.FAMILY, llava_next.FAMILY, *qwen2_vl.FAMILIES,
+                                                         *qwen3_vl.FAMILIES)}
 
 
 def family_for(model_type: str, where: str = "") -> Family:
