@@ -66,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Qwen2-VL / Qwen2.5-VL: the most pixels an image is resized to, which caps its tokens at "
                         "max_pixels / 784 (default: the checkpoint's preprocessor_config.json; the hub's 12,845,056 "
                         "allows 16,384 tokens)")
+    p.add_argument("--max-patches", type=int, default=None,
+                   help="InternVL: the most 448 px tiles an image is cut into (a thumbnail is added when there are "
+                        "several), which caps its tokens at 256 · (max_patches + 1) (default: the checkpoint's "
+                        "preprocessor_config.json, 12)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto = cuda if available)")
     p.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto",
                    help="default: auto = float16 on CUDA, bfloat16 on CPU")
@@ -215,7 +219,8 @@ def run(args, extra_methods=()) -> int:
     inspection = RunInspection.from_args(args)       # --save-attention / --mask-*: None when not asked for
 
     llava = minivar.load(args.model, device=args.device, dtype=args.dtype,
-                         image_options={"min_pixels": args.min_pixels, "max_pixels": args.max_pixels},
+                         image_options={"min_pixels": args.min_pixels, "max_pixels": args.max_pixels,
+                                        "max_patches": args.max_patches},
                          contrastive=contrastive_load(methods))
     # The request is prepared once, before any status line: what depends on the model (its context length, hidden
     # size, VAR's sink dims — the finder may run now) is checked there, so bad input of any kind gives exactly one
