@@ -37,8 +37,9 @@ def hf_config(kind: str, tied: bool = False, image_token_id: int = IMAGE, **visi
                 num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, eos_token_id=299)
     if kind == "qwen3":
         text["head_dim"] = 24                          # ≠ hidden / heads: Qwen3's explicit head_dim
+    side = vision["image_size"][0] // 28                   # 14 px patches, 2×2 per token
     return InternVLConfig(vision_config=vision, text_config=text, image_token_id=image_token_id,
-                          image_seq_length=SIDE * SIDE, tie_word_embeddings=tied)
+                          image_seq_length=side * side, tie_word_embeddings=tied)
 
 
 def hf_model(kind: str, tied: bool = False, seed: int = 0, **changes):
