@@ -412,3 +412,20 @@ def test_plugin_generate_until_and_loglikelihood(lmm):
         logits = lmm.pipeline.logits(torch.tensor([prompt + cont]), [lmm.pipeline.image(im)])[0]
         logp = torch.log_softmax(logits[len(prompt) - 1:-1], -1)
         assert loss == pytest.approx(-logp[range(len(cont)), cont].sum().item(), abs=1e-4)
+
+
+def test_reproduce_damro_runs_base_and_method_on_internvl(pipe, eval_root, tmp_path):
+    """`minivar-eval reproduce damro` on an InternVL checkpoint (POPE only): both runs made with the family's own
+    template and image mode (DAMRO's llava_v1 / crop protocol is LLaVA's; the family keeps its own)."""
+    paper, base, method = "damro", "sampled-base", "damro"
+    from test_eval_harness import cli as eval_cli
+    out = tmp_path / "runs"
+    rc, stdout, err = eval_cli(["reproduce", paper, "--data-root", eval_root, "--out", out, "--model", pipe.directory,
+                                "--device", "cpu", "--dtype", "float32", "--max-new-tokens", "2", "--limit", "2",
+                                "--benchmarks", "pope", "--resamples", "20", "--json"])
+    assert rc == 0, err
+    for setting in (base, method):
+        run = json.loads((out / f"pope-{setting}" / "run.json").read_text())
+        assert run["conv_mode"] == "internvl" and run["image_aspect_ratio"] == "tiles"
+        assert (out / f"pope-{setting}" / "metrics.json").is_file()
+    assert json.loads(stdout)["rows"]
