@@ -55,6 +55,10 @@ def resolve(model: str, weights_dir: Path | None = None) -> Path:
     if model == "demo":                      # the offline demo: a tiny random checkpoint, built on first use
         from . import demo
         return demo.ensure(weights_dir / "demo")
+    if model == "demo-internvl":             # InternVL's offline demo (models/internvl/demo.py), built on first use
+        from .models.internvl.demo import build_demo
+        local = weights_dir / model
+        return local if (local / "config.json").is_file() else build_demo(local)
     path = Path(model).expanduser()
     if path.is_dir():
         return path

@@ -54,11 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt template: vicuna_v1 = LLaVA-1.5's evaluation, with its system prompt; llava_hf = the "
                         "llava-hf model card's; llava_v1 = LLaVA's conv_llava_v1 (\"curious human\"), the template "
                         "DAMRO's and VCD's scripts use; mistral_instruct = LLaVA-NeXT-Mistral's; qwen = Qwen2-VL's "
-                        "Instruct chat (default: the model's own: vicuna_v1, mistral_instruct for LLaVA-NeXT-Mistral, "
-                        "qwen for Qwen2-VL / Qwen2.5-VL)")
+                        "Instruct chat; internvl = the InternVL checkpoint's chat template (default: the model's own: "
+                        "vicuna_v1, mistral_instruct for LLaVA-NeXT-Mistral, qwen for Qwen2-VL / Qwen2.5-VL, internvl "
+                        "for InternVL)")
     p.add_argument("--image-aspect-ratio", choices=IMAGE_MODES, default=None,
                    help="pad: LLaVA-1.5 evaluation; crop: llava-hf processor; anyres: LLaVA-NeXT's tiles; "
-                        "smart_resize: Qwen2-VL's (default: the model's own: pad, anyres, smart_resize)")
+                        "smart_resize: Qwen2-VL's; tiles: InternVL's 448 px tiles + thumbnail "
+                        "(default: the model's own: pad, anyres, smart_resize, tiles)")
     p.add_argument("--min-pixels", type=int, default=None,
                    help="Qwen2-VL / Qwen2.5-VL: the fewest pixels an image is resized to (default: the checkpoint's "
                         "preprocessor_config.json)")

@@ -16,8 +16,8 @@ from .errors import MinivarError
 # command lines
 DAMRO_OPTIONS = ("damro", "damro_alpha", "damro_beta", "damro_topk", "damro_preset")
 VCD_OPTIONS = ("vcd", "vcd_alpha", "vcd_beta", "vcd_noise_step")
-CONV_MODES = ("vicuna_v1", "llava_hf", "llava_v1", "mistral_instruct", "qwen")   # every family's templates (registry)
-IMAGE_MODES = ("pad", "crop", "anyres", "smart_resize")                # every family's image modes (registry)
+CONV_MODES = ("vicuna_v1", "llava_hf", "llava_v1", "mistral_instruct", "qwen", "internvl")   # every family's templates (registry)
+IMAGE_MODES = ("pad", "crop", "anyres", "smart_resize", "tiles")       # every family's image modes (registry)
 
 VAR_ONLY = ("var_preset", "rho", "p", "min_image_attention", "var_rule", "var_heads", "var_layers")
 SINK_RULE = ("tau", "sink_dims")            # also the sink sets of the pictures and of sink masking

@@ -102,8 +102,8 @@ def pair(request, tmp_path_factory):
     return request.param, hf, load_model(write_checkpoint(hf, tmp_path_factory.mktemp(request.param)))
 
 
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("layout,tied", [("hub", False), ("v5", False), ("v5", True), ("hub", True)])
+@pytest.mark.parametrize("kind,layout,tied", [("qwen2", "hub", False), ("qwen2", "v5", True), ("qwen3", "hub", True),
+                                              ("qwen3", "v5", False)])
 def test_logits_equal_transformers(tmp_path, kind, layout, tied):
     hf = hf_model(kind, tied)
     ours = load_model(write_checkpoint(hf, tmp_path, layout))

@@ -243,24 +243,6 @@ def test_var_on_planted_sinks_equals_the_rule_written_as_loops(planted, rho):
     assert total > 5
 
 
-def test_cli_pictures_draw_a_panel_per_tile_and_the_thumbnail(capsys, pipe, tmp_path):
-    """--save-attention on a tiled image: one 2×2-token panel per tile and one for the thumbnail, each over the
-    pixels its tokens saw; the pictures redraw from attention.json."""
-    from minivar import viz
-    img = tmp_path / "wide.png"
-    picture(120, 60, seed=2).save(img)
-    pics = tmp_path / "pics"
-    rc, out, err = cli(capsys, "--model", pipe.directory, "--image", img, "--prompt", "What is in the image?",
-                       "--device", "cpu", "--dtype", "float32", "--max-new-tokens", 2, "--var", "--sink-dims",
-                       "1,2", "--save-attention", pics)
-    assert rc == 0, err
-    numbers, views = viz.load_numbers(pics / "attention.json")
-    assert [(p["name"], p["rows"], p["cols"]) for p in numbers["panels"]] == [
-        ("tile 1,1", 2, 2), ("tile 1,2", 2, 2), ("thumbnail", 2, 2)]
-    assert [v.size for v in views] == [(56, 56)] * 3
-    assert viz.main([str(pics / "attention.json"), str(tmp_path / "redrawn")]) == 0
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # DAMRO and VCD
 
@@ -366,8 +348,14 @@ def test_vcd_equals_the_two_pass_reference(pipe):
 
 @pytest.fixture(scope="module")
 def eval_root(tmp_path_factory):
-    from test_reproduce import make_root
-    return make_root(tmp_path_factory.mktemp("evaldata"))
+    """POPE's three splits and their COCO images in the data-root layout (tests/test_reproduce.make_root's)."""
+    import shutil
+    from test_eval_benchmarks import write_pope
+    root = tmp_path_factory.mktemp("evaldata")
+    write_pope(root / "pope", splits=("adversarial", "random", "popular"))
+    (root / "coco").mkdir()
+    shutil.move(root / "pope" / "val2014", root / "coco" / "val2014")
+    return root
 
 
 def test_eval_run_uses_the_internvl_template(pipe, eval_root, tmp_path):
@@ -429,3 +417,52 @@ def test_reproduce_damro_runs_base_and_method_on_internvl(pipe, eval_root, tmp_p
         assert run["conv_mode"] == "internvl" and run["image_aspect_ratio"] == "tiles"
         assert (out / f"pope-{setting}" / "metrics.json").is_file()
     assert json.loads(stdout)["rows"]
+
+
+def test_demo_internvl_answers_and_var_finds_its_planted_sinks(capsys, tmp_path, monkeypatch):
+    """`--model demo-internvl` is built on first use and runs: the finder finds its planted dims, and its visual
+    sinks are tokens (1, 2) and (5, 5) of every tile and of the thumbnail (models/internvl/demo.py)."""
+    from minivar import checkpoint
+    from minivar.models.internvl import demo
+    monkeypatch.setattr(checkpoint, "WEIGHTS_DIR", tmp_path)
+    img = tmp_path / "x.png"
+    picture(300, 150, seed=4).save(img)
+    rc, out, err = cli(capsys, "--model", "demo-internvl", "--image", img, "--prompt", "What is in the image?",
+                       "--device", "cpu", "--dtype", "float32", "--max-new-tokens", 3, "--json", "--var")
+    assert rc == 0, err
+    record = json.loads(out)
+    assert record["var"]["sink_dims"] == list(demo.DEMO_SINK_DIMS if hasattr(demo, "DEMO_SINK_DIMS")
+                                              else (demo.TEXT_DIM, demo.VISUAL_DIM))
+    start = record["var"]["image_span"][0]
+    tiles = record["prompt_ids"].count(demo.IDS["<IMG_CONTEXT>"]) // 64
+    expected = sorted(start + 64 * t + 8 * r + c for t in range(tiles) for r, c in demo.SINK_TOKENS)
+    assert tiles == 3 and record["var"]["visual_sinks"]["0"] == expected
+    assert sum(record["var"]["redistributed"]["prefill"]) > 0
+
+
+def test_cli_pictures_draw_each_tile_and_the_thumbnail_and_damros_patch_scores(capsys, pipe, tmp_path):
+    """--damro --save-attention on a tiled image: one 2×2-token panel per tile and one for the thumbnail, each over
+    the pixels its tokens saw; attention.json's DAMRO part is the thumbnail's 4×4 patch grid (the CLS attention the
+    outliers were chosen by) and the run's outliers."""
+    from minivar import viz
+    from minivar.methods.damro import cls_attention, tower_layers
+    img = tmp_path / "wide.png"
+    picture(120, 60, seed=2).save(img)
+    pics = tmp_path / "pics"
+    rc, out, err = cli(capsys, "--model", pipe.directory, "--image", img, "--prompt", "What is in the image?",
+                       "--device", "cpu", "--dtype", "float32", "--max-new-tokens", 2, "--damro", "--damro-topk", 3,
+                       "--sink-dims", "1,2", "--save-attention", pics, "--json")
+    assert rc == 0, err
+    numbers, views = viz.load_numbers(pics / "attention.json")
+    assert [(p["name"], p["rows"], p["cols"]) for p in numbers["panels"]] == [
+        ("tile 1,1", 2, 2), ("tile 1,2", 2, 2), ("thumbnail", 2, 2)]
+    assert [v.size for v in views] == [(56, 56)] * 3
+    dam = numbers["damro"]
+    assert dam["grid"] == [4, 4] and dam["panel"] == 2 and len(dam["cls_attention"]) == 16
+    im = pipe.image(Image.open(img))
+    with torch.inference_mode():
+        _, hidden = pipe.model.patch_features(im.pixel_values, keep=(1,))
+        ref = cls_attention(tower_layers(pipe.model)[1], hidden[1])[-1]
+    assert dam["cls_attention"] == pytest.approx(ref.tolist(), abs=1e-4)
+    assert dam["outliers"] == json.loads(out)["damro"]["outliers"] == ref.topk(3).indices.tolist()
+    assert (pics / "damro_outliers.png").is_file()
