@@ -12,11 +12,10 @@ from PIL import Image
 
 transformers = pytest.importorskip("transformers")
 
-from test_internvl import SPECIALS, hf_model, write_tokenizer  # noqa: E402
+from test_internvl import hf_model, write_tokenizer  # noqa: E402
 from test_qwen2_vl_pipeline import var_by_loops  # noqa: E402
 
 import minivar  # noqa: E402
-from minivar.errors import MinivarError  # noqa: E402
 
 MAX_PATCHES = 4                                 # the tiny checkpoints' preprocessor_config.json
 PROMPTS = ["What is in the image?", "Describe it.", "Is there a dog in the image?"]

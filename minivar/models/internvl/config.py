@@ -7,7 +7,6 @@ an explicit head_dim). Both use plain 1-D RoPE: the image tokens are ordinary po
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 from ...errors import MinivarError
