@@ -59,7 +59,7 @@ class Paper:
     method: str                      # the method's name in tables and run folders
     title: str
     entries: tuple
-    notes: tuple = field(default=())
+    notes: tuple = field(default=())     # (benchmarks it is about, () for every run; the note's text)
     base_setting: str = "base"
 
 
@@ -87,10 +87,10 @@ PAPERS = {
               (Reported("2d", "2D", 56.8, 57.6, VAR_SOURCE + ", its vision-centric table"),
                Reported("3d", "3D", 58.4, 59.0, VAR_SOURCE + ", its vision-centric table"))),
     ), notes=(
-        "The VAR paper's figures came from code with the state and precision defects docs/official-rule.md lists "
-        "(sink state never reset between samples, among others): no setting reproduces them exactly.",
-        "The paper does not publish its CHAIR protocol: minivar's CHAIR is OPERA's (500 images, 512 tokens), so "
-        "its CHAIR figures are not comparable with these.")),
+        ((), "The VAR paper's figures came from code with the state and precision defects docs/official-rule.md "
+             "lists (sink state never reset between samples, among others): no setting reproduces them exactly."),
+        (("chair",), "The paper does not publish its CHAIR protocol: minivar's CHAIR is OPERA's (500 images, 512 "
+                     "tokens), so its CHAIR figures are not comparable with these."))),
     # DAMRO: its released scripts' settings per benchmark, sampled at T = 1 from seed 42; the base is sampled alike.
     "damro": Paper("damro", "damro", "DAMRO: Dive into the Attention Mechanism of LVLM to Reduce Object Hallucination", (
         Entry("pope", ("--damro", "--damro-alpha", "0.5", "--damro-beta", "0.1", "--damro-topk", "4") + DAMRO_PROTOCOL,
@@ -111,12 +111,13 @@ PAPERS = {
                       for t in ("existence", "count", "position", "color")),
               DAMRO_PROTOCOL),
     ), notes=(
-        "DAMRO's CHAIR protocol (its images, prompt and length) is its own: minivar's CHAIR is OPERA's, so the CHAIR "
-        "figures are not comparable with these.",
-        "Both runs sample (temperature 1, seed 42) as DAMRO's scripts do: a rerun on other hardware can differ.",
-        "DAMRO's paper reports an MME subset (its hallucination subtasks, shown here one by one).",
-        "Both runs prompt with llava_v1 and centre-crop the image as DAMRO's scripts do; its scripts also run the "
-        "model in fp32 and allow 1024 new tokens, where minivar takes --dtype auto and each benchmark's length."),
+        (("chair",), "DAMRO's CHAIR protocol (its images, prompt and length) is its own: minivar's CHAIR is OPERA's, "
+                     "so the CHAIR figures are not comparable with these."),
+        ((), "Both runs sample (temperature 1, seed 42) as DAMRO's scripts do: a rerun on other hardware can differ."),
+        (("mme",), "DAMRO's paper reports an MME subset (its hallucination subtasks, shown here one by one)."),
+        ((), "Both runs prompt with llava_v1 and centre-crop the image as DAMRO's scripts do; its scripts also run "
+             "the model in fp32 and allow 1024 new tokens, where minivar takes --dtype auto and each benchmark's "
+             "length.")),
         base_setting="sampled-base"),
 }
 
@@ -426,7 +427,13 @@ def make_table(args, paper: Paper, entries: list[Entry], skipped: list[dict]) ->
     return {"paper": paper.name, "title": paper.title, "method": paper.method, "model": args.model,
             "limit": args.limit, "max_new_tokens": args.max_new_tokens,
             "quick_check": args.limit is not None or args.max_new_tokens is not None,
-            "rows": rows, "skipped": skipped, "waiting": waiting, "notes": list(paper.notes)}
+            "rows": rows, "skipped": skipped, "waiting": waiting, "notes": notes_about(paper, entries)}
+
+
+def notes_about(paper: Paper, entries: list[Entry]) -> list[str]:
+    """The paper's notes about what ran: those about every run (when any ran) and those about a benchmark that ran."""
+    ran = {entry.bench for entry in entries}
+    return [text for about, text in paper.notes if ran and (not about or ran & set(about))]
 
 
 def _num(v, places: int = 2) -> str:
