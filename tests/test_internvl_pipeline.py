@@ -104,7 +104,10 @@ def test_cli_max_patches_caps_the_tiles(capsys, internvl_dir, image_file, cap, t
     assert json.loads(out)["prompt_ids"].count(minivar.checkpoint.read_config(internvl_dir).image_token_id) == tokens
 
 
-@pytest.mark.parametrize("flags, names", [(("--max-patches", 0), "--max-patches must be a positive integer"),
+@pytest.mark.parametrize("flags, names", [(("--max-patches", 0), "--max-patches must be a positive integer, got 0"),
+                                          (("--max-patches", -3), "--max-patches must be a positive integer, got -3"),
+                                          (("--image-aspect-ratio", "pad"), "'pad' is not one of InternVL's image modes"),
+                                          (("--conv-mode", "vicuna_v1"), "'vicuna_v1' is not one of InternVL's templates"),
                                           (("--min-pixels", 3136), "--min-pixels applies to Qwen2-VL")])
 def test_cli_bad_image_options_are_one_line(capsys, internvl_dir, image_file, flags, names):
     rc, out, err = cli(capsys, *base_args(internvl_dir, image_file, *flags))

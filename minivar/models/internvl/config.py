@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from ...errors import MinivarError
 from ..config import TextConfig, _fill
+from .processing import TileConfig, read_tile_config
 
 TEXT_TYPES = ("qwen2", "qwen3")
 NORM_TYPES = ("layer_norm", "rms_norm")
@@ -77,7 +78,7 @@ class InternVLConfig:
     vision_feature_select_strategy: str = "default"
     torch_dtype: str | None = None
     name_or_path: str = ""
-    image: object = None             # processing.TileConfig: preprocessor_config.json beside config.json
+    image: TileConfig = TileConfig()  # preprocessor_config.json beside config.json (processing.py)
 
     @property
     def image_token_index(self) -> int:
@@ -130,7 +131,6 @@ class InternVLConfig:
         if not -(vision.num_hidden_layers + 1) <= layer <= vision.num_hidden_layers or layer == 0:
             raise MinivarError(f"{where}: vision_feature_layer {layer} is outside the "
                                f"{vision.num_hidden_layers} vision layers")
-        from .processing import read_tile_config
         cfg = InternVLConfig(
             vision=vision, text=text, image_token_id=int(d.get("image_token_id", 151667)),
             image_seq_length=int(d.get("image_seq_length", 256)),

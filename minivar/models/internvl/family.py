@@ -45,10 +45,12 @@ def internvl_view(img, cfg: InternVLConfig, image_aspect_ratio, image_input) -> 
 
 
 def with_patches(cfg: InternVLConfig, max_patches: int | None = None) -> InternVLConfig:
-    """The config with the user's tile cap (--max-patches), checked."""
-    tiles = cfg.image.with_patches(max_patches=max_patches, min_patches=min(cfg.image.min_patches, max_patches or 1)
-                                   if max_patches is not None else None)
-    return replace(cfg, image=tiles)
+    """The config with the user's tile cap (--max-patches), checked; a cap below the file's min_patches lowers it."""
+    if max_patches is None:
+        return cfg
+    if isinstance(max_patches, bool) or not isinstance(max_patches, int) or max_patches < 1:
+        raise MinivarError(f"`max_patches` must be a positive integer, got {max_patches!r}")
+    return replace(cfg, image=cfg.image.with_patches(max_patches, min(cfg.image.min_patches, max_patches)))
 
 
 def remote_code_message(d: dict, where: str) -> str:
