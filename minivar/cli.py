@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "download, ≥ 16 GB of (V)RAM")
     p.add_argument("--max-new-tokens", type=int, default=128, help="stop after this many tokens (default: 128)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples (default: 0)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when sampling (default: 1.0)")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="nucleus sampling mass, with --temperature > 0 only (default: 1.0)")
     p.add_argument("--seed", type=int, default=None,
                    help="seed for sampling and --mask-random-image-tokens (default: none for sampling, 0 for masking)")
     p.add_argument("--conv-mode", choices=CONV_MODES, default=None,
@@ -156,7 +157,7 @@ def var_summary(report: dict) -> str:
         n_visual = len(report["visual_sinks"].get(str(layer), []))
         per_layer.append(f"{n_visual}+{len(report['sinks'][str(layer)]) - n_visual}")
     prefill, decode = (sum(report["redistributed"][phase]) for phase in ("prefill", "decode"))
-    dims = ",".join(str(d) for d in report["sink_dims"])
+    dims = ",".join(str(d) for d in report["sink_dims"]) or "none"
     settings = f"ρ {report['rho']:g}, p {report['p']:g}"
     if report.get("rule") == "official":           # the code's conventions, and the paper's next to them
         settings = (f"rule official: rho {report['rho']:g} (ρ {report['rho_paper']:g}), p {report['p']:g} kept "
@@ -208,14 +209,14 @@ def run(args, extra_methods=()) -> int:
     from minivar.pipeline import check_generation_args
 
     # Check everything the user passed before the (slow) model load.
-    check_generation_args(args.max_new_tokens, args.temperature, args.top_p)
+    check_generation_args(args.max_new_tokens, args.temperature, args.top_p, args.seed)
     if not args.prompt.strip():
         raise MinivarError("--prompt is empty")
-    if args.max_new_tokens < 1:
-        raise MinivarError(f"--max-new-tokens must be ≥ 1, got {args.max_new_tokens}")
     methods, rule = method_settings(args)
     methods = methods + list(extra_methods)
-    from minivar.flags import contrastive_load, var_of
+    from minivar.flags import check_seed_applies, contrastive_load, var_of
+    check_seed_applies(args.seed, args.temperature, methods,
+                       uses=(("--mask-random-image-tokens", args.mask_random_image_tokens is not None),))
     var = var_of(methods)
     image = processing.load_image(args.image)
     inspection = RunInspection.from_args(args)       # --save-attention / --mask-*: None when not asked for
@@ -252,10 +253,12 @@ def run(args, extra_methods=()) -> int:
     t = out.timing
     stopped, why = stop_reason(out, args.max_new_tokens, llava.config.text.max_position_embeddings)
     # the prefill makes the first token; decode_tokens (--json's timing) are the ones after it
-    print(f"minivar: prefill {t['prefill_s']:.2f}s (incl. the first token), decode {t['decode_tokens_per_s']:.2f} "
-          f"tok/s ({t['decode_tokens']} token{'s' * (t['decode_tokens'] != 1)} after the first), "
-          f"{len(out.output_ids)} tokens, stopped {why}",
-          file=sys.stderr)
+    n = len(out.output_ids)
+    # a rate only where decode steps ran: with one token the prefill made it, and there is nothing to divide
+    decode = (f"decode {t['decode_tokens_per_s']:.2f} tok/s ({t['decode_tokens']} token"
+              f"{'s' * (t['decode_tokens'] != 1)} after the first)" if t["decode_tokens"] else "no decode step")
+    print(f"minivar: prefill {t['prefill_s']:.2f}s (incl. the first token), {decode}, "
+          f"{n} token{'s' * (n != 1)}, stopped {why}", file=sys.stderr)
     for name, report in out.reports.items():         # one status line per method
         print(method_summary(name, report), file=sys.stderr)
     image_mode = args.image_aspect_ratio or llava.family.default_image_mode
@@ -263,7 +266,8 @@ def run(args, extra_methods=()) -> int:
                                   log=lambda msg: print(msg, file=sys.stderr)) if inspection is not None else {}
     if args.json:
         record = {"model": str(llava.directory), "device": str(llava.device), "dtype": str(llava.dtype).replace("torch.", ""),
-                  "prompt_tokenization": args.prompt_tokenization,
+                  # the LLaVA tokenizer's modes; null for a family with a tokenizer of its own (Qwen2-VL's)
+                  "prompt_tokenization": args.prompt_tokenization if llava.family.tokenizer is None else None,
                   "prompt_ids": out.prompt_ids, "output_ids": out.output_ids, "text": out.text,
                   "finished": out.finished, "stopped": stopped, "timing": t}
         record.update(out.reports)                    # "var", and every other method's report under its name

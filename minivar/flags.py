@@ -124,3 +124,15 @@ def contrastive_load(methods) -> bool:
     """Does one of `methods` add a contrast branch (Method.adds_branch; an object without the attribute does not)?
     Then the model is loaded for two-row decode steps (minivar.load(..., contrastive=True))."""
     return any(getattr(m, "adds_branch", False) for m in methods)
+
+
+def check_seed_applies(seed, temperature: float, methods, spell=flag, uses: tuple[str, ...] = ()) -> None:
+    """The command lines' rule for an option that would have no effect: an error naming what it needs. --seed
+    seeds sampling (--temperature > 0) and VCD's noise; `uses`: the caller's own flags that draw from it when
+    given: (flag, given?) pairs (`minivar`'s --mask-random-image-tokens)."""
+    drawn = temperature > 0 or any(m.name == "vcd" for m in methods)
+    if seed is None or drawn or any(given for _, given in uses):
+        return
+    needs = [f"{spell('temperature')} > 0", spell("vcd")] + [name for name, _ in uses]
+    raise MinivarError(f"{spell('seed')} only applies with {', '.join(needs[:-1])} or {needs[-1]}: nothing else "
+                       f"draws random numbers")

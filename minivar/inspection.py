@@ -197,7 +197,8 @@ class RunInspection:
             if log:
                 if report["kind"] == "visual_sinks":
                     counts = list(report["count"].values()) or [0]
-                    log(f"minivar: masked the visual sinks in every layer ({min(counts)}-{max(counts)} per layer)")
+                    each = f"{min(counts)}" if min(counts) == max(counts) else f"{min(counts)}-{max(counts)}"
+                    log(f"minivar: masked the visual sinks in every layer ({each} per layer)")
                 else:
                     log(f"minivar: masked {report['n']} random image tokens (seed {report['seed']})")
         if self.directory is not None:

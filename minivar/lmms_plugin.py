@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import sys
 
 import torch
 from lmms_eval.api.instance import GenerationResult, TokenCounts
@@ -238,6 +239,17 @@ class Minivar(lmms):
                  image_aspect_ratio: str | None = None, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
                  apply_until: bool = False, var: bool = False, var_preset: str | None = None, **var_fields) -> None:
         super().__init__()
+        try:
+            self._setup(pretrained, device, dtype, weights_dir, batch_size, conv_mode, image_aspect_ratio,
+                        max_new_tokens, apply_until, var, var_preset, var_fields)
+        except MinivarError as e:
+            # lmms-eval 0.7.3 catches this, prints its traceback and exits with code 0: one line of our own first,
+            # in the command lines' form, says what was refused (docs/lmms-eval.md: how a script detects it)
+            print(f"minivar: error: {e}", file=sys.stderr, flush=True)
+            raise
+
+    def _setup(self, pretrained, device, dtype, weights_dir, batch_size, conv_mode, image_aspect_ratio,
+               max_new_tokens, apply_until, var, var_preset, var_fields) -> None:
         from .flags import CONV_MODES, IMAGE_MODES
         from .pipeline import load
         # everything checkable before the (slow) load is checked first (None: the model family's own, after it)
@@ -248,8 +260,8 @@ class Minivar(lmms):
                                f"{', '.join(IMAGE_MODES)}")
         if not str(batch_size).isdigit() or int(batch_size) < 1:
             raise MinivarError(f"--batch_size {batch_size!r}: minivar needs a whole number ≥ 1 (no 'auto')")
-        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
-            raise MinivarError(f"--model_args max_new_tokens={max_new_tokens!r} must be a whole number ≥ 0")
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+            raise MinivarError(f"--model_args max_new_tokens={max_new_tokens!r} must be a whole number ≥ 1")
         if not isinstance(apply_until, bool):
             raise MinivarError(f"--model_args apply_until={apply_until!r} must be true or false")
         from .flags import DAMRO_OPTIONS, VCD_OPTIONS, contrastive_load, contrastive_methods

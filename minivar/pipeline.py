@@ -7,6 +7,8 @@
 """
 from __future__ import annotations
 
+import math
+import numbers
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,14 +68,45 @@ class Result:
         return self.reports.get("var")
 
 
-def check_generation_args(max_new_tokens: int, temperature: float, top_p: float) -> None:
-    """The generation settings' ranges (run.py checks them before loading the model too)."""
-    if max_new_tokens < 0:
-        raise MinivarError(f"`max_new_tokens` must be ≥ 0, got {max_new_tokens}")
+# the seeds torch's generators take: a 64-bit integer, signed or not
+SEED_RANGE = (-2 ** 63, 2 ** 64 - 1)
+
+
+def check_generation_args(max_new_tokens: int, temperature: float, top_p: float, seed: int | None = None) -> None:
+    """The generation settings' types and ranges, one rule for the API and both command lines (which check them
+    before loading the model): max_new_tokens a whole number ≥ 1, temperature finite and ≥ 0, top_p in (0, 1] and
+    only when sampling (an option that would have no effect is an error), seed a 64-bit integer."""
+    if not isinstance(max_new_tokens, numbers.Integral) or isinstance(max_new_tokens, bool):
+        raise MinivarError(f"`max_new_tokens` must be an int, got {type(max_new_tokens).__name__} {max_new_tokens!r}")
+    if max_new_tokens < 1:
+        raise MinivarError(f"`max_new_tokens` must be a whole number ≥ 1, got {max_new_tokens}")
+    for name, value in (("temperature", temperature), ("top_p", top_p)):
+        if not isinstance(value, numbers.Real) or isinstance(value, bool):
+            raise MinivarError(f"`{name}` must be a number (int or float), got {type(value).__name__} {value!r}")
+    if not 0 <= temperature < math.inf:   # also catches nan
+        raise MinivarError(f"`temperature` must be finite and ≥ 0, got {temperature}")
     if not 0.0 < top_p <= 1.0:
         raise MinivarError(f"`top_p` must be in (0, 1], got {top_p}")
-    if not temperature >= 0:   # also catches nan
-        raise MinivarError(f"`temperature` must be ≥ 0, got {temperature}")
+    if top_p != 1.0 and temperature == 0:
+        raise MinivarError(f"`top_p` {top_p:g} only applies with `temperature` > 0 (greedy decoding keeps the top "
+                           f"token)")
+    if seed is not None:
+        if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
+            raise MinivarError(f"`seed` must be an int, got {type(seed).__name__} {seed!r}")
+        if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+            raise MinivarError(f"`seed` {seed} is outside the 64-bit range a generator takes "
+                               f"({SEED_RANGE[0]} … {SEED_RANGE[1]})")
+
+
+def check_prompts(prompts, name: str = "prompts") -> list[str]:
+    """`prompts` as a list of strings, or a MinivarError naming the argument and the type expected (a lone string
+    would otherwise be read as a list of one-letter prompts)."""
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, (list, tuple)):
+        raise MinivarError(f"`{name}` must be a list of str, got {type(prompts).__name__}")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str):
+            raise MinivarError(f"`{name}`[{i}] must be a str, got {type(p).__name__}")
+    return list(prompts)
 
 
 def with_methods(methods, var) -> list[Method]:
@@ -297,6 +330,8 @@ class Pipeline:
 
     def generate(self, image, prompt: str, **kwargs) -> Result:
         """Answer `prompt` about `image` (a path or PIL image); the options are generate_batch's."""
+        if not isinstance(prompt, str):
+            raise MinivarError(f"`prompt` must be a str, got {type(prompt).__name__}")
         return self.generate_batch([image], [prompt], **kwargs)[0]
 
     def generate_batch(self, images, prompts, *, max_new_tokens: int = 128, temperature: float = 0.0,
@@ -313,7 +348,8 @@ class Pipeline:
         minivar's. on_text(str) receives the text as it is generated (a single prompt only). conv_mode /
         image_aspect_ratio: None → the family's own (LLaVA-1.5: vicuna_v1, pad; Qwen2-VL: qwen, smart_resize).
         prompt_tokenization: "llava" or "official" (see prompt_ids)."""
-        check_generation_args(max_new_tokens, temperature, top_p)
+        check_generation_args(max_new_tokens, temperature, top_p, seed)
+        prompts = check_prompts(prompts)
         request = self.prepare(images, prompts, conv_mode=conv_mode, image_aspect_ratio=image_aspect_ratio,
                                max_new_tokens=max_new_tokens, var=var, methods=methods, sink_config=sink_config,
                                capture=capture, mask=mask, warn=warn, prompt_tokenization=prompt_tokenization)
@@ -364,7 +400,8 @@ class Pipeline:
         of every question decode together, one forward per step. Where the branch changes more than the shared
         prefix (an image after the questions' common part, a family whose positions read the image grid) the
         questions run as one batch (generate_batch: both branches, no shared prefix)."""
-        check_generation_args(max_new_tokens, temperature, top_p)
+        check_generation_args(max_new_tokens, temperature, top_p, seed)
+        prompts = check_prompts(prompts)
         if not prompts:
             raise MinivarError("generate_many needs at least one prompt")
         methods = with_methods(methods, var)

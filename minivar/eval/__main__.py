@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "anyres (LLaVA-NeXT) and smart_resize (Qwen2-VL): those families' own, their default")
     g.add_argument("--temperature", type=float, default=0.0,
                    help="0 = greedy, as LLaVA-1.5's evaluation (default); > 0 samples (DAMRO's scripts: 1)")
-    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when sampling (default: 1.0)")
+    g.add_argument("--top-p", type=float, default=1.0,
+                   help="nucleus sampling mass, with --temperature > 0 only (default: 1.0)")
     g.add_argument("--seed", type=int, default=None,
                    help="seed of the sampling (per batch of questions) and of VCD's noise (default: none; VCD: 0)")
     g.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
@@ -106,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("score", allow_abbrev=False, help="score run directories, or an answer file",
                        description="Score run directories (their answer files merged), or with --bench an answer "
                                    "file in LLaVA's or the VAR code's format.")
-    s.add_argument("runs", nargs="*", type=Path, metavar="RUN_DIR")
+    s.add_argument("runs", nargs="*", type=Path, metavar="RUN_DIR",
+                   help="run directories of one run (several: its shards, merged), as `run --out` made them")
     s.add_argument("--bench", default=None, help="score --answers FILE against --data of this benchmark")
     s.add_argument("--data", nargs="+", type=Path, default=None, metavar="PATH",
                    help="with --bench: the benchmark's files or folder, as `run --data` takes them")
@@ -119,8 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compare", allow_abbrev=False, help="compare two runs (paired bootstrap intervals)",
                        description="B − A for every metric, with a 95% paired-bootstrap interval.")
-    c.add_argument("run_a", type=Path, metavar="RUN_DIR_A")
-    c.add_argument("run_b", type=Path, metavar="RUN_DIR_B")
+    c.add_argument("run_a", type=Path, metavar="RUN_DIR_A", help="the baseline run directory (A)")
+    c.add_argument("run_b", type=Path, metavar="RUN_DIR_B",
+                   help="the run compared with it (B), on the same questions: B − A is reported")
     c.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default 1000)")
     c.add_argument("--seed", type=int, default=0, help="the bootstrap's random seed (default 0)")
     c.add_argument("--json", action="store_true", help="print one JSON object")
