@@ -39,8 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "of a source checkout, else ~/.cache/minivar) and reused. Bad input prints one line, "
                        "'minivar: error: ...', and exits with code 2.",
                 formatter_class=_Help, allow_abbrev=False)
-    p.add_argument("--image", required=True, help="image file, any format and mode PIL reads (required)")
-    p.add_argument("--prompt", required=True, help="the question or instruction (required)")
+    p.add_argument("--image",
+                   help="image file, any format and mode PIL reads (required except with --serve; no default)")
+    p.add_argument("--prompt", help="the question or instruction (required except with --serve; no default)")
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help="hub id (downloaded on first use), a local checkpoint directory, or 'demo' (tiny random "
                         f"weights, made offline in a second). Default: {DEFAULT_MODEL}, LLaVA-1.5-7B: a 14.1 GB "
@@ -106,10 +107,18 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--var-layers", metavar="A-B", default=None,
                    help="the layers VAR may modify (default: the rule's, paper 0..L−2, official 2..L−1)")
     add_contrastive_flags(p)
+    s = p.add_argument_group("the live explorer (docs/explorer.md)")
+    s.add_argument("--serve", action="store_true",
+                   help="load the model once and serve a page to upload an image, ask, choose the methods and see "
+                        "the run's attention explorer (default: off)")
+    s.add_argument("--host", default=None,
+                   help="with --serve: the address to bind; anything but localhost lets others run the model "
+                        "(default: 127.0.0.1)")
+    s.add_argument("--port", type=int, default=None, help="with --serve: the port (default: 8765)")
     i = p.add_argument_group("looking inside (pictures, sink removal; see docs/pictures.md)")
     i.add_argument("--save-attention", metavar="DIR", default=None,
-                   help="write PNG pictures of sinks and attention, and their numbers (attention.json), into DIR "
-                        "(default: off)")
+                   help="write PNG pictures of sinks and attention, their numbers (attention.json) and the "
+                        "attention explorer (explorer.html, one page that opens offline) into DIR (default: off)")
     i.add_argument("--attention-layers", metavar="A-B", default=None,
                    help="layer range of the attention picture (default: 10-12 of 32 layers, scaled to the model)")
     m = i.add_mutually_exclusive_group()
@@ -196,8 +205,24 @@ def terminal_text(text: str) -> str:
 def main(argv=None, methods=()) -> int:
     """The command line; `methods`: more Method objects (methods/method.py) to run after the flags' own — the
     Python path to a method of your own."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     from minivar.errors import run_command
+    if args.serve:
+        from minivar import serve
+        # a flag without effect is an error: with --serve, each request brings its image, question and settings
+        given = [a.option_strings[0] for a in parser._actions if a.option_strings and a.dest not in serve.SERVER_FLAGS
+                 and getattr(args, a.dest) != a.default]
+        if given:
+            parser.error(f"--serve takes the image, the question and the settings from each request (its page), "
+                         f"not from {', '.join(given)}")
+        return run_command(lambda a: serve.serve(a, build_parser, method_settings), args)
+    for flag, value in (("--host", args.host), ("--port", args.port)):
+        if value is not None:
+            parser.error(f"{flag} only applies with --serve")
+    missing = [f for f, v in (("--image", args.image), ("--prompt", args.prompt)) if v is None]
+    if missing:
+        parser.error(f"the following arguments are required: {', '.join(missing)}")
     return run_command(lambda a: run(a, methods), args)
 
 

@@ -518,8 +518,12 @@ class Pipeline:
                 report = run.report(b, fed)
                 if report is not None:
                     reports[name] = report
+            # the methods' panels of the attention explorer, when a capture read the call (one sample)
+            captured = request.call is not None and request.call.capture
+            panels = {name: recs for name, run in request.runs.items()
+                      if captured and (recs := getattr(run, "explorer", lambda b: None)(b))}
             results.append(Result(self.tokenizer.decode(ids), ids, request.prompt_ids[b], dict(timing),
-                                  gen.finished[b], reports))
+                                  gen.finished[b], reports, {"explorer": panels} if panels else {}))
         return results
 
     def capture(self, image, prompt: str, *, layers=(), heads=None, attention=("before", "after"),

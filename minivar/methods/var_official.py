@@ -100,12 +100,20 @@ def select_heads_official(probs: torch.Tensor, image: torch.Tensor, visual_sink:
     on visual sinks: portion = 1 there, so the code selects it when rho = 1 (and redistribute_official then turns
     its image span NaN), where the paper's rule never does.
     """
+    portion, summation = portion_and_summation(probs, image, visual_sink, eps=eps)
+    has_visual_sink = visual_sink.any(-1)[:, None, None]                   # `if len(vis_sink_inds) > 0`
+    return (portion <= rho) & (summation >= summ) & has_visual_sink & rows[:, None, :]
+
+
+def portion_and_summation(probs: torch.Tensor, image: torch.Tensor, visual_sink: torch.Tensor, *,
+                          eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two numbers select_heads_official compares, [B, H, Q] each: portion = Σ_V α / Σ_{j∈I}(α_j + eps) and
+    summation = Σ_I α (the capture keeps them, so the explorer's sliders select what this rule selects)."""
     in_image = image[:, None, None, :]
     summation = (probs * in_image).sum(-1)                                                   # Σ_I α
     # torch.sum(image_attn + 1e-6): the constant goes on every image key before summing, so it weighs N · 1e-6.
     portion = (probs * visual_sink[:, None, None, :]).sum(-1) / ((probs + eps) * in_image).sum(-1)
-    has_visual_sink = visual_sink.any(-1)[:, None, None]                   # `if len(vis_sink_inds) > 0`
-    return (portion <= rho) & (summation >= summ) & has_visual_sink & rows[:, None, :]
+    return portion, summation
 
 
 def redistribute_official(probs: torch.Tensor, selected: torch.Tensor, sink: torch.Tensor, image: torch.Tensor,
