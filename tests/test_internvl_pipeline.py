@@ -467,4 +467,10 @@ def test_cli_pictures_draw_each_tile_and_the_thumbnail_and_damros_patch_scores(c
         ref = cls_attention(tower_layers(pipe.model)[1], hidden[1])[-1]
     assert dam["cls_attention"] == pytest.approx(ref.tolist(), abs=1e-4)
     assert dam["outliers"] == json.loads(out)["damro"]["outliers"] == ref.topk(3).indices.tolist()
-    assert (pics / "damro_outliers.png").is_file()
+    assert (pics / "damro_outliers.png").is_file() and (pics / "explorer.html").is_file()
+    # the explorer marks the tokens over the outlier patches (the contrast image), on the thumbnail's 2×2 cells
+    from minivar.explorer import method_records
+    (record,) = [r for r in method_records(numbers, {}, {}) if r["method"] == "damro"]
+    tokens = list(dict.fromkeys((p // 4 // 2) * 2 + (p % 4) // 2 for p in dam["outliers"]))
+    assert record["panel"] == 2 and record["marks"] == tokens and len(record["values"]) == 4
+    assert max(record["values"]) == pytest.approx(max(dam["cls_attention"]))
