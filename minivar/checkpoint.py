@@ -53,14 +53,13 @@ def resolve(model: str, weights_dir: Path | None = None) -> Path:
     """A local directory for `model`: the path itself, an earlier download in weights/, or a fresh hub download."""
     named = "`weights_dir`" if weights_dir else None
     weights_dir = Path(weights_dir or WEIGHTS_DIR)
-    if model == "demo":                      # the offline demo: a tiny random checkpoint, built on first use
-        from . import demo
-        return demo.ensure(writable_weights_dir(weights_dir, named) / "demo")
-    if model == "demo-internvl":             # InternVL's offline demo (models/internvl/demo.py), built on first use
-        from .models.internvl.demo import build_demo
-        local = writable_weights_dir(weights_dir, named) / model
-        return local if (local / "config.json").is_file() else build_demo(local)
+    from . import demo
     path = Path(model).expanduser()
+    # the offline demos: tiny random checkpoints, built on first use (demo.py); a demo's name beats a folder of
+    # that name, and an unknown `demo-…` that is no folder is one error listing the demos
+    if demo.is_demo_name(model) and (model in demo.demos() or model == "demo-llava" or not path.is_dir()):
+        name, family = demo.lookup(model)
+        return demo.ensure(writable_weights_dir(weights_dir, named) / name, family.model_type)
     if path.is_dir():
         return path
     if path.exists():

@@ -1,4 +1,5 @@
-"""minivar command line: answer a question about an image with LLaVA-1.5, optionally with VAR.
+"""minivar command line: answer a question about an image with a vision-language model (LLaVA-1.5, LLaVA-NeXT,
+Qwen2-VL, Qwen2.5-VL: every family of models/registry.py), optionally with VAR, DAMRO or VCD.
 
     minivar --image assets/example.jpg --prompt "What is in the image?" --model demo
     minivar --image x.jpg --prompt "..." --var                # real 7B from the hub (14 GB download)
@@ -12,12 +13,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import textwrap
 import unicodedata
 
 
+from minivar import __version__
 from minivar.defaults import DEFAULT_MODEL
-from minivar.flags import CONV_MODES, IMAGE_MODES, add_contrastive_flags  # (no torch either)
+from minivar.flags import (CONV_MODES, IMAGE_MODES, PROMPT_TOKENIZATION_HELP, PROMPT_TOKENIZATIONS,  # (no torch
+                           HelpFormatter, add_contrastive_flags, overview)                      # either)
+
+INTRO = ("Answer a question about an image with a vision-language model in plain PyTorch, optionally with "
+         "training-free attention methods.")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -25,26 +30,32 @@ class _Parser(argparse.ArgumentParser):
         print(f"minivar: error: {message} (see --help)", file=sys.stderr)
         sys.exit(2)
 
+    def format_help(self):  # the families come from the registry, which imports torch: only when help is printed
+        self.description = f"{INTRO}\n\n{overview()}"
+        return super().format_help()
 
-class _Help(argparse.HelpFormatter):
-    def _split_lines(self, text, width):  # never break "llava-hf/llava-1.5-7b-hf" at its hyphens
-        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+class _Help(HelpFormatter):
+    pass
 
 
 def build_parser() -> argparse.ArgumentParser:
     # Every default is written into its help text (--help is where a user learns that the default model is a 14 GB
     # download), so a test can check that none is missing.
-    p = _Parser(prog="minivar", description="LLaVA-1.5 in plain PyTorch, with Visual Attention Redistribution (VAR).",
+    p = _Parser(prog="minivar", description=INTRO,
                 epilog="Hub checkpoints are downloaded once into the weights folder (MINIVAR_WEIGHTS, default: weights/ "
                        "of a source checkout, else ~/.cache/minivar) and reused. Bad input prints one line, "
                        "'minivar: error: ...', and exits with code 2.",
                 formatter_class=_Help, allow_abbrev=False)
+    p.add_argument("--version", action="version", version=f"minivar {__version__}",
+                   help="print minivar's version and exit")
     p.add_argument("--image",
                    help="image file, any format and mode PIL reads (required except with --serve; no default)")
     p.add_argument("--prompt", help="the question or instruction (required except with --serve; no default)")
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="hub id (downloaded on first use), a local checkpoint directory, or 'demo' (tiny random "
-                        f"weights, made offline in a second). Default: {DEFAULT_MODEL}, LLaVA-1.5-7B: a 14.1 GB "
+                   help="hub id (downloaded on first use), a local checkpoint directory, or an offline demo: 'demo' "
+                        "(LLaVA-1.5) or 'demo-<model_type>' (each other family's; listed above), tiny random weights "
+                        f"made in seconds. Default: {DEFAULT_MODEL}, LLaVA-1.5-7B: a 14.1 GB "
                         "download, ≥ 16 GB of (V)RAM")
     p.add_argument("--max-new-tokens", type=int, default=128, help="stop after this many tokens (default: 128)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples (default: 0)")
@@ -80,9 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true",
                    help="print one JSON object on stdout (ids, text, finished, stopped, timing, VAR) instead of "
                         "streaming the text (default: off)")
-    p.add_argument("--prompt-tokenization", choices=["llava", "official"], default="llava",
-                   help="llava: BOS + the template as LLaVA tokenizes it; official: as the VAR authors' released code "
-                        "does (no BOS, 29871 kept once; vicuna_v1 only; docs/official-rule.md) (default: llava)")
+    p.add_argument("--prompt-tokenization", choices=PROMPT_TOKENIZATIONS, default="llava",
+                   help=f"{PROMPT_TOKENIZATION_HELP} (default: llava)")
     v = p.add_argument_group("VAR (Visual Attention Redistribution)")
     v.add_argument("--var", action="store_true", help="apply VAR (default: off)")
     v.add_argument("--var-preset", choices=["general", "hallucination", "vision"], default=None,

@@ -1,7 +1,7 @@
 """The Python API: load once, then generate or score many times.
 
     import minivar
-    llava = minivar.load("llava-hf/llava-1.5-7b-hf")          # or a local directory, or "demo"
+    llava = minivar.load("llava-hf/llava-1.5-7b-hf")          # or a local directory, "demo", "demo-qwen2_vl", ...
     out = llava.generate("cat.jpg", "What is in the image?")   # .text, .output_ids, .prompt_ids, .timing
     logits = llava.logits(input_ids, pixel_values)             # [B, T, V] fp32
 """
@@ -202,8 +202,9 @@ class Pipeline:
                    num_image_tokens: int | None = None) -> torch.Tensor:
         """User text → the full templated prompt ids [1, T] with the image placeholder expanded to
         `num_image_tokens` (default: the family's fixed count). tokenization: "llava" (BOS + the template tokenized
-        as LLaVA does) or "official" (as the VAR authors' released code does: segments, no BOS, one 29871; see
-        processing.official_prompt_ids)."""
+        as LLaVA does), "official" (as the VAR authors' released code does: segments, no BOS, one 29871; see
+        processing.official_prompt_ids) or "damro" (as DAMRO's released scripts do: the slow tokenizer, no "▁"
+        after a special token; processing.damro_prompt_ids)."""
         n = num_image_tokens if num_image_tokens is not None else getattr(self.config, "num_image_tokens", None)
         if n is None:
             raise MinivarError(f"{self.family.name}'s image token count depends on the image: give "
@@ -215,6 +216,8 @@ class Pipeline:
         check_tokenization(tokenization, conv_mode)
         if tokenization == "official":
             ids = processing.official_prompt_ids(self.tokenizer, prompt, n, self.config.image_token_index)
+        elif tokenization == "damro":
+            ids = processing.damro_prompt_ids(self.tokenizer, prompt, conv_mode, n, self.config.image_token_index)
         else:
             ids = self.tokenizer.encode_prompt(prompt, conv_mode, n)
         check_context(len(ids), 1, self.config.text.max_position_embeddings)
@@ -347,7 +350,7 @@ class Pipeline:
         sample only; sink_config: their τ / sink dims when VAR is off. hooks: hooks of your own, called after
         minivar's. on_text(str) receives the text as it is generated (a single prompt only). conv_mode /
         image_aspect_ratio: None → the family's own (LLaVA-1.5: vicuna_v1, pad; Qwen2-VL: qwen, smart_resize).
-        prompt_tokenization: "llava" or "official" (see prompt_ids)."""
+        prompt_tokenization: "llava", "official" or "damro" (see prompt_ids)."""
         check_generation_args(max_new_tokens, temperature, top_p, seed)
         prompts = check_prompts(prompts)
         request = self.prepare(images, prompts, conv_mode=conv_mode, image_aspect_ratio=image_aspect_ratio,
@@ -554,12 +557,17 @@ class Pipeline:
 
 
 def check_tokenization(tokenization: str, conv_mode: str) -> None:
-    """The one check of `prompt_tokenization` (the official one rebuilds the released code's vicuna_v1 prompt)."""
-    if tokenization not in ("llava", "official"):
-        raise MinivarError(f"`prompt_tokenization` must be llava or official, got {tokenization!r}")
+    """The one check of `prompt_tokenization` (official rebuilds VAR's released vicuna_v1 prompt; damro tokenizes
+    LLaVA's LLaMA templates as DAMRO's released scripts' slow tokenizer does)."""
+    if tokenization not in processing.PROMPT_TOKENIZATIONS:
+        raise MinivarError(f"`prompt_tokenization` must be {', '.join(processing.PROMPT_TOKENIZATIONS[:-1])} or "
+                           f"{processing.PROMPT_TOKENIZATIONS[-1]}, got {tokenization!r}")
     if tokenization == "official" and conv_mode != "vicuna_v1":
         raise MinivarError("`prompt_tokenization` official rebuilds the released code's vicuna_v1 prompt; "
                            f"it needs --conv-mode vicuna_v1, got {conv_mode}")
+    if tokenization == "damro" and conv_mode not in processing.DAMRO_TEMPLATES:
+        raise MinivarError(f"`prompt_tokenization` damro tokenizes LLaVA's LLaMA templates "
+                           f"({', '.join(processing.DAMRO_TEMPLATES)}; DAMRO's scripts use llava_v1), not {conv_mode}")
 
 
 def load(model: str = DEFAULT_MODEL, *, device: str = "auto", dtype: str | torch.dtype = "auto",

@@ -235,7 +235,7 @@ def test_damro_runs_pass_its_settings(data_root, tmp_path):
     assert rc == 0, err
     plan = {p["benchmark"]: p["runs"] for p in json.loads(stdout)["found"]}
     assert set(plan) == {"pope", "mme"}
-    sampled = "--conv-mode llava_v1 --image-aspect-ratio crop --temperature 1 --seed 42"
+    sampled = "--conv-mode llava_v1 --prompt-tokenization damro --image-aspect-ratio crop --temperature 1 --seed 42"
     assert plan["pope"][0]["command"].endswith(sampled) and plan["mme"][0]["command"].endswith(sampled)
     assert plan["pope"][1]["command"].endswith(f"--damro --damro-alpha 0.5 --damro-beta 0.1 --damro-topk 4 {sampled}")
     assert plan["mme"][1]["command"].endswith(f"--damro --damro-alpha 2 --damro-beta 0.1 --damro-topk 10 {sampled}")

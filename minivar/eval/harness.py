@@ -337,7 +337,7 @@ class Generation:
     conv_mode: str
     image_aspect_ratio: str
     var: object = None
-    prompt_tokenization: str = "llava"          # or "official": the prompt ids as the VAR authors' code builds them
+    prompt_tokenization: str = "llava"          # or "official" / "damro": as VAR's / DAMRO's released code
     methods: tuple = ()                         # the methods besides VAR (methods/method.py), in order
     temperature: float = 0.0                    # 0: greedy (LLaVA-1.5's evaluation); DAMRO's scripts sample at 1
     top_p: float = 1.0

@@ -67,7 +67,8 @@ VAR_SOURCE = "VAR paper (Kang et al., ICLR 2025), LLaVA-1.5-7B, via secondary co
 DAMRO_SOURCE = "DAMRO's README (coder-gx/DAMRO), LLaVA-1.5-7B"
 # DAMRO's scripts: LLaVA's conv_llava_v1 prompt, the hub processor's pixels (resize + centre crop), sampling at T = 1
 # from seed 42 — for base and DAMRO alike.
-DAMRO_PROTOCOL = ("--conv-mode", "llava_v1", "--image-aspect-ratio", "crop", "--temperature", "1", "--seed", "42")
+DAMRO_PROTOCOL = ("--conv-mode", "llava_v1", "--prompt-tokenization", "damro", "--image-aspect-ratio", "crop",
+                  "--temperature", "1", "--seed", "42")
 
 PAPERS = {
     # VAR: the paper's six benchmarks in minivar; `--var` takes the benchmark family's preset ρ (the harness's).
@@ -94,17 +95,17 @@ PAPERS = {
     # DAMRO: its released scripts' settings per benchmark, sampled at T = 1 from seed 42; the base is sampled alike.
     "damro": Paper("damro", "damro", "DAMRO: Dive into the Attention Mechanism of LVLM to Reduce Object Hallucination", (
         Entry("pope", ("--damro", "--damro-alpha", "0.5", "--damro-beta", "0.1", "--damro-topk", "4") + DAMRO_PROTOCOL,
-              "α 0.5 k 4 β 0.1, llava_v1, crop, T 1 seed 42",
+              "α 0.5 k 4 β 0.1, llava_v1 with DAMRO's ids, crop, T 1 seed 42",
               (Reported("mean.accuracy", "accuracy (mean of splits)", 82.08, 85.31, DAMRO_SOURCE + ", its POPE results"),
                Reported("mean.f1", "F1 (mean of splits)", 80.48, 84.72, DAMRO_SOURCE + ", its POPE results")),
               DAMRO_PROTOCOL),
         Entry("chair", ("--damro", "--damro-alpha", "1.5", "--damro-beta", "0.1", "--damro-topk", "4") + DAMRO_PROTOCOL,
-              "α 1.5 k 4 β 0.1, llava_v1, crop, T 1 seed 42",
+              "α 1.5 k 4 β 0.1, llava_v1 with DAMRO's ids, crop, T 1 seed 42",
               (Reported("chair_s", "CHAIR_S (lower is better)", 12.4, 6.0, DAMRO_SOURCE + ", its CHAIR results"),
                Reported("chair_i", "CHAIR_I (lower is better)", 7.2, 3.6, DAMRO_SOURCE + ", its CHAIR results")),
               DAMRO_PROTOCOL),
         Entry("mme", ("--damro", "--damro-alpha", "2", "--damro-beta", "0.1", "--damro-topk", "10") + DAMRO_PROTOCOL,
-              "α 2 k 10 β 0.1, llava_v1, crop, T 1 seed 42",
+              "α 2 k 10 β 0.1, llava_v1 with DAMRO's ids, crop, T 1 seed 42",
               (Reported("perception", "Perception", None, None, "no figure in DAMRO's README (a figure only)", 1.0),)
               + tuple(Reported(f"subtasks.{t}", f"{t} (subtask)", None, None,
                                "no figure in DAMRO's README (a figure only)", 1.0)
@@ -115,9 +116,9 @@ PAPERS = {
                      "so the CHAIR figures are not comparable with these."),
         ((), "Both runs sample (temperature 1, seed 42) as DAMRO's scripts do: a rerun on other hardware can differ."),
         (("mme",), "DAMRO's paper reports an MME subset (its hallucination subtasks, shown here one by one)."),
-        ((), "Both runs prompt with llava_v1 and centre-crop the image as DAMRO's scripts do; its scripts also run "
-             "the model in fp32 and allow 1024 new tokens, where minivar takes --dtype auto and each benchmark's "
-             "length.")),
+        ((), "Both runs prompt with llava_v1, tokenized as DAMRO's scripts' slow tokenizer does "
+             "(--prompt-tokenization damro), and centre-crop the image as those scripts do; they also run the model "
+             "in fp32 and allow 1024 new tokens, where minivar takes --dtype auto and each benchmark's length.")),
         base_setting="sampled-base"),
 }
 
@@ -271,7 +272,8 @@ def run_argv(args, entry: Entry, setting: str, data: list[Path], images: Path | 
 
 def spoken(model: str, flags: list[str]) -> list[str]:
     """The protocol's --conv-mode / --image-aspect-ratio where the model's family speaks them (DAMRO's llava_v1 and
-    crop are LLaVA's); a local checkpoint of another family keeps its own template and image mode."""
+    crop are LLaVA's); a local checkpoint of another family keeps its own template and image mode, and its own
+    tokenization (DAMRO's `--prompt-tokenization damro` is that of LLaVA's LLaMA templates)."""
     from ..checkpoint import read_config
     from ..errors import MinivarError
     from ..models.registry import family_of
@@ -281,10 +283,12 @@ def spoken(model: str, flags: list[str]) -> list[str]:
         family = family_of(read_config(Path(model)))
     except MinivarError:
         return flags                      # the run says what is wrong with it
+    foreign_template = any(f == "--conv-mode" and v not in family.conv_modes for f, v in zip(flags, flags[1:]))
     out, i = [], 0
     while i < len(flags):
         if (flags[i] == "--conv-mode" and flags[i + 1] not in family.conv_modes) or \
-                (flags[i] == "--image-aspect-ratio" and flags[i + 1] not in family.image_modes):
+                (flags[i] == "--image-aspect-ratio" and flags[i + 1] not in family.image_modes) or \
+                (flags[i] == "--prompt-tokenization" and foreign_template):
             i += 2
             continue
         out.append(flags[i])
@@ -489,12 +493,15 @@ def model_params(model: str) -> float | None:
     """The model's parameter count, without loading it: known hub ids, the demo's config, a local dir's files."""
     if model in KNOWN_PARAMS:
         return KNOWN_PARAMS[model]
+    from ..demo import demo_config, is_demo_name, random_state_dict
     if model == "demo":
-        from ..demo import demo_config, random_state_dict
         import torch
         with torch.device("meta"):
             return float(sum(t.numel() for t in random_state_dict(demo_config()).values()))
     path = Path(model)
+    if is_demo_name(model):             # another family's demo: counted from its files once it is built
+        from ..checkpoint import WEIGHTS_DIR
+        path = Path(WEIGHTS_DIR) / model
     if path.is_dir():
         files = list(path.glob("*.safetensors"))
         if files:

@@ -4,7 +4,7 @@ projector → Qwen2 decoder 768 wide) with planted sinks, its tokenizer, chat te
 Tiles of 224 px (16×16 patches → 8×8 = 64 tokens each, at most 6 tiles + the thumbnail) keep it quick on a CPU;
 the released models' are 448 px. The weights are random, so its text is noise; what it shows is that every step
 runs, and what VAR does:
-  * text sink: the first token, <|im_start|>, carries a massive value in the sink dims (minivar.demo's rule);
+  * text sink: the first token, <|im_start|>, carries a massive value in the sink dims (models/demo.py's rule);
   * visual sinks: InternViT has absolute position embeddings, so two patches are marked in dim 0 through theirs —
     patches (2·r, 2·c) of every tile, the first patch of token (r, c) after the pixel shuffle — and the projector
     turns a large dim 0 of a token's first patch into a massive value in the visual sink dim: tokens (1, 2) and
@@ -13,12 +13,11 @@ runs, and what VAR does:
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-from ... import demo as base
+from .. import demo as base
 from .config import InternTextConfig, InternVisionConfig, InternVLConfig
 from .model import InternVL
 from .processing import TileConfig
@@ -77,11 +76,8 @@ def make_tokenizer():
 
 
 def planted_state(cfg: InternVLConfig, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random weights (minivar.demo's rule) with the sinks of the module docstring planted."""
-    with torch.device("meta"):
-        shapes = {k: v.shape for k, v in InternVL(cfg).state_dict().items()}
-    g = torch.Generator().manual_seed(seed)
-    state = {name: base.random_tensor(name, shape, g) for name, shape in sorted(shapes.items())}
+    """Random weights (models/demo.py's rule) with the sinks of the module docstring planted."""
+    state = base.random_weights(InternVL, cfg, seed)
     grid = cfg.vision.grid
     pos = state["vision_tower.embeddings.position_embeddings"]
     for r, c in SINK_TOKENS:
@@ -91,55 +87,24 @@ def planted_state(cfg: InternVLConfig, seed: int = 0) -> dict[str, torch.Tensor]
     w2, b2 = state["multi_modal_projector.linear_2.weight"], state["multi_modal_projector.linear_2.bias"]
     w2[:, 0] = 0.0; w2[VISUAL_DIM, 0] = 12.0
     b2[COMMON_DIM] += 3.0                                   # image tokens carry the common dim too
-    plant_decoder(state, cfg.text, g)
+    base.plant_text_sinks(state, cfg.text, prefix="language_model.model.", lm_head="language_model.lm_head.weight",
+                          first_id=IDS["<|im_start|>"], text_dim=TEXT_DIM, visual_dim=VISUAL_DIM,
+                          common_dim=COMMON_DIM)
     return state
 
 
-def plant_decoder(state: dict, t: InternTextConfig, g: torch.Generator, massive: float = 100.0,
-                  common: float = 3.0, focus=(0.05, 0.3)) -> None:
-    """The decoder's sinks (minivar.demo.plant_sinks' rule): <|im_start|> massive in the sink dims, every token a
-    common dim that only queries read, keys reading the sink dims."""
-    emb = state["language_model.model.embed_tokens.weight"]
-    emb[:, COMMON_DIM] += common
-    state["language_model.lm_head.weight"][:, COMMON_DIM] = 0.0
-    emb[IDS["<|im_start|>"], TEXT_DIM] = massive
-    emb[IDS["<|im_start|>"], VISUAL_DIM] = massive / 2
-    hd = t.head_dim
-    for layer in range(t.num_hidden_layers):
-        prefix = f"language_model.model.layers.{layer}."
-        wq, wk = state[prefix + "self_attn.q_proj.weight"], state[prefix + "self_attn.k_proj.weight"]
-        for name in ("self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"):
-            state[prefix + name + ".weight"][:, COMMON_DIM] = 0.0
-        for head in range(t.num_attention_heads):
-            u = torch.randn(hd, generator=g)
-            u = u / u.norm()
-            strength = focus[0] + (focus[1] - focus[0]) * torch.rand((), generator=g).item()
-            rows = slice(head * hd, (head + 1) * hd)
-            wq[rows, COMMON_DIM] = u * strength ** 0.5
-            if head < t.n_kv_heads:
-                wk[rows, TEXT_DIM] = u * strength ** 0.5
-                wk[rows, VISUAL_DIM] = 0.3 * u * strength ** 0.5
-
-
-def build_demo(directory: Path, seed: int = 0) -> Path:
-    """Write the demo's files into `directory`: model.safetensors (fp16), tokenizer.json, tokenizer_config.json,
-    chat_template.jinja, preprocessor_config.json, and config.json last (a half-built demo is never taken for one)."""
-    from safetensors.torch import save_file
+def build_demo(directory: Path, family=None, seed: int = 0) -> Path:
+    """Write the demo's files into `directory` (Family.demo): model.safetensors (fp16), tokenizer.json,
+    tokenizer_config.json, preprocessor_config.json, chat_template.jinja, and config.json last (models/demo.py's
+    write_checkpoint: a half-built demo is never taken for one)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     cfg = demo_config()
-    tmp = directory / "model.safetensors.tmp"
-    save_file({k: v.half().contiguous() for k, v in planted_state(cfg, seed).items()}, str(tmp),
-              metadata={"format": "pt"})
-    tmp.replace(directory / "model.safetensors")
-    make_tokenizer().save(str(directory / "tokenizer.json"))
-    (directory / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "Qwen2Tokenizer", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
-         "extra_special_tokens": dict(IMAGE_TOKENS, video_token="<video>")}, indent=2))
     (directory / "chat_template.jinja").write_text(CHAT_TEMPLATE)
-    (directory / "preprocessor_config.json").write_text(json.dumps(
-        {"image_processor_type": "GotOcr2ImageProcessor", "crop_to_patches": False, "min_patches": 1,
-         "max_patches": cfg.image.max_patches, "size": {"height": TILE, "width": TILE},
-         "image_mean": list(cfg.image.image_mean), "image_std": list(cfg.image.image_std), "resample": 3}, indent=2))
-    (directory / "config.json").write_text(json.dumps(hf_config(cfg), indent=2))
-    return directory
+    tokenizer_config = {"tokenizer_class": "Qwen2Tokenizer", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+                        "extra_special_tokens": dict(IMAGE_TOKENS, video_token="<video>")}
+    preprocessor = {"image_processor_type": "GotOcr2ImageProcessor", "crop_to_patches": False, "min_patches": 1,
+                    "max_patches": cfg.image.max_patches, "size": {"height": TILE, "width": TILE},
+                    "image_mean": list(cfg.image.image_mean), "image_std": list(cfg.image.image_std), "resample": 3}
+    return base.write_checkpoint(directory, hf_config(cfg), planted_state(cfg, seed), make_tokenizer(),
+                                 {"tokenizer_config.json": tokenizer_config, "preprocessor_config.json": preprocessor})

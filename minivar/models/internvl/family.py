@@ -10,6 +10,7 @@ from ...errors import MinivarError
 from ..family import Family
 from ..llava import KEY_RULES
 from .config import InternVLConfig
+from .demo import build_demo
 from .model import InternVL
 from .processing import preprocess_image, views
 from .template import CONV_MODES, InternVLTokenizer
@@ -74,4 +75,4 @@ FAMILY = Family(
     model_type="internvl", name="InternVL", config=InternVLConfig.from_hf, model=InternVL, key_rules=KEY_RULES,
     unused_key=is_unused_key, images=internvl_image, conv_modes=CONV_MODES, default_conv_mode="internvl",
     image_modes=IMAGE_MODES, has_cls=True, tokenizer=InternVLTokenizer, image_options=with_patches,
-    view=internvl_view)
+    view=internvl_view, demo=build_demo)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ...errors import MinivarError
 from ..family import Family
+from .demo import build_demo
 from .model import Qwen2VL, Qwen2VLConfig
 from .processing import AspectRatioError, preprocess_image
 from .template import QwenTokenizer
@@ -51,5 +52,5 @@ FAMILIES = tuple(Family(
     unused_key=is_unused_key, images=qwen_image, conv_modes=("qwen",), default_conv_mode="qwen",
     image_modes=IMAGE_MODES, has_cls=False, tokenizer=QwenTokenizer, image_options=with_pixels,
     tied=("lm_head.weight", "model.embed_tokens.weight"), view=qwen_view,
-    vision_module="visual", decoder_modules=("model.layers", "lm_head"))
+    vision_module="visual", decoder_modules=("model.layers", "lm_head"), demo=build_demo)
     for model_type, name in NAMES.items())
