@@ -20,6 +20,7 @@ from .errors import MinivarError
 # command lines
 DAMRO_OPTIONS = ("damro", "damro_alpha", "damro_beta", "damro_topk", "damro_preset")
 VCD_OPTIONS = ("vcd", "vcd_alpha", "vcd_beta", "vcd_noise_step")
+OPERA_OPTIONS = ("opera", "opera_scale", "opera_threshold", "opera_candidates", "opera_penalty", "opera_rule")
 CONV_MODES = ("vicuna_v1", "llava_hf", "llava_v1", "mistral_instruct", "qwen", "internvl")   # every family's templates (registry)
 IMAGE_MODES = ("pad", "crop", "anyres", "smart_resize", "tiles")       # every family's image modes (registry)
 PROMPT_TOKENIZATION_HELP = ("llava: BOS + the template as LLaVA's fast tokenizer gives it; official: as the VAR "
@@ -74,8 +75,8 @@ def methods_from_options(opts: dict, *, preset: str | None = None, spell=flag, s
             raise MinivarError(f"{spell(rule_flags[0])} only applies with {spell('var')}, --save-attention or "
                                f"--mask-visual-sinks")
         # the pictures' sinks: τ and dims as given ("auto" runs the finder, as it does for VAR)
-        return contrastive_methods(opts, spell), VARConfig.preset(None, tau=given.get("tau"),
-                                                                  sink_dims=sink_dims).validate()
+        return (contrastive_methods(opts, spell) + opera_methods(opts, spell),
+                VARConfig.preset(None, tau=given.get("tau"), sink_dims=sink_dims).validate())
     layers = given.get("var_layers")
     if isinstance(layers, str):
         lo, hi = parse_layer_range(layers, flag=spell("var_layers"))
@@ -88,7 +89,55 @@ def methods_from_options(opts: dict, *, preset: str | None = None, spell=flag, s
                            layers=layers)
     # the ranges that need no model are checked now, before the slow load (sink dims need the hidden size: later)
     methods.append(VAR(cfg.validate()))
-    return methods + contrastive_methods(opts, spell), cfg
+    return methods + contrastive_methods(opts, spell) + opera_methods(opts, spell), cfg
+
+
+def opera_methods(opts: dict, spell=flag) -> list:
+    """OPERA as the options ask for it (with VAR or alone; its released code has no contrast branch, so not with
+    DAMRO or VCD); `num_beams` (--num-beams) is its beam width (default 5)."""
+    from .methods import opera
+    found = opera.from_options(opts, spell)
+    if found is None:
+        return []
+    for other in ("damro", "vcd"):
+        if opts.get(other):
+            raise MinivarError(f"{spell('opera')} does not combine with {spell(other)}: the released OPERA has no "
+                               f"contrast branch")
+    return [found]
+
+
+def num_beams_of(opts: dict, spell=flag) -> int:
+    """The beam width the options ask for: --num-beams (default 1; OPERA's own, 5, with --opera)."""
+    k = opts.get("num_beams")
+    if k is None:
+        return 5 if opts.get("opera") else 1
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise MinivarError(f"{spell('num_beams')} must be an integer ≥ 1, got {k!r}")
+    if opts.get("opera") and k < 2:
+        raise MinivarError(f"{spell('num_beams')} must be ≥ 2 with {spell('opera')} (the released OPERA is a beam "
+                           f"search), got {k}")
+    return k
+
+
+def add_beam_flags(parser) -> None:
+    """Beam search's and OPERA's flags (the same for `minivar` and `minivar-eval run`)."""
+    b = parser.add_argument_group("beam search and OPERA (docs/opera.md)")
+    b.add_argument("--num-beams", type=int, default=None, metavar="K",
+                   help="beam search of K beams, as transformers' generate(num_beams=K) (length penalty 1, no early "
+                        "stopping; greedy only) (default: 1, no beam search; 5 with --opera)")
+    b.add_argument("--opera", action="store_true",
+                   help="apply OPERA (over-trust penalty and retrospection; a beam search) (default: off)")
+    b.add_argument("--opera-scale", type=float, default=None, metavar="S",
+                   help="scale of the attention in the over-trust score (default: 50)")
+    b.add_argument("--opera-threshold", type=int, default=None, metavar="N",
+                   help="roll back once a location repeats more than N times (default: 15)")
+    b.add_argument("--opera-candidates", type=int, default=None, metavar="C",
+                   help="candidates per beam (default: 5)")
+    b.add_argument("--opera-penalty", type=float, default=None, metavar="P",
+                   help="weight of the over-trust penalty (default: 1)")
+    b.add_argument("--opera-rule", choices=["released", "fixed"], default=None,
+                   help="released: as shikiw/OPERA's code; fixed: a rollback forgets the exclusions of the positions "
+                        "it discards (docs/opera.md) (default: released)")
 
 
 def contrastive_methods(opts: dict, spell=flag) -> list:
