@@ -104,32 +104,51 @@ class Batcher:
         self.tok = Tokenizer(tokenizer_dir, cfg.image_token_index)
         self.n_image = cfg.num_image_tokens
 
-    def example(self, scene, question, conv_mode):
-        from .models.llava import llava_image
-        text = question.text
+    def text_of(self, question) -> str:
         if question.kind != "caption" and self.rng.random() < 0.3:
-            text += SHORT_ANSWER         # LLaVA-1.5's short-answer instruction, which POPE's prompt carries
-        prompt = self.tok.encode_prompt(text, conv_mode, self.n_image)
-        answer = self.tok._tok.encode(" " + question.answer, add_special_tokens=False).ids + [self.tok.eos_id]
-        pixels = llava_image(scene.image(), self.cfg, "pad").pixel_values
-        return pixels, prompt, answer
+            return question.text + SHORT_ANSWER   # LLaVA-1.5's short-answer instruction, which POPE's prompt carries
+        return question.text
 
-    def batch(self, size: int):
+    def example(self, scene, questions, conv_mode):
+        """One conversation about one image, as LLaVA trains: the first turn exactly the prompt minivar builds at
+        inference, later turns "USER: … ASSISTANT:" after the previous answer's </s>; the targets are the answers."""
+        from .models.llava import llava_image
+        ids = self.tok.encode_prompt(self.text_of(questions[0]), conv_mode, self.n_image)
+        targets = [-100] * len(ids)
+        for i, q in enumerate(questions):
+            if i:
+                turn = self.tok._tok.encode(f"USER: {self.text_of(q)} ASSISTANT:", add_special_tokens=False).ids
+                ids, targets = ids + turn, targets + [-100] * len(turn)
+            answer = self.tok._tok.encode(" " + q.answer, add_special_tokens=False).ids + [self.tok.eos_id]
+            ids, targets = ids + answer, targets + answer
+        pixels = llava_image(scene.image(), self.cfg, "pad").pixel_values
+        return pixels, ids, targets
+
+    def conversation(self, turns: int):
+        """A scene and `turns` questions about it (kinds drawn at random; each one the scene can carry)."""
+        scene, first = scenes.sample(self.rng, size_range=TRAIN_SIZES)
+        questions = [first]
+        while len(questions) < turns:
+            q = scenes.questions(scene, self.rng, self.rng.choice(scenes.KINDS))
+            if q is not None and q.text not in {x.text for x in questions}:
+                questions.append(q)
+        return scene, questions
+
+    def batch(self, size: int, turns: int = 1):
         modes, weights = zip(*CONV_MODES)
-        rows = [self.example(*scenes.sample(self.rng, size_range=TRAIN_SIZES),
-                             self.rng.choices(modes, weights)[0]) for _ in range(size)]
+        rows = [self.example(*self.conversation(self.rng.randint(1, turns)), self.rng.choices(modes, weights)[0])
+                for _ in range(size)]
         return collate(rows, self.cfg.pad_token_id)
 
 
 def collate(rows, pad_id: int):
-    """Right-padded ids [B, T] and targets [B, T] (−100 except where the next token is an answer token)."""
-    T = max(len(p) + len(a) for _, p, a in rows)
+    """Right-padded ids [B, T] and next-token targets [B, T] (−100 where no answer token comes next)."""
+    T = max(len(ids) for _, ids, _ in rows)
     ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
     targets = torch.full((len(rows), T), -100, dtype=torch.long)
-    for i, (_, p, a) in enumerate(rows):
-        seq = p + a
+    for i, (_, seq, tgt) in enumerate(rows):
         ids[i, :len(seq)] = torch.tensor(seq)
-        targets[i, len(p) - 1:len(seq) - 1] = torch.tensor(a)      # position t predicts token t+1
+        targets[i, :len(seq) - 1] = torch.tensor(tgt[1:])       # position t predicts token t+1
     return torch.stack([px for px, _, _ in rows]), ids, targets
 
 
@@ -187,8 +206,9 @@ def held_out_accuracy(model, pixels, ids, targets) -> float:
     return hit.all(-1).float().mean().item()
 
 
-def train(out: Path, *, seed: int = 0, minutes: float | None = None, steps: int | None = None, batch_size: int = 24,
-          lr: float = 2e-3, warmup: int = 30, eval_every: int = 25, tiny: bool = False, log=None) -> dict:
+def train(out: Path, *, seed: int = 0, minutes: float | None = None, steps: int | None = None, batch_size: int = 16,
+          turns: int = 4, lr: float = 2e-3, warmup: int = 30, eval_every: int = 25, tiny: bool = False,
+          log=None) -> dict:
     """Train and write the checkpoint into `out`. Stops after `steps`, or when `minutes` run out (the learning rate
     follows a cosine to 10 % over the planned steps, or over the time budget). Returns the training record."""
     torch.manual_seed(seed)
@@ -209,14 +229,14 @@ def train(out: Path, *, seed: int = 0, minutes: float | None = None, steps: int 
     data = Batcher(cfg, tmp, random.Random(seed))
     held_out = Batcher(cfg, tmp, random.Random(seed + 10_000)).batch(4 * batch_size)   # fixed, never trained on
     bar = Progress(steps, minutes, log)
-    record = {"seed": seed, "batch_size": batch_size, "lr": lr, "loss": [], "held_out_accuracy": []}
+    record = {"seed": seed, "batch_size": batch_size, "turns": turns, "lr": lr, "loss": [], "held_out_accuracy": []}
     step, acc = 0, float("nan")
     while not bar.done(step):
         # linear warm-up, then a cosine from lr to lr/10 over the run (by steps, or by the clock)
         scale = min(1.0, (step + 1) / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * bar.progress(step))))
         for group in opt.param_groups:
             group["lr"] = lr * scale
-        loss = loss_of(model, *data.batch(batch_size))
+        loss = loss_of(model, *data.batch(batch_size, turns))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -389,7 +409,7 @@ def main(argv=None) -> int:
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--minutes", type=float, help="train for this long (default 10)")
     budget.add_argument("--steps", type=int, help="train for this many steps")
-    p.add_argument("--batch-size", type=int, default=24)
+    p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--n", type=int, default=40, help="--eval: questions per kind; --make-pope: images")
     p.add_argument("--var", action="store_true", help="--eval: with VAR on")
     args = p.parse_args(argv)
