@@ -345,6 +345,47 @@ def evaluate(directory, n_per_kind: int = 40, seed: int = 1234, methods=None, pi
     return {"accuracy": acc, "n_per_kind": n_per_kind, "answers": answers}
 
 
+def object_cells(scene, shape, image_size: int, grid: int) -> set[int]:
+    """The grid cells (row-major) a shape's box covers once the image is padded to a square and resized, as the
+    "pad" image mode does (processing.expand_to_square: the image centred on a square of side max(W, H))."""
+    side = max(scene.width, scene.height)
+    dx, dy = (side - scene.width) // 2, (side - scene.height) // 2
+    cell = side / grid                    # a grid cell in the padded image's pixels
+    l, t, r, b = shape.box
+    cols = range(int((l + dx) // cell), int(math.ceil((r + dx) / cell)))
+    rows = range(int((t + dy) // cell), int(math.ceil((b + dy) / cell)))
+    return {y * grid + x for y in rows for x in cols if 0 <= y < grid and 0 <= x < grid}
+
+
+def attention_peaks(pipe, n: int = 40, seed: int = 77, layers=None, exclude_sinks: bool = True) -> dict:
+    """For "What colour is the {shape}?" on `n` held-out scenes with exactly one such shape: where the row that
+    answers (the prompt's last) puts its image attention, averaged over the heads of the middle layers. A hit is
+    the peak patch inside the asked shape's cells. exclude_sinks: the planted visual-sink patches are left out of
+    the peak (they draw attention whatever the question, which is what VAR is about)."""
+    cfg = pipe.config
+    grid = cfg.vision.image_size // cfg.vision.patch_size
+    L = cfg.text.num_hidden_layers
+    layers = list(layers if layers is not None else range(1, max(2, L - 1)))   # the middle layers
+    rng = random.Random(("attention", seed).__repr__())
+    hits, chance = [], []
+    for _ in range(n):
+        while True:
+            scene = scenes.make_scene(rng, rng.randint(*TRAIN_SIZES), rng.randint(*TRAIN_SIZES))
+            q = scenes.questions(scene, rng, "colour")
+            if q is not None:
+                break
+        shape = next(s for s in scene.shapes if f"the {s.kind}?" in q.text)
+        cap = pipe.capture(scene.image(), q.text, layers=layers, attention=("before",), rows="answer")
+        lo, hi = cap.image_span()
+        attn = torch.stack([cap.attention_probs[layer]["before"][0, :, -1, lo:hi] for layer in layers]).mean((0, 1))
+        if exclude_sinks:
+            attn[list(SINK_PATCHES)] = -1.0
+        cells = object_cells(scene, shape, cfg.vision.image_size, grid)
+        hits.append(int(attn.argmax()) in cells)
+        chance.append(len(cells) / (grid * grid))
+    return {"rate": sum(hits) / n, "chance": sum(chance) / n, "n": n, "layers": layers}
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # A POPE-format benchmark from held-out scenes
 
