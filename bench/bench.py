@@ -210,6 +210,9 @@ def best_load(load, repeats: int, device):
     return model, best
 
 
+MIN_COST_PAIRS = 3           # VAR off/on pairs needed before VAR's cost is given
+
+
 def best_of(fn, repeats: int) -> float:
     times = []
     for _ in range(repeats):
@@ -217,6 +220,32 @@ def best_of(fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return min(times)
+
+
+def hf_timed_generate(model, device, n: int, **inputs):
+    """transformers' greedy generate of exactly n + 1 tokens, timed within the one run: (output ids, prefill
+    seconds — up to the first token's logits —, decode tokens/s of the n later steps). A logits processor notes the
+    time each step's logits arrive, so both figures come from the same run (two separately timed runs, of 1 and of
+    n + 1 tokens, gave a negative decode rate whenever the shorter one happened to be the slower)."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class StepTimes(LogitsProcessor):
+        def __init__(self):
+            self.times = []
+
+        def __call__(self, input_ids, scores):
+            sync(device)
+            self.times.append(time.perf_counter())
+            return scores
+
+    steps = StepTimes()
+    sync(device)
+    t0 = time.perf_counter()
+    out = model.generate(**inputs, do_sample=False, max_new_tokens=n + 1, min_new_tokens=n + 1,
+                         logits_processor=LogitsProcessorList([steps]))
+    sync(device)
+    first, last = steps.times[0], steps.times[-1]
+    return out, first - t0, n / (last - first)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -248,7 +277,8 @@ def worker_minivar(args) -> dict:
         return out
 
     with torch.inference_mode():
-        run(2)                                                   # warm-up
+        run(2)                                                   # warm-up, VAR off and on
+        run(2, True)
         vision_s = best_of(lambda: (model.image_features(px), sync(dev)), args.repeats)
         res = {"load_s": load_s, "rss_after_load_gb": rss_after_load, "vision_s": vision_s}
         # Each repeat runs VAR off and VAR on back to back (the order swapping every repeat), so each pair sees the
@@ -270,9 +300,13 @@ def worker_minivar(args) -> dict:
             res[label + "prefill_s"] = min(prefill[var])
             res[label + "decode_tok_s"] = max(g.decode_tokens_per_s for g in decode[var])
         res["tokens"] = decode[False][0].output_ids[0]
-        res["var_prefill_cost_pct"] = median([100 * (on / off - 1) for off, on in zip(prefill[False], prefill[True])])
+        # VAR's cost is a difference of two noisy timings: from fewer than MIN_COST_PAIRS pairs (--quick runs one) it
+        # is noise (a quick run once printed -96 %), so it is not given
+        measured = args.repeats >= MIN_COST_PAIRS
+        res["var_prefill_cost_pct"] = median([100 * (on / off - 1) for off, on in zip(prefill[False], prefill[True])]
+                                             ) if measured else None
         res["var_decode_cost_pct"] = median([100 * (1 - on.decode_tokens_per_s / off.decode_tokens_per_s)
-                                             for off, on in zip(decode[False], decode[True])])
+                                             for off, on in zip(decode[False], decode[True])]) if measured else None
         res["decode_bytes_per_token"] = sum(t.numel() * t.element_size() for t in weights)
         res["runs"] = [{"decode_tok_s": g.decode_tokens_per_s, "bandwidth_gb_s": b / 1e9, "gemv_gb_s": k / 1e9,
                         "roofline_pct": 100 * g.decode_tokens_per_s * res["decode_bytes_per_token"] / b}
@@ -305,20 +339,17 @@ def worker_transformers(args) -> dict:
     mask = torch.ones_like(ids)
     n = args.new_tokens
 
-    def gen(k):
-        model.generate(input_ids=ids, pixel_values=px, attention_mask=mask, do_sample=False, max_new_tokens=k,
-                       min_new_tokens=k)
-        sync(args.device)
+    def gen():
+        return hf_timed_generate(model, args.device, n, input_ids=ids, pixel_values=px, attention_mask=mask)
 
     with torch.inference_mode():
-        gen(2)
+        gen()                                                    # warm-up
         vision_s = best_of(lambda: (model.model.get_image_features(pixel_values=px), sync(args.device)), args.repeats)
-        prefill = best_of(lambda: gen(1), args.repeats)
-        total = best_of(lambda: gen(n + 1), max(1, args.repeats - 1))
-        out = model.generate(input_ids=ids, pixel_values=px, attention_mask=mask, do_sample=False,
-                             max_new_tokens=n + 1, min_new_tokens=n + 1)
-    res = {"version": transformers.__version__, "load_s": load_s, "vision_s": vision_s, "prefill_s": prefill,
-           "decode_tok_s": n / (total - prefill), "tokens": out[0, ids.shape[1]:].tolist()}
+        runs = [gen() for _ in range(args.repeats)]              # each figure from one run; the best run's
+    out = runs[0][0]
+    res = {"version": transformers.__version__, "load_s": load_s, "vision_s": vision_s,
+           "prefill_s": min(r[1] for r in runs), "decode_tok_s": max(r[2] for r in runs),
+           "tokens": out[0, ids.shape[1]:].tolist()}
     res.update(peak_memory(args.device))
     return res
 
@@ -462,8 +493,10 @@ def print_table(r: dict) -> None:
         print(f"decode speed-up vs transformers: {r['decode_speedup_vs_transformers']:.2f}x; "
               f"prefill time ratio: {r['prefill_ratio_vs_transformers']:.2f}; "
               f"same greedy tokens: {r['same_tokens_as_transformers']}")
-    print(f"VAR on: prefill {mv['var_prefill_s']:.3f} s, decode {mv['var_decode_tok_s']:.2f} tok/s; cost, median of "
-          f"the off/on pairs: prefill time {r['var_prefill_cost_pct']:+.1f}%, decode speed {-r['var_decode_cost_pct']:+.1f}%; "
+    cost = (f"cost, median of the off/on pairs: prefill time {r['var_prefill_cost_pct']:+.1f}%, decode speed "
+            f"{-r['var_decode_cost_pct']:+.1f}%" if r["var_prefill_cost_pct"] is not None else
+            f"cost not measured (it needs --repeats ≥ {MIN_COST_PAIRS}; --quick runs one pair)")
+    print(f"VAR on: prefill {mv['var_prefill_s']:.3f} s, decode {mv['var_decode_tok_s']:.2f} tok/s; {cost}; "
           f"sinks per layer {mv['var_sinks_per_layer']}, (head,row) pairs redistributed: prefill {mv['var_pairs_prefill']}, "
           f"decode {mv['var_pairs_decode_per_token']:.0f}/token")
     print(f"peak RSS {mv['peak_rss_gb']:.2f} GiB (budget 1.1 x checkpoint + 0.3 GB = {r['rss_budget_gb']:.2f} GiB); "

@@ -30,8 +30,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from bench import (CLIP_L_336, DTYPES, SHAPES, _cpu_name, make_checkpoint, median, peak_rss_gb,  # noqa: E402
-                   positive_int, sync, worker_result)
+from bench import (CLIP_L_336, DTYPES, SHAPES, _cpu_name, hf_timed_generate, make_checkpoint, median,  # noqa: E402
+                   peak_rss_gb, positive_int, sync, worker_result)
 from minivar.models.llava_next import LlavaNextConfig  # noqa: E402
 
 PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))      # llava-hf's (all three variants)
@@ -101,20 +101,10 @@ def worker(args) -> dict:
             res["transformers_load_s"] = time.perf_counter() - t0
             mask = torch.ones_like(ids)
 
-            def hf_gen(k):
-                out = theirs.generate(input_ids=ids, pixel_values=px, image_sizes=sizes, attention_mask=mask,
-                                      do_sample=False, max_new_tokens=k, min_new_tokens=k)
-                sync(dev)
-                return out
-
-            def hf_run():
-                t0 = time.perf_counter()
-                hf_gen(1)
-                prefill = time.perf_counter() - t0
-                t0 = time.perf_counter()
-                out = hf_gen(n + 1)
-                total = time.perf_counter() - t0
-                return prefill, n / max(total - prefill, 1e-9), out[0, ids.shape[1]:].tolist()
+            def hf_run():               # prefill and decode rate from one timed run (bench.hf_timed_generate)
+                out, prefill, decode = hf_timed_generate(theirs, dev, n, input_ids=ids, pixel_values=px,
+                                                         image_sizes=sizes, attention_mask=mask)
+                return prefill, decode, out[0, ids.shape[1]:].tolist()
 
             res["transformers_tokens"] = hf_run()[2]          # warm-up; the tokens
         times = {who: {"prefill_s": [], "decode_tok_s": []} for who in ("minivar", "transformers")}

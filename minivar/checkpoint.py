@@ -51,11 +51,15 @@ def normalise_key(key: str, rules=None) -> str:
 
 def resolve(model: str, weights_dir: Path | None = None) -> Path:
     """A local directory for `model`: the path itself, an earlier download in weights/, or a fresh hub download."""
+    named = "`weights_dir`" if weights_dir else None
     weights_dir = Path(weights_dir or WEIGHTS_DIR)
-    if model == "demo":                      # the offline demo: a tiny random checkpoint, built on first use
-        from . import demo
-        return demo.ensure(weights_dir / "demo")
+    from . import demo
     path = Path(model).expanduser()
+    # the offline demos: tiny random checkpoints, built on first use (demo.py); a demo's name beats a folder of
+    # that name, and an unknown `demo-…` that is no folder is one error listing the demos
+    if demo.is_demo_name(model) and (model in demo.demos() or model == "demo-llava" or not path.is_dir()):
+        name, family = demo.lookup(model)
+        return demo.ensure(writable_weights_dir(weights_dir, named) / name, family.model_type)
     if path.is_dir():
         return path
     if path.exists():
@@ -63,7 +67,7 @@ def resolve(model: str, weights_dir: Path | None = None) -> Path:
     looks_like_hub_id = re.fullmatch(r"[A-Za-z0-9][\w.\-]*/[\w.\-]+", model) is not None and not model.startswith(".")
     if not looks_like_hub_id:
         raise MinivarError(f"model directory '{model}' not found")
-    local = weights_dir / model.split("/")[-1]
+    local = writable_weights_dir(weights_dir, named) / model.split("/")[-1]
     source = local / SOURCE_FILE          # which hub id the folder holds: two ids may share a repo name
     if source.is_file() and source.read_text().strip().casefold() != model.casefold():   # the hub ignores case
         raise MinivarError(f"'{local}' holds '{source.read_text().strip()}', not '{model}': move or rename that folder, "
@@ -71,6 +75,26 @@ def resolve(model: str, weights_dir: Path | None = None) -> Path:
     if (local / "config.json").is_file() and not (local / ".incomplete").exists():
         return local
     return download(model, local)
+
+
+def writable_weights_dir(weights_dir: Path, named: str | None = None) -> Path:
+    """The weights folder, made if missing; a MinivarError naming where it came from (`weights_dir`,
+    MINIVAR_WEIGHTS, or the default) when it is a file or cannot be made."""
+    if named is None:
+        env = os.environ.get("MINIVAR_WEIGHTS")
+        named = "MINIVAR_WEIGHTS" if env and Path(env) == weights_dir else "the weights folder"
+    existing = weights_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        where = "is a file" if existing == weights_dir else f"lies below the file '{existing}'"
+        raise MinivarError(f"{named} '{weights_dir}' {where}; set it to a folder")
+    try:
+        weights_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MinivarError(f"{named} '{weights_dir}': cannot create it ({e.strerror or e}); set it to a folder "
+                           f"you can write") from None
+    return weights_dir
 
 
 def download(repo_id: str, local: Path) -> Path:

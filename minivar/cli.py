@@ -1,4 +1,5 @@
-"""minivar command line: answer a question about an image with LLaVA-1.5, optionally with VAR.
+"""minivar command line: answer a question about an image with a vision-language model (LLaVA-1.5, LLaVA-NeXT,
+Qwen2-VL, Qwen2.5-VL: every family of models/registry.py), optionally with VAR, DAMRO or VCD.
 
     minivar --image assets/example.jpg --prompt "What is in the image?" --model demo
     minivar --image x.jpg --prompt "..." --var                # real 7B from the hub (14 GB download)
@@ -12,12 +13,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import textwrap
 import unicodedata
 
 
+from minivar import __version__
 from minivar.defaults import DEFAULT_MODEL
-from minivar.flags import CONV_MODES, IMAGE_MODES, add_contrastive_flags  # (no torch either)
+from minivar.flags import (CONV_MODES, IMAGE_MODES, PROMPT_TOKENIZATION_HELP, PROMPT_TOKENIZATIONS,  # (no torch
+                           HelpFormatter, add_contrastive_flags, overview)                      # either)
+
+INTRO = ("Answer a question about an image with a vision-language model in plain PyTorch, optionally with "
+         "training-free attention methods.")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -25,29 +30,37 @@ class _Parser(argparse.ArgumentParser):
         print(f"minivar: error: {message} (see --help)", file=sys.stderr)
         sys.exit(2)
 
+    def format_help(self):  # the families come from the registry, which imports torch: only when help is printed
+        self.description = f"{INTRO}\n\n{overview()}"
+        return super().format_help()
 
-class _Help(argparse.HelpFormatter):
-    def _split_lines(self, text, width):  # never break "llava-hf/llava-1.5-7b-hf" at its hyphens
-        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+class _Help(HelpFormatter):
+    pass
 
 
 def build_parser() -> argparse.ArgumentParser:
     # Every default is written into its help text (--help is where a user learns that the default model is a 14 GB
     # download), so a test can check that none is missing.
-    p = _Parser(prog="minivar", description="LLaVA-1.5 in plain PyTorch, with Visual Attention Redistribution (VAR).",
+    p = _Parser(prog="minivar", description=INTRO,
                 epilog="Hub checkpoints are downloaded once into the weights folder (MINIVAR_WEIGHTS, default: weights/ "
                        "of a source checkout, else ~/.cache/minivar) and reused. Bad input prints one line, "
                        "'minivar: error: ...', and exits with code 2.",
                 formatter_class=_Help, allow_abbrev=False)
-    p.add_argument("--image", required=True, help="image file, any format and mode PIL reads (required)")
-    p.add_argument("--prompt", required=True, help="the question or instruction (required)")
+    p.add_argument("--version", action="version", version=f"minivar {__version__}",
+                   help="print minivar's version and exit")
+    p.add_argument("--image",
+                   help="image file, any format and mode PIL reads (required except with --serve; no default)")
+    p.add_argument("--prompt", help="the question or instruction (required except with --serve; no default)")
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="hub id (downloaded on first use), a local checkpoint directory, or 'demo' (tiny random "
-                        f"weights, made offline in a second). Default: {DEFAULT_MODEL}, LLaVA-1.5-7B: a 14.1 GB "
+                   help="hub id (downloaded on first use), a local checkpoint directory, or an offline demo: 'demo' "
+                        "(LLaVA-1.5) or 'demo-<model_type>' (each other family's; listed above), tiny random weights "
+                        f"made in seconds. Default: {DEFAULT_MODEL}, LLaVA-1.5-7B: a 14.1 GB "
                         "download, ≥ 16 GB of (V)RAM")
     p.add_argument("--max-new-tokens", type=int, default=128, help="stop after this many tokens (default: 128)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples (default: 0)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when sampling (default: 1.0)")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="nucleus sampling mass, with --temperature > 0 only (default: 1.0)")
     p.add_argument("--seed", type=int, default=None,
                    help="seed for sampling and --mask-random-image-tokens (default: none for sampling, 0 for masking)")
     p.add_argument("--conv-mode", choices=CONV_MODES, default=None,
@@ -72,9 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true",
                    help="print one JSON object on stdout (ids, text, finished, stopped, timing, VAR) instead of "
                         "streaming the text (default: off)")
-    p.add_argument("--prompt-tokenization", choices=["llava", "official"], default="llava",
-                   help="llava: BOS + the template as LLaVA tokenizes it; official: as the VAR authors' released code "
-                        "does (no BOS, 29871 kept once; vicuna_v1 only; docs/official-rule.md) (default: llava)")
+    p.add_argument("--prompt-tokenization", choices=PROMPT_TOKENIZATIONS, default="llava",
+                   help=f"{PROMPT_TOKENIZATION_HELP} (default: llava)")
     v = p.add_argument_group("VAR (Visual Attention Redistribution)")
     v.add_argument("--var", action="store_true", help="apply VAR (default: off)")
     v.add_argument("--var-preset", choices=["general", "hallucination", "vision"], default=None,
@@ -99,10 +111,18 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--var-layers", metavar="A-B", default=None,
                    help="the layers VAR may modify (default: the rule's, paper 0..L−2, official 2..L−1)")
     add_contrastive_flags(p)
+    s = p.add_argument_group("the live explorer (docs/explorer.md)")
+    s.add_argument("--serve", action="store_true",
+                   help="load the model once and serve a page to upload an image, ask, choose the methods and see "
+                        "the run's attention explorer (default: off)")
+    s.add_argument("--host", default=None,
+                   help="with --serve: the address to bind; anything but localhost lets others run the model "
+                        "(default: 127.0.0.1)")
+    s.add_argument("--port", type=int, default=None, help="with --serve: the port (default: 8765)")
     i = p.add_argument_group("looking inside (pictures, sink removal; see docs/pictures.md)")
     i.add_argument("--save-attention", metavar="DIR", default=None,
-                   help="write PNG pictures of sinks and attention, and their numbers (attention.json), into DIR "
-                        "(default: off)")
+                   help="write PNG pictures of sinks and attention, their numbers (attention.json) and the "
+                        "attention explorer (explorer.html, one page that opens offline) into DIR (default: off)")
     i.add_argument("--attention-layers", metavar="A-B", default=None,
                    help="layer range of the attention picture (default: 10-12 of 32 layers, scaled to the model)")
     m = i.add_mutually_exclusive_group()
@@ -150,7 +170,7 @@ def var_summary(report: dict) -> str:
         n_visual = len(report["visual_sinks"].get(str(layer), []))
         per_layer.append(f"{n_visual}+{len(report['sinks'][str(layer)]) - n_visual}")
     prefill, decode = (sum(report["redistributed"][phase]) for phase in ("prefill", "decode"))
-    dims = ",".join(str(d) for d in report["sink_dims"])
+    dims = ",".join(str(d) for d in report["sink_dims"]) or "none"
     settings = f"ρ {report['rho']:g}, p {report['p']:g}"
     if report.get("rule") == "official":           # the code's conventions, and the paper's next to them
         settings = (f"rule official: rho {report['rho']:g} (ρ {report['rho_paper']:g}), p {report['p']:g} kept "
@@ -189,8 +209,24 @@ def terminal_text(text: str) -> str:
 def main(argv=None, methods=()) -> int:
     """The command line; `methods`: more Method objects (methods/method.py) to run after the flags' own — the
     Python path to a method of your own."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     from minivar.errors import run_command
+    if args.serve:
+        from minivar import serve
+        # a flag without effect is an error: with --serve, each request brings its image, question and settings
+        given = [a.option_strings[0] for a in parser._actions if a.option_strings and a.dest not in serve.SERVER_FLAGS
+                 and getattr(args, a.dest) != a.default]
+        if given:
+            parser.error(f"--serve takes the image, the question and the settings from each request (its page), "
+                         f"not from {', '.join(given)}")
+        return run_command(lambda a: serve.serve(a, build_parser, method_settings), args)
+    for flag, value in (("--host", args.host), ("--port", args.port)):
+        if value is not None:
+            parser.error(f"{flag} only applies with --serve")
+    missing = [f for f, v in (("--image", args.image), ("--prompt", args.prompt)) if v is None]
+    if missing:
+        parser.error(f"the following arguments are required: {', '.join(missing)}")
     return run_command(lambda a: run(a, methods), args)
 
 
@@ -202,14 +238,14 @@ def run(args, extra_methods=()) -> int:
     from minivar.pipeline import check_generation_args
 
     # Check everything the user passed before the (slow) model load.
-    check_generation_args(args.max_new_tokens, args.temperature, args.top_p)
+    check_generation_args(args.max_new_tokens, args.temperature, args.top_p, args.seed)
     if not args.prompt.strip():
         raise MinivarError("--prompt is empty")
-    if args.max_new_tokens < 1:
-        raise MinivarError(f"--max-new-tokens must be ≥ 1, got {args.max_new_tokens}")
     methods, rule = method_settings(args)
     methods = methods + list(extra_methods)
-    from minivar.flags import contrastive_load, var_of
+    from minivar.flags import check_seed_applies, contrastive_load, var_of
+    check_seed_applies(args.seed, args.temperature, methods,
+                       uses=(("--mask-random-image-tokens", args.mask_random_image_tokens is not None),))
     var = var_of(methods)
     image = processing.load_image(args.image)
     inspection = RunInspection.from_args(args)       # --save-attention / --mask-*: None when not asked for
@@ -245,10 +281,12 @@ def run(args, extra_methods=()) -> int:
     t = out.timing
     stopped, why = stop_reason(out, args.max_new_tokens, llava.config.text.max_position_embeddings)
     # the prefill makes the first token; decode_tokens (--json's timing) are the ones after it
-    print(f"minivar: prefill {t['prefill_s']:.2f}s (incl. the first token), decode {t['decode_tokens_per_s']:.2f} "
-          f"tok/s ({t['decode_tokens']} token{'s' * (t['decode_tokens'] != 1)} after the first), "
-          f"{len(out.output_ids)} tokens, stopped {why}",
-          file=sys.stderr)
+    n = len(out.output_ids)
+    # a rate only where decode steps ran: with one token the prefill made it, and there is nothing to divide
+    decode = (f"decode {t['decode_tokens_per_s']:.2f} tok/s ({t['decode_tokens']} token"
+              f"{'s' * (t['decode_tokens'] != 1)} after the first)" if t["decode_tokens"] else "no decode step")
+    print(f"minivar: prefill {t['prefill_s']:.2f}s (incl. the first token), {decode}, "
+          f"{n} token{'s' * (n != 1)}, stopped {why}", file=sys.stderr)
     for name, report in out.reports.items():         # one status line per method
         print(method_summary(name, report), file=sys.stderr)
     image_mode = args.image_aspect_ratio or llava.family.default_image_mode
@@ -256,7 +294,8 @@ def run(args, extra_methods=()) -> int:
                                   log=lambda msg: print(msg, file=sys.stderr)) if inspection is not None else {}
     if args.json:
         record = {"model": str(llava.directory), "device": str(llava.device), "dtype": str(llava.dtype).replace("torch.", ""),
-                  "prompt_tokenization": args.prompt_tokenization,
+                  # the LLaVA tokenizer's modes; null for a family with a tokenizer of its own (Qwen2-VL's)
+                  "prompt_tokenization": args.prompt_tokenization if llava.family.tokenizer is None else None,
                   "prompt_ids": out.prompt_ids, "output_ids": out.output_ids, "text": out.text,
                   "finished": out.finished, "stopped": stopped, "timing": t}
         record.update(out.reports)                    # "var", and every other method's report under its name

@@ -2,3 +2,5 @@
 
 # The checkpoint every command loads when --model is not given: LLaVA-1.5-7B, a 14.1 GB download.
 DEFAULT_MODEL = "llava-hf/llava-1.5-7b-hf"
+# the prompt's ids: LLaVA's fast tokenizer, VAR's released code, DAMRO's released scripts (processing.py)
+PROMPT_TOKENIZATIONS = ("llava", "official", "damro")

@@ -17,7 +17,7 @@ class MinivarError(Exception):
 # The command lines' flags for the Python parameters library errors name in backticks (`max_new_tokens`, ...).
 FLAGS = {
     "device": "--device", "dtype": "--dtype", "max_new_tokens": "--max-new-tokens", "top_p": "--top-p",
-    "temperature": "--temperature", "prompt_tokenization": "--prompt-tokenization",
+    "temperature": "--temperature", "seed": "--seed", "prompt_tokenization": "--prompt-tokenization",
     "VARConfig.p": "--p", "VARConfig.rho": "--rho", "VARConfig.tau": "--tau",
     "VARConfig.min_image_attention": "--min-image-attention", "VARConfig.sink_dims": "--sink-dims",
     "VARConfig.layers": "--var-layers", "VARConfig.rule": "--var-rule", "VARConfig.heads": "--var-heads",

@@ -10,6 +10,10 @@ configuration rho 0.5 (A_exps/lv1.5_7b.yml). No torch is imported until a method
 """
 from __future__ import annotations
 
+import argparse
+import textwrap
+
+from .defaults import PROMPT_TOKENIZATIONS  # noqa: F401  (for the command lines)
 from .errors import MinivarError
 
 # every method's options (the argparse dests); add_contrastive_flags writes DAMRO's and VCD's flags once for both
@@ -18,6 +22,11 @@ DAMRO_OPTIONS = ("damro", "damro_alpha", "damro_beta", "damro_topk", "damro_pres
 VCD_OPTIONS = ("vcd", "vcd_alpha", "vcd_beta", "vcd_noise_step")
 CONV_MODES = ("vicuna_v1", "llava_hf", "llava_v1", "mistral_instruct", "qwen")   # every family's templates (registry)
 IMAGE_MODES = ("pad", "crop", "anyres", "smart_resize")                # every family's image modes (registry)
+PROMPT_TOKENIZATION_HELP = ("llava: BOS + the template as LLaVA's fast tokenizer gives it; official: as the VAR "
+                            "authors' released code does (no BOS, 29871 kept once; vicuna_v1 only; "
+                            "docs/official-rule.md); damro: as DAMRO's released scripts do (their slow tokenizer: "
+                            "no \"▁\" after a special token, typed </s> <s> <unk> as those tokens; LLaMA templates; "
+                            "docs/damro.md)")
 
 VAR_ONLY = ("var_preset", "rho", "p", "min_image_attention", "var_rule", "var_heads", "var_layers")
 SINK_RULE = ("tau", "sink_dims")            # also the sink sets of the pictures and of sink masking
@@ -124,3 +133,63 @@ def contrastive_load(methods) -> bool:
     """Does one of `methods` add a contrast branch (Method.adds_branch; an object without the attribute does not)?
     Then the model is loaded for two-row decode steps (minivar.load(..., contrastive=True))."""
     return any(getattr(m, "adds_branch", False) for m in methods)
+
+
+def check_seed_applies(seed, temperature: float, methods, spell=flag, uses: tuple[str, ...] = ()) -> None:
+    """The command lines' rule for an option that would have no effect: an error naming what it needs. --seed
+    seeds sampling (--temperature > 0) and VCD's noise; `uses`: the caller's own flags that draw from it when
+    given: (flag, given?) pairs (`minivar`'s --mask-random-image-tokens)."""
+    drawn = temperature > 0 or any(m.name == "vcd" for m in methods)
+    if seed is None or drawn or any(given for _, given in uses):
+        return
+    needs = [f"{spell('temperature')} > 0", spell("vcd")] + [name for name, _ in uses]
+    raise MinivarError(f"{spell('seed')} only applies with {', '.join(needs[:-1])} or {needs[-1]}: nothing else "
+                       f"draws random numbers")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What both commands' --help say about the families and methods
+
+METHODS = (   # (name, switch, what it does, which families)
+    ("VAR", "--var", "Visual Attention Redistribution: in image-centric heads, attention that sink tokens draw is "
+     "moved to the image's other tokens (docs/official-rule.md)", "every family"),
+    ("DAMRO", "--damro", "the vision encoder's outlier tokens (its CLS attention) make a contrast image whose "
+     "answer is subtracted (docs/damro.md)", "families whose vision tower has a CLS token: {cls}"),
+    ("VCD", "--vcd", "Visual Contrastive Decoding: the answer is contrasted with the answer on a noised image",
+     "every family"),
+)
+
+
+def overview() -> str:
+    """The families (from the registry: a family added there appears here) and the methods, for both commands'
+    --help. Imports the models, so it is called only when help is printed."""
+    from .demo import name_for
+    from .models.registry import FAMILIES
+    lines = ["families (--model: a hub id or a local checkpoint of any of them, its config.json's model_type picks "
+             "the family; or a tiny offline demo of each, made on first use):"]
+    for f in FAMILIES.values():
+        demo = f"; demo: --model {name_for(f.model_type)}" if f.demo is not None else ""
+        lines.append(f"  {f.name} ({f.model_type}): templates {', '.join(f.conv_modes)}; images "
+                     f"{', '.join(f.image_modes)}{demo}")
+    cls = ", ".join(f.name for f in FAMILIES.values() if f.has_cls)
+    lines.append("methods (training-free; VAR combines with DAMRO or VCD):")
+    for name, switch, what, where in METHODS:
+        lines.append(f"  {name} ({switch}): {what}; {where.format(cls=cls)}")
+    return "\n".join(lines)
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Wraps help texts without breaking "llava-hf/llava-1.5-7b-hf" at its hyphens; descriptions and epilogs keep
+    their lines (each wrapped on its own, an indented item's continuation indented under it)."""
+
+    def _split_lines(self, text, width):
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+    def _fill_text(self, text, width, indent):
+        out = []
+        for line in text.splitlines():
+            lead = indent + " " * (len(line) - len(line.lstrip()))
+            more = "    " if line.startswith(" ") else ""          # an indented item's continuation goes deeper
+            out.append(textwrap.fill(" ".join(line.split()), width, initial_indent=lead,
+                                     subsequent_indent=lead + more, break_on_hyphens=False) if line.strip() else "")
+        return "\n".join(out)

@@ -216,6 +216,7 @@ def generate(model, input_ids: torch.Tensor, images=None, *, max_new_tokens: int
     t_decode = None
     with decode_kernels(device, R):
         while True:
+            check_finite(logits, step)
             chosen = choose(logits.view(branches, B, -1))                                # [B, V]
             next_ids = sample_next(chosen, temperature, top_p, generator)                # [B]
             # None for a sample that had finished or finishes now (EOS is never part of the output)
@@ -242,6 +243,16 @@ def generate(model, input_ids: torch.Tensor, images=None, *, max_new_tokens: int
     result.decode_tokens = step - 1
     result.finished = finished
     return result
+
+
+def check_finite(logits: torch.Tensor, step: int) -> None:
+    """Refuse non-finite logits before a token is chosen from them: argmax over NaN picks an arbitrary id, so a
+    checkpoint holding a NaN or Inf weight would answer garbage with no sign of it. One reduction per step, on the
+    step's [R, V] logits (the weights are never scanned)."""
+    if not bool(torch.isfinite(logits).all()):
+        raise MinivarError(f"the model's logits are not finite (NaN or Inf) at generated token {step + 1}: the "
+                           f"checkpoint's weights likely hold NaN or Inf values (or `dtype` float16 overflowed: "
+                           f"try bfloat16 or float32)")
 
 
 def check_context(prompt_len: int, max_new_tokens: int, limit: int) -> None:

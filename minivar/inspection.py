@@ -181,7 +181,8 @@ class RunInspection:
             self.layer_range = parse_layer_range(self.attention_layers, t.num_hidden_layers)
         else:
             self.layer_range = default_layer_range(t.num_hidden_layers)
-        self.capture = Capture(range(self.layer_range[0], self.layer_range[1] + 1),
+        # every layer's attention of the answer rows: the pictures read the layer range, the explorer every layer
+        self.capture = Capture("all",
                                attention=KINDS if var is not None else ("before",), head_stats=True,
                                rows="answer", decode=True)
         self.capture.masked = self.mask
@@ -197,7 +198,8 @@ class RunInspection:
             if log:
                 if report["kind"] == "visual_sinks":
                     counts = list(report["count"].values()) or [0]
-                    log(f"minivar: masked the visual sinks in every layer ({min(counts)}-{max(counts)} per layer)")
+                    each = f"{min(counts)}" if min(counts) == max(counts) else f"{min(counts)}-{max(counts)}"
+                    log(f"minivar: masked the visual sinks in every layer ({each} per layer)")
                 else:
                     log(f"minivar: masked {report['n']} random image tokens (seed {report['seed']})")
         if self.directory is not None:
@@ -222,10 +224,29 @@ class RunInspection:
                         f"{len(o['visual_sink_patches'])} visual-sink patches share {o['count']}")
             # LLaVA-1.5 (one square grid): the one image, as before; other layouts: one view per panel
             paths = viz.save(self.directory, numbers, views[-1] if numbers["grid"] is not None else list(views))
+            paths.append(self.write_explorer(llava, result, numbers, views, var))
             out["pictures"] = [str(p) for p in paths]
             if log:
                 log(f"minivar: wrote {len(paths)} files to {self.directory}")
         return out
+
+
+    def write_explorer(self, llava, result, numbers: dict, views, var):
+        """explorer.html (explorer.py) from this run's capture and attention.json's numbers, written atomically."""
+        from . import explorer, viz
+        records = {name: [dict(r, steps=explorer.candidate_steps([s["branches"] for s in r["steps"]], llava.tokenizer))
+                          if r.get("kind") == "candidates" else r for r in recs]
+                   for name, recs in (result.extra or {}).get("explorer", {}).items()}
+        data = explorer.explorer_data(self.capture, numbers, views, tokenizer=llava.tokenizer,
+                                      output_ids=list(result.output_ids), prompt_ids=list(result.prompt_ids),
+                                      reports=dict(result.reports), records=records, var=var)
+        path = self.directory / explorer.PAGE_FILE
+        html = explorer.page(data)
+        try:
+            viz._write_atomic(path, lambda tmp: tmp.write_text(html, encoding="utf-8"))
+        except OSError as e:
+            raise MinivarError(f"cannot write '{path}': {e.strerror or e}") from None
+        return path
 
 
 def view_size(cfg) -> int:

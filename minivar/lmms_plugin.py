@@ -40,6 +40,8 @@ give each image its own token count):
     (0.8 / 0.5 / 0.9), and every VARConfig field can be set by name: `tau`, `rho`, `p`, `min_image_attention`,
     `sink_dims` (`[1415,2533]`, `1415;2533` or `auto`), `layers` (`[0,1,2]` or `0;1;2`), and any field VARConfig
     gains later. VAR args without var=true are an error;
+  * prompt ids: `prompt_tokenization=llava` (default), `official` (VAR's released code; vicuna_v1) or `damro`
+    (DAMRO's released scripts: their slow tokenizer; LLaVA's LLaMA templates), as `--prompt-tokenization`;
   * batching: `--batch_size N` runs N requests with the same generation settings together (left-padded, each with
     its own VAR state; greedy answers equal those run one by one). One process: no multi-GPU data parallelism.
 """
@@ -47,6 +49,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import sys
 
 import torch
 from lmms_eval.api.instance import GenerationResult, TokenCounts
@@ -197,30 +200,56 @@ class ContinuationEncoder:
 
     The continuation's ids are those the tokenizer gives the prompt's text after the image *followed by* the
     continuation, past the prompt's own ids: a continuation is tokenized as in running text (" yes" after
-    "ASSISTANT:" is "▁yes"), as lm-evaluation-harness does it.
+    "ASSISTANT:" is "▁yes"), as lm-evaluation-harness does it — under `tokenization` "damro" by the released
+    scripts' slow tokenizer (the text after the image is a piece after a special token), under "official" as part
+    of the released VAR code's last segment ("ASSISTANT:" + continuation, every lone "▁" dropped).
     """
 
-    def __init__(self, tokenizer, conv_mode: str, num_image_tokens: int | None = None):
+    def __init__(self, tokenizer, conv_mode: str, num_image_tokens: int | None = None, tokenization: str = "llava",
+                 image_token_id: int | None = None):
         """num_image_tokens: the family's fixed count (LLaVA-1.5's 576); None where each image has its own (Qwen2-VL:
         give it per call)."""
         from tokenizers import Tokenizer
         self.tokenizer, self.conv_mode, self.num_image_tokens = tokenizer, conv_mode, num_image_tokens
+        self.tokenization = tokenization
+        self.image_token_id = tokenizer.image_token_id if image_token_id is None else image_token_id
         # our own handle on the same tokenizer.json, set up as minivar's Tokenizer sets up its own
         self.raw = Tokenizer.from_file(str(tokenizer.path))
         self.raw.encode_special_tokens = True
 
-    def __call__(self, text: str, continuation: str, num_image_tokens: int | None = None) -> tuple[list[int], list[int]]:
+    def prompt(self, text: str, n: int) -> list[int]:
         from . import processing
-        if not continuation:
-            raise MinivarError("loglikelihood with an empty continuation")
-        n = self.num_image_tokens if num_image_tokens is None else num_image_tokens
-        prompt = self.tokenizer.encode_prompt(text, self.conv_mode, n)
+        if self.tokenization == "damro":
+            return processing.damro_prompt_ids(self.tokenizer, text, self.conv_mode, n, self.image_token_id)
+        if self.tokenization == "official":
+            return processing.official_prompt_ids(self.tokenizer, text, n, self.image_token_id)
+        return self.tokenizer.encode_prompt(text, self.conv_mode, n)
+
+    def running_text(self, text: str, continuation: str = "") -> list[int]:
+        """The ids of the prompt's end followed by the continuation, as this tokenization tokenizes them."""
+        from . import processing
+        if self.tokenization == "official":
+            role_1 = processing.official_segments(text)[-1][1]
+            specials = processing.special_tokens(self.tokenizer, processing.SENTENCEPIECE_SPECIALS)
+            return [t for t in processing.slow_llama_ids(self.tokenizer, role_1 + continuation, specials)
+                    if t != processing.SPACE_ID]              # the system segment's "▁" came first
         if hasattr(self.tokenizer, "prompt_tail"):      # a template with special tokens after the image (Qwen2-VL)
             after = self.tokenizer.prompt_tail(text, self.conv_mode)
         else:
             after = processing.build_prompt(text, self.conv_mode).split(processing.IMAGE_PLACEHOLDER, 1)[1]
-        tail = self.raw.encode(after, add_special_tokens=False).ids
-        whole = self.raw.encode(after + continuation, add_special_tokens=False).ids
+        if self.tokenization == "damro":                # the text after the image, a piece after a special token
+            image = processing.IMAGE_PLACEHOLDER
+            return processing.slow_llama_ids(self.tokenizer, image + after + continuation,
+                                             processing.special_tokens(self.tokenizer))[1:]
+        return self.raw.encode(after + continuation, add_special_tokens=False).ids
+
+    def __call__(self, text: str, continuation: str,
+                 num_image_tokens: int | None = None) -> tuple[list[int], list[int]]:
+        if not continuation:
+            raise MinivarError("loglikelihood with an empty continuation")
+        n = self.num_image_tokens if num_image_tokens is None else num_image_tokens
+        prompt = self.prompt(text, n)
+        tail, whole = self.running_text(text), self.running_text(text, continuation)
         if prompt[len(prompt) - len(tail):] != tail or whole[:len(tail)] != tail or len(whole) == len(tail):
             raise MinivarError(f"continuation {continuation!r} does not tokenize apart from its prompt")
         return prompt, whole[len(tail):]
@@ -236,10 +265,22 @@ class Minivar(lmms):
     def __init__(self, pretrained: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto",
                  weights_dir: str | None = None, batch_size=1, max_batch_size=None, conv_mode: str | None = None,
                  image_aspect_ratio: str | None = None, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-                 apply_until: bool = False, var: bool = False, var_preset: str | None = None, **var_fields) -> None:
+                 apply_until: bool = False, var: bool = False, var_preset: str | None = None,
+                 prompt_tokenization: str = "llava", **var_fields) -> None:
         super().__init__()
-        from .flags import CONV_MODES, IMAGE_MODES
-        from .pipeline import load
+        try:
+            self._setup(pretrained, device, dtype, weights_dir, batch_size, conv_mode, image_aspect_ratio,
+                        max_new_tokens, apply_until, var, var_preset, prompt_tokenization, var_fields)
+        except MinivarError as e:
+            # lmms-eval 0.7.3 catches this, prints its traceback and exits with code 0: one line of our own first,
+            # in the command lines' form, says what was refused (docs/lmms-eval.md: how a script detects it)
+            print(f"minivar: error: {e}", file=sys.stderr, flush=True)
+            raise
+
+    def _setup(self, pretrained, device, dtype, weights_dir, batch_size, conv_mode, image_aspect_ratio,
+               max_new_tokens, apply_until, var, var_preset, prompt_tokenization, var_fields) -> None:
+        from .flags import CONV_MODES, IMAGE_MODES, PROMPT_TOKENIZATIONS
+        from .pipeline import check_tokenization, load
         # everything checkable before the (slow) load is checked first (None: the model family's own, after it)
         if conv_mode is not None and conv_mode not in CONV_MODES:
             raise MinivarError(f"--model_args conv_mode={conv_mode!r} is not one of {', '.join(CONV_MODES)}")
@@ -248,10 +289,14 @@ class Minivar(lmms):
                                f"{', '.join(IMAGE_MODES)}")
         if not str(batch_size).isdigit() or int(batch_size) < 1:
             raise MinivarError(f"--batch_size {batch_size!r}: minivar needs a whole number ≥ 1 (no 'auto')")
-        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
-            raise MinivarError(f"--model_args max_new_tokens={max_new_tokens!r} must be a whole number ≥ 0")
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+            raise MinivarError(f"--model_args max_new_tokens={max_new_tokens!r} must be a whole number ≥ 1")
         if not isinstance(apply_until, bool):
             raise MinivarError(f"--model_args apply_until={apply_until!r} must be true or false")
+        if prompt_tokenization not in PROMPT_TOKENIZATIONS:
+            raise MinivarError(f"--model_args prompt_tokenization={prompt_tokenization!r} is not one of "
+                               f"{', '.join(PROMPT_TOKENIZATIONS)}")
+        self.prompt_tokenization = prompt_tokenization
         from .flags import DAMRO_OPTIONS, VCD_OPTIONS, contrastive_load, contrastive_methods
         contrastive = {k: var_fields.pop(k) for k in list(var_fields) if k in DAMRO_OPTIONS + VCD_OPTIONS + ("seed",)}
         self.var = var_config(var, var_preset, **var_fields)
@@ -271,6 +316,11 @@ class Minivar(lmms):
             if value not in allowed:
                 raise MinivarError(f"--model_args {name}={value!r} is not one of {family.name}'s "
                                    f"({', '.join(allowed)})")
+        try:
+            check_tokenization(prompt_tokenization, self.conv_mode)
+        except MinivarError as e:
+            raise MinivarError(f"--model_args prompt_tokenization={prompt_tokenization}: "
+                               f"{str(e).replace('`prompt_tokenization` ', '')}") from None
         if self.var is not None:
             self.var.validate(cfg.text.hidden_size, cfg.text.num_hidden_layers)
         # a fixed image token count where the family has one; loglikelihood gives each image's own
@@ -278,7 +328,8 @@ class Minivar(lmms):
             fixed = getattr(cfg, "num_image_tokens", None)
         except MinivarError:          # LLaVA-NeXT's config refuses the question: its count depends on the image
             fixed = None
-        self.encode_pair = ContinuationEncoder(self.pipeline.tokenizer, self.conv_mode, fixed)
+        self.encode_pair = ContinuationEncoder(self.pipeline.tokenizer, self.conv_mode, fixed, prompt_tokenization,
+                                               cfg.image_token_index)
 
     @property
     def batch_size(self) -> int:
@@ -291,7 +342,7 @@ class Minivar(lmms):
         import hashlib
         kwargs = dict(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, seed=s.seed,
                       conv_mode=self.conv_mode, image_aspect_ratio=self.image_aspect_ratio, var=self.var,
-                      methods=self.methods)
+                      methods=self.methods, prompt_tokenization=self.prompt_tokenization)
         groups: dict[tuple, list[int]] = {}
         for i, img in enumerate(images):
             groups.setdefault((img.size, img.mode, hashlib.sha1(img.tobytes()).hexdigest()), []).append(i)

@@ -1,12 +1,14 @@
 """The Python API: load once, then generate or score many times.
 
     import minivar
-    llava = minivar.load("llava-hf/llava-1.5-7b-hf")          # or a local directory, or "demo"
+    llava = minivar.load("llava-hf/llava-1.5-7b-hf")          # or a local directory, "demo", "demo-qwen2_vl", ...
     out = llava.generate("cat.jpg", "What is in the image?")   # .text, .output_ids, .prompt_ids, .timing
     logits = llava.logits(input_ids, pixel_values)             # [B, T, V] fp32
 """
 from __future__ import annotations
 
+import math
+import numbers
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,14 +68,45 @@ class Result:
         return self.reports.get("var")
 
 
-def check_generation_args(max_new_tokens: int, temperature: float, top_p: float) -> None:
-    """The generation settings' ranges (run.py checks them before loading the model too)."""
-    if max_new_tokens < 0:
-        raise MinivarError(f"`max_new_tokens` must be ≥ 0, got {max_new_tokens}")
+# the seeds torch's generators take: a 64-bit integer, signed or not
+SEED_RANGE = (-2 ** 63, 2 ** 64 - 1)
+
+
+def check_generation_args(max_new_tokens: int, temperature: float, top_p: float, seed: int | None = None) -> None:
+    """The generation settings' types and ranges, one rule for the API and both command lines (which check them
+    before loading the model): max_new_tokens a whole number ≥ 1, temperature finite and ≥ 0, top_p in (0, 1] and
+    only when sampling (an option that would have no effect is an error), seed a 64-bit integer."""
+    if not isinstance(max_new_tokens, numbers.Integral) or isinstance(max_new_tokens, bool):
+        raise MinivarError(f"`max_new_tokens` must be an int, got {type(max_new_tokens).__name__} {max_new_tokens!r}")
+    if max_new_tokens < 1:
+        raise MinivarError(f"`max_new_tokens` must be a whole number ≥ 1, got {max_new_tokens}")
+    for name, value in (("temperature", temperature), ("top_p", top_p)):
+        if not isinstance(value, numbers.Real) or isinstance(value, bool):
+            raise MinivarError(f"`{name}` must be a number (int or float), got {type(value).__name__} {value!r}")
+    if not 0 <= temperature < math.inf:   # also catches nan
+        raise MinivarError(f"`temperature` must be finite and ≥ 0, got {temperature}")
     if not 0.0 < top_p <= 1.0:
         raise MinivarError(f"`top_p` must be in (0, 1], got {top_p}")
-    if not temperature >= 0:   # also catches nan
-        raise MinivarError(f"`temperature` must be ≥ 0, got {temperature}")
+    if top_p != 1.0 and temperature == 0:
+        raise MinivarError(f"`top_p` {top_p:g} only applies with `temperature` > 0 (greedy decoding keeps the top "
+                           f"token)")
+    if seed is not None:
+        if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
+            raise MinivarError(f"`seed` must be an int, got {type(seed).__name__} {seed!r}")
+        if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+            raise MinivarError(f"`seed` {seed} is outside the 64-bit range a generator takes "
+                               f"({SEED_RANGE[0]} … {SEED_RANGE[1]})")
+
+
+def check_prompts(prompts, name: str = "prompts") -> list[str]:
+    """`prompts` as a list of strings, or a MinivarError naming the argument and the type expected (a lone string
+    would otherwise be read as a list of one-letter prompts)."""
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, (list, tuple)):
+        raise MinivarError(f"`{name}` must be a list of str, got {type(prompts).__name__}")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str):
+            raise MinivarError(f"`{name}`[{i}] must be a str, got {type(p).__name__}")
+    return list(prompts)
 
 
 def with_methods(methods, var) -> list[Method]:
@@ -169,8 +202,9 @@ class Pipeline:
                    num_image_tokens: int | None = None) -> torch.Tensor:
         """User text → the full templated prompt ids [1, T] with the image placeholder expanded to
         `num_image_tokens` (default: the family's fixed count). tokenization: "llava" (BOS + the template tokenized
-        as LLaVA does) or "official" (as the VAR authors' released code does: segments, no BOS, one 29871; see
-        processing.official_prompt_ids)."""
+        as LLaVA does), "official" (as the VAR authors' released code does: segments, no BOS, one 29871; see
+        processing.official_prompt_ids) or "damro" (as DAMRO's released scripts do: the slow tokenizer, no "▁"
+        after a special token; processing.damro_prompt_ids)."""
         n = num_image_tokens if num_image_tokens is not None else getattr(self.config, "num_image_tokens", None)
         if n is None:
             raise MinivarError(f"{self.family.name}'s image token count depends on the image: give "
@@ -182,6 +216,8 @@ class Pipeline:
         check_tokenization(tokenization, conv_mode)
         if tokenization == "official":
             ids = processing.official_prompt_ids(self.tokenizer, prompt, n, self.config.image_token_index)
+        elif tokenization == "damro":
+            ids = processing.damro_prompt_ids(self.tokenizer, prompt, conv_mode, n, self.config.image_token_index)
         else:
             ids = self.tokenizer.encode_prompt(prompt, conv_mode, n)
         check_context(len(ids), 1, self.config.text.max_position_embeddings)
@@ -297,6 +333,8 @@ class Pipeline:
 
     def generate(self, image, prompt: str, **kwargs) -> Result:
         """Answer `prompt` about `image` (a path or PIL image); the options are generate_batch's."""
+        if not isinstance(prompt, str):
+            raise MinivarError(f"`prompt` must be a str, got {type(prompt).__name__}")
         return self.generate_batch([image], [prompt], **kwargs)[0]
 
     def generate_batch(self, images, prompts, *, max_new_tokens: int = 128, temperature: float = 0.0,
@@ -312,8 +350,9 @@ class Pipeline:
         sample only; sink_config: their τ / sink dims when VAR is off. hooks: hooks of your own, called after
         minivar's. on_text(str) receives the text as it is generated (a single prompt only). conv_mode /
         image_aspect_ratio: None → the family's own (LLaVA-1.5: vicuna_v1, pad; Qwen2-VL: qwen, smart_resize).
-        prompt_tokenization: "llava" or "official" (see prompt_ids)."""
-        check_generation_args(max_new_tokens, temperature, top_p)
+        prompt_tokenization: "llava", "official" or "damro" (see prompt_ids)."""
+        check_generation_args(max_new_tokens, temperature, top_p, seed)
+        prompts = check_prompts(prompts)
         request = self.prepare(images, prompts, conv_mode=conv_mode, image_aspect_ratio=image_aspect_ratio,
                                max_new_tokens=max_new_tokens, var=var, methods=methods, sink_config=sink_config,
                                capture=capture, mask=mask, warn=warn, prompt_tokenization=prompt_tokenization)
@@ -364,7 +403,8 @@ class Pipeline:
         of every question decode together, one forward per step. Where the branch changes more than the shared
         prefix (an image after the questions' common part, a family whose positions read the image grid) the
         questions run as one batch (generate_batch: both branches, no shared prefix)."""
-        check_generation_args(max_new_tokens, temperature, top_p)
+        check_generation_args(max_new_tokens, temperature, top_p, seed)
+        prompts = check_prompts(prompts)
         if not prompts:
             raise MinivarError("generate_many needs at least one prompt")
         methods = with_methods(methods, var)
@@ -481,8 +521,12 @@ class Pipeline:
                 report = run.report(b, fed)
                 if report is not None:
                     reports[name] = report
+            # the methods' panels of the attention explorer, when a capture read the call (one sample)
+            captured = request.call is not None and request.call.capture
+            panels = {name: recs for name, run in request.runs.items()
+                      if captured and (recs := getattr(run, "explorer", lambda b: None)(b))}
             results.append(Result(self.tokenizer.decode(ids), ids, request.prompt_ids[b], dict(timing),
-                                  gen.finished[b], reports))
+                                  gen.finished[b], reports, {"explorer": panels} if panels else {}))
         return results
 
     def capture(self, image, prompt: str, *, layers=(), heads=None, attention=("before", "after"),
@@ -513,12 +557,17 @@ class Pipeline:
 
 
 def check_tokenization(tokenization: str, conv_mode: str) -> None:
-    """The one check of `prompt_tokenization` (the official one rebuilds the released code's vicuna_v1 prompt)."""
-    if tokenization not in ("llava", "official"):
-        raise MinivarError(f"`prompt_tokenization` must be llava or official, got {tokenization!r}")
+    """The one check of `prompt_tokenization` (official rebuilds VAR's released vicuna_v1 prompt; damro tokenizes
+    LLaVA's LLaMA templates as DAMRO's released scripts' slow tokenizer does)."""
+    if tokenization not in processing.PROMPT_TOKENIZATIONS:
+        raise MinivarError(f"`prompt_tokenization` must be {', '.join(processing.PROMPT_TOKENIZATIONS[:-1])} or "
+                           f"{processing.PROMPT_TOKENIZATIONS[-1]}, got {tokenization!r}")
     if tokenization == "official" and conv_mode != "vicuna_v1":
         raise MinivarError("`prompt_tokenization` official rebuilds the released code's vicuna_v1 prompt; "
                            f"it needs --conv-mode vicuna_v1, got {conv_mode}")
+    if tokenization == "damro" and conv_mode not in processing.DAMRO_TEMPLATES:
+        raise MinivarError(f"`prompt_tokenization` damro tokenizes LLaVA's LLaMA templates "
+                           f"({', '.join(processing.DAMRO_TEMPLATES)}; DAMRO's scripts use llava_v1), not {conv_mode}")
 
 
 def load(model: str = DEFAULT_MODEL, *, device: str = "auto", dtype: str | torch.dtype = "auto",

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from .errors import MinivarError
 from .methods.hooks import Hook
 from .methods.var import first_after_image, image_span, image_sums
+from .methods.var_official import portion_and_summation
 
 ROWS = ("all", "after_image", "answer")
 KINDS = ("before", "after")
@@ -141,6 +142,9 @@ class Capture(Hook):
                 image_attn, nonsink_attn = image_sums(t[:, :, skip:], image, vis)      # as VAR's selection reads them
                 d.setdefault(f"image_{kind}", []).append(image_attn.to(self.store, copy=True))
                 d.setdefault(f"nonsink_{kind}", []).append(nonsink_attn.to(self.store, copy=True))
+            # the released code's rule reads another ratio (its portion): kept so the explorer selects as it does
+            portion, _ = portion_and_summation(before[:, :, skip:], image, vis)
+            d.setdefault("official_portion_before", []).append(portion.to(self.store, copy=True))
         return probs
 
     # -- results -----------------------------------------------------------------------------------------------------
@@ -177,7 +181,8 @@ class Capture(Hook):
     @property
     def head_stats(self) -> dict[int, dict[str, torch.Tensor]]:
         """{layer: {"image_before", "nonsink_before", "image_after", "nonsink_after": [B, H, R]}}: per head and kept
-        row, Σ_{j∈I} α_ij and Σ_{j∈I∖V} α_ij (what VAR's head selection reads)."""
+        row, Σ_{j∈I} α_ij and Σ_{j∈I∖V} α_ij (what VAR's head selection reads); "official_portion_before": the
+        released code's visual-sink share Σ_V α / Σ_I (α + 1e-6) (what its rule reads)."""
         if "stats" not in self._cache:
             self._cache["stats"] = {layer: {k: torch.cat(v, -1) for k, v in d.items()}
                                     for layer, d in sorted(self._stats.items())}

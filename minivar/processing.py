@@ -6,8 +6,12 @@ Two image modes, both ending in a float32 [3, 336, 336] tensor normalised with C
   - "crop" (llava-hf's CLIPImageProcessor): resize the shortest edge to 336, centre-crop 336×336.
 Both are written so that they give *exactly* the numbers transformers' CLIPImageProcessorPil gives (tests pin this).
 
-Prompts: the single `<image>` placeholder of the template becomes `num_image_tokens` copies of the image token id;
-text the user typed is always plain text, even if it spells `<image>` or `</s>`.
+Prompts: the single `<image>` placeholder of the template becomes `num_image_tokens` copies of the image token id.
+Three tokenizations (`prompt_tokenization`): "llava" — BOS + the template tokenized by tokenizer.json as LLaVA's
+fast tokenizer does, text the user typed always plain text, even if it spells `<image>` or `</s>`; "official" — the
+ids VAR's released code feeds (official_prompt_ids); "damro" — the ids DAMRO's released scripts feed
+(damro_prompt_ids). The last two tokenize as transformers' slow sentencepiece LlamaTokenizer does (slow_llama_ids),
+typed special tokens included.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from minivar.errors import MinivarError
+from minivar.defaults import PROMPT_TOKENIZATIONS  # noqa: F401  (llava, official, damro: the three below)
 
 IMAGE_PLACEHOLDER = "<image>"
 CONV_MODES = ("vicuna_v1", "llava_hf", "llava_v1")   # LLaVA-1.5's; every template (mistral_instruct too): _TEMPLATES
@@ -262,6 +267,7 @@ class Tokenizer:
         # reaches the tokenizer (the template is encoded in two halves around it), so nothing is lost.
         tok.encode_special_tokens = True
         self._tok = tok
+        self._no_prefix = None         # the same without its dummy prefix, made when needed (_without_dummy_prefix)
         self._special_ids = {i for i, t in tok.get_added_tokens_decoder().items() if t.special}
 
         def lookup(token: str, fallback: int) -> int:
@@ -368,10 +374,141 @@ class StreamDecoder:
 
 # The LLaMA tokenizer's lone "▁" piece; the released VAR code hard-codes this id (src/stash.py:segment_prompt).
 SPACE_ID = 29871
+SPIECE = "▁"
+# sentencepiece's own control tokens: a slow LlamaTokenizer splits them out of any text, whatever else was added
+SENTENCEPIECE_SPECIALS = ("<unk>", "<s>", "</s>")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The slow (sentencepiece) LlamaTokenizer's rule, as the released codes load it (use_fast=False, legacy=False)
+
+def slow_llama_ids(tokenizer, text: str, specials: dict[str, int]) -> list[int]:
+    """`text` → ids (no BOS) as transformers' slow, sentencepiece LlamaTokenizer with `legacy=False` tokenizes it —
+    the tokenizer LLaVA's and llava-hf's checkpoints configure ("legacy": false in tokenizer_config.json) and the
+    released codes load with use_fast=False. transformers 4.43 (the version DAMRO's repository ships):
+    models/llama/tokenization_llama.py LlamaTokenizer.tokenize and _tokenize, tokenization_utils.py
+    PreTrainedTokenizer.tokenize; 5.x keeps the rule in tokenization_utils_sentencepiece.py (_tokenize), and its
+    tokenizers-backed LlamaTokenizer (a Metaspace pre-tokenizer, prepend_scheme "first") gives the same ids for
+    any text that does not start with a space (one that does gets one "▁" there, not two).
+      1. every "▁" in the text becomes a space, and one "▁" goes before the whole text (add_prefix_space);
+      2. the text is cut at every special token (`specials`: {token: id}; leftmost, longest first; none of
+         LLaMA's strips the spaces beside it), each becoming its id — typed ones too;
+      3. each piece between them is encoded by the sentencepiece model with no dummy prefix, a space being "▁"
+         (the "<unk>"-prefix trick of _tokenize keeps a piece's leading space as its first word's "▁"): a piece
+         after a special token that starts with a space starts with "▁", one that does not ("\\n" after
+         "<image>") gets none — where tokenizer.json's Prepend("▁") normalizer puts a "▁" before every piece;
+      4. a text that starts with a special token loses the lone "▁" of step 1 (no template starts so).
+    tokenizer: a processing.Tokenizer or a tokenizers.Tokenizer. A tokenizer.json without a dummy prefix (a
+    byte-level one, like the demo's) has nothing to turn off: its pieces are encoded as they are."""
+    tok, prefix = _without_dummy_prefix(tokenizer)
+    if prefix:
+        text = prefix + text.replace(prefix, " ")
+    ids: list[int] = []
+    pattern = "(" + "|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True)) + ")"
+    for piece in re.split(pattern, text) if specials else [text]:
+        if piece in specials:
+            ids.append(int(specials[piece]))
+        elif piece:
+            ids += tok.encode(piece, add_special_tokens=False).ids
+    if prefix and len(ids) > 1 and ids[0] == tok.token_to_id(prefix) and ids[1] in specials.values():
+        ids = ids[1:]
+    return ids
+
+
+def _without_dummy_prefix(tokenizer):
+    """(the tokenizer.json with its sentencepiece dummy prefix turned off — the Prepend("▁") normalizer dropped, a
+    Metaspace pre-tokenizer set to prepend never — and its added tokens never matched in text; "▁" if it had such
+    a prefix, else ""). Made once per processing.Tokenizer (or _Prepared)."""
+    import json as _json
+    from tokenizers import Tokenizer as _HFTokenizer
+    cached = getattr(tokenizer, "_no_prefix", None)
+    if cached is not None:
+        return cached
+    spec = _json.loads(getattr(tokenizer, "_tok", tokenizer).to_str())
+    found = False
+    norm = spec.get("normalizer")
+    if norm and norm.get("type") == "Sequence":
+        kept = [n for n in norm["normalizers"] if n.get("type") != "Prepend"]
+        found = len(kept) < len(norm["normalizers"])
+        spec["normalizer"] = {"type": "Sequence", "normalizers": kept}
+    elif norm and norm.get("type") == "Prepend":
+        spec["normalizer"], found = None, True
+    pre = spec.get("pre_tokenizer")
+    if pre and pre.get("type") == "Metaspace" and pre.get("prepend_scheme", "always") != "never":
+        pre["prepend_scheme"], found = "never", True
+    tok = _HFTokenizer.from_str(_json.dumps(spec))
+    tok.encode_special_tokens = True           # the specials are split out by slow_llama_ids, as the slow one does
+    result = (tok, SPIECE if found else "")
+    if hasattr(tokenizer, "_no_prefix"):
+        tokenizer._no_prefix = result
+    return result
+
+
+class _Prepared:
+    """A bare tokenizers.Tokenizer with a place for its prefix-free copy, so that the segments of one prompt make
+    that copy once."""
+
+    def __init__(self, tok):
+        self._tok, self._no_prefix = tok, None
+
+
+def _prepared(tokenizer):
+    return tokenizer if hasattr(tokenizer, "_no_prefix") else _Prepared(getattr(tokenizer, "_tok", tokenizer))
+
+
+def special_tokens(tokenizer, names=None) -> dict[str, int]:
+    """{token: id} of the tokenizer.json's special tokens (all of them, or those `names` that it has)."""
+    tok = getattr(tokenizer, "_tok", tokenizer)
+    found = {t.content: i for i, t in tok.get_added_tokens_decoder().items() if t.special}
+    return found if names is None else {n: found[n] for n in names if n in found}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Prompt ids as DAMRO's released scripts build them (coder-gx/DAMRO, 03008ac)
+
+DAMRO_TEMPLATES = ("llava_v1", "vicuna_v1", "llava_hf")     # the scripts' llava_v1, and LLaVA's other LLaMA ones
+
+
+def damro_prompt_ids(tokenizer, user_text: str, conv_mode: str, num_image_tokens: int, image_token_id: int) -> list[int]:
+    """The prompt's ids as DAMRO's released scripts feed them: `evaluation/*/run_*.py` put "<image>\\n" + the
+    question through `conv_templates["llava_v1"]` (every script, LLaVA-1.5 and LLaVA-NeXT alike) and the whole
+    string through llava-hf's processor with its slow tokenizer (`AutoProcessor(..., use_fast=False)`): BOS, then
+    slow_llama_ids over the checkpoint's special tokens, the one `<image>` id then expanded to num_image_tokens
+    (transformers 4.43's merge). So no "▁" after the image: `… 29871, 32000, 13, 5618 …` ("USER: <image>\\nWhat")
+    where "llava" gives `… 29871, 32000, 29871, 13, 5618 …`. The same rule holds for vicuna_v1 and llava_hf.
+    A question that spells "<image>" would be a second image token there (the released code then stops with an
+    error): refused."""
+    if conv_mode not in DAMRO_TEMPLATES:
+        raise MinivarError(f"`prompt_tokenization` damro tokenizes LLaVA's LLaMA templates "
+                           f"({', '.join(DAMRO_TEMPLATES)}; the released scripts use llava_v1), not {conv_mode}")
+    if int(num_image_tokens) < 1:
+        raise MinivarError(f"num_image_tokens must be at least 1, got {num_image_tokens}")
+    tokenizer = _prepared(tokenizer)
+    ids = [tokenizer._tok.token_to_id("<s>")] + slow_llama_ids(tokenizer, build_prompt(user_text, conv_mode),
+                                                    special_tokens(tokenizer))
+    image_token_id = int(image_token_id)
+    if ids.count(image_token_id) != 1:
+        raise MinivarError(f"the prompt spells '{IMAGE_PLACEHOLDER}', which the tokenizer of DAMRO's released "
+                           f"scripts turns into a second image token (their code then stops with an error); "
+                           f"leave it out or use --prompt-tokenization llava")
+    at = ids.index(image_token_id)
+    return ids[:at] + [image_token_id] * int(num_image_tokens) + ids[at + 1:]
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Prompt ids as the VAR authors' released code builds them (MICV-yonsei/VisAttnSink, 98e62d6)
+
+def official_segments(user_text: str) -> list[tuple[str, str | None]]:
+    """The five (name, text) segments official_prompt_ids tokenizes, the image's text None."""
+    # The same string the code's conv_templates["vicuna_v1"] builds. The system text has no "USER", so the first
+    # "USER" is the role's, never the question's.
+    prompt = build_prompt(user_text, "vicuna_v1")
+    system, _, rest = prompt.partition("USER")
+    user, found, assistant_rest = ("USER" + rest).partition("ASSISTANT")
+    role_1 = "ASSISTANT" + assistant_rest if found else ""
+    role_0, _, inst_q = user.partition("<image>")          # the template's <image> comes before the question
+    return [("system", system), ("role_0", role_0), ("image", None), ("inst_q", inst_q), ("role_1", role_1)]
+
 
 def official_prompt_ids(tokenizer, user_text: str, num_image_tokens: int, image_token_id: int, *,
                         space_id: int = SPACE_ID) -> list[int]:
@@ -381,34 +518,31 @@ def official_prompt_ids(tokenizer, user_text: str, num_image_tokens: int, image_
     replace those mm_utils.py:tokenizer_image_token built (lines 203-212): the prompt "{SYSTEM} USER: <image>\\n{question} ASSISTANT:" is cut into five segments with str.split at
     the first "USER", then the first "ASSISTANT" after it, then the first "<image>" —
         system "{SYSTEM} ", role_0 "USER: ", image, inst_q "\\n{question} ", role_1 "ASSISTANT:"
-    — each text segment is tokenized on its own with add_special_tokens=False (so **no BOS**), and every `space_id`
-    (29871, the lone "▁") after the first one is dropped. The first is the one that ends the system segment; the
+    — each text segment is tokenized on its own with add_special_tokens=False (so **no BOS**) by the code's slow
+    LlamaTokenizer (slow_llama_ids: LLaVA's tokenizer, use_fast=False), and every `space_id` (29871, the lone "▁")
+    after the first one is dropped. The first is the one that ends the system segment; the
     dropped ones include those the tokenizer puts before a digit or a non-ASCII character *inside* the question.
     Faithfully, a question that itself contains "ASSISTANT" is cut there. The image segment becomes
     num_image_tokens copies of image_token_id (the code puts one placeholder there and the model expands it).
 
-    tokenizer: minivar's processing.Tokenizer (its `tokenizers` object is used, with "<image>" typed by the user
-    kept as plain text, as the released code's slow LLaMA tokenizer does), or a `tokenizers.Tokenizer`.
+    Typed special tokens are split out as that tokenizer splits them: `</s>`, `<s>`, `<unk>` in the question
+    become ids 2, 1, 0 (and the text right after one gets no "▁" unless it starts with a space), while a typed
+    "<image>" stays text — LLaVA's own tokenizer, which the code loads, has no such token (its image placeholder
+    is an index, -200).
+
+    tokenizer: minivar's processing.Tokenizer, or a `tokenizers.Tokenizer` of a LLaMA tokenizer.json.
     """
     if int(num_image_tokens) < 1:
         raise MinivarError(f"num_image_tokens must be at least 1, got {num_image_tokens}")
-    tok = getattr(tokenizer, "_tok", tokenizer)
-    # The same string the code's conv_templates["vicuna_v1"] builds. The system text has no "USER", so the first
-    # "USER" is the role's, never the question's.
-    prompt = build_prompt(user_text, "vicuna_v1")
-    system, _, rest = prompt.partition("USER")
-    user, found, assistant_rest = ("USER" + rest).partition("ASSISTANT")
-    role_1 = "ASSISTANT" + assistant_rest if found else ""
-    role_0, _, inst_q = user.partition("<image>")          # the template's <image> comes before the question
-
+    tokenizer = _prepared(tokenizer)
+    specials = special_tokens(tokenizer, SENTENCEPIECE_SPECIALS)
     ids: list[int] = []
     space_seen = False
-    for name, text in (("system", system), ("role_0", role_0), ("image", None), ("inst_q", inst_q),
-                       ("role_1", role_1)):
+    for name, text in official_segments(user_text):
         if name == "image":
             ids += [int(image_token_id)] * int(num_image_tokens)
             continue
-        for t in tok.encode(text, add_special_tokens=False).ids:
+        for t in slow_llama_ids(tokenizer, text, specials):
             if t == int(image_token_id):
                 raise MinivarError(f"the tokenizer turns prompt text into image token id {image_token_id}; "
                                    "'<image>' must be a special token")

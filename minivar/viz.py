@@ -164,12 +164,15 @@ def axes(plot: Image.Image, *, title: str | None = None, xlabel: str | None = No
     tick_h = max([text_size(t)[1] for _, t in xticks] or [0])
     xlab = label(xlabel) if xlabel else None
     bottom = (tick_h + 6 if xticks else 2) + (xlab.height + 2 if xlab else 0)
-    ttl = label(fit(title, max(plot.width + left + 40, 240)), 15) if title else None
+    # the whole title (a panel narrower than its title grows to hold it: Qwen2-VL's panels of a few tokens)
+    ttl = label(fit(title, max(plot.width + left + 40, 600)), 15) if title else None
     top = ttl.height + 4 if ttl else 2
     right = 12
     # wide enough for the title, the x label, and a last tick label hanging over the plot's right edge
     width = max(left + plot.width + right, ttl.width if ttl else 0, xlab.width + left if xlab else 0)
-    im = Image.new("RGB", (width, top + plot.height + bottom), BACKGROUND)
+    # a y label longer than the plot is tall (a panel one token high) hangs below it, never above it
+    height = top + max(plot.height + bottom, ylab.height if ylab else 0)
+    im = Image.new("RGB", (width, height), BACKGROUND)
     im.paste(plot, (left, top))
     d = ImageDraw.Draw(im)
     d.rectangle([left - 1, top - 1, left + plot.width, top + plot.height], outline=INK)
@@ -181,10 +184,10 @@ def axes(plot: Image.Image, *, title: str | None = None, xlabel: str | None = No
         d.line([left - 5, top + y, left - 1, top + y], fill=INK)
         w, h = text_size(t)
         d.text((left - 7 - w, top + y - h // 2), t, font=font(14), fill=INK)
-    if ttl:
-        im.paste(ttl, (max(0, left + (plot.width - ttl.width) // 2), 0))
+    if ttl:                                  # centred over the plot where it fits, else moved left to fit whole
+        im.paste(ttl, (max(0, min(left + (plot.width - ttl.width) // 2, width - ttl.width)), 0))
     if ylab:
-        im.paste(ylab, (0, top + (plot.height - ylab.height) // 2))
+        im.paste(ylab, (0, top + max(0, (plot.height - ylab.height) // 2)))
     if xlab:
         im.paste(xlab, (left + (plot.width - xlab.width) // 2, top + plot.height + bottom - xlab.height))
     return im, (left, top)

@@ -4,13 +4,16 @@
 Session-scoped objects are shared by every test: treat them as read-only (copy a checkpoint dir before changing it).
 """
 import json
+import os
 import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+# The shared test data beside the clone (tokenizer.json, real benchmark files); MINIVAR_TEST_SHARED names another
+# folder, e.g. a missing one to see which tests skip without it (`pytest -rs`).
+SHARED = Path(os.environ.get("MINIVAR_TEST_SHARED") or Path(__file__).resolve().parents[2] / "shared")
 if str(REPO) not in sys.path:          # so `import minivar` works however pytest is started
     sys.path.insert(0, str(REPO))
 

@@ -1,6 +1,8 @@
 """The benchmark runs end to end on a tiny checkpoint (no timing assertions: numbers are for bench/bench.py to print)."""
 import importlib.util
 import json
+import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +28,19 @@ def test_benchmark_runs_end_to_end(tmp_path):
     assert report["roofline_tok_s"] > 0 and report["bandwidth_gb_s"] > 0
     assert len(mv["runs"]) == 1 and mv["runs"][0]["bandwidth_gb_s"] > 0 and mv["runs"][0]["gemv_gb_s"] > 0
     assert "decode (tok/s)" in proc.stdout         # the readable table
+    # every printed rate and ratio is a possible one: positive and finite (issue 28: a quick run printed a negative
+    # decode rate and speed-up, each from two separately timed runs)
+    rates = re.findall(r"(-?[\d.]+|-?inf|nan) tok/s", proc.stdout) + re.findall(r"speed-up[^:]*: (-?[\d.]+|-?inf|nan)x",
+                                                                                 proc.stdout)
+    assert len(rates) >= 4, proc.stdout
+    for text in rates:
+        assert math.isfinite(float(text)) and float(text) > 0, (text, proc.stdout)
+    for text in re.findall(r"(-?[\d.]+|-?inf|nan)%", proc.stdout):    # a cost or a share: finite, above -100 %
+        assert math.isfinite(float(text)) and float(text) > -100, (text, proc.stdout)
+    # VAR's cost from one off/on pair is noise (a quick run printed -96 %): not given
+    assert "cost not measured" in proc.stdout and mv["var_prefill_cost_pct"] is None
+    table = proc.stdout.split("decode (tok/s)")[1].splitlines()[0].split()
+    assert all(float(v) > 0 for v in table), table
     if importlib.util.find_spec("transformers"):   # the comparison ran on the same ids and pixels (fp32: exact)
         assert report["transformers"] is not None, proc.stderr[-2000:]
         assert report["same_tokens_as_transformers"] is True

@@ -327,7 +327,7 @@ def test_the_cli_lists_what_the_package_accepts():
 def test_help_shows_every_default_and_the_default_model_size():
     parser = cli.build_parser()
     for action in parser._actions:
-        if action.dest == "help":
+        if action.dest in ("help", "version"):
             continue
         assert "default" in action.help.lower() or action.required, action.option_strings
     text = " ".join(parser.format_help().split())
@@ -371,7 +371,7 @@ def test_text_mode_says_why_it_stopped_and_what_var_did(demo_env):
 def test_text_mode_says_it_stopped_at_max_new_tokens(demo_env):
     rc, out, err = run_cli(BASE + ["--max-new-tokens", "1"])       # the demo's first token is not EOS
     assert rc == 0, err
-    assert err.splitlines()[-1].endswith("1 tokens, stopped at --max-new-tokens 1"), err
+    assert err.splitlines()[-1].endswith("no decode step, 1 token, stopped at --max-new-tokens 1"), err
 
 
 def test_json_says_why_it_stopped_at_the_context_length(demo_weights, tmp_path, monkeypatch):
@@ -449,7 +449,7 @@ def test_library_errors_name_the_parameter_and_the_cli_names_the_flag():
     assert for_command_line(str(e.value)) == "--p must be in [0, 1], got 1.5"
     with pytest.raises(MinivarError) as e:
         check_generation_args(-1, 0.0, 1.0)
-    assert for_command_line(str(e.value)) == "--max-new-tokens must be ≥ 0, got -1"
+    assert for_command_line(str(e.value)) == "--max-new-tokens must be a whole number ≥ 1, got -1"
     assert for_command_line("`not_a_parameter` stays") == "not_a_parameter stays"
     rc, out, err = run_cli(BASE + ["--var", "--p", "1.5"])
     assert rc == 2 and err.strip() == "minivar: error: --p must be in [0, 1], got 1.5"

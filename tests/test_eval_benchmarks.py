@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from conftest import SHARED
 from minivar.errors import MinivarError
 from minivar.eval.benchmarks import BENCHMARKS, get
 from minivar.eval.benchmarks.answers import read_answer_file, score_answer_file
@@ -15,7 +16,7 @@ from minivar.eval.benchmarks.mme import MME, SUBTASKS, WITH_SUBFOLDERS
 from minivar.eval.benchmarks.mme import parse_answer as mme_parse
 from minivar.eval.benchmarks.pope import parse_answer as pope_parse
 
-SHARED_EVAL = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "eval"
+SHARED_EVAL = SHARED / "testdata" / "eval"
 SUFFIX = "\nAnswer the question using a single word or phrase."
 LETTER = "\nAnswer with the option's letter from the given choices directly."
 

@@ -351,6 +351,7 @@ def test_without_nltk_data_the_error_names_it_and_the_download(monkeypatch, tmp_
     assert "\n" not in message and "\x1b" not in message
     assert re.search(r"CHAIR needs NLTK data that is not installed \('(punkt|wordnet|averaged)\w*' is missing\): "
                      r"python -m nltk\.downloader punkt", message), message
+    assert "python tools/nltk_data.py" in message            # the way when NLTK's own servers are unreachable
 
 
 @pytest.mark.parametrize("version, packages", [

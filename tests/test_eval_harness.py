@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import assert_one_line_error
+from conftest import SHARED, assert_one_line_error
 from minivar import processing
 from minivar.errors import MinivarError
 from minivar.eval import benchmarks, harness
@@ -566,7 +566,7 @@ def test_read_answers_rules(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # The real benchmarks (minivar/eval/benchmarks) on real data from ../shared
 
-EVAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "eval"
+EVAL_DATA = SHARED / "testdata" / "eval"
 needs_eval_data = pytest.mark.skipif(not EVAL_DATA.is_dir(), reason=f"{EVAL_DATA} not found (shared test data)")
 
 

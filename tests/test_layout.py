@@ -70,8 +70,36 @@ def test_the_floors_of_the_house():
             assert all(d.startswith(("minivar.models", "minivar.errors", "minivar.processing", "minivar.methods.hooks"))
                        for d in deps), (name, deps)
     assert "minivar.methods.var_official" not in graph["minivar.methods.var"]
+    assert "minivar.methods.var_official" not in graph["minivar.methods.var_paper"]
 
 
 def test_the_checker_finds_a_circle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+# LLaVA-1.5's path from the decoder to the reference attention and the hooks protocol, then VAR's rule as the paper
+# states it: what a learner reads to follow one VAR call. The issue that split methods/var.py set this budget.
+READING_PATH = ("models/llama.py", "models/clip.py", "models/llava.py", "models/attention.py", "methods/hooks.py",
+                "methods/var_paper.py")
+READING_BUDGET = 1150
+
+
+def test_llava_and_the_paper_rule_read_in_one_sitting():
+    lines = {p: len((PACKAGE / p).read_text().splitlines()) for p in READING_PATH}
+    assert sum(lines.values()) <= READING_BUDGET, lines
+
+
+def test_the_paper_rule_stands_alone_and_var_still_exports_it_all():
+    graph = import_graph()
+    assert graph["minivar.methods.var_paper"] == set()      # torch only: no state, finder, method or released rule
+    import minivar.methods.var as var
+    import minivar.methods.var_paper as paper
+    # the three steps live in var_paper.py and var.py hands out the same objects (other code imports them from var)
+    for name in ("sink_scores", "sink_sets", "select_heads", "image_sums", "image_centric", "redistribute",
+                 "image_span", "after_image", "first_after_image", "Rule", "RULES", "PRESETS"):
+        assert getattr(var, name) is getattr(paper, name), name
+    for name in ("VARConfig", "VAR", "VARRun", "Sinks", "VARState", "HEADS", "parse_sink_dims", "known_sink_dims",
+                 "find_sink_dims", "resolve_sink_dims", "call_sinks", "as_var_config", "json_ready"):
+        assert hasattr(var, name), name
+    assert sorted(var.RULES) == ["official", "paper"]

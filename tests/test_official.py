@@ -33,6 +33,7 @@ from minivar.methods.var_official import (OFFICIAL_DEFAULTS, official_layer_sets
                               redistribute_official, select_heads_official, sink_sets_official)
 from minivar.processing import VICUNA_SYSTEM, Tokenizer
 from minivar.methods.var import VARConfig, VARState, Sinks, redistribute, select_heads, sink_scores, sink_sets
+from test_prompt_ids import LLAMA_SPECIALS, sentencepiece_encoder, slow_tokenize
 from test_var import GRID, IMG, PROMPT_A, TINY_DIMS, TINY_TAU, sink_test_state, tiny_pil, tiny_pixels
 
 IMAGE_ID = 32000
@@ -360,9 +361,10 @@ def test_paper_equivalent_and_defaults():
 # =================================================================================================================
 # 3. Prompt ids: a loop-level restatement of MetadataStation.segment_prompt (src/stash.py)
 
-def ref_segment_prompt(raw_tok, question: str, n_image: int) -> list[int]:
+def ref_segment_prompt(sentencepiece, question: str, n_image: int) -> list[int]:
     """conv_vicuna_v1.get_prompt() with "<image>\\n" + question, cut as segment_prompt cuts it, each segment
-    tokenized without special tokens, 29871 kept once, the image placeholder expanded."""
+    tokenized without special tokens by the code's slow tokenizer (test_prompt_ids.slow_tokenize: a typed </s> is
+    id 2), 29871 kept once, the image placeholder expanded."""
     prompt = VICUNA_SYSTEM + " " + "USER" + ": " + "<image>\n" + question + " " + "ASSISTANT" + ":"
     parts = prompt.split("USER", 1)
     system = parts[0]
@@ -379,7 +381,7 @@ def ref_segment_prompt(raw_tok, question: str, n_image: int) -> list[int]:
         if text is None:
             ids.extend([IMAGE_ID] * n_image)
             continue
-        for token in raw_tok.encode(text, add_special_tokens=False).ids:
+        for token in slow_tokenize(sentencepiece, text, LLAMA_SPECIALS):
             if token != 29871:
                 ids.append(token)
             elif not first_found:
@@ -405,12 +407,16 @@ TRICKY = [
 
 @pytest.fixture(scope="module")
 def raw_tok(llama_tokenizer_path):
-    """The `tokenizers` library on the real tokenizer, "<image>" typed by the user kept as text (the released
-    code's slow LLaMA tokenizer has no "<image>" token)."""
+    """The `tokenizers` library on the real tokenizer, its added tokens never matched in text."""
     from tokenizers import Tokenizer as HFTokenizer
     tok = HFTokenizer.from_file(str(llama_tokenizer_path))
     tok.encode_special_tokens = True
     return tok
+
+
+@pytest.fixture(scope="module")
+def sentencepiece(llama_tokenizer_path):
+    return sentencepiece_encoder(llama_tokenizer_path)
 
 
 @pytest.fixture(scope="module")
@@ -420,9 +426,9 @@ def tok(llama_tokenizer_path):
 
 @pytest.mark.parametrize("question", QUESTIONS + TRICKY)
 @pytest.mark.parametrize("n_image", [1, 576])
-def test_prompt_ids_match_segment_prompt(tok, raw_tok, question, n_image):
+def test_prompt_ids_match_segment_prompt(tok, raw_tok, sentencepiece, question, n_image):
     got = official_prompt_ids(tok, question, n_image, IMAGE_ID)
-    assert got == ref_segment_prompt(raw_tok, question, n_image)
+    assert got == ref_segment_prompt(sentencepiece, question, n_image)
     assert got.count(IMAGE_ID) == n_image and got.count(29871) == 1 and got[0] != tok.bos_id
     assert official_prompt_ids(raw_tok, question, n_image, IMAGE_ID) == got           # a bare tokenizers object
 

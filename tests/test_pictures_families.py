@@ -156,7 +156,7 @@ def test_panels_and_a_planted_sink_land_at_their_cell(family, request, tmp_path)
     assert tuple(arr[(y0 + y1) // 2, (x0 + x1) // 2]) != viz.SINK_MARK          # an outline
     # every picture written, at least MIN_SIDE wide, and redrawn from attention.json to the same pixels
     redrawn = viz.draw_all(drawn, views)
-    assert set(redrawn) | {"attention.json"} == {Path(p).name for p in record["pictures"]}
+    assert set(redrawn) | {"attention.json", "explorer.html"} == {Path(p).name for p in record["pictures"]}
     for name, im_ in redrawn.items():
         with Image.open(tmp_path / "two" / name) as pic:
             assert pic.size == im_.size and pic.width >= viz.MIN_SIDE

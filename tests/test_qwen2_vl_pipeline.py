@@ -110,6 +110,7 @@ def test_cli_json_greedy_equals_the_pipeline_with_the_qwen_template(capsys, qwen
     ref = pipe.generate(str(image_file), "What is in the image?", max_new_tokens=6)
     assert record["output_ids"] == ref.output_ids and record["prompt_ids"] == ref.prompt_ids
     assert record["text"] == ref.text
+    assert record["prompt_tokenization"] is None           # LLaVA's tokenization modes do not apply to Qwen
     # the qwen template by default, the image as its smart_resize grid: 300×200 → 336×224 is above MAX_PIXELS
     h, w = smart_resize(300, 200, 28, MIN_PIXELS, MAX_PIXELS)
     n = h * w // 28 ** 2

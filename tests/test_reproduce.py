@@ -235,7 +235,7 @@ def test_damro_runs_pass_its_settings(data_root, tmp_path):
     assert rc == 0, err
     plan = {p["benchmark"]: p["runs"] for p in json.loads(stdout)["found"]}
     assert set(plan) == {"pope", "mme"}
-    sampled = "--conv-mode llava_v1 --image-aspect-ratio crop --temperature 1 --seed 42"
+    sampled = "--conv-mode llava_v1 --prompt-tokenization damro --image-aspect-ratio crop --temperature 1 --seed 42"
     assert plan["pope"][0]["command"].endswith(sampled) and plan["mme"][0]["command"].endswith(sampled)
     assert plan["pope"][1]["command"].endswith(f"--damro --damro-alpha 0.5 --damro-beta 0.1 --damro-topk 4 {sampled}")
     assert plan["mme"][1]["command"].endswith(f"--damro --damro-alpha 2 --damro-beta 0.1 --damro-topk 10 {sampled}")
@@ -253,3 +253,25 @@ def test_documented_eval_commands_parse():
     assert any(w[0] == "reproduce" for w in found)
     for argv in found:
         build_parser().parse_args(argv)            # an unknown or malformed flag exits 2
+
+
+def test_notes_speak_only_of_what_ran(tmp_path):
+    """`reproduce damro --benchmarks pope` prints no note about CHAIR's protocol or MME's subset; a run of all
+    three prints them all; a reproduce where nothing ran prints none."""
+    import argparse
+    paper = reproduce.PAPERS["damro"]
+    entries = {e.bench: e for e in paper.entries}
+    args = argparse.Namespace(paper="damro", out=str(tmp_path), model="demo", limit=None, max_new_tokens=None,
+                              resamples=10)
+
+    def notes(*benches):
+        return reproduce.make_table(args, paper, [entries[b] for b in benches], [])["notes"]
+
+    pope = notes("pope")
+    assert pope and not any("CHAIR" in n or "MME" in n for n in pope)
+    assert any("sample" in n for n in pope)                                     # the notes about every run stay
+    assert len(notes("pope", "chair", "mme")) == len(paper.notes)
+    assert any("CHAIR" in n for n in notes("chair")) and notes() == []
+    var_notes = reproduce.make_table(argparse.Namespace(**{**vars(args), "paper": "var"}), reproduce.PAPERS["var"],
+                                     [e for e in reproduce.PAPERS["var"].entries if e.bench == "mme"], [])["notes"]
+    assert var_notes and not any("CHAIR" in n for n in var_notes)

@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 IMAGE = REPO / "assets" / "example.jpg"
 PROMPT = "What is in the image?"
 DEMO_NAMES = {"visual_sinks_on_image.png", "answer_attention_layers1-2.png", "heads_image_attention.png",
-              "sink_scores_phi.png", "attention.json"}
+              "sink_scores_phi.png", "attention.json", "explorer.html"}
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +92,7 @@ def test_files_and_json(saved):
 
 def test_pictures_are_valid_pngs_of_the_stated_size(saved):
     directory, _ = saved
-    for name in DEMO_NAMES - {"attention.json"}:
+    for name in DEMO_NAMES - {"attention.json", "explorer.html"}:
         check_picture(directory / name)
 
 
@@ -126,7 +126,7 @@ def test_attention_picture_shows_var_moving_attention_off_the_sinks(saved):
 def test_pictures_can_be_redrawn_from_the_numbers(saved, tmp_path):
     directory, _ = saved
     assert viz.main([str(directory / viz.NUMBERS_FILE), str(tmp_path)]) == 0
-    for name in DEMO_NAMES - {"attention.json"}:
+    for name in DEMO_NAMES - {"attention.json", "explorer.html"}:
         assert np.array_equal(pixels(tmp_path / name), pixels(directory / name)), name
 
 

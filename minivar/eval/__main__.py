@@ -17,13 +17,18 @@ import os
 import sys
 from pathlib import Path
 
+from .. import __version__
 from ..defaults import DEFAULT_MODEL
-from ..flags import CONV_MODES, IMAGE_MODES, add_contrastive_flags
+from ..flags import (CONV_MODES, IMAGE_MODES, PROMPT_TOKENIZATION_HELP, PROMPT_TOKENIZATIONS, HelpFormatter,
+                     add_contrastive_flags, overview)
 from ..errors import MinivarError, run_command
 
 BENCHMARK_NAMES = ("pope", "mme", "chair", "mmvp", "cvbench", "gqa")
-MODEL_HELP = (f"hub id, a local checkpoint directory, or 'demo' (tiny random, offline); default {DEFAULT_MODEL}, "
+MODEL_HELP = (f"hub id, a local checkpoint directory, or an offline demo ('demo' for LLaVA-1.5, 'demo-<model_type>' "
+              f"for the others: `minivar-eval --help` lists them; tiny random weights); default {DEFAULT_MODEL}, "
               f"a 14 GB download on first use")
+INTRO = ("Evaluate a vision-language model, with or without VAR, DAMRO or VCD, on POPE, MME, CHAIR, MMVP, CV-Bench "
+         "and GQA; score, compare, download benchmarks, reproduce a paper's evaluation.")
 MAX_NEW_TOKENS_HELP = "POPE, MME, GQA 128; CHAIR, MMVP, CV-Bench 512"
 LIMIT_HELP = ("only the first N questions, in the order the data files list them (a quick check; a finished run "
               "never shrinks: a smaller --limit on it is refused)")
@@ -33,9 +38,16 @@ DTYPE_HELP = "auto (default: float16 on CUDA, bfloat16 on CPU) | float32 | float
 
 
 class _Parser(argparse.ArgumentParser):
+    overview = False            # the top-level parser's help lists the families and methods
+
     def error(self, message):  # one line, not usage + message
         print(f"minivar: error: {message} (see --help)", file=sys.stderr)
         sys.exit(2)
+
+    def format_help(self):  # the families come from the registry, which imports torch: only when help is printed
+        if self.overview:
+            self.description = f"{INTRO}\n\n{overview()}"
+        return super().format_help()
 
 
 def prog_name(argv0: str | None = None) -> str:
@@ -47,8 +59,10 @@ def prog_name(argv0: str | None = None) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import reproduce
-    p = _Parser(prog=prog_name(), allow_abbrev=False,
-                description="Evaluate LLaVA-1.5 (with or without VAR) on POPE, MME, CHAIR, MMVP, CV-Bench, GQA.")
+    p = _Parser(prog=prog_name(), allow_abbrev=False, description=INTRO, formatter_class=HelpFormatter)
+    p.overview = True
+    p.add_argument("--version", action="version", version=f"minivar {__version__}",
+                   help="print minivar's version and exit")
     sub = p.add_subparsers(dest="command", required=True, metavar="{run,score,compare,download,reproduce}")
 
     r = sub.add_parser("run", allow_abbrev=False, help="answer a benchmark's questions into a run directory",
@@ -85,13 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "anyres (LLaVA-NeXT) and smart_resize (Qwen2-VL): those families' own, their default")
     g.add_argument("--temperature", type=float, default=0.0,
                    help="0 = greedy, as LLaVA-1.5's evaluation (default); > 0 samples (DAMRO's scripts: 1)")
-    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when sampling (default: 1.0)")
+    g.add_argument("--top-p", type=float, default=1.0,
+                   help="nucleus sampling mass, with --temperature > 0 only (default: 1.0)")
     g.add_argument("--seed", type=int, default=None,
                    help="seed of the sampling (per batch of questions) and of VCD's noise (default: none; VCD: 0)")
     g.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
                    help=f"most tokens per answer (default: the benchmark's, {MAX_NEW_TOKENS_HELP})")
-    g.add_argument("--prompt-tokenization", choices=["llava", "official"], default="llava",
-                   help="llava (default) or official: the prompt ids as the VAR authors' released code builds them")
+    g.add_argument("--prompt-tokenization", choices=PROMPT_TOKENIZATIONS, default="llava",
+                   help=f"{PROMPT_TOKENIZATION_HELP} (default: llava)")
     add_contrastive_flags(r)
     e = r.add_argument_group("execution")
     e.add_argument("--batch-size", type=int, default=8, help="questions about one image answered together (default 8)")
@@ -106,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("score", allow_abbrev=False, help="score run directories, or an answer file",
                        description="Score run directories (their answer files merged), or with --bench an answer "
                                    "file in LLaVA's or the VAR code's format.")
-    s.add_argument("runs", nargs="*", type=Path, metavar="RUN_DIR")
+    s.add_argument("runs", nargs="*", type=Path, metavar="RUN_DIR",
+                   help="run directories of one run (several: its shards, merged), as `run --out` made them")
     s.add_argument("--bench", default=None, help="score --answers FILE against --data of this benchmark")
     s.add_argument("--data", nargs="+", type=Path, default=None, metavar="PATH",
                    help="with --bench: the benchmark's files or folder, as `run --data` takes them")
@@ -119,8 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compare", allow_abbrev=False, help="compare two runs (paired bootstrap intervals)",
                        description="B − A for every metric, with a 95% paired-bootstrap interval.")
-    c.add_argument("run_a", type=Path, metavar="RUN_DIR_A")
-    c.add_argument("run_b", type=Path, metavar="RUN_DIR_B")
+    c.add_argument("run_a", type=Path, metavar="RUN_DIR_A", help="the baseline run directory (A)")
+    c.add_argument("run_b", type=Path, metavar="RUN_DIR_B",
+                   help="the run compared with it (B), on the same questions: B − A is reported")
     c.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default 1000)")
     c.add_argument("--seed", type=int, default=0, help="the bootstrap's random seed (default 0)")
     c.add_argument("--json", action="store_true", help="print one JSON object")

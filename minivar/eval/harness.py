@@ -12,6 +12,10 @@ cut off by a kill (no newline at its end) is dropped and its question asked agai
 grow to a larger --limit, never shrink: a smaller --limit on an existing run is refused (its metrics.json and the
 answers kept would describe different question sets).
 
+One writer: a run holds a lock on the answers file it appends to (RunLock), so two runs into one --out never
+answer a question twice; a resume that finds duplicate lines (written before runs were locked) keeps each
+question's first answer and says how many it dropped.
+
 Which settings change answers (a resume must match them, else it is refused naming the setting): the benchmark,
 the questions (a fingerprint of ids, prompts and image keys: moving the data folder is fine, changing it is not),
 the model, the device type (cpu / cuda), the dtype, VAR's settings (its rule and heads too), the prompt template,
@@ -238,6 +242,16 @@ def write_json_atomic(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+def write_lines_atomic(path: Path, lines: list[str]) -> None:
+    """An answers file rewritten whole (temp file + rename, as write_json_atomic)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write("".join(lines))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def read_run_json(out: Path) -> dict:
     path = Path(out) / RUN_FILE
     if not path.is_file():
@@ -248,10 +262,11 @@ def read_run_json(out: Path) -> dict:
         raise MinivarError(f"'{path}' is not valid JSON ({e})") from None
 
 
-def read_answers(path: Path, known_ids=None, repair: bool = False) -> dict[str, dict]:
+def read_answers(path: Path, known_ids=None, repair: bool = False, first_wins: bool = False) -> dict[str, dict]:
     """question_id → answer record of one answers file. A last line without its newline was cut off by a kill: it is
     ignored (repair=True: cut from the file, so that appending starts on a fresh line). Any other bad line is an
-    error naming the file and line, as is a question id not in `known_ids` or one answered twice differently."""
+    error naming the file and line, as is a question id not in `known_ids` or one answered twice differently
+    (first_wins=True, a resume: a question answered twice keeps its first answer, whatever the later ones say)."""
     data = path.read_bytes()
     end = data.rfind(b"\n") + 1
     if repair and end < len(data):
@@ -268,6 +283,8 @@ def read_answers(path: Path, known_ids=None, repair: bool = False) -> dict[str, 
         qid = str(rec["question_id"])
         if known_ids is not None and qid not in known_ids:
             raise MinivarError(f"'{path}' line {lineno}: question id '{qid}' is not one of this run's questions")
+        if qid in records and first_wins:
+            continue
         if qid in records and records[qid]["text"] != rec["text"]:
             raise MinivarError(f"'{path}' line {lineno}: question id '{qid}' is answered twice, differently")
         records[qid] = rec
@@ -320,7 +337,7 @@ class Generation:
     conv_mode: str
     image_aspect_ratio: str
     var: object = None
-    prompt_tokenization: str = "llava"          # or "official": the prompt ids as the VAR authors' code builds them
+    prompt_tokenization: str = "llava"          # or "official" / "damro": as VAR's / DAMRO's released code
     methods: tuple = ()                         # the methods besides VAR (methods/method.py), in order
     temperature: float = 0.0                    # 0: greedy (LLaVA-1.5's evaluation); DAMRO's scripts sample at 1
     top_p: float = 1.0
@@ -394,6 +411,107 @@ def headline_of(bench, answered: list) -> float | None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# One writer per answers file
+
+class RunLock:
+    """While a run writes into --out, a lock file beside its answers file (.answers.jsonl.lock, or
+    .answers-I-of-N.jsonl.lock for a shard) holds its pid under an exclusive flock: a second run writing the same
+    questions is refused, naming that pid. The kernel drops a flock when its process dies, so the lock file a killed
+    run leaves behind is simply taken over; a run that ends removes it. A shard's lock also keeps out the runs whose
+    questions overlap its own (an unsharded run, a shard of another split), and an unsharded run keeps out every
+    shard. The folders made to hold the lock are removed again if the run writes nothing else (bad input found
+    after it was taken, a failed model load). Where flock does not exist (Windows), runs are not locked."""
+
+    def __init__(self, out: Path, shard: tuple[int, int] | None):
+        self.out, self.shard = out, shard
+        self.path = out / f".{answers_file(out, shard).name}.lock"
+        self.fd = None
+        self.made: list[Path] = []
+
+    def __enter__(self):
+        missing = [d for d in [self.out, *self.out.parents] if not d.exists()]
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.made = missing                            # innermost first: the order they are removed in
+        try:
+            import fcntl
+        except ImportError:                            # pragma: no cover - not on Linux or macOS
+            return self
+        try:
+            while True:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    os.close(fd)
+                    self.refuse(self.path)
+                # a run that was ending may have removed the file between our open and our flock: then the lock
+                # we hold is on a file nobody else sees; take the one at the path instead
+                try:
+                    same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+                except FileNotFoundError:
+                    same = False
+                if same:
+                    break
+                os.close(fd)
+            self.fd = fd
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            for other in self.out.glob(".answers*.jsonl.lock"):
+                if other != self.path and self.overlaps(other) and held(other):
+                    self.refuse(other)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def overlaps(self, other: Path) -> bool:
+        """Could the run holding `other` answer one of this run's questions?"""
+        name = other.name[1:-len(".lock")]                 # answers.jsonl, or answers-I-of-N.jsonl
+        shard = name[len("answers-"):-len(".jsonl")].replace("-of-", "/")
+        try:
+            theirs = None if name == "answers.jsonl" else parse_shard(shard)
+        except MinivarError:                           # not a name a run gives its lock: keep out of its way
+            return True
+        mine = self.shard
+        return mine is None or theirs is None or mine[1] != theirs[1] or mine[0] == theirs[0]
+
+    def refuse(self, lock: Path) -> None:
+        try:
+            pid = lock.read_text().strip() or "unknown"
+        except OSError:
+            pid = "unknown"
+        raise MinivarError(f"--out '{self.out}' is being written by another minivar-eval run (pid {pid}, "
+                           f"{lock.name}): wait for it to end, or use another --out")
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)          # removed while still held: no one can take a stale copy
+            os.close(self.fd)
+            self.fd = None
+        for d in self.made:                            # what this run created, if it wrote nothing in it
+            try:
+                d.rmdir()
+            except OSError:
+                break
+
+
+def held(lock: Path) -> bool:
+    """Is `lock` flocked by a live process? (Tried without waiting; released at once when it was free.)"""
+    import fcntl
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # run
 
 def run(bench, data: list[Path], out: Path, *, images: Path | None = None, model: str = DEFAULT_MODEL, var=None,
@@ -411,7 +529,7 @@ def run(bench, data: list[Path], out: Path, *, images: Path | None = None, model
     loader (default minivar.load). Everything is checked before the model loads and before anything is written."""
     from dataclasses import asdict
 
-    from ..flags import contrastive_load
+    from ..flags import check_seed_applies, contrastive_load
     from ..pipeline import check_generation_args, check_tokenization, pick_device, pick_dtype
     from . import minivar_version
 
@@ -426,9 +544,8 @@ def run(bench, data: list[Path], out: Path, *, images: Path | None = None, model
                      conv_mode or default_conv, image_aspect_ratio or default_image, var,
                      prompt_tokenization, tuple(m for m in methods if m.name != "var"), temperature, top_p, seed)
     check_tokenization(prompt_tokenization, gen.conv_mode)
-    check_generation_args(gen.max_new_tokens, temperature, top_p)
-    if gen.max_new_tokens < 1:           # an empty answer would still be scored (POPE reads it as "yes")
-        raise MinivarError(f"--max-new-tokens must be ≥ 1 for a benchmark run, got {gen.max_new_tokens}")
+    check_generation_args(gen.max_new_tokens, temperature, top_p, seed)
+    check_seed_applies(seed, temperature, list(methods), spell=lambda k: "--" + k.replace("_", "-"))
     if var is not None:
         var.validate()
     device = run_device(device)
@@ -451,104 +568,112 @@ def run(bench, data: list[Path], out: Path, *, images: Path | None = None, model
     if out.exists() and not out.is_dir():
         raise MinivarError(f"--out '{out}' is a file, not a directory")
     check_writable_directory(out)
-    previous = read_run_json(out) if (out / RUN_FILE).is_file() else None
-    if previous is None and out.is_dir() and answer_files(out):
-        raise MinivarError(f"--out '{out}' holds answer files but no {RUN_FILE}: use another --out")
-    if previous is not None:
-        before = {k: previous.get(k) for k in ANSWER_SETTINGS}
-        if before["var"] is not None and previous.get("var_sink_dims_source") not in (None, "user"):
-            before["var"] = before["var"] | {"sink_dims": None}     # the dims it found, not dims it was given
-        diff = first_difference(before, {k: settings[k] for k in ANSWER_SETTINGS})
-        if diff is not None:
-            top = diff.split(".")[0]
-            raise MinivarError(f"--out '{out}' holds a run with other settings: {diff} differs ({FLAGS[top]}); "
-                               f"rerun with the same settings to resume it, or use another --out")
-    if previous is not None and len(selected_ids(questions, limit)) < len(selected_ids(questions, previous.get("limit"))):
-        was = "no --limit" if previous.get("limit") is None else f"--limit {previous['limit']}"
-        raise MinivarError(f"--out '{out}' holds a run of {len(selected_ids(questions, previous.get('limit')))} "
-                           f"questions ({was}): --limit {limit} would shrink it; a run never shrinks: rerun with "
-                           f"{was}, or use another --out for the smaller run")
-    known = {q.question_id for q in questions}
-    mine_file = answers_file(out, shard)
-    done = read_answers(mine_file, known) if mine_file.is_file() else {}
-    for other in answer_files(out):        # the other shards' files must be sound too (they are merged at the end)
-        if other != mine_file:
-            read_answers(other, known)
-
-    wanted = selected_ids(questions, limit)
-    todo_groups = [g for g in shard_groups(group_by_image(questions), shard)
-                   if any(q.question_id in wanted and q.question_id not in done for q in g)]
-    my_total = sum(q.question_id in wanted for g in shard_groups(group_by_image(questions), shard) for q in g)
-    my_done = sum(qid in wanted for qid in done)
-
-    pipeline = None
-    if todo_groups:
-        pipeline = (load or _load)(model, device=device, dtype=dtype,
-                                   contrastive=contrastive_load(methods))
-        log(f"minivar: loaded {model} in {pipeline.load_s:.2f}s on {pipeline.device} "
-            f"({str(pipeline.dtype).replace('torch.', '')})")
-        if var is not None:   # check VAR against the model and find its sink dims once, before anything is written
-            # the finder reads the prompt's text only: one image token stands for the image
-            ids = pipeline.prompt_ids(todo_groups[0][0].prompt, gen.conv_mode, num_image_tokens=1)
-            t = pipeline.config.text
-            var.validate(t.hidden_size, t.num_hidden_layers)
-            dims, source = pipeline.sink_dims(var, ids, warn=log)
-            # one place for the dims used: run.json's "var" (and every question runs with them, the finder once)
-            var = dataclasses.replace(var, sink_dims=tuple(dims), find_sink_dims=False)
-            gen = dataclasses.replace(gen, var=var)
-            settings["var"] = settings["var"] | {"sink_dims": list(dims)}
-            settings["var_sink_dims_source"] = source
-        for m in gen.methods:
-            m.check(pipeline)
-
-    if pipeline is None and previous is not None and settings["var"] is not None \
-            and previous.get("var_sink_dims_source") not in (None, "user"):
-        # nothing left to answer, so no finder ran: keep the dims the answers were made with
-        settings["var"], settings["var_sink_dims_source"] = previous["var"], previous["var_sink_dims_source"]
-
-    # From here on the directory is written.
-    out.mkdir(parents=True, exist_ok=True)
-    if previous is not None and previous.get("limit") != limit:
-        (out / METRICS_FILE).unlink(missing_ok=True)     # it scored another selection of questions
-    write_json_atomic(out / RUN_FILE, (previous or {}) | settings)
-    if mine_file.is_file():
-        torn = not mine_file.read_bytes().endswith(b"\n") and mine_file.stat().st_size > 0
-        read_answers(mine_file, known, repair=True)     # drop a line cut off by a kill
+    # One writer per answers file (RunLock); what it reads and writes from here on, it reads and writes alone.
+    with RunLock(out, shard):
+        previous = read_run_json(out) if (out / RUN_FILE).is_file() else None
+        if previous is None and out.is_dir() and answer_files(out):
+            raise MinivarError(f"--out '{out}' holds answer files but no {RUN_FILE}: use another --out")
         if previous is not None:
-            log(f"minivar: resuming {out}: kept the {len(done)} answers in {mine_file.name}"
-                + ("; dropped a line cut off by a kill (its question is asked again)" if torn else "")
-                + f"; {sum(q.question_id in wanted and q.question_id not in done for g in todo_groups for q in g)} "
-                  f"questions to answer")
+            before = {k: previous.get(k) for k in ANSWER_SETTINGS}
+            if before["var"] is not None and previous.get("var_sink_dims_source") not in (None, "user"):
+                before["var"] = before["var"] | {"sink_dims": None}     # the dims it found, not dims it was given
+            diff = first_difference(before, {k: settings[k] for k in ANSWER_SETTINGS})
+            if diff is not None:
+                top = diff.split(".")[0]
+                raise MinivarError(f"--out '{out}' holds a run with other settings: {diff} differs ({FLAGS[top]}); "
+                                   f"rerun with the same settings to resume it, or use another --out")
+        if previous is not None and len(selected_ids(questions, limit)) < len(selected_ids(questions, previous.get("limit"))):
+            was = "no --limit" if previous.get("limit") is None else f"--limit {previous['limit']}"
+            raise MinivarError(f"--out '{out}' holds a run of {len(selected_ids(questions, previous.get('limit')))} "
+                               f"questions ({was}): --limit {limit} would shrink it; a run never shrinks: rerun with "
+                               f"{was}, or use another --out for the smaller run")
+        known = {q.question_id for q in questions}
+        mine_file = answers_file(out, shard)
+        # first_wins: two runs into one --out before runs were locked answered questions twice; each keeps its first
+        done = read_answers(mine_file, known, first_wins=True) if mine_file.is_file() else {}
+        duplicates = mine_file.read_bytes().count(b"\n") - len(done) if mine_file.is_file() else 0
+        for other in answer_files(out):        # the other shards' files must be sound too (they are merged at the end)
+            if other != mine_file:
+                read_answers(other, known)
 
-    if todo_groups:
-        by_id = {q.question_id: q for q in questions}
-        progress = Progress(my_total, my_done, bench.headline,
-                            lambda: headline_of(bench, [(by_id[qid], r["text"]) for qid, r in done.items()]))
-        try:
-            with open(mine_file, "a", encoding="utf-8") as f:
-                for group in todo_groups:
-                    _answer_image(pipeline, group, gen, batch_size, wanted, done, f, progress, model)
-                    os.fsync(f.fileno())
-            progress.update(0, force=True)
-        finally:
-            progress.close()
+        wanted = selected_ids(questions, limit)
+        todo_groups = [g for g in shard_groups(group_by_image(questions), shard)
+                       if any(q.question_id in wanted and q.question_id not in done for q in g)]
+        my_total = sum(q.question_id in wanted for g in shard_groups(group_by_image(questions), shard) for q in g)
+        my_done = sum(qid in wanted for qid in done)
 
-    # Complete when every selected question of every shard has an answer.
-    answers = merge_answers(answer_files(out), known)
-    missing = [q for q in questions if q.question_id in wanted and q.question_id not in answers]
-    answered = [(q, answers[q.question_id]) for q in questions if q.question_id in wanted and q.question_id in answers]
-    if not missing:
-        result = {"bench": bench.name, "n": len(answered), "metrics": bench.score(answered)}
-        write_json_atomic(out / METRICS_FILE, result)
-        log(f"minivar: {len(answered)} answers in {out}; metrics in {out / METRICS_FILE}")
-        return result
-    # (No metrics.json to remove here: one is only ever written for this selection, complete. Removing one anyway
-    # could delete what the last torchrun rank has just written.)
-    log(f"minivar: {len(missing)} of {len(wanted)} questions are not answered yet (other shards); "
-        f"{METRICS_FILE} is written when they are")
-    if partial and answered:
-        return {"bench": bench.name, "n": len(answered), "metrics": bench.score(answered)}
-    return None
+        pipeline = None
+        if todo_groups:
+            pipeline = (load or _load)(model, device=device, dtype=dtype,
+                                       contrastive=contrastive_load(methods))
+            log(f"minivar: loaded {model} in {pipeline.load_s:.2f}s on {pipeline.device} "
+                f"({str(pipeline.dtype).replace('torch.', '')})")
+            if var is not None:   # check VAR against the model and find its sink dims once, before anything is written
+                # the finder reads the prompt's text only: one image token stands for the image
+                ids = pipeline.prompt_ids(todo_groups[0][0].prompt, gen.conv_mode, num_image_tokens=1)
+                t = pipeline.config.text
+                var.validate(t.hidden_size, t.num_hidden_layers)
+                dims, source = pipeline.sink_dims(var, ids, warn=log)
+                # one place for the dims used: run.json's "var" (and every question runs with them, the finder once)
+                var = dataclasses.replace(var, sink_dims=tuple(dims), find_sink_dims=False)
+                gen = dataclasses.replace(gen, var=var)
+                settings["var"] = settings["var"] | {"sink_dims": list(dims)}
+                settings["var_sink_dims_source"] = source
+            for m in gen.methods:
+                m.check(pipeline)
+
+        if pipeline is None and previous is not None and settings["var"] is not None \
+                and previous.get("var_sink_dims_source") not in (None, "user"):
+            # nothing left to answer, so no finder ran: keep the dims the answers were made with
+            settings["var"], settings["var_sink_dims_source"] = previous["var"], previous["var_sink_dims_source"]
+
+        # From here on the directory is written.
+        out.mkdir(parents=True, exist_ok=True)
+        if previous is not None and previous.get("limit") != limit:
+            (out / METRICS_FILE).unlink(missing_ok=True)     # it scored another selection of questions
+        write_json_atomic(out / RUN_FILE, (previous or {}) | settings)
+        if mine_file.is_file():
+            torn = not mine_file.read_bytes().endswith(b"\n") and mine_file.stat().st_size > 0
+            read_answers(mine_file, known, repair=True, first_wins=True)     # drop a line cut off by a kill
+            if duplicates:
+                write_lines_atomic(mine_file, [json.dumps(rec) + "\n" for rec in done.values()])
+            if previous is not None:
+                log(f"minivar: resuming {out}: kept the {len(done)} answers in {mine_file.name}"
+                    + ("; dropped a line cut off by a kill (its question is asked again)" if torn else "")
+                    + (f"; dropped {duplicates} duplicate answer lines (a question answered more than once keeps "
+                       f"its first answer)" if duplicates else "")
+                    + f"; {sum(q.question_id in wanted and q.question_id not in done for g in todo_groups for q in g)} "
+                      f"questions to answer")
+
+        if todo_groups:
+            by_id = {q.question_id: q for q in questions}
+            progress = Progress(my_total, my_done, bench.headline,
+                                lambda: headline_of(bench, [(by_id[qid], r["text"]) for qid, r in done.items()]))
+            try:
+                with open(mine_file, "a", encoding="utf-8") as f:
+                    for group in todo_groups:
+                        _answer_image(pipeline, group, gen, batch_size, wanted, done, f, progress, model)
+                        os.fsync(f.fileno())
+                progress.update(0, force=True)
+            finally:
+                progress.close()
+
+        # Complete when every selected question of every shard has an answer.
+        answers = merge_answers(answer_files(out), known)
+        missing = [q for q in questions if q.question_id in wanted and q.question_id not in answers]
+        answered = [(q, answers[q.question_id]) for q in questions if q.question_id in wanted and q.question_id in answers]
+        if not missing:
+            result = {"bench": bench.name, "n": len(answered), "metrics": bench.score(answered)}
+            write_json_atomic(out / METRICS_FILE, result)
+            log(f"minivar: {len(answered)} answers in {out}; metrics in {out / METRICS_FILE}")
+            return result
+        # (No metrics.json to remove here: one is only ever written for this selection, complete. Removing one anyway
+        # could delete what the last torchrun rank has just written.)
+        log(f"minivar: {len(missing)} of {len(wanted)} questions are not answered yet (other shards); "
+            f"{METRICS_FILE} is written when they are")
+        if partial and answered:
+            return {"bench": bench.name, "n": len(answered), "metrics": bench.score(answered)}
+        return None
 
 
 def model_eval_settings(model: str, bench) -> tuple[str, str]:

@@ -59,7 +59,7 @@ class Paper:
     method: str                      # the method's name in tables and run folders
     title: str
     entries: tuple
-    notes: tuple = field(default=())
+    notes: tuple = field(default=())     # (benchmarks it is about, () for every run; the note's text)
     base_setting: str = "base"
 
 
@@ -67,7 +67,8 @@ VAR_SOURCE = "VAR paper (Kang et al., ICLR 2025), LLaVA-1.5-7B, via secondary co
 DAMRO_SOURCE = "DAMRO's README (coder-gx/DAMRO), LLaVA-1.5-7B"
 # DAMRO's scripts: LLaVA's conv_llava_v1 prompt, the hub processor's pixels (resize + centre crop), sampling at T = 1
 # from seed 42 — for base and DAMRO alike.
-DAMRO_PROTOCOL = ("--conv-mode", "llava_v1", "--image-aspect-ratio", "crop", "--temperature", "1", "--seed", "42")
+DAMRO_PROTOCOL = ("--conv-mode", "llava_v1", "--prompt-tokenization", "damro", "--image-aspect-ratio", "crop",
+                  "--temperature", "1", "--seed", "42")
 
 PAPERS = {
     # VAR: the paper's six benchmarks in minivar; `--var` takes the benchmark family's preset ρ (the harness's).
@@ -87,36 +88,37 @@ PAPERS = {
               (Reported("2d", "2D", 56.8, 57.6, VAR_SOURCE + ", its vision-centric table"),
                Reported("3d", "3D", 58.4, 59.0, VAR_SOURCE + ", its vision-centric table"))),
     ), notes=(
-        "The VAR paper's figures came from code with the state and precision defects docs/official-rule.md lists "
-        "(sink state never reset between samples, among others): no setting reproduces them exactly.",
-        "The paper does not publish its CHAIR protocol: minivar's CHAIR is OPERA's (500 images, 512 tokens), so "
-        "its CHAIR figures are not comparable with these.")),
+        ((), "The VAR paper's figures came from code with the state and precision defects docs/official-rule.md "
+             "lists (sink state never reset between samples, among others): no setting reproduces them exactly."),
+        (("chair",), "The paper does not publish its CHAIR protocol: minivar's CHAIR is OPERA's (500 images, 512 "
+                     "tokens), so its CHAIR figures are not comparable with these."))),
     # DAMRO: its released scripts' settings per benchmark, sampled at T = 1 from seed 42; the base is sampled alike.
     "damro": Paper("damro", "damro", "DAMRO: Dive into the Attention Mechanism of LVLM to Reduce Object Hallucination", (
         Entry("pope", ("--damro", "--damro-alpha", "0.5", "--damro-beta", "0.1", "--damro-topk", "4") + DAMRO_PROTOCOL,
-              "α 0.5 k 4 β 0.1, llava_v1, crop, T 1 seed 42",
+              "α 0.5 k 4 β 0.1, llava_v1 with DAMRO's ids, crop, T 1 seed 42",
               (Reported("mean.accuracy", "accuracy (mean of splits)", 82.08, 85.31, DAMRO_SOURCE + ", its POPE results"),
                Reported("mean.f1", "F1 (mean of splits)", 80.48, 84.72, DAMRO_SOURCE + ", its POPE results")),
               DAMRO_PROTOCOL),
         Entry("chair", ("--damro", "--damro-alpha", "1.5", "--damro-beta", "0.1", "--damro-topk", "4") + DAMRO_PROTOCOL,
-              "α 1.5 k 4 β 0.1, llava_v1, crop, T 1 seed 42",
+              "α 1.5 k 4 β 0.1, llava_v1 with DAMRO's ids, crop, T 1 seed 42",
               (Reported("chair_s", "CHAIR_S (lower is better)", 12.4, 6.0, DAMRO_SOURCE + ", its CHAIR results"),
                Reported("chair_i", "CHAIR_I (lower is better)", 7.2, 3.6, DAMRO_SOURCE + ", its CHAIR results")),
               DAMRO_PROTOCOL),
         Entry("mme", ("--damro", "--damro-alpha", "2", "--damro-beta", "0.1", "--damro-topk", "10") + DAMRO_PROTOCOL,
-              "α 2 k 10 β 0.1, llava_v1, crop, T 1 seed 42",
+              "α 2 k 10 β 0.1, llava_v1 with DAMRO's ids, crop, T 1 seed 42",
               (Reported("perception", "Perception", None, None, "no figure in DAMRO's README (a figure only)", 1.0),)
               + tuple(Reported(f"subtasks.{t}", f"{t} (subtask)", None, None,
                                "no figure in DAMRO's README (a figure only)", 1.0)
                       for t in ("existence", "count", "position", "color")),
               DAMRO_PROTOCOL),
     ), notes=(
-        "DAMRO's CHAIR protocol (its images, prompt and length) is its own: minivar's CHAIR is OPERA's, so the CHAIR "
-        "figures are not comparable with these.",
-        "Both runs sample (temperature 1, seed 42) as DAMRO's scripts do: a rerun on other hardware can differ.",
-        "DAMRO's paper reports an MME subset (its hallucination subtasks, shown here one by one).",
-        "Both runs prompt with llava_v1 and centre-crop the image as DAMRO's scripts do; its scripts also run the "
-        "model in fp32 and allow 1024 new tokens, where minivar takes --dtype auto and each benchmark's length."),
+        (("chair",), "DAMRO's CHAIR protocol (its images, prompt and length) is its own: minivar's CHAIR is OPERA's, "
+                     "so the CHAIR figures are not comparable with these."),
+        ((), "Both runs sample (temperature 1, seed 42) as DAMRO's scripts do: a rerun on other hardware can differ."),
+        (("mme",), "DAMRO's paper reports an MME subset (its hallucination subtasks, shown here one by one)."),
+        ((), "Both runs prompt with llava_v1, tokenized as DAMRO's scripts' slow tokenizer does "
+             "(--prompt-tokenization damro), and centre-crop the image as those scripts do; they also run the model "
+             "in fp32 and allow 1024 new tokens, where minivar takes --dtype auto and each benchmark's length.")),
         base_setting="sampled-base"),
 }
 
@@ -403,7 +405,13 @@ def make_table(args, paper: Paper, entries: list[Entry], skipped: list[dict]) ->
     return {"paper": paper.name, "title": paper.title, "method": paper.method, "model": args.model,
             "limit": args.limit, "max_new_tokens": args.max_new_tokens,
             "quick_check": args.limit is not None or args.max_new_tokens is not None,
-            "rows": rows, "skipped": skipped, "waiting": waiting, "notes": list(paper.notes)}
+            "rows": rows, "skipped": skipped, "waiting": waiting, "notes": notes_about(paper, entries)}
+
+
+def notes_about(paper: Paper, entries: list[Entry]) -> list[str]:
+    """The paper's notes about what ran: those about every run (when any ran) and those about a benchmark that ran."""
+    ran = {entry.bench for entry in entries}
+    return [text for about, text in paper.notes if ran and (not about or ran & set(about))]
 
 
 def _num(v, places: int = 2) -> str:
@@ -459,12 +467,15 @@ def model_params(model: str) -> float | None:
     """The model's parameter count, without loading it: known hub ids, the demo's config, a local dir's files."""
     if model in KNOWN_PARAMS:
         return KNOWN_PARAMS[model]
+    from ..demo import demo_config, is_demo_name, random_state_dict
     if model == "demo":
-        from ..demo import demo_config, random_state_dict
         import torch
         with torch.device("meta"):
             return float(sum(t.numel() for t in random_state_dict(demo_config()).values()))
     path = Path(model)
+    if is_demo_name(model):             # another family's demo: counted from its files once it is built
+        from ..checkpoint import WEIGHTS_DIR
+        path = Path(WEIGHTS_DIR) / model
     if path.is_dir():
         files = list(path.glob("*.safetensors"))
         if files:

@@ -54,14 +54,41 @@ def combine(full: torch.Tensor, contrast: torch.Tensor, alpha: float, beta: floa
 class ContrastiveRun(MethodRun):
     """One call of a contrastive method: the combination rule as its token choice (needs the contrast branch)."""
 
-    def __init__(self, alpha: float, beta: float, name: str):
+    def __init__(self, alpha: float, beta: float, name: str, keep_candidates: bool = False):
+        """keep_candidates: record each step's top-k of both branches and of the combination (the explorer's panel;
+        set when a capture reads the call)."""
         self.alpha, self.beta, self.name = alpha, beta, name
         self.hooks = []
+        self.steps: list[dict] | None = [] if keep_candidates else None
 
     def choose(self, logits: torch.Tensor, contrast: torch.Tensor | None) -> torch.Tensor:
         if contrast is None:
             raise MinivarError(f"{self.name} needs its contrast branch, and this call has none")
-        return combine(logits, contrast, self.alpha, self.beta)
+        out = combine(logits, contrast, self.alpha, self.beta)
+        if self.steps is not None:
+            self.steps.append({name: top_candidates(x) for name, x in
+                               (("full", logits), ("contrast", contrast), ("combined", out))})
+        return out
+
+    def explorer(self, b: int) -> list[dict] | None:
+        """The explorer's record (explorer.py, kind "candidates"): sample b's top-k per step and branch."""
+        if self.steps is None:
+            return None
+        return [{"kind": "candidates", "title": f"{self.name}: top-{CANDIDATES_K} next tokens of each branch and of "
+                 f"the combination (α {self.alpha:g}, β {self.beta:g}), per step",
+                 "steps": [{"branches": {name: cands[b] for name, cands in step.items()}} for step in self.steps]}]
+
+
+CANDIDATES_K = 5
+
+
+def top_candidates(logits: torch.Tensor, k: int = CANDIDATES_K) -> list[list[dict]]:
+    """Per row of logits [B, V]: its k largest finite logits as [{"id", "logit", "prob"}] (prob: softmax of the
+    row — for the combination, the distribution the token is drawn from)."""
+    probs = torch.softmax(logits.float(), -1)
+    values, ids = logits.float().topk(min(k, logits.shape[-1]), -1)
+    return [[{"id": int(i), "logit": float(v), "prob": float(p)} for i, v, p in zip(ir, vr, pr[ir]) if math.isfinite(v)]
+            for ir, vr, pr in zip(ids.tolist(), values.tolist(), probs)]
 
 
 @dataclass

@@ -242,14 +242,14 @@ class DAMRO(Method):
         found = call.shared.get("damro")
         if found is not None and len(found) == 1 < call.samples:
             found = found * call.samples      # generate_many: one image, its branch made once for every question
-        return DAMRORun(self.config, found)
+        return DAMRORun(self.config, found, keep_candidates=call.capture)
 
 
 class DAMRORun(ContrastiveRun):
     """One call's DAMRO: the combination rule, and each sample's outliers for its report."""
 
-    def __init__(self, config: DAMROConfig, outliers: list[torch.Tensor] | None):
-        super().__init__(config.alpha, config.beta, "DAMRO")
+    def __init__(self, config: DAMROConfig, outliers: list[torch.Tensor] | None, keep_candidates: bool = False):
+        super().__init__(config.alpha, config.beta, "DAMRO", keep_candidates)
         self.config, self.outliers = config, outliers       # per sample [k] (LLaVA-NeXT: the base crop's)
 
     def report(self, b: int, generated_rows: int) -> dict:

@@ -1,9 +1,9 @@
 """The one seam into a forward call: hooks that read or change the decoder's internals, passed per call.
 
 A hook is an object handed to `model(..., hooks=...)` (or `generate(..., hooks=...)`) for one call; it is never
-stored on the model. VAR's per-call state (var.VARState), the sink sets it reads (var.Sinks), the recording capture
-(probe.Capture) and key masking (probe.KeyMask) are hooks. Subclass `Hook` and override what you need; its defaults
-do nothing. For each layer of each forward call the decoder asks, in this order:
+stored on the model. VAR's per-call state (var_state.VARState), the sink sets it reads (var_state.Sinks), the
+recording capture (probe.Capture) and key masking (probe.KeyMask) are hooks. Subclass `Hook` and override what you
+need; its defaults do nothing. For each layer of each forward call the decoder asks, in this order:
 
     residual(layer, h, rows)                h [B, T, D]: the layer's residual input, before its input_layernorm
     key_mask(layer, mask, rows) -> mask     mask [B, 1, T, S] bool (True = may attend); only when masks_keys is True

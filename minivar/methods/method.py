@@ -48,6 +48,11 @@ class MethodRun:
         """Sample b's report (JSON-ready), counting the first `generated_rows` generated rows; None: nothing."""
         return None
 
+    def explorer(self, b: int) -> list[dict] | None:
+        """Sample b's panels for the attention explorer (explorer.py, docs/explorer.md "Records"): dicts with a
+        "kind" ("patches", "candidates", "table") and a "title"; None: none (its report is still shown)."""
+        return None
+
 
 class Method:
     """A method with its settings. Subclass it and override what you need."""

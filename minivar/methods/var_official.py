@@ -1,8 +1,8 @@
 """VAR as the authors' released code computes it (MICV-yonsei/VisAttnSink, commit 98e62d6), beside the paper's rule.
 
-minivar's VAR (var.py) follows the paper's text. The published numbers were produced by the released code, which
+minivar's VAR (var_paper.py) follows the paper's text. The published numbers were produced by the released code, which
 differs from the text in small ways that can move results. This module restates that code's arithmetic as plain
-tensor functions with var.py's shapes and conventions, so the two rules can be run on the same questions:
+tensor functions with var_paper.py's shapes and conventions, so the two rules can be run on the same questions:
 
     probs        [B, H, Q, K]  post-softmax attention, one row per query, one column per key
     key masks    [B, K]        image (I), sinks (S), visual sinks (V = S ∩ I)
@@ -10,7 +10,7 @@ tensor functions with var.py's shapes and conventions, so the two rules can be r
 
 Where the two rules differ (each function's docstring gives the code lines it restates, as file:function):
 
-    what                       paper rule (var.py)                    released code (this module)
+    what                       paper rule (var_paper.py)              released code (this module)
     sink test                  φ ≥ τ                                  φ > τ
     layers scanned for sinks   every layer                            2 .. L−1  (layers 0 and 1: no sinks, no VAR)
     last layer                 never modified                         modified (its "except last layer" switch never fires)
@@ -32,8 +32,8 @@ from __future__ import annotations
 import torch
 
 from ..errors import MinivarError
-from . import var
-from .var import sink_scores
+from . import var_paper
+from .var_paper import sink_scores
 
 # The released configuration A_exps/lv1.5_7b.yml, in the code's own conventions (rho: visual-sink share ceiling,
 # p: fraction kept, summ: minimum image attention).
@@ -72,7 +72,7 @@ def sink_sets_official(h: torch.Tensor, dims: tuple[int, ...], tau: float, image
     """φ [B, T], sinks S [B, T] and visual sinks V = S ∩ I [B, T] of one layer's residual input h [B, T, D].
 
     Restates logic.py:DimProspector.run_logic (lines 98-110): φ_j = max_{d∈D} |h_j[d]| · rsqrt(mean_k h_j[k]² + 1e-6) in fp32 —
-    the same φ as var.sink_scores (which divides by the square root instead of multiplying by its reciprocal; the
+    the same φ as var_paper.sink_scores (which divides by the square root instead of multiplying by its reciprocal; the
     two can differ in the last bit) — and sinks where φ **>** τ (strict; `strict=False` gives the paper's ≥).
     `real` [B, T] masks out left padding, which the released code (batch 1) never has. Which layers are scanned is
     official_layer_sets's business, not this function's.
@@ -94,18 +94,26 @@ def select_heads_official(probs: torch.Tensor, image: torch.Tensor, visual_sink:
         summation = Σ_{j∈I} α_ij
         selected iff portion ≤ rho and summation ≥ summ, in a sample with at least one visual sink in this layer,
     on the query rows `rows` [B, Q] (prefill: rows after the image; decoding: every row — the caller's choice, as
-    in var.select_heads). `rho` is a ceiling on the visual-sink share and `summ` the paper's minimum image attention;
+    in var_paper.select_heads). `rho` is a ceiling on the visual-sink share and `summ` the paper's minimum image attention;
     `eps=0` drops the 1e-6. With eps=0, rho = 1 − ρ and summ = min_image_attention this selects what
-    var.select_heads selects (up to rounding exactly at the threshold), except where a row's image attention is all
+    var_paper.select_heads selects (up to rounding exactly at the threshold), except where a row's image attention is all
     on visual sinks: portion = 1 there, so the code selects it when rho = 1 (and redistribute_official then turns
     its image span NaN), where the paper's rule never does.
     """
+    portion, summation = portion_and_summation(probs, image, visual_sink, eps=eps)
+    has_visual_sink = visual_sink.any(-1)[:, None, None]                   # `if len(vis_sink_inds) > 0`
+    return (portion <= rho) & (summation >= summ) & has_visual_sink & rows[:, None, :]
+
+
+def portion_and_summation(probs: torch.Tensor, image: torch.Tensor, visual_sink: torch.Tensor, *,
+                          eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two numbers select_heads_official compares, [B, H, Q] each: portion = Σ_V α / Σ_{j∈I}(α_j + eps) and
+    summation = Σ_I α (the capture keeps them, so the explorer's sliders select what this rule selects)."""
     in_image = image[:, None, None, :]
     summation = (probs * in_image).sum(-1)                                                   # Σ_I α
     # torch.sum(image_attn + 1e-6): the constant goes on every image key before summing, so it weighs N · 1e-6.
     portion = (probs * visual_sink[:, None, None, :]).sum(-1) / ((probs + eps) * in_image).sum(-1)
-    has_visual_sink = visual_sink.any(-1)[:, None, None]                   # `if len(vis_sink_inds) > 0`
-    return (portion <= rho) & (summation >= summ) & has_visual_sink & rows[:, None, :]
+    return portion, summation
 
 
 def redistribute_official(probs: torch.Tensor, selected: torch.Tensor, sink: torch.Tensor, image: torch.Tensor,
@@ -117,7 +125,7 @@ def redistribute_official(probs: torch.Tensor, selected: torch.Tensor, sink: tor
         budget  = (1 − p) · Σ_{j∈V} α_ij + (1 − p) · Σ_{j∈S∖V} α_ij       (summed from the original row)
         α'_ij   = α_ij + budget · α_ij / Σ_{k∈I∖V} α_ik   for j ∈ I∖V     (visual sinks get no share)
     Text sinks lose attention like visual ones, and all of it goes to the image. With p = 1 − p_paper this is
-    var.redistribute. Faithfully, nothing guards the division: a selected row with no non-sink image attention
+    var_paper.redistribute. Faithfully, nothing guards the division: a selected row with no non-sink image attention
     gets 0/0 = NaN on its whole image span (the code adds budget · NaN to columns im:im+pa). sink [B, K] holds
     every sink, text and visual.
     """
@@ -133,9 +141,9 @@ def redistribute_official(probs: torch.Tensor, selected: torch.Tensor, sink: tor
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The rule as one object (var.Rule): VARConfig(rule="official") finds it here
+# The rule as one object (var_paper.Rule): VARConfig(rule="official") finds it here
 
-class OfficialRule(var.Rule):
+class OfficialRule(var_paper.Rule):
     """The released code's rule: its conventions (rho a visual-sink ceiling, p the fraction kept), its layers, its
     strict sink test, its head selection and redistribution."""
     name = "official"
@@ -166,4 +174,4 @@ class OfficialRule(var.Rule):
         return redistribute_official(probs, selected, sink, image, visual_sink, p)
 
 
-var.RULES["official"] = OfficialRule()
+var_paper.RULES["official"] = OfficialRule()

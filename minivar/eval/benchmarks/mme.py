@@ -176,7 +176,9 @@ class MME(Benchmark):
             acc = sum(ok for pair in images for _, ok in pair) / (2 * len(images))
             acc_plus = sum(all(ok for _, ok in pair) for pair in images) / len(images)
             subtasks[task] = acc * 100 + acc_plus * 100
-        total = {"perception": 0, "cognition": 0}       # int 0 start, as calculation.py's `scores = 0`
+        # calculation.py starts from an int 0 (`scores = 0`); a float here prints a total with no subtask in the
+        # same format as the other (0.0000 beside 0.0000)
+        total = {"perception": 0.0, "cognition": 0.0}
         for task, score in subtasks.items():
             total["perception" if task in PERCEPTION else "cognition"] += score
         return {"perception": total["perception"], "cognition": total["cognition"], "subtasks": subtasks}

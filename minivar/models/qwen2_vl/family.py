@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from ...errors import MinivarError
 from ..family import Family
+from .demo import build_demo
 from .model import Qwen2VL, Qwen2VLConfig
-from .processing import preprocess_image
+from .processing import AspectRatioError, preprocess_image
 from .template import QwenTokenizer
 
 # Checkpoint names → the model's (the hub's), applied in order; each is (pattern, replacement).
@@ -14,6 +15,7 @@ KEY_RULES = (
     (r"^model\.visual\.", "visual."),                # transformers 5.x in-memory
 )
 IMAGE_MODES = ("smart_resize",)                     # the one way these models see an image
+NAMES = {"qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2.5-VL"}     # config.json's model_type → the family's name
 
 
 def is_unused_key(key: str, cfg: Qwen2VLConfig) -> bool:
@@ -24,9 +26,12 @@ def is_unused_key(key: str, cfg: Qwen2VLConfig) -> bool:
 def qwen_image(img, cfg: Qwen2VLConfig, image_aspect_ratio: str | None = "smart_resize"):
     """A PIL image → ImageInput: smart_resize within the checkpoint's min/max pixels, flattened patches."""
     if image_aspect_ratio not in (None, *IMAGE_MODES):
-        raise MinivarError(f"`image_aspect_ratio` '{image_aspect_ratio}' is not one of Qwen2-VL's image modes "
-                           f"({', '.join(IMAGE_MODES)})")
-    return preprocess_image(img, cfg.image)
+        raise MinivarError(f"`image_aspect_ratio` '{image_aspect_ratio}' is not one of {NAMES[cfg.model_type]}'s "
+                           f"image modes ({', '.join(IMAGE_MODES)})")
+    try:
+        return preprocess_image(img, cfg.image)
+    except AspectRatioError as e:            # smart_resize's refusal, said for the family at hand
+        raise AspectRatioError(e.width, e.height, f"{NAMES[cfg.model_type]} takes") from None
 
 
 def qwen_view(img, cfg: Qwen2VLConfig, image_aspect_ratio, image_input) -> tuple:
@@ -47,5 +52,5 @@ FAMILIES = tuple(Family(
     unused_key=is_unused_key, images=qwen_image, conv_modes=("qwen",), default_conv_mode="qwen",
     image_modes=IMAGE_MODES, has_cls=False, tokenizer=QwenTokenizer, image_options=with_pixels,
     tied=("lm_head.weight", "model.embed_tokens.weight"), view=qwen_view,
-    vision_module="visual", decoder_modules=("model.layers", "lm_head"))
-    for model_type, name in (("qwen2_vl", "Qwen2-VL"), ("qwen2_5_vl", "Qwen2.5-VL")))
+    vision_module="visual", decoder_modules=("model.layers", "lm_head"), demo=build_demo)
+    for model_type, name in NAMES.items())

@@ -119,6 +119,16 @@ def check_pixels(min_pixels, max_pixels, factor: int, where: str = "") -> None:
         raise MinivarError(f"{where}`min_pixels` {min_pixels} is larger than `max_pixels` {max_pixels}")
 
 
+class AspectRatioError(MinivarError):
+    """An image too long and thin for smart_resize; the family's loader says it again naming its own model."""
+
+    def __init__(self, width: int, height: int, model: str = "Qwen2-VL and Qwen2.5-VL take"):
+        self.width, self.height = width, height
+        ratio = max(height, width) / min(height, width)
+        super().__init__(f"image {width}x{height} has an aspect ratio of {ratio:.1f}; {model} at most "
+                         f"{MAX_ASPECT_RATIO} (pad or crop it)")
+
+
 def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56,
                  max_pixels: int = 28 * 28 * 1280) -> tuple[int, int]:
     """(height, width) → the (h, w) the image is resized to: multiples of `factor`, area in [min_pixels, max_pixels]
@@ -127,8 +137,7 @@ def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56
         raise MinivarError(f"image has zero size ({width}x{height})")
     ratio = max(height, width) / min(height, width)
     if ratio > MAX_ASPECT_RATIO:
-        raise MinivarError(f"image {width}x{height} has an aspect ratio of {ratio:.1f}; Qwen2-VL takes at most "
-                           f"{MAX_ASPECT_RATIO} (pad or crop it)")
+        raise AspectRatioError(width, height)
     # round() is Python's (halves to even), as in transformers: 42 / 28 = 1.5 → 2 blocks, 70 / 28 = 2.5 → 2.
     h, w = round(height / factor) * factor, round(width / factor) * factor
     if h * w > max_pixels:
