@@ -151,7 +151,7 @@ def read_config(directory: Path):
         raise MinivarError(f"'{path}' is not valid JSON ({e})") from None
     if not isinstance(d, dict):
         raise MinivarError(f"config.json of '{directory}' is not a JSON object")
-    return family_for(d.get("model_type", "llava"), str(directory)).config(d, str(directory))
+    return family_for(d.get("model_type", "llava"), str(directory), d).config(d, str(directory))
 
 
 def safetensors_files(directory: Path) -> dict[str, Path]:

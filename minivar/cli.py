@@ -19,7 +19,7 @@ import unicodedata
 from minivar import __version__
 from minivar.defaults import DEFAULT_MODEL
 from minivar.flags import (CONV_MODES, IMAGE_MODES, PROMPT_TOKENIZATION_HELP, PROMPT_TOKENIZATIONS,  # (no torch
-                           HelpFormatter, add_contrastive_flags, overview)                      # either)
+                           HelpFormatter, add_beam_flags, add_contrastive_flags, overview)            # either)
 
 INTRO = ("Answer a question about an image with a vision-language model in plain PyTorch, optionally with "
          "training-free attention methods.")
@@ -67,12 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt template: vicuna_v1 = LLaVA-1.5's evaluation, with its system prompt; llava_hf = the "
                         "llava-hf model card's; llava_v1 = LLaVA's conv_llava_v1 (\"curious human\"), the template "
                         "DAMRO's and VCD's scripts use; mistral_instruct = LLaVA-NeXT-Mistral's; qwen = Qwen2-VL's "
-                        "Instruct chat; qwen3 = the Qwen3-VL checkpoint's own chat template (default: the model's "
-                        "own: vicuna_v1, mistral_instruct for LLaVA-NeXT-Mistral, qwen for Qwen2-VL / Qwen2.5-VL, "
-                        "qwen3 for Qwen3-VL)")
+                        "Instruct chat; qwen3 = the Qwen3-VL checkpoint's own chat template; internvl = the InternVL "
+                        "checkpoint's chat template (default: the model's own: vicuna_v1, mistral_instruct for "
+                        "LLaVA-NeXT-Mistral, qwen for Qwen2-VL / Qwen2.5-VL, qwen3 for Qwen3-VL, internvl for InternVL)")
     p.add_argument("--image-aspect-ratio", choices=IMAGE_MODES, default=None,
                    help="pad: LLaVA-1.5 evaluation; crop: llava-hf processor; anyres: LLaVA-NeXT's tiles; "
-                        "smart_resize: Qwen2-VL's (default: the model's own: pad, anyres, smart_resize)")
+                        "smart_resize: Qwen2-VL's; tiles: InternVL's 448 px tiles + thumbnail "
+                        "(default: the model's own: pad, anyres, smart_resize, tiles)")
     p.add_argument("--min-pixels", type=int, default=None,
                    help="Qwen2-VL / Qwen2.5-VL: the fewest pixels an image is resized to (default: the checkpoint's "
                         "preprocessor_config.json)")
@@ -80,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Qwen2-VL / Qwen2.5-VL: the most pixels an image is resized to, which caps its tokens at "
                         "max_pixels / 784 (default: the checkpoint's preprocessor_config.json; the hub's 12,845,056 "
                         "allows 16,384 tokens)")
+    p.add_argument("--max-patches", type=int, default=None,
+                   help="InternVL: the most 448 px tiles an image is cut into (a thumbnail is added when there are "
+                        "several), which caps its tokens at 256 · (max_patches + 1) (default: the checkpoint's "
+                        "preprocessor_config.json, 12)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto = cuda if available)")
     p.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto",
                    help="default: auto = float16 on CUDA, bfloat16 on CPU")
@@ -112,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--var-layers", metavar="A-B", default=None,
                    help="the layers VAR may modify (default: the rule's, paper 0..L−2, official 2..L−1)")
     add_contrastive_flags(p)
+    add_beam_flags(p)
     s = p.add_argument_group("the live explorer (docs/explorer.md)")
     s.add_argument("--serve", action="store_true",
                    help="load the model once and serve a page to upload an image, ask, choose the methods and see "
@@ -148,8 +154,9 @@ def var_config(args):
 def method_settings(args):
     """(the methods the flags ask for, the pictures' sink rule): the translation minivar-eval and the lmms-eval
     plugin share (flags.py)."""
-    from minivar.flags import DAMRO_OPTIONS, VAR_OPTIONS, VCD_OPTIONS, methods_from_options
-    opts = {k: getattr(args, k) for k in ("var", "seed") + VAR_OPTIONS + DAMRO_OPTIONS + VCD_OPTIONS}
+    from minivar.flags import DAMRO_OPTIONS, OPERA_OPTIONS, PAI_OPTIONS, VAR_OPTIONS, VCD_OPTIONS, methods_from_options
+    opts = {k: getattr(args, k) for k in ("var", "seed", "num_beams") + VAR_OPTIONS + DAMRO_OPTIONS + VCD_OPTIONS
+            + PAI_OPTIONS + OPERA_OPTIONS}
     return methods_from_options(opts, sinks_used=args.save_attention is not None or args.mask_visual_sinks)
 
 
@@ -197,6 +204,16 @@ def method_summary(name: str, report: dict) -> str:
     if name == "vcd":
         return (f"minivar: VCD: the image noised to diffusion step {report['noise_step']} as the contrast image, "
                 f"α {report['alpha']:g}, β {report['beta']:g}")
+    if name == "pai":
+        lo, hi = report["layers_edited"] or [0, 0]
+        guided = (f"guidance γ {report['gamma']:g} against the prompt without the image" if report["gamma"] != 1
+                  else "no guidance (γ 1)")
+        return (f"minivar: PAI: image keys' scores a + α·|a|, α {report['alpha']:g}, in layers {lo}..{hi - 1}; "
+                f"{guided}" + ("; the first token chosen before any edit (the released loop)"
+                                if report["gamma"] != 1 and report["first_token"] == "unedited" else ""))
+    if name == "opera":
+        return (f"minivar: OPERA: {report['rollbacks']} rollback{'s' * (report['rollbacks'] != 1)}, "
+                f"{report['penalised_steps']} penalised step{'s' * (report['penalised_steps'] != 1)}")
     return f"minivar: {name}: {json.dumps(report)}"
 
 
@@ -217,7 +234,7 @@ def main(argv=None, methods=()) -> int:
         from minivar import serve
         # a flag without effect is an error: with --serve, each request brings its image, question and settings
         given = [a.option_strings[0] for a in parser._actions if a.option_strings and a.dest not in serve.SERVER_FLAGS
-                 and getattr(args, a.dest) != a.default]
+                 and getattr(args, a.dest, a.default) != a.default]     # (--version sets no attribute)
         if given:
             parser.error(f"--serve takes the image, the question and the settings from each request (its page), "
                          f"not from {', '.join(given)}")
@@ -244,15 +261,26 @@ def run(args, extra_methods=()) -> int:
         raise MinivarError("--prompt is empty")
     methods, rule = method_settings(args)
     methods = methods + list(extra_methods)
-    from minivar.flags import check_seed_applies, contrastive_load, var_of
+    from minivar.flags import check_seed_applies, contrastive_load, num_beams_of, var_of
     check_seed_applies(args.seed, args.temperature, methods,
                        uses=(("--mask-random-image-tokens", args.mask_random_image_tokens is not None),))
+    from minivar.pipeline import check_beam_args
+    num_beams = num_beams_of(vars(args))
+    if num_beams > 1 and args.temperature > 0:
+        raise MinivarError(f"--num-beams {num_beams} is a greedy beam search: it needs --temperature 0, got "
+                           f"{args.temperature}")
+    if num_beams > 1 and (args.save_attention is not None or args.mask_visual_sinks
+                          or args.mask_random_image_tokens is not None):
+        raise MinivarError(f"--save-attention and the masking flags record one row per sample: they do not run "
+                           f"with beam search (--num-beams {num_beams}{' from --opera' * bool(args.opera)})")
+    check_beam_args(num_beams, args.temperature)
     var = var_of(methods)
     image = processing.load_image(args.image)
     inspection = RunInspection.from_args(args)       # --save-attention / --mask-*: None when not asked for
 
     llava = minivar.load(args.model, device=args.device, dtype=args.dtype,
-                         image_options={"min_pixels": args.min_pixels, "max_pixels": args.max_pixels},
+                         image_options={"min_pixels": args.min_pixels, "max_pixels": args.max_pixels,
+                                        "max_patches": args.max_patches},
                          contrastive=contrastive_load(methods))
     # The request is prepared once, before any status line: what depends on the model (its context length, hidden
     # size, VAR's sink dims — the finder may run now) is checked there, so bad input of any kind gives exactly one
@@ -264,7 +292,7 @@ def run(args, extra_methods=()) -> int:
                             image_aspect_ratio=args.image_aspect_ratio, max_new_tokens=args.max_new_tokens,
                             methods=methods,
                             sink_config=rule if var is None else None, capture=capture, mask=mask,
-                            warn=notes.append, prompt_tokenization=args.prompt_tokenization)
+                            warn=notes.append, prompt_tokenization=args.prompt_tokenization, num_beams=num_beams)
     print(f"minivar: loaded {args.model} in {llava.load_s:.2f}s on {llava.device} "
           f"({str(llava.dtype).replace('torch.', '')})", file=sys.stderr)
     for note in notes:
@@ -299,6 +327,7 @@ def run(args, extra_methods=()) -> int:
                   "prompt_tokenization": args.prompt_tokenization if llava.family.tokenizer is None else None,
                   "prompt_ids": out.prompt_ids, "output_ids": out.output_ids, "text": out.text,
                   "finished": out.finished, "stopped": stopped, "timing": t}
+        record.update(out.extra)                      # beam search: "num_beams", "sequence_score"
         record.update(out.reports)                    # "var", and every other method's report under its name
         record.update(inspected)                      # "masked", "pictures"
         print(json.dumps(record))

@@ -20,8 +20,10 @@ from .errors import MinivarError
 # command lines
 DAMRO_OPTIONS = ("damro", "damro_alpha", "damro_beta", "damro_topk", "damro_preset")
 VCD_OPTIONS = ("vcd", "vcd_alpha", "vcd_beta", "vcd_noise_step")
-CONV_MODES = ("vicuna_v1", "llava_hf", "llava_v1", "mistral_instruct", "qwen", "qwen3")   # every family's templates
-IMAGE_MODES = ("pad", "crop", "anyres", "smart_resize")                # every family's image modes (registry)
+PAI_OPTIONS = ("pai", "pai_alpha", "pai_layers", "pai_gamma", "pai_first_token")
+OPERA_OPTIONS = ("opera", "opera_scale", "opera_threshold", "opera_candidates", "opera_penalty", "opera_rule")
+CONV_MODES = ("vicuna_v1", "llava_hf", "llava_v1", "mistral_instruct", "qwen", "qwen3", "internvl")  # every family's
+IMAGE_MODES = ("pad", "crop", "anyres", "smart_resize", "tiles")       # every family's image modes (registry)
 PROMPT_TOKENIZATION_HELP = ("llava: BOS + the template as LLaVA's fast tokenizer gives it; official: as the VAR "
                             "authors' released code does (no BOS, 29871 kept once; vicuna_v1 only; "
                             "docs/official-rule.md); damro: as DAMRO's released scripts do (their slow tokenizer: "
@@ -74,8 +76,8 @@ def methods_from_options(opts: dict, *, preset: str | None = None, spell=flag, s
             raise MinivarError(f"{spell(rule_flags[0])} only applies with {spell('var')}, --save-attention or "
                                f"--mask-visual-sinks")
         # the pictures' sinks: τ and dims as given ("auto" runs the finder, as it does for VAR)
-        return contrastive_methods(opts, spell), VARConfig.preset(None, tau=given.get("tau"),
-                                                                  sink_dims=sink_dims).validate()
+        return (contrastive_methods(opts, spell) + opera_methods(opts, spell),
+                VARConfig.preset(None, tau=given.get("tau"), sink_dims=sink_dims).validate())
     layers = given.get("var_layers")
     if isinstance(layers, str):
         lo, hi = parse_layer_range(layers, flag=spell("var_layers"))
@@ -88,16 +90,70 @@ def methods_from_options(opts: dict, *, preset: str | None = None, spell=flag, s
                            layers=layers)
     # the ranges that need no model are checked now, before the slow load (sink dims need the hidden size: later)
     methods.append(VAR(cfg.validate()))
-    return methods + contrastive_methods(opts, spell), cfg
+    return methods + contrastive_methods(opts, spell) + opera_methods(opts, spell), cfg
+
+
+def opera_methods(opts: dict, spell=flag) -> list:
+    """OPERA as the options ask for it (with VAR or alone; its released code has no contrast branch, so not with
+    DAMRO or VCD); `num_beams` (--num-beams) is its beam width (default 5)."""
+    from .methods import opera
+    found = opera.from_options(opts, spell)
+    if found is None:
+        return []
+    for other in ("damro", "vcd"):
+        if opts.get(other):
+            raise MinivarError(f"{spell('opera')} does not combine with {spell(other)}: the released OPERA has no "
+                               f"contrast branch")
+    if opts.get("pai") and opts.get("pai_gamma") != 1:      # PAI's guidance branch (γ ≠ 1; its default is 1.1)
+        raise MinivarError(f"{spell('opera')} does not combine with {spell('pai')}'s guidance branch: the released "
+                           f"OPERA has no contrast branch ({spell('pai_gamma')} 1 keeps PAI's attention step alone)")
+    return [found]
+
+
+def num_beams_of(opts: dict, spell=flag) -> int:
+    """The beam width the options ask for: --num-beams (default 1; OPERA's own, 5, with --opera)."""
+    k = opts.get("num_beams")
+    if k is None:
+        return 5 if opts.get("opera") else 1
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise MinivarError(f"{spell('num_beams')} must be an integer ≥ 1, got {k!r}")
+    if opts.get("opera") and k < 2:
+        raise MinivarError(f"{spell('num_beams')} must be ≥ 2 with {spell('opera')} (the released OPERA is a beam "
+                           f"search), got {k}")
+    return k
+
+
+def add_beam_flags(parser) -> None:
+    """Beam search's and OPERA's flags (the same for `minivar` and `minivar-eval run`)."""
+    b = parser.add_argument_group("beam search and OPERA (docs/opera.md)")
+    b.add_argument("--num-beams", type=int, default=None, metavar="K",
+                   help="beam search of K beams, as transformers' generate(num_beams=K) (length penalty 1, no early "
+                        "stopping; greedy only) (default: 1, no beam search; 5 with --opera)")
+    b.add_argument("--opera", action="store_true",
+                   help="apply OPERA (over-trust penalty and retrospection; a beam search) (default: off)")
+    b.add_argument("--opera-scale", type=float, default=None, metavar="S",
+                   help="scale of the attention in the over-trust score (default: 50)")
+    b.add_argument("--opera-threshold", type=int, default=None, metavar="N",
+                   help="roll back once a location repeats more than N times (default: 15)")
+    b.add_argument("--opera-candidates", type=int, default=None, metavar="C",
+                   help="candidates per beam (default: 5)")
+    b.add_argument("--opera-penalty", type=float, default=None, metavar="P",
+                   help="weight of the over-trust penalty (default: 1)")
+    b.add_argument("--opera-rule", choices=["released", "fixed"], default=None,
+                   help="released: as shikiw/OPERA's code; fixed: a rollback forgets the exclusions of the positions "
+                        "it discards (docs/opera.md) (default: released)")
 
 
 def contrastive_methods(opts: dict, spell=flag) -> list:
-    """DAMRO and VCD as the options ask for them (each None without its switch); they run with VAR or alone, not
-    with each other (each adds a contrast branch). `seed` (the run's) seeds VCD's noise."""
-    from .methods import damro, vcd
-    found = [m for m in (damro.from_options(opts, spell), vcd.from_options(opts, spell)) if m is not None]
+    """DAMRO, VCD and PAI as the options ask for them (each None without its switch); they run with VAR or alone,
+    not with each other (each adds a contrast branch; PAI's released code has no way to combine with another
+    decoding rule). `seed` (the run's) seeds VCD's noise."""
+    from .methods import damro, pai, vcd
+    found = [m for m in (damro.from_options(opts, spell), vcd.from_options(opts, spell),
+                         pai.from_options(opts, spell)) if m is not None]
     if len(found) > 1:
-        raise MinivarError(f"{spell('damro')} and {spell('vcd')} each add a contrast branch: use one of them")
+        names = [spell(m.name) for m in found]
+        raise MinivarError(f"{' and '.join(names)} each add a contrast branch: use one of them")
     return found
 
 
@@ -122,6 +178,24 @@ def add_contrastive_flags(parser) -> None:
     c.add_argument("--vcd-noise-step", type=int, default=None, metavar="N",
                    help="forward-diffusion step of the noised image, 0..999 of 1000 (default: 500); the noise is "
                         "seeded by --seed (default 0) and the image's pixels")
+    add_pai_flags(parser)
+
+
+def add_pai_flags(parser) -> None:
+    """PAI's flags (docs/pai.md)."""
+    a = parser.add_argument_group("PAI (more attention to the image, guidance against the prompt without it; "
+                                  "docs/pai.md)")
+    a.add_argument("--pai", action="store_true", help="apply PAI (default: off)")
+    a.add_argument("--pai-alpha", type=float, default=None, metavar="A",
+                   help="image keys' pre-softmax scores a ← a + α·|a| (default: 0.2)")
+    a.add_argument("--pai-layers", default=None, metavar="S-E",
+                   help="the layers edited, S … E−1 counted from 0 (the released --start-layer/--end-layer), "
+                        "clipped to the model's depth (default: 2-32)")
+    a.add_argument("--pai-gamma", type=float, default=None, metavar="G",
+                   help="guidance γ ≥ 1 against the prompt without the image; 1: no second branch (default: 1.1)")
+    a.add_argument("--pai-first-token", choices=["unedited", "edited"], default=None,
+                   help="unedited: as the released loop, which leaves the first generated token's forward "
+                        "unedited when γ ≠ 1; edited: the paper's rule (default: unedited)")
 
 
 def var_of(methods):

@@ -25,6 +25,10 @@ class Generation:
     decode_s: float = 0.0                 # all later steps
     decode_tokens: int = 0                # tokens produced by those steps (per sample; the batch makes B× more)
     finished: list[bool] = field(default_factory=list)   # True where the sample stopped at EOS
+    # beam search only: each answer's score (transformers' sequences_scores) and the cache row each of its fed
+    # tokens ran in (a hook's per-row state is read along these rows)
+    scores: list[float] | None = None
+    rows: list[list[int]] | None = None
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -171,7 +175,7 @@ def generate(model, input_ids: torch.Tensor, images=None, *, max_new_tokens: int
              eos_token_id=2, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
              attention_mask: torch.Tensor | None = None, hooks=None, on_token=None, cache: KVCache | None = None,
              input_pos: int = 0, image_features: torch.Tensor | None = None, branches: int = 1,
-             choose=plain_choice) -> Generation:
+             choose=plain_choice, num_beams: int = 1) -> Generation:
     """Generate up to `max_new_tokens` for a batch of prompts `input_ids` [R, T] (padded where `attention_mask` is 0).
 
     images: the prompts' images (a list of ImageInput, or pixels [B, 3, S, S]), or their feature rows in
@@ -182,14 +186,20 @@ def generate(model, input_ids: torch.Tensor, images=None, *, max_new_tokens: int
     on_token(ids) is called after each step with a list of B ids (None for a sample that has finished), for
     streaming. cache / input_pos: continue after positions 0 … input_pos−1 already in `cache` (a shared prefix);
     attention_mask then covers them too ([R, input_pos + T]).
+    num_beams K > 1: beam search (beam.py, transformers' arithmetic), the R = B·K rows being K copies of each of
+    B prompts (sample-major: rows b·K … b·K+K−1 are sample b's); greedy only, one branch, no streaming.
     """
+    if num_beams > 1:
+        return beam_generate(model, input_ids, images, num_beams=num_beams, max_new_tokens=max_new_tokens,
+                             eos_token_id=eos_token_id, attention_mask=attention_mask, hooks=hooks, cache=cache,
+                             input_pos=input_pos, image_features=image_features, branches=branches,
+                             temperature=temperature)
     R, T = input_ids.shape
     if R % branches:
         raise MinivarError(f"{R} prompt rows do not split into {branches} branches")
     B = R // branches
     device = input_ids.device
-    # the ids that end a sample: one EOS (LLaMA's 2), several (Qwen's <|im_end|>, <|endoftext|>) or none
-    stop = set() if eos_token_id is None else {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
+    stop = stop_set(eos_token_id)
     prompt_end = input_pos + T
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
     outputs: list[list[int]] = [[] for _ in range(B)]
@@ -257,6 +267,88 @@ def check_finite(logits: torch.Tensor, step: int) -> None:
         raise MinivarError(f"the model's logits are not finite (NaN or Inf) at generated token {step + 1}: the "
                            f"checkpoint's weights likely hold NaN or Inf values (or `dtype` float16 overflowed: "
                            f"try bfloat16 or float32)")
+
+
+def stop_set(eos_token_id) -> set[int]:
+    """The ids that end a sample: one EOS (LLaMA's 2), several (Qwen's <|im_end|>, <|endoftext|>) or none."""
+    return set() if eos_token_id is None else {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
+
+
+def beam_generate(model, input_ids, images=None, *, num_beams: int, max_new_tokens: int, eos_token_id=2,
+                  attention_mask=None, hooks=None, cache=None, input_pos: int = 0, image_features=None,
+                  branches: int = 1, temperature: float = 0.0, length_penalty: float = 1.0,
+                  early_stopping: bool = False) -> Generation:
+    """Beam search of width num_beams over R = B·K prompt rows (K copies of each prompt, sample-major): one prefill,
+    then one forward of the K running beams of every sample per step; after each step the cache rows (and so every
+    hook's rows) are reordered to follow the beams that run on (beam.py)."""
+    from .beam import BeamSearch
+    if branches != 1:
+        raise MinivarError("beam search runs one branch: a contrastive method (DAMRO, VCD) cannot run with num_beams > 1")
+    if temperature > 0:
+        raise MinivarError("beam search is greedy: give temperature 0 with num_beams > 1")
+    R, T = input_ids.shape
+    K = num_beams
+    if R % K:
+        raise MinivarError(f"{R} prompt rows do not split into beams of {K}")
+    B = R // K
+    device = input_ids.device
+    prompt_end = input_pos + T
+    result = Generation([[] for _ in range(B)], finished=[False] * B)
+    if max_new_tokens <= 0:
+        return result
+    check_context(prompt_end, max_new_tokens, model.config.text.max_position_embeddings)
+    if cache is None:
+        cache = new_cache(model, R, prompt_end + max_new_tokens, device, values_transposed=False)
+    padded = attention_mask is not None and not bool(attention_mask.all())
+    mask = torch.ones(R, prompt_end + max_new_tokens, dtype=torch.bool, device=device)
+    if padded:
+        mask[:, :prompt_end] = attention_mask.bool()
+    search = BeamSearch(B, K, max_new_tokens, stop_set(eos_token_id), device, length_penalty, early_stopping)
+    _sync(device)
+    t0 = time.perf_counter()
+    logits = prefill(model, input_ids, images, image_features=image_features, cache=cache, input_pos=input_pos,
+                     attention_mask=mask[:, :prompt_end] if padded else None, hooks=hooks)
+    t_decode = None
+    steps = 0
+    while True:
+        check_finite(logits, steps)
+        next_ids, parents, more = search.step(logits)
+        steps += 1
+        if t_decode is None:
+            _sync(device)
+            result.prefill_s = time.perf_counter() - t0
+            t_decode = time.perf_counter()
+        if not more:
+            break
+        position = prompt_end + steps - 1             # where the tokens just chosen go
+        reorder_rows(cache, parents, prompt_end, position)
+        logits = decode_step(model, next_ids, cache=cache, position=position,
+                             attention_mask=mask[:, :position + 1] if padded else None, hooks=hooks)
+    _sync(device)
+    result.decode_s = time.perf_counter() - t_decode
+    result.decode_tokens = steps - 1
+    best = search.best()
+    result.output_ids = [h["tokens"] for h in best]
+    result.finished = [h["finished"] for h in best]
+    result.scores = [h["score"] for h in best]
+    result.rows = [h["rows"] for h in best]
+    return result
+
+
+def reorder_rows(cache, rows: torch.Tensor, start: int, end: int) -> None:
+    """Row i of `cache` continues row rows[i] from now on. Beams move only among the rows of one sample, which hold
+    the same prompt: only the generated positions start … end−1 are copied (transformers copies the whole cache)."""
+    if not isinstance(cache, KVCache):
+        raise MinivarError(f"beam search cannot reorder a {type(cache).__name__}")
+    if end > start:
+        cache.k[:, :, :, start:end] = cache.k[:, rows, :, start:end]
+        if cache.values_transposed:
+            cache.v[..., start:end] = cache.v[:, rows, ..., start:end]
+        else:
+            cache.v[:, :, :, start:end] = cache.v[:, rows, :, start:end]
+    deltas = getattr(cache, "rope_deltas", None)              # Qwen2-VL's M-RoPE offsets, one per row
+    if deltas is not None:
+        cache.rope_deltas = deltas[rows]
 
 
 def check_context(prompt_len: int, max_new_tokens: int, limit: int) -> None:

@@ -26,7 +26,11 @@ give each image its own token count):
         until=["\\n\\n"], which would cut MM-Vet's multi-paragraph answers. With the model arg `apply_until=true`,
         the text is cut before the first occurrence of any `until` string (the same text stopping there would give,
         since decoding is left to right);
-      - `num_beams` > 1, and `top_k` / `repetition_penalty` other than off, are refused; a task's
+      - `num_beams` K > 1: beam search as transformers' generate(num_beams=K) (greedy only); with the model arg
+        `opera=true` (and opera_scale, opera_threshold, opera_candidates, opera_penalty, opera_rule, and
+        `num_beams`, default 5: the command line's --opera flags) OPERA's beam search of that width answers, and a
+        task's num_beams must be 1 or the same;
+      - `top_k` / `repetition_penalty` other than off are refused; a task's
         `image_aspect_ratio` is ignored (the model arg decides); any other key is refused;
       - the answer is decoded without special tokens and stripped, as LLaVA's model_vqa_loader does;
   * loglikelihood: (context, continuation) → (−Σ log p(continuation tokens | prompt, image), whether greedy
@@ -40,6 +44,8 @@ give each image its own token count):
     (0.8 / 0.5 / 0.9), and every VARConfig field can be set by name: `tau`, `rho`, `p`, `min_image_attention`,
     `sink_dims` (`[1415,2533]`, `1415;2533` or `auto`), `layers` (`[0,1,2]` or `0;1;2`), and any field VARConfig
     gains later. VAR args without var=true are an error;
+  * DAMRO, VCD, PAI: `damro=true`, `vcd=true`, `pai=true` with their command-line settings by name (`pai_alpha`,
+    `pai_layers` as `2-32`, `pai_gamma`, `pai_first_token`; docs/pai.md); generation only;
   * prompt ids: `prompt_tokenization=llava` (default), `official` (VAR's released code; vicuna_v1) or `damro`
     (DAMRO's released scripts: their slow tokenizer; LLaVA's LLaMA templates), as `--prompt-tokenization`;
   * batching: `--batch_size N` runs N requests with the same generation settings together (left-padded, each with
@@ -132,6 +138,7 @@ class GenSettings:
     top_p: float
     seed: int | None
     until: tuple[str, ...]              # cut the text at these (only with apply_until=true)
+    num_beams: int = 1                  # > 1: beam search
 
 
 def gen_settings(gen_kwargs: dict | None, task: str, default_max_new_tokens: int, apply_until: bool) -> GenSettings:
@@ -143,10 +150,10 @@ def gen_settings(gen_kwargs: dict | None, task: str, default_max_new_tokens: int
     until = [until] if isinstance(until, str) else list(until or [])
     if not all(isinstance(u, str) for u in until):
         raise MinivarError(f"task {task}: generation_kwargs until={until!r} must be a string or a list of strings")
-    num_beams = kw.pop("num_beams", 1)
-    if num_beams not in (None, 1):
-        raise MinivarError(f"task {task}: num_beams={num_beams}; minivar decodes greedily or by sampling, "
-                           f"not by beam search")
+    num_beams = kw.pop("num_beams", None)
+    num_beams = 1 if num_beams is None else num_beams
+    if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
+        raise MinivarError(f"task {task}: num_beams={num_beams!r} must be a whole number ≥ 1")
     top_k = kw.pop("top_k", None)
     if top_k not in (None, 0):
         raise MinivarError(f"task {task}: top_k={top_k} is not supported (minivar samples with temperature and top_p)")
@@ -170,7 +177,7 @@ def gen_settings(gen_kwargs: dict | None, task: str, default_max_new_tokens: int
                        temperature=temperature if sample else 0.0,
                        top_p=1.0 if (top_p is None or not sample) else float(top_p),
                        seed=None if seed is None else int(seed),
-                       until=tuple(u for u in until if u) if apply_until else ())
+                       until=tuple(u for u in until if u) if apply_until else (), num_beams=num_beams)
 
 
 def cut_at_until(text: str, until) -> str:
@@ -297,11 +304,17 @@ class Minivar(lmms):
             raise MinivarError(f"--model_args prompt_tokenization={prompt_tokenization!r} is not one of "
                                f"{', '.join(PROMPT_TOKENIZATIONS)}")
         self.prompt_tokenization = prompt_tokenization
-        from .flags import DAMRO_OPTIONS, VCD_OPTIONS, contrastive_load, contrastive_methods
-        contrastive = {k: var_fields.pop(k) for k in list(var_fields) if k in DAMRO_OPTIONS + VCD_OPTIONS + ("seed",)}
+        from .flags import (DAMRO_OPTIONS, OPERA_OPTIONS, PAI_OPTIONS, VCD_OPTIONS, contrastive_load,
+                            contrastive_methods, num_beams_of, opera_methods)
+        contrastive = {k: var_fields.pop(k) for k in list(var_fields)
+                       if k in DAMRO_OPTIONS + VCD_OPTIONS + PAI_OPTIONS + ("seed",)}
+        opera = {k: var_fields.pop(k) for k in list(var_fields) if k in OPERA_OPTIONS + ("num_beams",)}
         self.var = var_config(var, var_preset, **var_fields)
-        # DAMRO / VCD (damro=true damro_preset=pope ..., vcd=true ...): the command line's translation
-        self.methods = contrastive_methods(contrastive, spell=lambda k: f"--model_args {k}")
+        # DAMRO / VCD / PAI (damro=true damro_preset=pope ..., vcd=true ..., pai=true pai_gamma=1.1 ...) and OPERA
+        # (opera=true ...): the command line's translation
+        spell = lambda k: f"--model_args {k}"        # noqa: E731
+        self.methods = contrastive_methods(contrastive, spell=spell) + opera_methods(opera | contrastive, spell)
+        self.num_beams = num_beams_of(opera, spell)       # 1, or OPERA's width (a task's num_beams when 1)
         self.max_new_tokens, self.apply_until = max_new_tokens, apply_until
         self.batch_size_per_gpu = int(batch_size)      # max_batch_size is only for batch_size=auto: unused
         self.pipeline = load(str(pretrained), device=str(device), dtype=str(dtype), weights_dir=weights_dir,
@@ -340,9 +353,16 @@ class Minivar(lmms):
         """Questions of the batch about the same picture (equal pixels) share its image prefix (generate_many:
         vision tower and prefix once); the others run as one left-padded batch (generate_batch)."""
         import hashlib
+        num_beams = s.num_beams
+        if self.num_beams > 1:        # the model args' beam search (OPERA's)
+            if num_beams not in (1, self.num_beams):
+                raise MinivarError(f"a task asks for num_beams={num_beams}, the model args give "
+                                   f"{self.num_beams} beams (--model_args num_beams, or OPERA's default 5)")
+            num_beams = self.num_beams
         kwargs = dict(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, seed=s.seed,
                       conv_mode=self.conv_mode, image_aspect_ratio=self.image_aspect_ratio, var=self.var,
-                      methods=self.methods, prompt_tokenization=self.prompt_tokenization)
+                      methods=self.methods, prompt_tokenization=self.prompt_tokenization,
+                      num_beams=num_beams)
         groups: dict[tuple, list[int]] = {}
         for i, img in enumerate(images):
             groups.setdefault((img.size, img.mode, hashlib.sha1(img.tobytes()).hexdigest()), []).append(i)

@@ -136,6 +136,7 @@ class Request:
     shared: dict = field(default_factory=dict)    # the sink sets VAR, the capture and masking share
     hooks: list = field(default_factory=list)     # in call order: the methods', masking, capture, then the caller's
     call: Call | None = None                      # what the methods see (methods/method.py)
+    num_beams: int = 1                            # beam search: each sample's prompt is K rows (sample-major)
 
     @property
     def pixel_values(self) -> torch.Tensor | None:
@@ -236,12 +237,14 @@ class Pipeline:
 
     def prepare(self, images, prompts, *, conv_mode: str | None = None, image_aspect_ratio: str | None = None,
                 max_new_tokens: int = 128, var=None, methods=None, sink_config=None, capture=None, mask=None,
-                warn=None, prompt_tokenization: str = "llava") -> Request:
+                warn=None, prompt_tokenization: str = "llava", num_beams: int = 1) -> Request:
         """Everything a generation needs, made once: ids left-padded to a common length, the images, each method's
         contrast branch (if any) and per-call state, the masking and the capture (bound to this prompt).
         methods: Method objects (methods/method.py); var: a VARConfig (True, a preset name) — the VAR method;
         sink_config: the τ and sink dims of the sink sets when VAR is off (default VARConfig()'s); capture: a
-        probe.Capture; mask: a probe.KeyMask."""
+        probe.Capture; mask: a probe.KeyMask. num_beams K > 1: beam search; each sample's prompt becomes K rows
+        (sample-major), which the methods see as K samples (VAR's state per row), the vision tower runs once per
+        image."""
         if len(images) != len(prompts) or not prompts:
             raise MinivarError(f"generate_batch needs as many images as prompts (got {len(images)} and {len(prompts)})")
         if capture is not None and len(prompts) > 1:
@@ -252,7 +255,33 @@ class Pipeline:
         ims = [self.image(img, image_aspect_ratio) for img in images]
         rows = [self.prompt_ids(p, conv_mode, prompt_tokenization, im.num_tokens)[0].tolist()
                 for p, im in zip(prompts, ims)]
-        request = self._request(rows, ims, max_new_tokens, methods, warn, capture is not None)
+        K = check_num_beams(num_beams)
+        searchers = [m for m in methods if getattr(m, "num_beams", None)]     # a method with its own beam search
+        if searchers:
+            if K not in (1, searchers[0].num_beams):
+                raise MinivarError(f"{searchers[0].name} runs its own beam search of {searchers[0].num_beams} beams; "
+                                   f"num_beams {K} differs")
+            if len(prompts) > 1:
+                raise MinivarError(f"{searchers[0].name} runs one sample at a time (generate_batch does that)")
+            K = searchers[0].num_beams
+        check_beam_args(K, 0.0, capture, mask)
+        if K > 1:
+            request = self._request([r for r in rows for _ in range(K)], [im for im in ims for _ in range(K)],
+                                    max_new_tokens, methods, warn, capture is not None)
+            if request.branches > 1:
+                if searchers:
+                    raise MinivarError(f"{searchers[0].name} does not combine with a contrastive method (DAMRO, VCD, "
+                                       f"PAI's guidance): its released code has no contrast branch")
+                raise MinivarError("beam search (num_beams > 1) runs one branch: it does not combine with a "
+                                   "contrastive method (DAMRO, VCD, PAI's guidance)")
+            request.prompt_ids, request.num_beams = rows, K
+            if request.image_features is None:        # the vision tower once per image, its rows given to K rows
+                feats = self.model.image_features(ims)
+                request.image_features = torch.cat([f for f in feats for _ in range(K)])
+                if hasattr(self.model, "positions"):   # M-RoPE reads each row's grid
+                    request.row_images = request.images
+        else:
+            request = self._request(rows, ims, max_new_tokens, methods, warn, capture is not None)
         self.add_hooks(request, methods=methods, sink_config=sink_config, capture=capture, mask=mask, warn=warn)
         return request
 
@@ -275,8 +304,10 @@ class Pipeline:
             feats = [f for f in call.image_features()] + [b.image_features for b in branch if b.image_features is not None]
             request = Request(ids, mask, ims, rows, max_new_tokens, branches=2, image_features=torch.cat(feats),
                               shared=request.shared)
-            if hasattr(self.model, "positions") and all(b.image is not None for b in branch):
-                request.row_images = list(ims) + [b.image for b in branch]      # M-RoPE reads the grids
+            if hasattr(self.model, "positions") and all(b.image is not None or b.image_features is None
+                                                        for b in branch):
+                # M-RoPE reads the grids of the rows' images, in row order (PAI's branch has no image)
+                request.row_images = list(ims) + [b.image for b in branch if b.image is not None]
             call = Call(self, ids, mask, ims, length or ids.shape[1] + max_new_tokens, len(rows), warn=warn,
                         capture=capture, shared=request.shared, features=call.features)
         elif call.features is not None:                 # a method computed the features already: keep them
@@ -341,7 +372,7 @@ class Pipeline:
                        top_p: float = 1.0, seed: int | None = None, conv_mode: str | None = None,
                        image_aspect_ratio: str | None = None, var=None, methods=None, sink_config=None,
                        capture=None, mask=None, hooks=(), on_text=None, warn=None,
-                       prompt_tokenization: str = "llava") -> list[Result]:
+                       prompt_tokenization: str = "llava", num_beams: int = 1) -> list[Result]:
         """Several (image, prompt) pairs in one batch: prompts left-padded to a common length, each sample with its
         own method state (VAR: sinks, image span, counters). Greedy results equal running them one by one.
 
@@ -350,18 +381,32 @@ class Pipeline:
         sample only; sink_config: their τ / sink dims when VAR is off. hooks: hooks of your own, called after
         minivar's. on_text(str) receives the text as it is generated (a single prompt only). conv_mode /
         image_aspect_ratio: None → the family's own (LLaVA-1.5: vicuna_v1, pad; Qwen2-VL: qwen, smart_resize).
-        prompt_tokenization: "llava", "official" or "damro" (see prompt_ids)."""
+        prompt_tokenization: "llava", "official" or "damro" (see prompt_ids). num_beams K > 1: beam search as transformers'
+        generate(num_beams=K) (length_penalty 1, early_stopping False; greedy only; the text comes at the end, not
+        streamed); each Result's extra["sequence_score"] is transformers' sequences_scores."""
         check_generation_args(max_new_tokens, temperature, top_p, seed)
         prompts = check_prompts(prompts)
+        check_beam_args(num_beams, temperature, capture, mask)
+        if len(prompts) > 1 and any(getattr(m, "num_beams", None) for m in with_methods(methods, var)):
+            # a method with its own search (OPERA) runs the samples one by one, as its released code did
+            return [r for im, p in zip(images, prompts) for r in self.generate_batch(
+                [im], [p], max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                conv_mode=conv_mode, image_aspect_ratio=image_aspect_ratio, var=var, methods=methods,
+                sink_config=sink_config, hooks=hooks, warn=warn, prompt_tokenization=prompt_tokenization,
+                num_beams=num_beams)]
         request = self.prepare(images, prompts, conv_mode=conv_mode, image_aspect_ratio=image_aspect_ratio,
                                max_new_tokens=max_new_tokens, var=var, methods=methods, sink_config=sink_config,
-                               capture=capture, mask=mask, warn=warn, prompt_tokenization=prompt_tokenization)
+                               capture=capture, mask=mask, warn=warn, prompt_tokenization=prompt_tokenization,
+                               num_beams=num_beams)
         return self.run(request, temperature=temperature, top_p=top_p, seed=seed, hooks=hooks, on_text=on_text)
 
     def run(self, request: Request, *, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
             hooks=(), on_text=None) -> list[Result]:
         """Generate for a prepared request."""
-        stream = self.tokenizer.decode_token_stream() if on_text is not None and len(request.prompt_ids) == 1 else None
+        check_beam_args(request.num_beams, temperature)
+        beams = request.num_beams > 1
+        stream = (self.tokenizer.decode_token_stream()
+                  if on_text is not None and len(request.prompt_ids) == 1 and not beams else None)
 
         def on_token(ids):
             if stream is not None and ids[0] is not None:
@@ -370,22 +415,32 @@ class Pipeline:
                     on_text(piece)
 
         images = request.images if request.image_features is None else request.row_images
-        gen: Generation = generate(self.model, request.input_ids, images, image_features=request.image_features,
-                                   max_new_tokens=request.max_new_tokens, eos_token_id=self.stop_ids,
-                                   temperature=temperature, top_p=top_p, seed=seed,
-                                   attention_mask=request.attention_mask, hooks=request.hooks + list(hooks),
-                                   on_token=on_token, branches=request.branches, choose=request.choose)
+        search = next((r for r in request.runs.values() if hasattr(r, "search")), None)
+        if search is not None:       # a method's own loop (OPERA)
+            gen = search.search(self.model, request.input_ids, images=images, image_features=request.image_features,
+                                max_new_tokens=request.max_new_tokens, stop_ids=self.stop_ids,
+                                hooks=request.hooks + list(hooks))
+        else:
+            gen = generate(self.model, request.input_ids, images, image_features=request.image_features,
+                           max_new_tokens=request.max_new_tokens, eos_token_id=self.stop_ids,
+                           temperature=temperature, top_p=top_p, seed=seed,
+                           attention_mask=request.attention_mask, hooks=request.hooks + list(hooks),
+                           on_token=on_token, branches=request.branches, choose=request.choose,
+                           num_beams=request.num_beams)
         if stream is not None:
             tail = stream.flush()        # bytes held back in case a multi-byte character was still incomplete
             if tail:
                 on_text(tail)
-        return self._results(request, gen)
+        results = self._results(request, gen)
+        if beams and on_text is not None and len(results) == 1:
+            on_text(results[0].text)     # a beam's answer is known only at the end
+        return results
 
     @torch.inference_mode()
     def generate_many(self, image, prompts, *, max_new_tokens: int = 128, temperature: float = 0.0,
                       top_p: float = 1.0, seed: int | None = None, conv_mode: str | None = None,
                       image_aspect_ratio: str | None = None, var=None, methods=None, warn=None,
-                      prompt_tokenization: str = "llava") -> list[Result]:
+                      prompt_tokenization: str = "llava", num_beams: int = 1) -> list[Result]:
         """Several prompts about one image, the shared prefix computed once; one Result per prompt, equal to
         running each prompt alone (greedy).
 
@@ -407,6 +462,11 @@ class Pipeline:
         prompts = check_prompts(prompts)
         if not prompts:
             raise MinivarError("generate_many needs at least one prompt")
+        if check_beam_args(num_beams, temperature) > 1:       # beams reorder rows: no shared prefix, one batch
+            return self.generate_batch([image] * len(prompts), list(prompts), max_new_tokens=max_new_tokens,
+                                       conv_mode=conv_mode, image_aspect_ratio=image_aspect_ratio, var=var,
+                                       methods=methods, warn=warn, prompt_tokenization=prompt_tokenization,
+                                       num_beams=num_beams)
         methods = with_methods(methods, var)
         branching = [m for m in methods if type(m).branch is not Method.branch]
         if len(branching) > 1:
@@ -512,21 +572,25 @@ class Pipeline:
         timing = {"load_s": self.load_s, "prefill_s": gen.prefill_s, "decode_s": gen.decode_s,
                   "decode_tokens": gen.decode_tokens, "decode_tokens_per_s": gen.decode_tokens_per_s}
         results = []
+        K = request.num_beams
         for b, ids in enumerate(gen.output_ids):
             # the generated rows this sample fed to the model: each emitted token, except the last one when the
             # sample stopped at max_new_tokens (rows of a sample that stopped before its batch are not counted)
             fed = len(ids) if gen.finished[b] else max(len(ids) - 1, 0)
             reports = {}
             for name, run in request.runs.items():
-                report = run.report(b, fed)
+                # beam search: the sample's first row, and the row each token of its answer was fed in
+                report = run.report(b * K, fed, rows=gen.rows[b]) if K > 1 else run.report(b, fed)
                 if report is not None:
                     reports[name] = report
             # the methods' panels of the attention explorer, when a capture read the call (one sample)
             captured = request.call is not None and request.call.capture
             panels = {name: recs for name, run in request.runs.items()
                       if captured and (recs := getattr(run, "explorer", lambda b: None)(b))}
+            extra = ({"explorer": panels} if panels else {}) | (
+                {"num_beams": K, "sequence_score": gen.scores[b]} if K > 1 else {})
             results.append(Result(self.tokenizer.decode(ids), ids, request.prompt_ids[b], dict(timing),
-                                  gen.finished[b], reports, {"explorer": panels} if panels else {}))
+                                  gen.finished[b], reports, extra))
         return results
 
     def capture(self, image, prompt: str, *, layers=(), heads=None, attention=("before", "after"),
@@ -554,6 +618,23 @@ class Pipeline:
         cap.result = self.generate(image, prompt, max_new_tokens=max_new_tokens, var=var, capture=cap, mask=key_mask,
                                    **generate_kwargs)
         return cap
+
+
+def check_num_beams(num_beams) -> int:
+    if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
+        raise MinivarError(f"`num_beams` must be an integer ≥ 1, got {num_beams!r}")
+    return num_beams
+
+
+def check_beam_args(num_beams, temperature: float, capture=None, mask=None) -> int:
+    """The settings beam search refuses: sampling, and the inspection hooks (they record one row per sample)."""
+    K = check_num_beams(num_beams)
+    if K > 1 and temperature > 0:
+        raise MinivarError(f"beam search is greedy: num_beams {K} needs temperature 0, got {temperature}")
+    if K > 1 and (capture is not None or mask is not None):
+        raise MinivarError("the pictures and key masking record one row per sample: run them without beam search "
+                           "(num_beams 1)")
+    return K
 
 
 def check_tokenization(tokenization: str, conv_mode: str) -> None:

@@ -323,7 +323,8 @@ def test_resume_with_other_settings_is_refused(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(minivar, "load", lambda *a, **k: pytest.fail("the model must not load"))
     for extra, name in [(["--max-new-tokens", "5"], "max_new_tokens"), (["--var"], "var"),
                         (["--batch-size", "3"], "batch_size"), (["--image-aspect-ratio", "crop"], "image_aspect_ratio"),
-                        (["--dtype", "bfloat16"], "dtype"), (["--conv-mode", "llava_hf"], "conv_mode")]:
+                        (["--dtype", "bfloat16"], "dtype"), (["--conv-mode", "llava_hf"], "conv_mode"),
+                        (["--num-beams", "2"], "decoding"), (["--opera"], "methods")]:
         args = run_args(root, out) + extra
         rc, stdout, err = cli(args)
         assert_one_line_error(rc, stdout, err, out, name)
@@ -337,6 +338,21 @@ def test_resume_with_other_settings_is_refused(tiny, tmp_path, monkeypatch):
     # a smaller --limit would shrink the finished run (issue 19, defect 1): refused, nothing changes
     assert_one_line_error(*cli(run_args(root, out, "--limit", "5", "--json")), "--limit")
     assert snapshot(out) == before
+
+
+def test_run_with_opera_records_its_settings_and_the_beam_width(tiny, tmp_path):
+    root, _, _ = tiny
+    out = tmp_path / "opera"
+    rc, stdout, err = cli(run_args(root, out, "--opera", "--opera-candidates", "2", "--num-beams", "2", "--limit",
+                                   "2", "--max-new-tokens", "3", "--json"))
+    assert rc == 0, err
+    run = json.loads((out / "run.json").read_text())
+    assert run["decoding"] == {"num_beams": 2}
+    assert run["methods"]["opera"] == {"scale": 50.0, "threshold": 15, "candidates": 2, "penalty": 1.0,
+                                       "num_beams": 2, "window": 512, "rule": "released"}
+    # a resume asking for another OPERA setting is refused before anything loads
+    assert_one_line_error(*cli(run_args(root, out, "--opera", "--opera-candidates", "3", "--num-beams", "2",
+                                        "--limit", "2", "--max-new-tokens", "3")), "methods")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -131,9 +131,11 @@ def test_generation_kwargs():
     assert gen_settings({"do_sample": True, "seed": 3}, "t", 128, False) == GenSettings(128, 1.0, 1.0, 3, ())
     # the image mode is the model's (model arg image_aspect_ratio), not the task's
     assert gen_settings({"image_aspect_ratio": "original"}, "t", 128, False) == greedy
+    # beam search: the task's width
+    assert gen_settings({"num_beams": 3}, "t", 128, False) == GenSettings(128, 0.0, 1.0, None, (), num_beams=3)
 
 
-@pytest.mark.parametrize("kwargs, name", [({"num_beams": 3}, "num_beams"), ({"top_k": 5}, "top_k"),
+@pytest.mark.parametrize("kwargs, name", [({"num_beams": 0}, "num_beams"), ({"top_k": 5}, "top_k"),
                                           ({"repetition_penalty": 1.2}, "repetition_penalty"),
                                           ({"visual_cot": True}, "visual_cot"), ({"until": [1]}, "until")])
 def test_unsupported_generation_kwargs_are_refused(kwargs, name):
@@ -348,3 +350,24 @@ def test_lmms_eval_runs_local_tasks_on_minivar_with_var(tmp_path, demo_weights, 
     scores = json.loads(results[-1].read_text())["results"]
     assert scores["minivar_test_vqa"]["exact_match,none"] == pytest.approx(sum(s["exact_match"] for s in vqa) / 3)
     assert scores["minivar_test_choice"]["acc,none"] == pytest.approx(sum(s["acc"] for s in choice) / 3)
+
+
+def test_beam_search_and_opera_through_the_plugin(tiny_checkpoint):
+    """A task's num_beams runs beam search; the model args opera=true num_beams=2 run OPERA: the pipeline's answers."""
+    from minivar.methods.opera import OPERA
+    docs = fixture_docs()[:2]
+    contexts = [d["question"] + POST_PROMPT for d in docs]
+    plain = Minivar(pretrained=str(tiny_checkpoint), device="cpu", dtype="float32", batch_size=2)
+    plain.task_dict = {"t": {"test": docs}}
+    out = plain.generate_until(requests("generate_until", "t", [(c, image_of, {"max_new_tokens": 4, "num_beams": 3})
+                                                                for c in contexts]))
+    assert [o.text for o in out] == [plain.pipeline.generate(fixture_image(d), c, max_new_tokens=4,
+                                                             num_beams=3).text.strip() for d, c in zip(docs, contexts)]
+    opera = Minivar(pretrained=str(tiny_checkpoint), device="cpu", dtype="float32", batch_size=2, opera=True,
+                    num_beams=2, opera_candidates=2)
+    opera.task_dict = {"t": {"test": docs}}
+    out = opera.generate_until(requests("generate_until", "t", [(c, image_of, {"max_new_tokens": 4})
+                                                                for c in contexts]))
+    want = [opera.pipeline.generate(fixture_image(d), c, max_new_tokens=4, methods=[OPERA(num_beams=2, candidates=2)])
+            for d, c in zip(docs, contexts)]
+    assert [o.text for o in out] == [w.text.strip() for w in want]

@@ -56,7 +56,7 @@ def test_the_commands_and_extras(pyproject):
     assert {"pyarrow", "tqdm", "nltk"} <= set(extras["eval"])
     runtime = {re.split(r"[<>=!~ ]", d)[0] for d in project["dependencies"]}
     assert runtime == {"torch", "numpy", "safetensors", "tokenizers", "pillow", "huggingface-hub",
-                       "jinja2"}   # design rule (jinja2: Qwen3-VL's chat template, docs/qwen3-vl.md)
+                       "jinja2"}   # design rule (jinja2: the checkpoints' chat templates, Qwen3-VL's and InternVL's)
 
 
 def test_every_data_file_is_declared(pyproject):

@@ -20,7 +20,7 @@ from pathlib import Path
 from .. import __version__
 from ..defaults import DEFAULT_MODEL
 from ..flags import (CONV_MODES, IMAGE_MODES, PROMPT_TOKENIZATION_HELP, PROMPT_TOKENIZATIONS, HelpFormatter,
-                     add_contrastive_flags, overview)
+                     add_beam_flags, add_contrastive_flags, overview)
 from ..errors import MinivarError, run_command
 
 BENCHMARK_NAMES = ("pope", "mme", "chair", "mmvp", "cvbench", "gqa")
@@ -108,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt-tokenization", choices=PROMPT_TOKENIZATIONS, default="llava",
                    help=f"{PROMPT_TOKENIZATION_HELP} (default: llava)")
     add_contrastive_flags(r)
+    add_beam_flags(r)
     e = r.add_argument_group("execution")
     e.add_argument("--batch-size", type=int, default=8, help="questions about one image answered together (default 8)")
     e.add_argument("--limit", type=int, default=None, metavar="N", help=LIMIT_HELP)
@@ -164,9 +165,11 @@ class Terminated(BaseException):
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from .harness import cli_logging
+    from .hallucination import cmd_hallucination
     from .reproduce import cmd_reproduce  # noqa: E402
     commands = {"run": cmd_run, "score": cmd_score, "compare": cmd_compare, "download": cmd_download,
-                "reproduce": cmd_reproduce}
+                # reproduce hallucination (several methods, one table) is hallucination.py's; var and damro reproduce's
+                "reproduce": lambda a: (cmd_hallucination if a.paper == "hallucination" else cmd_reproduce)(a)}
 
     def work(a):
         try:
@@ -194,9 +197,9 @@ def method_settings(args, bench):
     """The methods the flags ask for, built as run.py builds them (flags.py): --var without --var-preset
     takes the paper's preset for the benchmark's family (hallucination ρ 0.5, vision ρ 0.9, general ρ 0.8), under
     either rule (the released rule's rho = 1 − ρ); checked before the model loads."""
-    from minivar.flags import DAMRO_OPTIONS, VAR_OPTIONS, VCD_OPTIONS, methods_from_options
-    return methods_from_options({k: getattr(args, k) for k in ("var", "seed") + VAR_OPTIONS + DAMRO_OPTIONS
-                                 + VCD_OPTIONS},
+    from minivar.flags import DAMRO_OPTIONS, OPERA_OPTIONS, PAI_OPTIONS, VAR_OPTIONS, VCD_OPTIONS, methods_from_options
+    return methods_from_options({k: getattr(args, k) for k in ("var", "seed", "num_beams") + VAR_OPTIONS
+                                 + DAMRO_OPTIONS + VCD_OPTIONS + PAI_OPTIONS + OPERA_OPTIONS},
                                 preset=bench.family or "general")[0]
 
 
@@ -218,8 +221,9 @@ def execute_run(args) -> dict | None:
     (`reproduce` makes its runs through here, so they are exactly the runs `run` makes.)"""
     from . import harness
     bench = harness.get_benchmark(args.bench)
-    from minivar.flags import var_of
+    from minivar.flags import num_beams_of, var_of
     methods = method_settings(args, bench)
+    num_beams = num_beams_of(vars(args))
     var = var_of(methods)
     shard = harness.parse_shard(args.shard) if args.shard is not None else harness.torchrun_shard()
     result = harness.run(bench, args.data, args.out, images=args.images, model=args.model, var=var,
@@ -228,7 +232,7 @@ def execute_run(args) -> dict | None:
                          max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, limit=args.limit, shard=shard,
                          device=args.device, dtype=args.dtype, partial=args.partial,
                          prompt_tokenization=args.prompt_tokenization, temperature=args.temperature,
-                         top_p=args.top_p, seed=args.seed)
+                         top_p=args.top_p, seed=args.seed, num_beams=num_beams)
     return result
 
 

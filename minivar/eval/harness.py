@@ -53,7 +53,7 @@ ANSWER_SETTINGS = ("benchmark", "questions", "model", "device", "dtype", "var", 
 FLAGS = {"benchmark": "BENCH", "questions": "the questions in --data", "model": "--model", "device": "--device",
          "dtype": "--dtype", "var": "VAR (--var and its flags)",
          "methods": "the methods besides VAR and their flags", "conv_mode": "--conv-mode",
-         "decoding": "--temperature / --top-p / --seed",
+         "decoding": "--temperature / --top-p / --seed / --num-beams",
          "image_aspect_ratio": "--image-aspect-ratio", "max_new_tokens": "--max-new-tokens",
          "batch_size": "--batch-size", "limit": "--limit", "prompt_tokenization": "--prompt-tokenization"}
 
@@ -342,10 +342,13 @@ class Generation:
     temperature: float = 0.0                    # 0: greedy (LLaVA-1.5's evaluation); DAMRO's scripts sample at 1
     top_p: float = 1.0
     seed: int | None = None                     # seeds each batch's sampling (a batch is the same on every resume)
+    num_beams: int = 1                          # > 1: beam search (OPERA: its own, 5 by default)
 
     @property
     def decoding(self):
-        """run.json's "decoding": "greedy", or the sampling settings."""
+        """run.json's "decoding": "greedy", {"num_beams": K} (beam search), or the sampling settings."""
+        if self.num_beams > 1:
+            return {"num_beams": self.num_beams}
         if self.temperature <= 0:
             return "greedy"
         return {"temperature": self.temperature, "top_p": self.top_p, "seed": self.seed}
@@ -358,7 +361,7 @@ def answer_group(pipeline, image, prompts: list[str], settings: Generation) -> l
                                   conv_mode=settings.conv_mode, image_aspect_ratio=settings.image_aspect_ratio,
                                   var=settings.var, methods=list(settings.methods),
                                   prompt_tokenization=settings.prompt_tokenization, temperature=settings.temperature,
-                                  top_p=settings.top_p, seed=settings.seed)
+                                  top_p=settings.top_p, seed=settings.seed, num_beams=settings.num_beams)
 
 
 class Progress:
@@ -520,7 +523,7 @@ def run(bench, data: list[Path], out: Path, *, images: Path | None = None, model
         batch_size: int = 8, limit: int | None = None, shard: tuple[int, int] | None = None, device: str = "auto",
         dtype: str = "auto", partial: bool = False, log=stderr, load=None,
         prompt_tokenization: str = "llava", temperature: float = 0.0, top_p: float = 1.0,
-        seed: int | None = None) -> dict | None:
+        seed: int | None = None, num_beams: int = 1) -> dict | None:
     """Answer the benchmark's questions into `out` (see the module docstring); return {"bench", "n", "metrics"} once
     every question has an answer (with partial=True: the metrics of those answered so far), else None.
 
@@ -530,7 +533,7 @@ def run(bench, data: list[Path], out: Path, *, images: Path | None = None, model
     from dataclasses import asdict
 
     from ..flags import check_seed_applies, contrastive_load
-    from ..pipeline import check_generation_args, check_tokenization, pick_device, pick_dtype
+    from ..pipeline import check_beam_args, check_generation_args, check_tokenization, pick_device, pick_dtype
     from . import minivar_version
 
     bench = get_benchmark(bench)
@@ -542,10 +545,14 @@ def run(bench, data: list[Path], out: Path, *, images: Path | None = None, model
     default_conv, default_image = model_eval_settings(model, bench)
     gen = Generation(bench.max_new_tokens if max_new_tokens is None else max_new_tokens,
                      conv_mode or default_conv, image_aspect_ratio or default_image, var,
-                     prompt_tokenization, tuple(m for m in methods if m.name != "var"), temperature, top_p, seed)
+                     prompt_tokenization, tuple(m for m in methods if m.name != "var"), temperature, top_p, seed,
+                     num_beams)
     check_tokenization(prompt_tokenization, gen.conv_mode)
     check_generation_args(gen.max_new_tokens, temperature, top_p, seed)
     check_seed_applies(seed, temperature, list(methods), spell=lambda k: "--" + k.replace("_", "-"))
+    check_beam_args(num_beams, temperature)
+    if gen.max_new_tokens < 1:           # an empty answer would still be scored (POPE reads it as "yes")
+        raise MinivarError(f"--max-new-tokens must be ≥ 1 for a benchmark run, got {gen.max_new_tokens}")
     if var is not None:
         var.validate()
     device = run_device(device)

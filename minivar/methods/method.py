@@ -12,6 +12,9 @@ the model) and the method may
      and `choose(logits, contrast)` that changes the next-token logits before the token is picked;
   3. `run.report(b, generated_rows)`: what it did for sample b (the `--json` key `method.name`).
 
+Beam search (num_beams K) gives the methods K rows per sample (K copies of its prompt, sample-major): hooks act in
+every beam; the rows of one sample share the prompt, and after each step a row may continue another row's beam.
+
 `settings()` are the method's answer-changing settings: run.json records them and a resume must match them.
 Methods compose in list order: VAR's hooks act in every branch; a decoding-level method combines the logits.
 At most one method of a call may add a branch.
@@ -44,8 +47,10 @@ class MethodRun:
         [B, V] (None when no method added one)."""
         return logits
 
-    def report(self, b: int, generated_rows: int) -> dict | None:
-        """Sample b's report (JSON-ready), counting the first `generated_rows` generated rows; None: nothing."""
+    def report(self, b: int, generated_rows: int, rows: list[int] | None = None) -> dict | None:
+        """Sample b's report (JSON-ready), counting the first `generated_rows` generated rows; None: nothing.
+        Under beam search (and only then) b is the sample's first row and `rows` the row each of its answer's
+        generated tokens ran in: beams move between rows, so per-row state is read along these."""
         return None
 
     def explorer(self, b: int) -> list[dict] | None:

@@ -167,8 +167,8 @@ class VARRun(MethodRun):
         self.state, self.sink_dims_source = state, sink_dims_source
         self.hooks = [state]                 # it updates the sink sets it shares with the capture and the masking
 
-    def report(self, b, generated_rows):
-        return self.state.report(b, generated_rows) | {"sink_dims_source": self.sink_dims_source}
+    def report(self, b, generated_rows, rows=None):
+        return self.state.report(b, generated_rows, rows) | {"sink_dims_source": self.sink_dims_source}
 
 
 def call_sinks(call, cfg: VARConfig) -> tuple[Sinks, str]:

@@ -148,11 +148,16 @@ class VARState(Hook):
             keys = self._keys[layer] = self.sinks.keys(layer, max(K, self.max_len or 0))
         return tuple(m[:, :K] for m in keys)
 
-    def report(self, b: int = 0, generated_rows: int | None = None) -> dict:
+    def report(self, b: int = 0, generated_rows: int | None = None, rows: list[int] | None = None) -> dict:
         """Sample b's settings, sinks and counters, JSON-ready, in positions of its own (unpadded) prompt.
         generated_rows: count only the first that many generated rows (a sample that stopped before the others of
-        its batch; None: all)."""
-        decode = self.decode_rows[b, :, :generated_rows].sum(-1)
+        its batch; None: all). rows: under beam search, the row each generated token of the answer ran in (the
+        counters are kept per row and step; beams move between rows)."""
+        if rows:
+            steps = torch.arange(len(rows), device=self.decode_rows.device)
+            decode = self.decode_rows[torch.tensor(rows, dtype=torch.long, device=steps.device), :, steps].sum(0)
+        else:
+            decode = self.decode_rows[b, :, :0 if rows is not None else generated_rows].sum(-1)
         rho_paper, p_paper = self.cfg.paper_values()
         asked = set(self.cfg.layers or ()) - set(self.layers)      # named layers the rule can never touch
         untouched = {"layers_not_touched": sorted(asked),

@@ -44,9 +44,17 @@ class Family:
     demo: Callable | None = None
 
     def with_image_options(self, cfg, **options):
-        if self.image_options is None:
-            names = ", ".join(f"--{k.replace('_', '-')}" for k in options)
-            raise MinivarError(f"{names} applies to Qwen2-VL / Qwen2.5-VL / Qwen3-VL, not to {self.name}")
+        """The config with the user's image settings; an option this family does not take is one error naming
+        the families that do (Qwen2-VL: --min-pixels / --max-pixels, InternVL: --max-patches)."""
+        import inspect
+        takes = set(inspect.signature(self.image_options).parameters) if self.image_options is not None else set()
+        wrong = [k for k in options if k not in takes]
+        if wrong:
+            from .registry import FAMILIES
+            owners = sorted({f.name for f in FAMILIES.values() for k in wrong if f.image_options is not None
+                             and k in inspect.signature(f.image_options).parameters})
+            names = ", ".join(f"--{k.replace('_', '-')}" for k in wrong)
+            raise MinivarError(f"{names} applies to {' / '.join(owners) or 'no family'}, not to {self.name}")
         return self.image_options(cfg, **options)
 
     def conv_mode_for(self, cfg) -> str:

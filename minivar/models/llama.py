@@ -203,7 +203,9 @@ class LlamaAttention(nn.Module):
 
     The numbers are attention.attention's (read that first: scores, mask, fp32 softmax, hooks, @ v); `attend`
     picks the fastest path of attention_fast.py that gives them. A family with other biases (Qwen2: q/k/v only)
-    passes qkv_bias / o_bias, Qwen3 qk_norm; cos/sin come with the DecoderCall, so its rotary positions are its own."""
+    passes qkv_bias / o_bias; qk_norm (Qwen3) RMS-normalises each head's query and key before the rotary (q_norm,
+    k_norm: one weight of head_dim, shared by the heads); cos/sin come with the DecoderCall, so its rotary positions
+    are its own."""
 
     def __init__(self, cfg: TextConfig, layer_idx: int, *, qkv_bias: bool | None = None, o_bias: bool | None = None,
                  qk_norm: bool = False):
@@ -225,8 +227,11 @@ class LlamaAttention(nn.Module):
     def forward(self, x: torch.Tensor, call: DecoderCall) -> torch.Tensor:
         """x [B, T, D] at cache positions call.rows → [B, T, D]."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # [B, H, T, hd]
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)       # [B, H_kv, T, hd]
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)
+        if self.qk_norm:                                  # per head, over head_dim (Qwen3)
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)        # [B, H, T, hd], [B, H_kv, T, hd]
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
