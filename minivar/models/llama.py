@@ -233,8 +233,6 @@ class LlamaAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)        # [B, H, T, hd], [B, H_kv, T, hd]
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, call.cos, call.sin), apply_rope(k, call.cos, call.sin)
         kv = call.cache.update(self.layer_idx, k, v, call.rows.start) if call.cache is not None else KV(k, v)
         mask, hooks = call.mask, call.hooks
