@@ -7,6 +7,11 @@ from typing import Callable
 from ..errors import MinivarError
 
 
+# which families take each image option (the command lines' --min-pixels, --max-pixels, --max-patches)
+_QWEN = "Qwen2-VL / Qwen2.5-VL / Qwen3-VL"
+IMAGE_OPTION_FAMILIES = {"min_pixels": _QWEN, "max_pixels": _QWEN, "max_patches": "InternVL"}
+
+
 @dataclass(frozen=True)
 class Family:
     model_type: str                        # config.json's model_type
@@ -45,16 +50,14 @@ class Family:
 
     def with_image_options(self, cfg, **options):
         """The config with the user's image settings; an option this family does not take is one error naming
-        the families that do (Qwen2-VL: --min-pixels / --max-pixels, InternVL: --max-patches)."""
+        the families that do (IMAGE_OPTION_FAMILIES: a plain table, since this record imports no registry)."""
         import inspect
         takes = set(inspect.signature(self.image_options).parameters) if self.image_options is not None else set()
         wrong = [k for k in options if k not in takes]
         if wrong:
-            from .registry import FAMILIES
-            owners = sorted({f.name for f in FAMILIES.values() for k in wrong if f.image_options is not None
-                             and k in inspect.signature(f.image_options).parameters})
+            owners = " / ".join(dict.fromkeys(IMAGE_OPTION_FAMILIES.get(k, "no family") for k in wrong))
             names = ", ".join(f"--{k.replace('_', '-')}" for k in wrong)
-            raise MinivarError(f"{names} applies to {' / '.join(owners) or 'no family'}, not to {self.name}")
+            raise MinivarError(f"{names} applies to {owners}, not to {self.name}")
         return self.image_options(cfg, **options)
 
     def conv_mode_for(self, cfg) -> str:
