@@ -250,7 +250,7 @@ class PAIRun(MethodRun):
                             "steps": [{"branches": {n: c[b] for n, c in step.items()}} for step in self.steps]})
         return records
 
-    def report(self, b: int, generated_rows: int) -> dict:
+    def report(self, b: int, generated_rows: int, rows: list[int] | None = None) -> dict:
         layers = sorted(self.state.layers)
         report = self.config.settings() | {"layers_edited": [layers[0], layers[-1] + 1] if layers else []}
         if self.state.kept is not None and b == 0:       # a capture ran (the pictures): the scores it showed
