@@ -67,9 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt template: vicuna_v1 = LLaVA-1.5's evaluation, with its system prompt; llava_hf = the "
                         "llava-hf model card's; llava_v1 = LLaVA's conv_llava_v1 (\"curious human\"), the template "
                         "DAMRO's and VCD's scripts use; mistral_instruct = LLaVA-NeXT-Mistral's; qwen = Qwen2-VL's "
-                        "Instruct chat; internvl = the InternVL checkpoint's chat template (default: the model's own: "
-                        "vicuna_v1, mistral_instruct for LLaVA-NeXT-Mistral, qwen for Qwen2-VL / Qwen2.5-VL, internvl "
-                        "for InternVL)")
+                        "Instruct chat; qwen3 = the Qwen3-VL checkpoint's own chat template; internvl = the InternVL "
+                        "checkpoint's chat template (default: the model's own: vicuna_v1, mistral_instruct for "
+                        "LLaVA-NeXT-Mistral, qwen for Qwen2-VL / Qwen2.5-VL, qwen3 for Qwen3-VL, internvl for InternVL)")
     p.add_argument("--image-aspect-ratio", choices=IMAGE_MODES, default=None,
                    help="pad: LLaVA-1.5 evaluation; crop: llava-hf processor; anyres: LLaVA-NeXT's tiles; "
                         "smart_resize: Qwen2-VL's; tiles: InternVL's 448 px tiles + thumbnail "
@@ -154,9 +154,9 @@ def var_config(args):
 def method_settings(args):
     """(the methods the flags ask for, the pictures' sink rule): the translation minivar-eval and the lmms-eval
     plugin share (flags.py)."""
-    from minivar.flags import DAMRO_OPTIONS, OPERA_OPTIONS, VAR_OPTIONS, VCD_OPTIONS, methods_from_options
+    from minivar.flags import DAMRO_OPTIONS, OPERA_OPTIONS, PAI_OPTIONS, VAR_OPTIONS, VCD_OPTIONS, methods_from_options
     opts = {k: getattr(args, k) for k in ("var", "seed", "num_beams") + VAR_OPTIONS + DAMRO_OPTIONS + VCD_OPTIONS
-            + OPERA_OPTIONS}
+            + PAI_OPTIONS + OPERA_OPTIONS}
     return methods_from_options(opts, sinks_used=args.save_attention is not None or args.mask_visual_sinks)
 
 
@@ -204,6 +204,13 @@ def method_summary(name: str, report: dict) -> str:
     if name == "vcd":
         return (f"minivar: VCD: the image noised to diffusion step {report['noise_step']} as the contrast image, "
                 f"α {report['alpha']:g}, β {report['beta']:g}")
+    if name == "pai":
+        lo, hi = report["layers_edited"] or [0, 0]
+        guided = (f"guidance γ {report['gamma']:g} against the prompt without the image" if report["gamma"] != 1
+                  else "no guidance (γ 1)")
+        return (f"minivar: PAI: image keys' scores a + α·|a|, α {report['alpha']:g}, in layers {lo}..{hi - 1}; "
+                f"{guided}" + ("; the first token chosen before any edit (the released loop)"
+                                if report["gamma"] != 1 and report["first_token"] == "unedited" else ""))
     if name == "opera":
         return (f"minivar: OPERA: {report['rollbacks']} rollback{'s' * (report['rollbacks'] != 1)}, "
                 f"{report['penalised_steps']} penalised step{'s' * (report['penalised_steps'] != 1)}")

@@ -27,6 +27,8 @@ FLAGS = {
     "DAMROConfig.alpha": "--damro-alpha", "DAMROConfig.beta": "--damro-beta", "DAMROConfig.topk": "--damro-topk",
     "DAMROConfig.preset": "--damro-preset", "VCDConfig.alpha": "--vcd-alpha", "VCDConfig.beta": "--vcd-beta",
     "VCDConfig.noise_step": "--vcd-noise-step",
+    "PAIConfig.alpha": "--pai-alpha", "PAIConfig.layers": "--pai-layers", "PAIConfig.gamma": "--pai-gamma",
+    "PAIConfig.first_token": "--pai-first-token",
 }
 
 

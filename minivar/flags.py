@@ -20,8 +20,9 @@ from .errors import MinivarError
 # command lines
 DAMRO_OPTIONS = ("damro", "damro_alpha", "damro_beta", "damro_topk", "damro_preset")
 VCD_OPTIONS = ("vcd", "vcd_alpha", "vcd_beta", "vcd_noise_step")
+PAI_OPTIONS = ("pai", "pai_alpha", "pai_layers", "pai_gamma", "pai_first_token")
 OPERA_OPTIONS = ("opera", "opera_scale", "opera_threshold", "opera_candidates", "opera_penalty", "opera_rule")
-CONV_MODES = ("vicuna_v1", "llava_hf", "llava_v1", "mistral_instruct", "qwen", "internvl")   # every family's templates (registry)
+CONV_MODES = ("vicuna_v1", "llava_hf", "llava_v1", "mistral_instruct", "qwen", "qwen3", "internvl")  # every family's
 IMAGE_MODES = ("pad", "crop", "anyres", "smart_resize", "tiles")       # every family's image modes (registry)
 PROMPT_TOKENIZATION_HELP = ("llava: BOS + the template as LLaVA's fast tokenizer gives it; official: as the VAR "
                             "authors' released code does (no BOS, 29871 kept once; vicuna_v1 only; "
@@ -103,6 +104,9 @@ def opera_methods(opts: dict, spell=flag) -> list:
         if opts.get(other):
             raise MinivarError(f"{spell('opera')} does not combine with {spell(other)}: the released OPERA has no "
                                f"contrast branch")
+    if opts.get("pai") and opts.get("pai_gamma") != 1:      # PAI's guidance branch (γ ≠ 1; its default is 1.1)
+        raise MinivarError(f"{spell('opera')} does not combine with {spell('pai')}'s guidance branch: the released "
+                           f"OPERA has no contrast branch ({spell('pai_gamma')} 1 keeps PAI's attention step alone)")
     return [found]
 
 
@@ -141,12 +145,15 @@ def add_beam_flags(parser) -> None:
 
 
 def contrastive_methods(opts: dict, spell=flag) -> list:
-    """DAMRO and VCD as the options ask for them (each None without its switch); they run with VAR or alone, not
-    with each other (each adds a contrast branch). `seed` (the run's) seeds VCD's noise."""
-    from .methods import damro, vcd
-    found = [m for m in (damro.from_options(opts, spell), vcd.from_options(opts, spell)) if m is not None]
+    """DAMRO, VCD and PAI as the options ask for them (each None without its switch); they run with VAR or alone,
+    not with each other (each adds a contrast branch; PAI's released code has no way to combine with another
+    decoding rule). `seed` (the run's) seeds VCD's noise."""
+    from .methods import damro, pai, vcd
+    found = [m for m in (damro.from_options(opts, spell), vcd.from_options(opts, spell),
+                         pai.from_options(opts, spell)) if m is not None]
     if len(found) > 1:
-        raise MinivarError(f"{spell('damro')} and {spell('vcd')} each add a contrast branch: use one of them")
+        names = [spell(m.name) for m in found]
+        raise MinivarError(f"{' and '.join(names)} each add a contrast branch: use one of them")
     return found
 
 
@@ -171,6 +178,24 @@ def add_contrastive_flags(parser) -> None:
     c.add_argument("--vcd-noise-step", type=int, default=None, metavar="N",
                    help="forward-diffusion step of the noised image, 0..999 of 1000 (default: 500); the noise is "
                         "seeded by --seed (default 0) and the image's pixels")
+    add_pai_flags(parser)
+
+
+def add_pai_flags(parser) -> None:
+    """PAI's flags (docs/pai.md)."""
+    a = parser.add_argument_group("PAI (more attention to the image, guidance against the prompt without it; "
+                                  "docs/pai.md)")
+    a.add_argument("--pai", action="store_true", help="apply PAI (default: off)")
+    a.add_argument("--pai-alpha", type=float, default=None, metavar="A",
+                   help="image keys' pre-softmax scores a ← a + α·|a| (default: 0.2)")
+    a.add_argument("--pai-layers", default=None, metavar="S-E",
+                   help="the layers edited, S … E−1 counted from 0 (the released --start-layer/--end-layer), "
+                        "clipped to the model's depth (default: 2-32)")
+    a.add_argument("--pai-gamma", type=float, default=None, metavar="G",
+                   help="guidance γ ≥ 1 against the prompt without the image; 1: no second branch (default: 1.1)")
+    a.add_argument("--pai-first-token", choices=["unedited", "edited"], default=None,
+                   help="unedited: as the released loop, which leaves the first generated token's forward "
+                        "unedited when γ ≠ 1; edited: the paper's rule (default: unedited)")
 
 
 def var_of(methods):

@@ -222,6 +222,11 @@ class RunInspection:
                     o = numbers["damro_var_overlap"]
                     log(f"minivar: DAMRO's {len(o['outliers'])} ViT outliers and VAR's "
                         f"{len(o['visual_sink_patches'])} visual-sink patches share {o['count']}")
+            pai = (getattr(result, "reports", None) or {}).get("pai")
+            if pai is not None and "scores" in pai:
+                # PAI's image-key scores before/after its step, per layer (span offset order, as "attention"):
+                # attention.json only, --json keeps the settings
+                numbers["pai"] = {k: v for k, v in pai.items() if k != "scores"} | {"scores": pai.pop("scores")}
             # LLaVA-1.5 (one square grid): the one image, as before; other layouts: one view per panel
             paths = viz.save(self.directory, numbers, views[-1] if numbers["grid"] is not None else list(views))
             paths.append(self.write_explorer(llava, result, numbers, views, var))

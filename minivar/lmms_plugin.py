@@ -44,6 +44,8 @@ give each image its own token count):
     (0.8 / 0.5 / 0.9), and every VARConfig field can be set by name: `tau`, `rho`, `p`, `min_image_attention`,
     `sink_dims` (`[1415,2533]`, `1415;2533` or `auto`), `layers` (`[0,1,2]` or `0;1;2`), and any field VARConfig
     gains later. VAR args without var=true are an error;
+  * DAMRO, VCD, PAI: `damro=true`, `vcd=true`, `pai=true` with their command-line settings by name (`pai_alpha`,
+    `pai_layers` as `2-32`, `pai_gamma`, `pai_first_token`; docs/pai.md); generation only;
   * prompt ids: `prompt_tokenization=llava` (default), `official` (VAR's released code; vicuna_v1) or `damro`
     (DAMRO's released scripts: their slow tokenizer; LLaVA's LLaMA templates), as `--prompt-tokenization`;
   * batching: `--batch_size N` runs N requests with the same generation settings together (left-padded, each with
@@ -302,13 +304,14 @@ class Minivar(lmms):
             raise MinivarError(f"--model_args prompt_tokenization={prompt_tokenization!r} is not one of "
                                f"{', '.join(PROMPT_TOKENIZATIONS)}")
         self.prompt_tokenization = prompt_tokenization
-        from .flags import (DAMRO_OPTIONS, OPERA_OPTIONS, VCD_OPTIONS, contrastive_load, contrastive_methods,
-                            num_beams_of, opera_methods)
-        contrastive = {k: var_fields.pop(k) for k in list(var_fields) if k in DAMRO_OPTIONS + VCD_OPTIONS + ("seed",)}
+        from .flags import (DAMRO_OPTIONS, OPERA_OPTIONS, PAI_OPTIONS, VCD_OPTIONS, contrastive_load,
+                            contrastive_methods, num_beams_of, opera_methods)
+        contrastive = {k: var_fields.pop(k) for k in list(var_fields)
+                       if k in DAMRO_OPTIONS + VCD_OPTIONS + PAI_OPTIONS + ("seed",)}
         opera = {k: var_fields.pop(k) for k in list(var_fields) if k in OPERA_OPTIONS + ("num_beams",)}
         self.var = var_config(var, var_preset, **var_fields)
-        # DAMRO / VCD (damro=true damro_preset=pope ..., vcd=true ...) and OPERA (opera=true ...): the command
-        # line's translation
+        # DAMRO / VCD / PAI (damro=true damro_preset=pope ..., vcd=true ..., pai=true pai_gamma=1.1 ...) and OPERA
+        # (opera=true ...): the command line's translation
         spell = lambda k: f"--model_args {k}"        # noqa: E731
         self.methods = contrastive_methods(contrastive, spell=spell) + opera_methods(opera | contrastive, spell)
         self.num_beams = num_beams_of(opera, spell)       # 1, or OPERA's width (a task's num_beams when 1)

@@ -270,10 +270,10 @@ class Pipeline:
                                     max_new_tokens, methods, warn, capture is not None)
             if request.branches > 1:
                 if searchers:
-                    raise MinivarError(f"{searchers[0].name} does not combine with a contrastive method (DAMRO, VCD): "
-                                       f"its released code has no contrast branch")
+                    raise MinivarError(f"{searchers[0].name} does not combine with a contrastive method (DAMRO, VCD, "
+                                       f"PAI's guidance): its released code has no contrast branch")
                 raise MinivarError("beam search (num_beams > 1) runs one branch: it does not combine with a "
-                                   "contrastive method (DAMRO, VCD)")
+                                   "contrastive method (DAMRO, VCD, PAI's guidance)")
             request.prompt_ids, request.num_beams = rows, K
             if request.image_features is None:        # the vision tower once per image, its rows given to K rows
                 feats = self.model.image_features(ims)
@@ -304,8 +304,10 @@ class Pipeline:
             feats = [f for f in call.image_features()] + [b.image_features for b in branch if b.image_features is not None]
             request = Request(ids, mask, ims, rows, max_new_tokens, branches=2, image_features=torch.cat(feats),
                               shared=request.shared)
-            if hasattr(self.model, "positions") and all(b.image is not None for b in branch):
-                request.row_images = list(ims) + [b.image for b in branch]      # M-RoPE reads the grids
+            if hasattr(self.model, "positions") and all(b.image is not None or b.image_features is None
+                                                        for b in branch):
+                # M-RoPE reads the grids of the rows' images, in row order (PAI's branch has no image)
+                request.row_images = list(ims) + [b.image for b in branch if b.image is not None]
             call = Call(self, ids, mask, ims, length or ids.shape[1] + max_new_tokens, len(rows), warn=warn,
                         capture=capture, shared=request.shared, features=call.features)
         elif call.features is not None:                 # a method computed the features already: keep them

@@ -21,7 +21,7 @@ from minivar.models.llama import KV, Cache, KVCache, SharedPrefixCache
 
 FIRST = 6                  # the first position the probability-reading hooks need
 TOL = 1e-5
-HOOKS = ["none", "needs", "key_mask", "changes", "all"]
+HOOKS = ["none", "needs", "key_mask", "changes", "scores", "all"]
 
 
 @pytest.fixture(scope="module", params=["mha", "gqa"])
@@ -61,6 +61,24 @@ class ChangesProbs(NeedsRows):
         return super().probs(layer, torch.where(later, changed, probs), rows, before)
 
 
+class ChangesScores(NeedsRows):
+    """From position FIRST on, the pre-softmax step: key 1's score a ← a + 0.5·|a| (PAI's form); keeps the scores
+    it returns, {(layer, position): [B, H, S]}, and the probabilities after them (NeedsRows)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen_scores = {}
+
+    def scores(self, layer, scores, rows):
+        later = (torch.arange(rows.start, rows.stop) >= FIRST)[None, None, :, None]
+        column = (torch.arange(scores.shape[-1]) == 1)[None, None, None, :]
+        scores = torch.where(later & column, scores + 0.5 * scores.abs(), scores)
+        for i, position in enumerate(rows):
+            if position >= FIRST:
+                self.seen_scores[(layer, position)] = scores[:, :, i].clone()
+        return scores
+
+
 class DropsKey(Hook):
     """Removes key position 2 for every row but its own."""
     masks_keys = True
@@ -73,11 +91,11 @@ class DropsKey(Hook):
 
 def make_hooks(kind):
     return {"none": [], "needs": [NeedsRows()], "key_mask": [DropsKey()], "changes": [ChangesProbs()],
-            "all": [DropsKey(), ChangesProbs(), NeedsRows()]}[kind]
+            "scores": [ChangesScores()], "all": [DropsKey(), ChangesScores(), ChangesProbs(), NeedsRows()]}[kind]
 
 
 def needs_rows(kind):
-    return kind in ("needs", "changes", "all")
+    return kind in ("needs", "changes", "scores", "all")
 
 
 # ---- the two ways of running a case ------------------------------------------------------------------------------
@@ -141,6 +159,12 @@ def assert_same_run(case, model, kind, paths):
             assert f.seen and f.seen.keys() == r.seen.keys()
             for key in f.seen:
                 assert_close(f.seen[key], r.seen[key], key)
+        if isinstance(f, ChangesScores):
+            assert f.seen_scores and f.seen_scores.keys() == r.seen_scores.keys()
+            for key in f.seen_scores:        # masked keys hold (1 − 0.5)·fp32 min on both paths: compare the rest
+                a, b = f.seen_scores[key], r.seen_scores[key]
+                assert torch.equal(a < -1e30, b < -1e30), key
+                assert_close(a.clamp(min=-1e30), b.clamp(min=-1e30), key)
 
 
 def tokens(B, T, seed):
@@ -353,6 +377,49 @@ def test_the_test_hooks_change_what_they_should(model):
     assert (changed[:, FIRST:] - plain[:, FIRST:]).abs().max() > 1e-3
     assert_close(dropped[:, :3], plain[:, :3], "rows up to key 2")
     assert (dropped[:, 3:] - plain[:, 3:]).abs().max() > 1e-3
+    with torch.inference_mode():
+        rescored = model(ids, hooks=[ChangesScores()])
+    assert torch.equal(rescored[:, :FIRST], plain[:, :FIRST])
+    assert (rescored[:, FIRST:] - plain[:, FIRST:]).abs().max() > 1e-3
+
+
+class ScoresOneRow(Hook):
+    """The pre-softmax step on one row only (position ROW): every score of that row doubled."""
+
+    def __init__(self, row):
+        self.row = row
+
+    def explicit_from(self, layer, rows):
+        return self.row if rows.start <= self.row < rows.stop else None
+
+    def scores(self, layer, scores, rows):
+        i = self.row - rows.start
+        if 0 <= i < scores.shape[2]:
+            scores = scores.clone()
+            scores[:, :, i] = scores[:, :, i] * 2
+        return scores
+
+
+@pytest.mark.parametrize("path", ["reference", "split", "written_out"])
+def test_a_scores_hook_changes_exactly_its_row(path):
+    """attention() with a scores hook that changes row ROW: that row's output moves, every other row's is the
+    same bits; the split path (fused rows before it, the rest written out) and the one-row path agree with it."""
+    g = torch.Generator().manual_seed(0)
+    B, H, T, hd, ROW = 2, 3, 9, 8, 6
+    q, k, v = (torch.randn(B, H, T, hd, generator=g) for _ in range(3))
+    plain = attention(q, k, v, None, 0, range(T))
+    changed = attention(q, k, v, None, 0, range(T), ScoresOneRow(ROW))
+    moved = (changed - plain).abs().amax(dim=(0, 1, 3))                       # [T]
+    assert moved[ROW] > 1e-3 and torch.equal(moved[torch.arange(T) != ROW], torch.zeros(T - 1))
+    if path == "split":
+        got = attention_fast.split(q, k, v, None, 0, range(T), ROW, ScoresOneRow(ROW))
+        assert_close(got, changed, "split")
+    elif path == "written_out":          # the last row alone, as a decode step: its scores hook changes it too
+        last = ScoresOneRow(T - 1)
+        want = attention(q, k, v, None, 0, range(T), last)[:, :, -1:]
+        got = attention_fast.written_out(q[:, :, -1:], k, v, None, 0, range(T - 1, T), last)
+        assert_close(got, want, "written_out")
+        assert (got - plain[:, :, -1:]).abs().max() > 1e-3
 
 
 # ---- the cache contract ------------------------------------------------------------------------------------------

@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--conv-mode", choices=CONV_MODES, default=None,
                    help="prompt template: vicuna_v1 (LLaVA-1.5's evaluation), llava_hf (the hub model card's), "
                         "llava_v1 (LLaVA's conv_llava_v1, as DAMRO's and VCD's scripts prompt), "
-                        "mistral_instruct (LLaVA-NeXT-Mistral's), qwen (Qwen2-VL's) (default: the benchmark's "
+                        "mistral_instruct (LLaVA-NeXT-Mistral's), qwen (Qwen2-VL's), qwen3 (Qwen3-VL's own) (default: the benchmark's "
                         "vicuna_v1 where the model speaks it, else the model's own)")
     g.add_argument("--image-aspect-ratio", choices=IMAGE_MODES, default=None,
                    help="pad: pad to square with the CLIP mean colour (LLaVA-1.5's, the default); crop: centre crop; "
@@ -165,9 +165,11 @@ class Terminated(BaseException):
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from .harness import cli_logging
+    from .hallucination import cmd_hallucination
     from .reproduce import cmd_reproduce  # noqa: E402
     commands = {"run": cmd_run, "score": cmd_score, "compare": cmd_compare, "download": cmd_download,
-                "reproduce": cmd_reproduce}
+                # reproduce hallucination (several methods, one table) is hallucination.py's; var and damro reproduce's
+                "reproduce": lambda a: (cmd_hallucination if a.paper == "hallucination" else cmd_reproduce)(a)}
 
     def work(a):
         try:
@@ -195,9 +197,9 @@ def method_settings(args, bench):
     """The methods the flags ask for, built as run.py builds them (flags.py): --var without --var-preset
     takes the paper's preset for the benchmark's family (hallucination ρ 0.5, vision ρ 0.9, general ρ 0.8), under
     either rule (the released rule's rho = 1 − ρ); checked before the model loads."""
-    from minivar.flags import DAMRO_OPTIONS, OPERA_OPTIONS, VAR_OPTIONS, VCD_OPTIONS, methods_from_options
+    from minivar.flags import DAMRO_OPTIONS, OPERA_OPTIONS, PAI_OPTIONS, VAR_OPTIONS, VCD_OPTIONS, methods_from_options
     return methods_from_options({k: getattr(args, k) for k in ("var", "seed", "num_beams") + VAR_OPTIONS
-                                 + DAMRO_OPTIONS + VCD_OPTIONS + OPERA_OPTIONS},
+                                 + DAMRO_OPTIONS + VCD_OPTIONS + PAI_OPTIONS + OPERA_OPTIONS},
                                 preset=bench.family or "general")[0]
 
 

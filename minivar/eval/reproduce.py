@@ -1,4 +1,5 @@
-"""`minivar-eval reproduce var|damro`: a paper's evaluation end to end, base and method, in one command.
+"""`minivar-eval reproduce var|damro`: a paper's evaluation end to end, base and method, in one command
+(`reproduce hallucination`, several methods in one table, is hallucination.py's, built on this module).
 
     minivar-eval reproduce var --data-root data --out runs/var [--benchmarks pope,mme] [--limit N] [--dry-run]
 
@@ -208,8 +209,9 @@ def add_parser(sub, helps: dict, run_parser: argparse.ArgumentParser, execute_ru
                                    "(one run folder per benchmark and setting, exactly the runs `run` makes: rerun "
                                    "to resume), then print one table: reported base → method, measured base → "
                                    "method, the difference with its 95% paired-bootstrap interval, n.")
-    r.add_argument("paper", choices=sorted(PAPERS), metavar="{var,damro}",
-                   help="var: the VAR paper's six benchmarks; damro: DAMRO's POPE, CHAIR and MME")
+    r.add_argument("paper", choices=sorted(PAPERS) + ["hallucination"], metavar="{var,damro,hallucination}",
+                   help="var: the VAR paper's six benchmarks; damro: DAMRO's POPE, CHAIR and MME; hallucination: "
+                        "POPE and CHAIR for base, VCD, OPERA, PAI, DAMRO and VAR in one table (hallucination.py)")
     r.add_argument("--data-root", required=True, type=Path, metavar="DIR",
                    help="the data folder: pope/ mme/ coco/ mmvp/ cvbench/ gqa/ (docs/eval.md, 'Data root')")
     r.add_argument("--out", required=True, type=Path, metavar="DIR",

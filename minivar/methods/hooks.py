@@ -2,19 +2,26 @@
 
 A hook is an object handed to `model(..., hooks=...)` (or `generate(..., hooks=...)`) for one call; it is never
 stored on the model. VAR's per-call state (var_state.VARState), the sink sets it reads (var_state.Sinks), the
-recording capture (probe.Capture) and key masking (probe.KeyMask) are hooks. Subclass `Hook` and override what you
-need; its defaults do nothing. For each layer of each forward call the decoder asks, in this order:
+recording capture (probe.Capture), key masking (probe.KeyMask) and PAI's attention step (pai.PAIState) are hooks.
+Subclass `Hook` and override what you need; its defaults do nothing. For each layer of each forward call the decoder
+asks, in this order:
 
     residual(layer, h, rows)                h [B, T, D]: the layer's residual input, before its input_layernorm
     key_mask(layer, mask, rows) -> mask     mask [B, 1, T, S] bool (True = may attend); only when masks_keys is True
-    explicit_from(layer, rows) -> int|None  the first position of this call whose attention probabilities the hook
-                                            needs (None: none); rows before it may go through the fused kernel
+    explicit_from(layer, rows) -> int|None  the first position of this call whose attention scores or
+                                            probabilities the hook needs (None: none); rows before it may go
+                                            through the fused kernel
+    scores(layer, scores, rows) -> scores   fp32 pre-softmax scores [B, H, R, S] of positions `rows` (scaled q·k,
+                                            masked keys already at the fp32 minimum), after the hooks listed
+                                            before this one: what PAI edits (|a| is not recoverable from the
+                                            probabilities)
     probs(layer, probs, rows, before)       fp32 probabilities [B, H, R, S] of positions `rows`, after the hooks
         -> probs                            listed before this one; `before` = the softmax output itself
 
 `rows` is always a `range` of absolute positions (cache slots) — the rows of `h`, of the mask, or of `probs`. A call
 that starts at position 0 with a row past the prompt does not exist; everything about prefill or decode follows from
-those positions, so a prompt fed in several chunks behaves as one call.
+those positions, so a prompt fed in several chunks behaves as one call. `scores` and `probs` see the same rows:
+those from explicit_from on (every row of the call when a path writes them all out).
 """
 from __future__ import annotations
 
@@ -36,6 +43,9 @@ class Hook:
 
     def explicit_from(self, layer: int, rows: range) -> int | None:
         return None
+
+    def scores(self, layer: int, scores: torch.Tensor, rows: range) -> torch.Tensor:
+        return scores
 
     def probs(self, layer: int, probs: torch.Tensor, rows: range, before: torch.Tensor) -> torch.Tensor:
         return probs
@@ -64,6 +74,11 @@ class Hooks(Hook):
     def explicit_from(self, layer, rows):
         firsts = [f for f in (h.explicit_from(layer, rows) for h in self.hooks) if f is not None]
         return min(firsts) if firsts else None
+
+    def scores(self, layer, scores, rows):
+        for hook in self.hooks:
+            scores = hook.scores(layer, scores, rows)
+        return scores
 
     def probs(self, layer, probs, rows, before):
         for hook in self.hooks:

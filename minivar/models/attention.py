@@ -4,9 +4,9 @@ The decoder (llama.py: LlamaAttention) gets these numbers (to rounding), often f
 the fused kernel for rows no hook needs, one query row as matrix-vector products, a prefix every sample shares);
 tests/test_attention.py holds each of those equal to this function.
 
-Here every row goes through hooks.probs; a speed path may skip the rows before hooks.explicit_from(layer, rows) (they
-take the fused kernel), so a hook changes no row before the position it names: VAR and the captures read or change
-only rows from there on.
+Here every row goes through hooks.scores (before the softmax: PAI) and hooks.probs (after it: VAR, the captures); a
+speed path may skip the rows before hooks.explicit_from(layer, rows) (they take the fused kernel), so a hook changes
+no row before the position it names: the methods and the captures read or change only rows from there on.
 
 Shapes: B batch, H heads, T query rows (this call's tokens), S key positions (cached + new), hd head dim.
 """
@@ -23,6 +23,8 @@ def attention(q, k, v, mask, layer: int, rows: range, hooks=None) -> torch.Tenso
     if mask is None:
         mask = causal_mask(q.shape[2], k.shape[2], q.device)
     scores = scores.masked_fill(~mask, torch.finfo(torch.float32).min)    # a masked key gets exp(min − max) = 0
+    if hooks is not None:        # a pre-softmax step (PAI): change the scores, see hooks.py
+        scores = hooks.scores(layer, scores, rows)
     probs = torch.softmax(scores, dim=-1)
     if hooks is not None:        # the method step (VAR, captures): read or change the probabilities, see hooks.py
         probs = hooks.probs(layer, probs, rows, before=probs)

@@ -82,6 +82,8 @@ def written_out(q, k, v, mask, layer: int, rows: range, hooks=None, prefix=None)
         mask = causal_mask(q.shape[2], scores.shape[-1], q.device)
     if mask is not None:
         scores = scores.masked_fill(~mask, torch.finfo(torch.float32).min)
+    if hooks is not None:
+        scores = hooks.scores(layer, scores, rows)
     probs = torch.softmax(scores, dim=-1)
     if hooks is not None:
         probs = hooks.probs(layer, probs, rows, before=probs)

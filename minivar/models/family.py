@@ -32,6 +32,8 @@ class Family:
     # (PIL image, config, image_aspect_ratio, its ImageInput) → one PIL image per panel: the pixels that panel's
     # tokens cover, as the model saw them (None: a panel not drawn); the pictures draw each panel over its view
     view: Callable | None = None
+    # (normalised key, tensor, config) → the tensor in the module's layout (Qwen3-VL-MoE's experts); None: as stored
+    convert: Callable | None = None
     # the model's vision tower (its attribute): on a CPU in bf16 the loader packs its Linear weights (models/packed.py)
     vision_module: str = "vision_tower"
     # the decoder's layers and head (module paths): packed too when every decode step runs several rows (pack_decoder)

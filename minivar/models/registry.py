@@ -12,9 +12,10 @@ from . import llava, llava_next
 from .family import Family
 from .internvl import family as internvl
 from .qwen2_vl import family as qwen2_vl
+from .qwen3_vl import family as qwen3_vl
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (llava.FAMILY, llava_next.FAMILY, *qwen2_vl.FAMILIES,
-                                                          internvl.FAMILY)}
+                                                         *qwen3_vl.FAMILIES, internvl.FAMILY)}
 # model_types minivar refuses with a message of their own: (config.json dict, where) → the message
 REFUSED = {"internvl_chat": internvl.remote_code_message}
 
