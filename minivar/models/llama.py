@@ -220,7 +220,7 @@ class LlamaAttention(nn.Module):
         self.v_proj = nn.Linear(d, self.n_kv * hd, bias=qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * hd, d, bias=o_bias)
         self.qk_norm = qk_norm
-        if qk_norm:            # Qwen3: an RMSNorm over each head's query and key, before the rotary
+        if qk_norm:
             self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
 
@@ -233,8 +233,6 @@ class LlamaAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)        # [B, H, T, hd], [B, H_kv, T, hd]
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, call.cos, call.sin), apply_rope(k, call.cos, call.sin)
         kv = call.cache.update(self.layer_idx, k, v, call.rows.start) if call.cache is not None else KV(k, v)
         mask, hooks = call.mask, call.hooks
