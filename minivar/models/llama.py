@@ -220,7 +220,7 @@ class LlamaAttention(nn.Module):
         self.v_proj = nn.Linear(d, self.n_kv * hd, bias=qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * hd, d, bias=o_bias)
         self.qk_norm = qk_norm
-        if qk_norm:            # Qwen3: an RMSNorm over each head's query and key, before the rotary
+        if qk_norm:
             self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
 

@@ -52,16 +52,11 @@ def read_chat_template(directory: Path) -> str:
 
 
 def render(template: str, n_images: int, where: str) -> str:
-    """The template for one user turn (n_images images, then QUESTION) and the assistant's opening."""
-    import jinja2.sandbox        # the checkpoint's template is jinja; imported here, for InternVL alone
+    """The template for one user turn (n_images images, then QUESTION) and the assistant's opening, rendered as
+    transformers renders it (qwen3_vl/template.py's render: the sandbox, its settings and globals)."""
+    from ..qwen3_vl.template import render as render_messages
     content = [{"type": "image"}] * n_images + [{"type": "text", "text": QUESTION}]
-    try:
-        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                                         extensions=["jinja2.ext.loopcontrols"])
-        return env.from_string(template).render(messages=[{"role": "user", "content": content}],
-                                                add_generation_prompt=True)
-    except jinja2.TemplateError as e:
-        raise MinivarError(f"the chat template of '{where}' cannot be rendered ({e})") from None
+    return render_messages(template, [{"role": "user", "content": content}], where)
 
 
 class InternVLTokenizer(QwenTokenizer):
