@@ -35,7 +35,7 @@ def default_weights_dir(package_root: Path | None = None) -> Path:
 
 
 WEIGHTS_DIR = default_weights_dir()
-DOWNLOAD_PATTERNS = ["*.json", "*.safetensors"]   # config, tokenizer.json, weights: all minivar reads
+DOWNLOAD_PATTERNS = ["*.json", "*.jinja", "*.safetensors"]   # config, tokenizer.json, chat template, weights
 SOURCE_FILE = ".hub-id"                             # in a downloaded folder: the hub id it came from
 
 def normalise_key(key: str, rules=None) -> str:
@@ -151,7 +151,7 @@ def read_config(directory: Path):
         raise MinivarError(f"'{path}' is not valid JSON ({e})") from None
     if not isinstance(d, dict):
         raise MinivarError(f"config.json of '{directory}' is not a JSON object")
-    return family_for(d.get("model_type", "llava"), str(directory)).config(d, str(directory))
+    return family_for(d.get("model_type", "llava"), str(directory), d).config(d, str(directory))
 
 
 def safetensors_files(directory: Path) -> dict[str, Path]:
@@ -272,6 +272,8 @@ def read_state_dict(directory: Path, cfg, dtype: torch.dtype, device) -> dict[st
                     t = read_tensor(f, header[name], data_start)
                 except (OSError, ValueError) as e:
                     raise MinivarError(f"could not read tensor '{name}' from '{path}' (truncated or corrupt?): {e}") from None
+                if family.convert is not None:
+                    t = family.convert(key, t, cfg)
                 state[key] = t.to(device=device, dtype=dtype)
                 origin[key] = name
     return state

@@ -67,11 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt template: vicuna_v1 = LLaVA-1.5's evaluation, with its system prompt; llava_hf = the "
                         "llava-hf model card's; llava_v1 = LLaVA's conv_llava_v1 (\"curious human\"), the template "
                         "DAMRO's and VCD's scripts use; mistral_instruct = LLaVA-NeXT-Mistral's; qwen = Qwen2-VL's "
-                        "Instruct chat (default: the model's own: vicuna_v1, mistral_instruct for LLaVA-NeXT-Mistral, "
-                        "qwen for Qwen2-VL / Qwen2.5-VL)")
+                        "Instruct chat; qwen3 = the Qwen3-VL checkpoint's own chat template; internvl = the InternVL "
+                        "checkpoint's chat template (default: the model's own: vicuna_v1, mistral_instruct for "
+                        "LLaVA-NeXT-Mistral, qwen for Qwen2-VL / Qwen2.5-VL, qwen3 for Qwen3-VL, internvl for InternVL)")
     p.add_argument("--image-aspect-ratio", choices=IMAGE_MODES, default=None,
                    help="pad: LLaVA-1.5 evaluation; crop: llava-hf processor; anyres: LLaVA-NeXT's tiles; "
-                        "smart_resize: Qwen2-VL's (default: the model's own: pad, anyres, smart_resize)")
+                        "smart_resize: Qwen2-VL's; tiles: InternVL's 448 px tiles + thumbnail "
+                        "(default: the model's own: pad, anyres, smart_resize, tiles)")
     p.add_argument("--min-pixels", type=int, default=None,
                    help="Qwen2-VL / Qwen2.5-VL: the fewest pixels an image is resized to (default: the checkpoint's "
                         "preprocessor_config.json)")
@@ -79,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Qwen2-VL / Qwen2.5-VL: the most pixels an image is resized to, which caps its tokens at "
                         "max_pixels / 784 (default: the checkpoint's preprocessor_config.json; the hub's 12,845,056 "
                         "allows 16,384 tokens)")
+    p.add_argument("--max-patches", type=int, default=None,
+                   help="InternVL: the most 448 px tiles an image is cut into (a thumbnail is added when there are "
+                        "several), which caps its tokens at 256 · (max_patches + 1) (default: the checkpoint's "
+                        "preprocessor_config.json, 12)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto = cuda if available)")
     p.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto",
                    help="default: auto = float16 on CUDA, bfloat16 on CPU")
@@ -228,7 +234,7 @@ def main(argv=None, methods=()) -> int:
         from minivar import serve
         # a flag without effect is an error: with --serve, each request brings its image, question and settings
         given = [a.option_strings[0] for a in parser._actions if a.option_strings and a.dest not in serve.SERVER_FLAGS
-                 and getattr(args, a.dest) != a.default]
+                 and getattr(args, a.dest, a.default) != a.default]     # (--version sets no attribute)
         if given:
             parser.error(f"--serve takes the image, the question and the settings from each request (its page), "
                          f"not from {', '.join(given)}")
@@ -273,7 +279,8 @@ def run(args, extra_methods=()) -> int:
     inspection = RunInspection.from_args(args)       # --save-attention / --mask-*: None when not asked for
 
     llava = minivar.load(args.model, device=args.device, dtype=args.dtype,
-                         image_options={"min_pixels": args.min_pixels, "max_pixels": args.max_pixels},
+                         image_options={"min_pixels": args.min_pixels, "max_pixels": args.max_pixels,
+                                        "max_patches": args.max_patches},
                          contrastive=contrastive_load(methods))
     # The request is prepared once, before any status line: what depends on the model (its context length, hidden
     # size, VAR's sink dims — the finder may run now) is checked there, so bad input of any kind gives exactly one

@@ -23,7 +23,7 @@ FLAGS = {
     "VARConfig.layers": "--var-layers", "VARConfig.rule": "--var-rule", "VARConfig.heads": "--var-heads",
     "VARConfig.preset": "--var-preset", "KeyMask": "--mask-random-image-tokens",
     "conv_mode": "--conv-mode", "image_aspect_ratio": "--image-aspect-ratio",
-    "min_pixels": "--min-pixels", "max_pixels": "--max-pixels",
+    "min_pixels": "--min-pixels", "max_pixels": "--max-pixels", "max_patches": "--max-patches",
     "DAMROConfig.alpha": "--damro-alpha", "DAMROConfig.beta": "--damro-beta", "DAMROConfig.topk": "--damro-topk",
     "DAMROConfig.preset": "--damro-preset", "VCDConfig.alpha": "--vcd-alpha", "VCDConfig.beta": "--vcd-beta",
     "VCDConfig.noise_step": "--vcd-noise-step",

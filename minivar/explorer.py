@@ -198,8 +198,20 @@ def method_records(numbers: dict, reports: dict, records: dict) -> list[dict]:
     out = []
     if numbers.get("damro"):
         d = numbers["damro"]
-        out.append({"method": "damro", "kind": "patches", "panel": d["panel"], "marks": d["outliers"],
-                    "values": d["cls_attention"],
+        marks, values = d["outliers"], d["cls_attention"]
+        if "grid" in d:          # InternVL: scores per patch, the panel's cells per token (s×s patches each)
+            p, cols = numbers["panels"][d["panel"]], d["grid"][1]
+            s = cols // p["cols"]
+
+            def cell(i):
+                return (i // cols // s) * p["cols"] + (i % cols) // s
+
+            marks = list(dict.fromkeys(cell(i) for i in marks))     # the contrast image's tokens
+            values = [0.0] * (p["rows"] * p["cols"])
+            for i, v in enumerate(d["cls_attention"]):             # a token's heat: its patches' highest score
+                values[cell(i)] = max(values[cell(i)], v)
+        out.append({"method": "damro", "kind": "patches", "panel": d["panel"], "marks": marks,
+                    "values": values,
                     "title": f"DAMRO: the ViT's {len(d['outliers'])} outlier tokens (top-k CLS attention, vision "
                              f"layer {d['layer']})",
                     "legend": "green = outlier token (the contrast branch's image); heat = CLS attention"})

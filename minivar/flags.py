@@ -22,8 +22,8 @@ DAMRO_OPTIONS = ("damro", "damro_alpha", "damro_beta", "damro_topk", "damro_pres
 VCD_OPTIONS = ("vcd", "vcd_alpha", "vcd_beta", "vcd_noise_step")
 PAI_OPTIONS = ("pai", "pai_alpha", "pai_layers", "pai_gamma", "pai_first_token")
 OPERA_OPTIONS = ("opera", "opera_scale", "opera_threshold", "opera_candidates", "opera_penalty", "opera_rule")
-CONV_MODES = ("vicuna_v1", "llava_hf", "llava_v1", "mistral_instruct", "qwen")   # every family's templates (registry)
-IMAGE_MODES = ("pad", "crop", "anyres", "smart_resize")                # every family's image modes (registry)
+CONV_MODES = ("vicuna_v1", "llava_hf", "llava_v1", "mistral_instruct", "qwen", "qwen3", "internvl")  # every family's
+IMAGE_MODES = ("pad", "crop", "anyres", "smart_resize", "tiles")       # every family's image modes (registry)
 PROMPT_TOKENIZATION_HELP = ("llava: BOS + the template as LLaVA's fast tokenizer gives it; official: as the VAR "
                             "authors' released code does (no BOS, 29871 kept once; vicuna_v1 only; "
                             "docs/official-rule.md); damro: as DAMRO's released scripts do (their slow tokenizer: "

@@ -104,13 +104,16 @@ def prefill(model, input_ids, images=None, *, image_features=None, cache=None, i
     """The prompt (or its rest after a cached prefix): the next-token logits [R, V] (fp32). A prompt of more than
     `chunk` positions (default PREFILL_CHUNK) runs as consecutive calls of `chunk`, each attending to what the
     earlier ones stored in the cache, each given the feature rows of its own image tokens: the same numbers as one
-    call (hooks see the same rows, hooks.py), less memory. A family whose positions depend on the whole prompt (Qwen2-VL's M-RoPE:
-    model.positions) runs it in one call."""
+    call (hooks see the same rows, hooks.py), less memory. A family whose positions depend on the whole prompt
+    (Qwen2-VL's and Qwen3-VL's M-RoPE: model.prompt_positions) computes them once and gives each piece its slice;
+    after a cached prefix (input_pos > 0) it runs the rest in one call."""
     R, T = input_ids.shape
     chunk = chunk or PREFILL_CHUNK
-    if cache is None or T <= chunk or hasattr(model, "positions"):
+    mrope = hasattr(model, "prompt_positions")
+    if cache is None or T <= chunk or (mrope and input_pos):
         return model(input_ids, images, image_features=image_features, cache=cache, input_pos=input_pos,
                      attention_mask=attention_mask, hooks=hooks, output="last")
+    positions = model.prompt_positions(input_ids, images, attention_mask, cache) if mrope else None
     if image_features is None and images is not None and len(images):
         image_features = torch.cat(model.image_features(images))          # the vision tower once, for all pieces
     is_image = model.image_positions(input_ids)                                       # [R, T]
@@ -121,7 +124,8 @@ def prefill(model, input_ids, images=None, *, image_features=None, cache=None, i
         feats = image_features[feature_row[:, start:end][here]] if bool(here.any()) else None
         mask = attention_mask[:, :input_pos + end] if attention_mask is not None else None
         logits = model(input_ids[:, start:end], image_features=feats, cache=cache, input_pos=input_pos + start,
-                       attention_mask=mask, hooks=hooks, output="last")
+                       attention_mask=mask, hooks=hooks, output="last",
+                       **({"positions": positions[:, :, start:end]} if mrope else {}))
     return logits
 
 

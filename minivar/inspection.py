@@ -281,11 +281,13 @@ def damro_panel(panels: list[dict], n_patches: int) -> int:
     raise MinivarError(f"no panel of the image holds DAMRO's {n_patches} patches")
 
 
-def outlier_overlap(outliers: list[int], numbers: dict, panel: int) -> dict:
+def outlier_overlap(outliers: list[int], numbers: dict, panel: int, scale: int = 1) -> dict:
     """DAMRO's ViT outliers (patch indices of `panel`, row-major) next to the visual sinks VAR's rule found there
-    (the sets the pictures show), over all layers and per layer: attention.json's / --json's damro_var_overlap."""
-    cols = numbers["panels"][panel]["cols"]
-    per_layer = {layer: sorted({r * cols + c for p, r, c in cells if p == panel})
+    (the sets the pictures show), over all layers and per layer: attention.json's / --json's damro_var_overlap.
+    scale: patches per token side (InternVL's pixel shuffle: 2; a sink token then counts as its 2×2 patches)."""
+    cols = numbers["panels"][panel]["cols"] * scale
+    per_layer = {layer: sorted({(r * scale + dr) * cols + c * scale + dc for p, r, c in cells if p == panel
+                                for dr in range(scale) for dc in range(scale)})
                  for layer, cells in numbers["visual_sink_cells"].items()}
     chosen = [int(i) for i in outliers]
     sinks = sorted(set().union(*per_layer.values())) if per_layer else []
@@ -301,10 +303,17 @@ def damro_numbers(model, image_input, numbers: dict, damro_report: dict) -> dict
     from .methods.damro import outlier_layer, vision_cls_attention
     layer = outlier_layer(model.config)
     px = image_input.pixel_values
-    px = px[None] if px.ndim == 3 else px[:1]                  # LLaVA-NeXT: the crops; the base is the first
+    internvl = getattr(model.config, "model_type", None) == "internvl"
+    # LLaVA-NeXT: the crops, the base first; InternVL: the tiles, the whole-image view (thumbnail or one tile) last
+    px = px[None] if px.ndim == 3 else px[-1:] if internvl else px[:1]
     weight = next(model.parameters())
     cls = vision_cls_attention(model, px.to(weight.device, weight.dtype), layers=[layer])[layer][0].float()
-    panel = damro_panel(numbers["panels"], int(cls.numel()))
+    extra, scale = {}, 1
+    if internvl:              # the scores are per patch, the panel's cells per token (2×2 patches each)
+        panel, scale, g = len(numbers["panels"]) - 1, model.config.shuffle, model.config.vision.grid
+        extra = {"grid": [g, g]}
+    else:
+        panel = damro_panel(numbers["panels"], int(cls.numel()))
     return {"damro": {"layer": layer, "panel": panel, "cls_attention": [_r(x) for x in cls.tolist()],
-                      "outliers": list(damro_report["outliers"]), "topk": damro_report.get("topk")},
-            "damro_var_overlap": outlier_overlap(damro_report["outliers"], numbers, panel)}
+                      "outliers": list(damro_report["outliers"]), "topk": damro_report.get("topk")} | extra,
+            "damro_var_overlap": outlier_overlap(damro_report["outliers"], numbers, panel, scale)}

@@ -558,6 +558,8 @@ def draw_damro(numbers: dict, view) -> Image.Image:
     dam, overlap = numbers["damro"], numbers["damro_var_overlap"]
     i = dam["panel"]
     p = panels_of(numbers)[i]
+    if "grid" in dam:              # scores per patch, finer than the panel's tokens (InternVL: 2×2 patches a token)
+        p = dict(p, rows=dam["grid"][0], cols=dam["grid"][1])
     v = as_views(numbers, view)[i]
     cell = panel_cell(p, v)
     cls = dam["cls_attention"]

@@ -340,7 +340,8 @@ def test_hub_download_fetches_only_safetensors_and_json(tmp_path, monkeypatch, t
     assert repo_id == "llava-hf/llava-1.5-7b-hf"
     assert kwargs["local_dir"] == str(weights / "llava-1.5-7b-hf")
     patterns = kwargs["allow_patterns"]
-    assert patterns and all(p.endswith((".json", ".safetensors")) for p in patterns)
+    # json, safetensors, and a chat template saved on its own (chat_template.jinja: Qwen3-VL's template tokenizer)
+    assert patterns and all(p.endswith((".json", ".safetensors", ".jinja")) for p in patterns)
     for needed in ("config.json", "model.safetensors", "model.safetensors.index.json",
                    "model-00001-of-00003.safetensors", "tokenizer.json"):
         assert any(fnmatch.fnmatch(needed, p) for p in patterns), needed

@@ -55,8 +55,8 @@ def help_of(*argv) -> str:
 def test_help_texts():
     run = " ".join(help_of("run").split())
     assert "default llava-hf/llava-1.5-7b-hf, a 14 GB download" in run
-    for words in ("--conv-mode {vicuna_v1,llava_hf,llava_v1,mistral_instruct,qwen} prompt template",
-                  "--image-aspect-ratio {pad,crop,anyres,smart_resize} pad:",
+    for words in ("--conv-mode {vicuna_v1,llava_hf,llava_v1,mistral_instruct,qwen,qwen3,internvl} prompt template",
+                  "--image-aspect-ratio {pad,crop,anyres,smart_resize,tiles} pad:",
                   "POPE, MME, GQA 128; CHAIR, MMVP, CV-Bench 512", "--dtype {auto,float32,float16,bfloat16} auto",
                   "first N questions, in the order the data files list them"):
         assert words in run, words

@@ -14,9 +14,10 @@ from minivar.models import registry
 
 from conftest import run_cli
 
-FAMILY_NAMES = ("LLaVA-1.5", "LLaVA-NeXT", "Qwen2-VL", "Qwen2.5-VL")
-DEMOS = ("--model demo", "--model demo-llava_next", "--model demo-qwen2_vl", "--model demo-qwen2_5_vl")
-MODEL_TYPES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
+FAMILY_NAMES = ("LLaVA-1.5", "LLaVA-NeXT", "Qwen2-VL", "Qwen2.5-VL", "InternVL")
+DEMOS = ("--model demo", "--model demo-llava_next", "--model demo-qwen2_vl", "--model demo-qwen2_5_vl",
+         "--model demo-internvl")
+MODEL_TYPES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "internvl")
 METHODS = ("VAR (--var)", "DAMRO (--damro)", "VCD (--vcd)")
 
 
@@ -57,7 +58,7 @@ def test_help_names_every_family_its_demo_and_every_method(run, monkeypatch):
         assert lines[f"{name} ({model_type})"].endswith(f"; demo: {demo}")
     assert all(m in text for m in METHODS)
     assert "templates vicuna_v1, llava_hf, llava_v1; images pad, crop" in text            # LLaVA-1.5's own
-    assert lines["DAMRO (--damro)"].endswith("a CLS token: LLaVA-1.5, LLaVA-NeXT")          # where DAMRO runs
+    assert lines["DAMRO (--damro)"].endswith("a CLS token: LLaVA-1.5, LLaVA-NeXT, InternVL")   # where DAMRO runs
 
 
 @pytest.mark.parametrize("run", [run_cli, run_eval], ids=["minivar", "minivar-eval"])
@@ -68,7 +69,7 @@ def test_a_family_registered_later_appears_in_the_help(run, monkeypatch):
     monkeypatch.setitem(registry.FAMILIES, "baby_llava", later)
     out = run(["--help"])[1]
     assert "  Baby-LLaVA (baby_llava): templates baby; images pad, crop; demo: --model demo-baby_llava\n" in out
-    assert "a CLS token: LLaVA-1.5, LLaVA-NeXT\n" in out                 # has_cls=False: not listed for DAMRO
+    assert "a CLS token: LLaVA-1.5, LLaVA-NeXT, InternVL\n" in out       # has_cls=False: not listed for DAMRO
 
 
 def test_subcommand_help_keeps_its_own_description():

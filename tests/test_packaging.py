@@ -55,7 +55,8 @@ def test_the_commands_and_extras(pyproject):
     assert "transformers==5.23.0" in extras["test"]     # the lmms extra: test_lmms_extra_agrees_with_the_docs
     assert {"pyarrow", "tqdm", "nltk"} <= set(extras["eval"])
     runtime = {re.split(r"[<>=!~ ]", d)[0] for d in project["dependencies"]}
-    assert runtime == {"torch", "numpy", "safetensors", "tokenizers", "pillow", "huggingface-hub"}   # design rule
+    assert runtime == {"torch", "numpy", "safetensors", "tokenizers", "pillow", "huggingface-hub",
+                       "jinja2"}   # design rule (jinja2: the checkpoints' chat templates, Qwen3-VL's and InternVL's)
 
 
 def test_every_data_file_is_declared(pyproject):

@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--conv-mode", choices=CONV_MODES, default=None,
                    help="prompt template: vicuna_v1 (LLaVA-1.5's evaluation), llava_hf (the hub model card's), "
                         "llava_v1 (LLaVA's conv_llava_v1, as DAMRO's and VCD's scripts prompt), "
-                        "mistral_instruct (LLaVA-NeXT-Mistral's), qwen (Qwen2-VL's) (default: the benchmark's "
+                        "mistral_instruct (LLaVA-NeXT-Mistral's), qwen (Qwen2-VL's), qwen3 (Qwen3-VL's own) (default: the benchmark's "
                         "vicuna_v1 where the model speaks it, else the model's own)")
     g.add_argument("--image-aspect-ratio", choices=IMAGE_MODES, default=None,
                    help="pad: pad to square with the CLIP mean colour (LLaVA-1.5's, the default); crop: centre crop; "

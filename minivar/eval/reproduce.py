@@ -269,7 +269,33 @@ def run_argv(args, entry: Entry, setting: str, data: list[Path], images: Path | 
         argv += ["--limit", str(args.limit)]
     if args.shard is not None:
         argv += ["--shard", args.shard]
-    return argv + list(flags)
+    return argv + spoken(args.model, list(flags))
+
+
+def spoken(model: str, flags: list[str]) -> list[str]:
+    """The protocol's --conv-mode / --image-aspect-ratio where the model's family speaks them (DAMRO's llava_v1 and
+    crop are LLaVA's); a local checkpoint of another family keeps its own template and image mode, and its own
+    tokenization (DAMRO's `--prompt-tokenization damro` is that of LLaVA's LLaMA templates)."""
+    from ..checkpoint import read_config
+    from ..errors import MinivarError
+    from ..models.registry import family_of
+    if not Path(model).is_dir():
+        return flags
+    try:
+        family = family_of(read_config(Path(model)))
+    except MinivarError:
+        return flags                      # the run says what is wrong with it
+    foreign_template = any(f == "--conv-mode" and v not in family.conv_modes for f, v in zip(flags, flags[1:]))
+    out, i = [], 0
+    while i < len(flags):
+        if (flags[i] == "--conv-mode" and flags[i + 1] not in family.conv_modes) or \
+                (flags[i] == "--image-aspect-ratio" and flags[i + 1] not in family.image_modes) or \
+                (flags[i] == "--prompt-tokenization" and foreign_template):
+            i += 2
+            continue
+        out.append(flags[i])
+        i += 1
+    return out
 
 
 def run_dir(args, entry: Entry, setting: str) -> Path:

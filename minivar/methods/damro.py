@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from ..errors import MinivarError
 from ..models.config import VisionConfig
 from ..models.images import ImageInput, Panel
+from ..models.internvl.config import InternVisionConfig
 from .contrastive import ContrastiveRun, call_rows, check_alpha_beta, left_pad  # noqa: F401  (left_pad: for callers)
 from .method import Branch, Method
 
@@ -67,9 +68,12 @@ class DAMROConfig:
 
 
 def patch_count(model_config) -> int:
-    """The number of patch tokens DAMRO chooses among; refuses a family whose vision encoder has no CLS token (the
-    outlier score is the CLS token's attention row) or whose feature layer is not one int."""
+    """The number of patch tokens DAMRO chooses among (per tile); refuses a family whose vision encoder has no CLS
+    token (the outlier score is the CLS token's attention row) or whose feature layer is not one int."""
     vision = getattr(model_config, "vision", None)
+    if isinstance(vision, InternVisionConfig):     # InternViT: 1 CLS + 32² patches per tile
+        outlier_layer(model_config)
+        return vision.grid ** 2
     if not isinstance(vision, VisionConfig):       # minivar's VisionConfig is CLIP's: 1 CLS + N patch tokens
         from ..models.registry import family_of
         name = family_of(model_config).name if hasattr(model_config, "model_type") else "this model"
@@ -95,11 +99,25 @@ def outlier_layer(model_config) -> int:
     return n + v
 
 
+def tower_layers(model) -> list:
+    """The vision tower's layers: CLIP's `encoder.layers`, InternViT's `encoder.layer` (their hub names)."""
+    encoder = model.vision_tower.encoder
+    return encoder.layers if hasattr(encoder, "layers") else encoder.layer
+
+
+def layer_parts(layer) -> tuple:
+    """(the norm before attention, the attention module) of a CLIP or an InternViT layer."""
+    return (layer.layer_norm1, layer.self_attn) if hasattr(layer, "self_attn") else \
+        (layer.layernorm_before, layer.attention)
+
+
 def cls_attention(layer, layer_input: torch.Tensor) -> torch.Tensor:
-    """DAMRO's outlier score of one CLIP layer: the CLS row of softmax(q kᵀ · C^−½) over the full width (no head
-    split), without the CLS column — [B, N] fp32 for the layer's input [B, 1+N, C] (hidden_states[layer])."""
-    x = layer.layer_norm1(layer_input)
-    q, k = layer.self_attn.q_proj(x).float(), layer.self_attn.k_proj(x).float()   # [B, 1+N, C] each
+    """DAMRO's outlier score of one vision layer: the CLS row of softmax(q kᵀ · C^−½) over the full width (no head
+    split), without the CLS column — [B, N] fp32 for the layer's input [B, 1+N, C] (hidden_states[layer]). q and k
+    are the q_proj / k_proj outputs, the modules the released hooks read (InternViT-6B's q/k norm comes after)."""
+    norm, attn = layer_parts(layer)
+    x = norm(layer_input)
+    q, k = attn.q_proj(x).float(), attn.k_proj(x).float()                       # [B, 1+N, C] each
     C = q.shape[-1]
     # the whole [1+N, 1+N] product, as released (row 0 alone would be the same numbers up to the kernels' rounding,
     # and the top-k order of near-ties must not depend on that)
@@ -110,11 +128,11 @@ def cls_attention(layer, layer_input: torch.Tensor) -> torch.Tensor:
 def head_cls_attention(layer, layer_input: torch.Tensor) -> torch.Tensor:
     """The layer's own multi-head attention of the CLS token to the patches: [B, H, N] fp32 (what the layer
     actually computes; DAMRO's score is `cls_attention`)."""
-    attn_mod = layer.self_attn
-    x = layer.layer_norm1(layer_input)
+    norm, attn_mod = layer_parts(layer)
+    x = norm(layer_input)
     B, T, _ = x.shape
-    q, k = (p(x).float().view(B, T, attn_mod.n_heads, attn_mod.head_dim).transpose(1, 2)
-            for p in (attn_mod.q_proj, attn_mod.k_proj))                          # [B, H, T, hd]
+    qk = attn_mod.qk(x) if hasattr(attn_mod, "qk") else (attn_mod.q_proj(x), attn_mod.k_proj(x))   # InternViT: normed
+    q, k = (t.float().view(B, T, attn_mod.n_heads, attn_mod.head_dim).transpose(1, 2) for t in qk)   # [B, H, T, hd]
     attn = F.softmax((q[:, :, :1] @ k.transpose(-2, -1)) * attn_mod.head_dim ** -0.5, dim=-1)   # [B, H, 1, T]
     return attn[:, :, 0, 1:]
 
@@ -125,13 +143,13 @@ def vision_cls_attention(model, pixel_values: torch.Tensor, layers=None, heads: 
     full-width score) or with heads=True {layer: [B, H, N]} (the layer's real heads). layers: CLIP layer indices
     (default: every layer minivar runs)."""
     hidden_states = model.vision_tower(pixel_values)
-    held = len(model.vision_tower.encoder.layers)
+    held = len(tower_layers(model))
     layers = range(held) if layers is None else layers
     out = {}
     for i in layers:
         if not 0 <= i < held:
-            raise MinivarError(f"vision layer {i} is outside the {held} CLIP layers this model runs")
-        layer = model.vision_tower.encoder.layers[i]
+            raise MinivarError(f"vision layer {i} is outside the {held} vision layers this model runs")
+        layer = tower_layers(model)[i]
         out[i] = (head_cls_attention if heads else cls_attention)(layer, hidden_states[i])
     return out
 
@@ -168,6 +186,38 @@ def outlier_image(model, images, topk: int) -> OutlierImage:
     proj = model.multi_modal_projector
     dtype = proj.linear_1.weight.dtype
     return OutlierImage(list(proj(selected.to(dtype))), list(proj(gathered.to(dtype))), idx, scores)
+
+
+@torch.inference_mode()
+def internvl_outliers(model, images, topk: int) -> tuple[list, list, list]:
+    """InternVL: one tower run over every tile of every image (ImageInputs); the top-k is taken per tile, each
+    tile's own CLS row at the layer the feature layer names (−1: the last), as DAMRO's LLaVA-NeXT code does per
+    crop. Of each image only the whole-image view's outliers make the contrast image — the thumbnail (the last
+    tile) when the image is tiled, its one tile otherwise — as NeXT keeps its base image's. The projector reads
+    pixel-shuffled tokens (2×2 patches each), so the contrast image is the tokens holding the outlier patches, in
+    top-k order, each once (k patches give at most k tokens).
+    Returns (full features [tiles·256, D] per image, contrast features [≤k, D] per image, the view's outlier
+    patches [k] per image, 0 … 1023 row-major)."""
+    cfg = model.config
+    L = outlier_layer(cfg)
+    pixel_values = torch.cat([im.pixel_values for im in images])
+    patches, hidden_states = model.patch_features(pixel_values, keep=(L,))
+    scores = cls_attention(tower_layers(model)[L], hidden_states[L])                 # [tiles, N]
+    _, idx = torch.topk(scores, topk, dim=1, largest=True)                            # per tile, descending
+    tokens = model.project(patches)                                                   # [tiles, 256, D]
+    g, s = cfg.vision.grid, cfg.shuffle
+    full, contrast, found, first = [], [], [], 0
+    for im in images:
+        n = im.pixel_values.shape[0]
+        view = first + n - 1                                       # the thumbnail, or the only tile
+        patch = idx[view]
+        token = (patch // g // s) * (g // s) + (patch % g) // s    # the pixel-shuffled token over each patch
+        kept = list(dict.fromkeys(token.tolist()))
+        full.append(tokens[first:first + n].reshape(-1, tokens.shape[-1]))
+        contrast.append(tokens[view, kept])
+        found.append(patch)
+        first += n
+    return full, contrast, found
 
 
 def contrast_image(pixel_values: torch.Tensor, outliers: torch.Tensor) -> ImageInput:
@@ -219,6 +269,13 @@ class DAMRO(Method):
     def branch(self, call) -> list[Branch]:
         model, k = call.model, self.config.topk
         self.config.validate(model.config)
+        if getattr(model.config, "model_type", None) == "internvl":
+            full, contrast, found = internvl_outliers(model, call.images, k)
+            call.features = full
+            call.shared["damro"] = found
+            rows = [contrast_rows([r], model.config.image_token_index, len(c))[0]
+                    for r, c in zip(call_rows(call), contrast)]
+            return [Branch(r, f) for r, f in zip(rows, contrast)]
         if hasattr(model, "image_newline"):
             # LLaVA-NeXT as released: top-k per crop (each crop's own CLS row), the contrast image the base crop's k
             # features + one image_newline; the full features packed from the same tower run (the family's pack)

@@ -7,6 +7,11 @@ from typing import Callable
 from ..errors import MinivarError
 
 
+# which families take each image option (the command lines' --min-pixels, --max-pixels, --max-patches)
+_QWEN = "Qwen2-VL / Qwen2.5-VL / Qwen3-VL"
+IMAGE_OPTION_FAMILIES = {"min_pixels": _QWEN, "max_pixels": _QWEN, "max_patches": "InternVL"}
+
+
 @dataclass(frozen=True)
 class Family:
     model_type: str                        # config.json's model_type
@@ -32,6 +37,8 @@ class Family:
     # (PIL image, config, image_aspect_ratio, its ImageInput) → one PIL image per panel: the pixels that panel's
     # tokens cover, as the model saw them (None: a panel not drawn); the pictures draw each panel over its view
     view: Callable | None = None
+    # (normalised key, tensor, config) → the tensor in the module's layout (Qwen3-VL-MoE's experts); None: as stored
+    convert: Callable | None = None
     # the model's vision tower (its attribute): on a CPU in bf16 the loader packs its Linear weights (models/packed.py)
     vision_module: str = "vision_tower"
     # the decoder's layers and head (module paths): packed too when every decode step runs several rows (pack_decoder)
@@ -42,9 +49,15 @@ class Family:
     demo: Callable | None = None
 
     def with_image_options(self, cfg, **options):
-        if self.image_options is None:
-            names = ", ".join(f"--{k.replace('_', '-')}" for k in options)
-            raise MinivarError(f"{names} applies to Qwen2-VL / Qwen2.5-VL, not to {self.name}")
+        """The config with the user's image settings; an option this family does not take is one error naming
+        the families that do (IMAGE_OPTION_FAMILIES: a plain table, since this record imports no registry)."""
+        import inspect
+        takes = set(inspect.signature(self.image_options).parameters) if self.image_options is not None else set()
+        wrong = [k for k in options if k not in takes]
+        if wrong:
+            owners = " / ".join(dict.fromkeys(IMAGE_OPTION_FAMILIES.get(k, "no family") for k in wrong))
+            names = ", ".join(f"--{k.replace('_', '-')}" for k in wrong)
+            raise MinivarError(f"{names} applies to {owners}, not to {self.name}")
         return self.image_options(cfg, **options)
 
     def conv_mode_for(self, cfg) -> str:

@@ -203,9 +203,12 @@ class LlamaAttention(nn.Module):
 
     The numbers are attention.attention's (read that first: scores, mask, fp32 softmax, hooks, @ v); `attend`
     picks the fastest path of attention_fast.py that gives them. A family with other biases (Qwen2: q/k/v only)
-    passes qkv_bias / o_bias; cos/sin come with the DecoderCall, so its rotary positions are its own."""
+    passes qkv_bias / o_bias; qk_norm (Qwen3) RMS-normalises each head's query and key before the rotary (q_norm,
+    k_norm: one weight of head_dim, shared by the heads); cos/sin come with the DecoderCall, so its rotary positions
+    are its own."""
 
-    def __init__(self, cfg: TextConfig, layer_idx: int, *, qkv_bias: bool | None = None, o_bias: bool | None = None):
+    def __init__(self, cfg: TextConfig, layer_idx: int, *, qkv_bias: bool | None = None, o_bias: bool | None = None,
+                 qk_norm: bool = False):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.n_kv_heads, cfg.head_dim
@@ -216,12 +219,19 @@ class LlamaAttention(nn.Module):
         self.k_proj = nn.Linear(d, self.n_kv * hd, bias=qkv_bias)
         self.v_proj = nn.Linear(d, self.n_kv * hd, bias=qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * hd, d, bias=o_bias)
+        self.qk_norm = qk_norm
+        if qk_norm:
+            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, call: DecoderCall) -> torch.Tensor:
         """x [B, T, D] at cache positions call.rows → [B, T, D]."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # [B, H, T, hd]
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)       # [B, H_kv, T, hd]
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)
+        if self.qk_norm:                                  # per head, over head_dim (Qwen3)
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)        # [B, H, T, hd], [B, H_kv, T, hd]
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, call.cos, call.sin), apply_rope(k, call.cos, call.sin)
         kv = call.cache.update(self.layer_idx, k, v, call.rows.start) if call.cache is not None else KV(k, v)
@@ -278,11 +288,12 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)). qkv_bias / o_bias: see LlamaAttention."""
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)). qkv_bias / o_bias / qk_norm: see LlamaAttention."""
 
-    def __init__(self, cfg: TextConfig, layer_idx: int, *, qkv_bias: bool | None = None, o_bias: bool | None = None):
+    def __init__(self, cfg: TextConfig, layer_idx: int, *, qkv_bias: bool | None = None, o_bias: bool | None = None,
+                 qk_norm: bool = False):
         super().__init__()
-        self.self_attn = LlamaAttention(cfg, layer_idx, qkv_bias=qkv_bias, o_bias=o_bias)
+        self.self_attn = LlamaAttention(cfg, layer_idx, qkv_bias=qkv_bias, o_bias=o_bias, qk_norm=qk_norm)
         self.mlp = LlamaMLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)

@@ -10,13 +10,20 @@ from __future__ import annotations
 from ..errors import MinivarError
 from . import llava, llava_next
 from .family import Family
+from .internvl import family as internvl
 from .qwen2_vl import family as qwen2_vl
+from .qwen3_vl import family as qwen3_vl
 
-FAMILIES: dict[str, Family] = {f.model_type: f for f in (llava.FAMILY, llava_next.FAMILY, *qwen2_vl.FAMILIES)}
+FAMILIES: dict[str, Family] = {f.model_type: f for f in (llava.FAMILY, llava_next.FAMILY, *qwen2_vl.FAMILIES,
+                                                         *qwen3_vl.FAMILIES, internvl.FAMILY)}
+# model_types minivar refuses with a message of their own: (config.json dict, where) → the message
+REFUSED = {"internvl_chat": internvl.remote_code_message}
 
 
-def family_for(model_type: str, where: str = "") -> Family:
+def family_for(model_type: str, where: str = "", config: dict | None = None) -> Family:
     """The family of a config.json's model_type, or one error naming it and what minivar reads."""
+    if model_type in REFUSED:
+        raise MinivarError(REFUSED[model_type](config or {}, where))
     if model_type not in FAMILIES:
         raise MinivarError(f"config.json of '{where}' has model_type '{model_type}', minivar reads "
                            f"{', '.join(repr(t) for t in sorted(FAMILIES))}")

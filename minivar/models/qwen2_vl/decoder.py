@@ -40,6 +40,12 @@ def qwen2_layer(cfg: Qwen2TextConfig, layer_idx: int) -> LlamaDecoderLayer:
     return LlamaDecoderLayer(cfg, layer_idx, qkv_bias=True, o_bias=False)
 
 
+def qwen3_layer(cfg: TextConfig, layer_idx: int) -> LlamaDecoderLayer:
+    """Qwen3's block: LLaMA's, with `attention_bias` on all four projections (False in the released models) and
+    q/k RMSNorm per head before the rotary (LlamaAttention's qk_norm)."""
+    return LlamaDecoderLayer(cfg, layer_idx, qk_norm=True)
+
+
 class Qwen2Model(LlamaModel):
     """Embeddings → Qwen2 layers → final norm, rotated by M-RoPE. Returns the normed hidden states [B, T, D].
     forward(x, positions [3, B, T], rows, mask, cache, hooks) is LLaMA's; only `rotary` differs."""

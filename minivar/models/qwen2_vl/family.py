@@ -15,7 +15,8 @@ KEY_RULES = (
     (r"^model\.visual\.", "visual."),                # transformers 5.x in-memory
 )
 IMAGE_MODES = ("smart_resize",)                     # the one way these models see an image
-NAMES = {"qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2.5-VL"}     # config.json's model_type → the family's name
+# config.json's model_type → the family's name (Qwen3-VL's family uses qwen_image too)
+NAMES = {"qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2.5-VL", "qwen3_vl": "Qwen3-VL", "qwen3_vl_moe": "Qwen3-VL-MoE"}
 
 
 def is_unused_key(key: str, cfg: Qwen2VLConfig) -> bool:

@@ -112,16 +112,17 @@ class Qwen2VLConfig:
                              image=read_image_config(name_or_path))
 
 
-def read_image_config(directory: str) -> QwenImageConfig:
-    """A checkpoint directory's preprocessor_config.json (min/max pixels, mean/std ...), or the defaults."""
+def read_image_config(directory: str, defaults: QwenImageConfig = QwenImageConfig()) -> QwenImageConfig:
+    """A checkpoint directory's preprocessor_config.json (min/max pixels, mean/std ...) over `defaults` (the
+    family's: Qwen2-VL's are transformers' class defaults), or the defaults."""
     path = Path(directory) / "preprocessor_config.json" if directory else None
     if path is None or not path.is_file():
-        return QwenImageConfig()
+        return defaults
     try:
         d = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise MinivarError(f"'{path}' is not valid JSON ({e})") from None
-    return QwenImageConfig.from_hf(d, directory)
+    return QwenImageConfig.from_hf(d, directory, defaults)
 
 
 class Qwen2VL(nn.Module):
@@ -158,6 +159,14 @@ class Qwen2VL(nn.Module):
         return rope_index(input_ids, grids, self.config.image_token_id, self.config.spatial_merge_size,
                           attention_mask)
 
+    def prompt_positions(self, input_ids: torch.Tensor, images, attention_mask, cache) -> torch.Tensor:
+        """The positions [3, B, T] of a whole prompt (image tokens need `images`' grids), its rope deltas kept in
+        the cache for the text after it: what a prompt's first call uses, or a prompt prefilled in pieces."""
+        positions = self.positions(input_ids, images, attention_mask)
+        if isinstance(cache, MRopeKVCache):
+            cache.rope_deltas = rope_deltas(positions, attention_mask)
+        return positions
+
     def text_positions(self, input_ids, cache, input_pos: int, attention_mask, image_features) -> torch.Tensor:
         """Positions [3, B, T] of text after a prompt whose rope deltas the cache keeps (transformers' decode
         arithmetic): the token's index among its sample's real tokens + the sample's delta, on every axis."""
@@ -191,6 +200,10 @@ class Qwen2VL(nn.Module):
             raise MinivarError(f"the prompt has {n_slots} image tokens but {n_feats} image feature rows are given")
         return x.masked_scatter(is_image[..., None], image_features.to(x.dtype))
 
+    def decoder_inputs(self, input_ids: torch.Tensor, image_features) -> dict:
+        """What else the decoder takes besides the embeddings (Qwen3-VL: its DeepStack features); none here."""
+        return {}
+
     def forward(self, input_ids, images=None, *, image_features=None, positions=None, cache: KVCache | None = None,
                 input_pos: int = 0, attention_mask=None, hooks=None, output: str = "logits") -> torch.Tensor:
         """Logits [B, T, V] fp32 for `input_ids` [B, T] at cache positions input_pos … input_pos+T−1
@@ -210,9 +223,7 @@ class Qwen2VL(nn.Module):
             image_features = torch.cat(feats) if feats else None
         x = self.embed(input_ids, image_features)
         if positions is None and input_pos == 0:
-            positions = self.positions(input_ids, images, attention_mask)   # image tokens need `images`' grids
-            if isinstance(cache, MRopeKVCache):
-                cache.rope_deltas = rope_deltas(positions, attention_mask)
+            positions = self.prompt_positions(input_ids, images, attention_mask, cache)
         elif positions is None:
             positions = self.text_positions(input_ids, cache, input_pos, attention_mask, image_features)
         elif positions.dim() == 2:
@@ -222,7 +233,7 @@ class Qwen2VL(nn.Module):
         positions = positions.to(x.device)
         mask = padding_mask(attention_mask, B, T, input_pos, x.device,
                             force=hooks is not None and hooks.masks_keys)
-        h = self.model(x, positions, rows, mask, cache, hooks)
+        h = self.model(x, positions, rows, mask, cache, hooks, **self.decoder_inputs(input_ids, image_features))
         if output == "hidden":
             return h
         if output == "last":

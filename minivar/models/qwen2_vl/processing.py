@@ -59,10 +59,12 @@ class QwenImageConfig:
         return self.patch_size * self.merge_size
 
     @staticmethod
-    def from_hf(d: dict | None, name_or_path: str = "") -> "QwenImageConfig":
+    def from_hf(d: dict | None, name_or_path: str = "", defaults: "QwenImageConfig | None" = None) -> "QwenImageConfig":
+        """The file's values over `defaults` (None: this class's, transformers' Qwen2VLImageProcessor's)."""
         where = f"preprocessor_config.json of '{name_or_path}'"
+        defaults = QwenImageConfig() if defaults is None else defaults
         if d is None:
-            return QwenImageConfig()
+            return defaults
         if not isinstance(d, dict):
             raise MinivarError(f"{where} is not a JSON object")
         kwargs = {}
@@ -90,7 +92,7 @@ class QwenImageConfig:
                 if len(value) != 3:
                     raise MinivarError(f"{where}: {key} {list(value)} must give 3 values (R, G, B)")
                 kwargs[key] = tuple(float(v) for v in value)
-        cfg = QwenImageConfig(**kwargs)
+        cfg = replace(defaults, **kwargs)
         for key in ("patch_size", "temporal_patch_size", "merge_size"):
             if not isinstance(getattr(cfg, key), int) or getattr(cfg, key) < 1:
                 raise MinivarError(f"{where}: {key} must be a positive integer, got {getattr(cfg, key)!r}")
